@@ -1,0 +1,173 @@
+// Feature-distillation losses on CPU: MSE (one reduction pass, one elementwise backward pass) and per-sample cosine
+// (one pass for dot and both norms, one elementwise backward pass). Reductions accumulate in double.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "../common.h"
+
+namespace urda_fast {
+namespace {
+
+constexpr int64_t kGrainElems = 1 << 15;
+
+// `#pragma omp simd` cannot sit inside AT_DISPATCH's macro argument, so every loop lives in a function of its own.
+template <typename scalar_t>
+double squared_distance(const scalar_t* a, const scalar_t* b, int64_t begin, int64_t end) {
+  double acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = begin; k < end; ++k) {
+    const double d = static_cast<double>(a[k]) - static_cast<double>(b[k]);
+    acc += d * d;
+  }
+  return acc;
+}
+
+template <typename scalar_t, typename acc_t>
+void scaled_difference(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t begin, int64_t end, acc_t c) {
+#pragma omp simd
+  for (int64_t k = begin; k < end; ++k) {
+    out[k] = static_cast<scalar_t>(c * (static_cast<acc_t>(a[k]) - static_cast<acc_t>(b[k])));
+  }
+}
+
+// Row sums (a.b, a.a, b.b) in double.
+template <typename scalar_t>
+void dot_and_norms(const scalar_t* a, const scalar_t* b, int64_t n, double* out) {
+  double dot = 0, aa = 0, bb = 0;
+#pragma omp simd reduction(+ : dot, aa, bb)
+  for (int64_t k = 0; k < n; ++k) {
+    const double va = static_cast<double>(a[k]), vb = static_cast<double>(b[k]);
+    dot += va * vb;
+    aa += va * va;
+    bb += vb * vb;
+  }
+  out[0] = dot, out[1] = aa, out[2] = bb;
+}
+
+at::Tensor feature_mse_forward_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_pair_2d(a, "a", b, "b", c10::DeviceType::CPU);
+  const int64_t n = a.numel();
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "urda_fast::feature_mse_forward_cpu", [&] {
+    const scalar_t* pa = a.const_data_ptr<scalar_t>();
+    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    total = at::parallel_reduce(
+        0, n, kGrainElems, 0.0,
+        [&](int64_t begin, int64_t end, double acc) { return acc + squared_distance(pa, pb, begin, end); },
+        std::plus<double>());
+  });
+  // 0 / 0 = NaN for an empty input, as torch's mean gives.
+  const double mean = total / static_cast<double>(n);
+  return at::scalar_tensor(mean, a.options().dtype(acc_scalar_type(a.scalar_type())));
+}
+
+at::Tensor feature_mse_backward_cpu(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b) {
+  check_pair_2d(a, "a", b, "b", c10::DeviceType::CPU);
+  TORCH_CHECK(grad.numel() == 1, "urda_fast: grad of feature_mse must be a scalar, got shape ", grad.sizes());
+  at::Tensor out = at::empty_like(a);
+  const int64_t n = a.numel();
+  if (n == 0) return out;
+  const double coef = 2.0 * grad.item<double>() / static_cast<double>(n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "urda_fast::feature_mse_backward_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const scalar_t* pa = a.const_data_ptr<scalar_t>();
+    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    const acc_t c = static_cast<acc_t>(coef);
+    at::parallel_for(0, n, kGrainElems,
+                     [&](int64_t begin, int64_t end) { scaled_difference(pa, pb, po, begin, end, c); });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> feature_cosine_forward_cpu(const at::Tensor& a, const at::Tensor& b, double eps) {
+  check_pair_2d(a, "a", b, "b", c10::DeviceType::CPU);
+  const int64_t rows = a.size(0), cols = a.size(1);
+  const auto acc_options = a.options().dtype(acc_scalar_type(a.scalar_type()));
+  at::Tensor cos = at::empty({rows}, acc_options);
+  at::Tensor stats = at::empty({rows, 3}, acc_options);
+  if (rows == 0) return {cos, stats};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "urda_fast::feature_cosine_forward_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const scalar_t* pa = a.const_data_ptr<scalar_t>();
+    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    acc_t* pc = cos.mutable_data_ptr<acc_t>();
+    acc_t* ps = stats.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* ra = pa + i * cols;
+        const scalar_t* rb = pb + i * cols;
+        double sums[3];
+        dot_and_norms(ra, rb, cols, sums);
+        const double dot = sums[0], na = std::sqrt(sums[1]), nb = std::sqrt(sums[2]);
+        pc[i] = static_cast<acc_t>(dot / (std::max(na, eps) * std::max(nb, eps)));
+        ps[3 * i] = static_cast<acc_t>(dot), ps[3 * i + 1] = static_cast<acc_t>(na), ps[3 * i + 2] = static_cast<acc_t>(nb);
+      }
+    });
+  });
+  return {cos, stats};
+}
+
+// d cos / d a = b / (ca cb) - cos a / na^2, the second term only where |a| > eps (below it the norm is clamped).
+template <typename scalar_t, typename acc_t>
+void cosine_grad_row(const scalar_t* x, const scalar_t* other, scalar_t* out, int64_t n, acc_t g, acc_t inv_denom,
+                     acc_t self_coef) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    out[k] = static_cast<scalar_t>(g * (static_cast<acc_t>(other[k]) * inv_denom - self_coef * static_cast<acc_t>(x[k])));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> feature_cosine_backward_cpu(const at::Tensor& grad_cos, const at::Tensor& a,
+                                                               const at::Tensor& b, const at::Tensor& stats,
+                                                               double eps, bool grad_a, bool grad_b) {
+  check_pair_2d(a, "a", b, "b", c10::DeviceType::CPU);
+  const int64_t rows = a.size(0), cols = a.size(1);
+  const auto acc_type = acc_scalar_type(a.scalar_type());
+  TORCH_CHECK(grad_cos.dim() == 1 && grad_cos.size(0) == rows && grad_cos.scalar_type() == acc_type &&
+                  grad_cos.is_contiguous(),
+              "urda_fast: grad_cos must be a contiguous (", rows, ",) ", acc_type, " tensor, got ", grad_cos.sizes(),
+              " ", grad_cos.scalar_type());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == 3 && stats.scalar_type() == acc_type &&
+                  stats.is_contiguous(),
+              "urda_fast: stats must be the contiguous (", rows, ", 3) tensor from feature_cosine_forward");
+  at::Tensor da = grad_a ? at::empty_like(a) : at::empty({0}, a.options());
+  at::Tensor db = grad_b ? at::empty_like(b) : at::empty({0}, b.options());
+  if (rows == 0 || (!grad_a && !grad_b)) return {da, db};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "urda_fast::feature_cosine_backward_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const scalar_t* pa = a.const_data_ptr<scalar_t>();
+    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    const acc_t* pg = grad_cos.const_data_ptr<acc_t>();
+    const acc_t* ps = stats.const_data_ptr<acc_t>();
+    scalar_t* pda = grad_a ? da.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* pdb = grad_b ? db.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t dot = ps[3 * i], na = ps[3 * i + 1], nb = ps[3 * i + 2];
+        const acc_t e = static_cast<acc_t>(eps);
+        const acc_t inv_denom = acc_t(1) / (std::max(na, e) * std::max(nb, e));
+        const acc_t cos = dot * inv_denom;
+        const int64_t off = i * cols;
+        if (pda) cosine_grad_row(pa + off, pb + off, pda + off, cols, pg[i], inv_denom, na > e ? cos / (na * na) : acc_t(0));
+        if (pdb) cosine_grad_row(pb + off, pa + off, pdb + off, cols, pg[i], inv_denom, nb > e ? cos / (nb * nb) : acc_t(0));
+      }
+    });
+  });
+  return {da, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(urda_fast, CPU, m) {
+  m.impl("feature_mse_forward", &feature_mse_forward_cpu);
+  m.impl("feature_mse_backward", &feature_mse_backward_cpu);
+  m.impl("feature_cosine_forward", &feature_cosine_forward_cpu);
+  m.impl("feature_cosine_backward", &feature_cosine_backward_cpu);
+}
+
+}  // namespace urda_fast

@@ -1,0 +1,33 @@
+// The urda_fast operator library: every schema is defined here, once. Backends register their kernels in their own
+// files (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu for CUDA) with TORCH_LIBRARY_IMPL; the Triton backend registers
+// separate `*_triton` ops from Python (urda_fast/kernels). Autograd and fake kernels live in urda_fast/ops/.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing urda_fast._C runs the static TORCH_LIBRARY initialisers below; no Python bindings are needed.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(urda_fast, m) {
+  // x_adv, grad, x_orig: same shape (B, ...) and dtype, contiguous. step_size, eps: (B,) in the accumulation dtype.
+  // lower, upper: (C,) in the accumulation dtype, C = x.size(1) (1 for 1-D x). norm: "linf" or "l2".
+  m.def("pgd_step(Tensor x_adv, Tensor grad, Tensor x_orig, Tensor step_size, Tensor eps, Tensor lower, "
+        "Tensor upper, str norm) -> Tensor");
+  m.def("pgd_step_(Tensor(a!) x_adv, Tensor grad, Tensor x_orig, Tensor step_size, Tensor eps, Tensor lower, "
+        "Tensor upper, str norm) -> ()");
+  // Row-wise KL(softmax(t/T) || softmax(s/T)) of (B, C) logits. Returns (kl (B,), d kl_i / d s_i, d kl_i / d t_i);
+  // a gradient that was not asked for is returned as an empty (0,) tensor.
+  m.def("kd_kl_forward(Tensor student, Tensor teacher, float temperature, bool grad_student, bool grad_teacher) "
+        "-> (Tensor, Tensor, Tensor)");
+  // mean((a - b)^2) over all elements of (B, D) inputs, and its gradient w.r.t. a scaled by grad (0-d).
+  m.def("feature_mse_forward(Tensor a, Tensor b) -> Tensor");
+  m.def("feature_mse_backward(Tensor grad, Tensor a, Tensor b) -> Tensor");
+  // Row-wise cosine similarity of (B, D) inputs: (cos (B,), stats (B, 3) = [dot, |a|, |b|]).
+  m.def("feature_cosine_forward(Tensor a, Tensor b, float eps) -> (Tensor, Tensor)");
+  m.def("feature_cosine_backward(Tensor grad_cos, Tensor a, Tensor b, Tensor stats, float eps, bool grad_a, "
+        "bool grad_b) -> (Tensor, Tensor)");
+}

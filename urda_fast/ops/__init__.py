@@ -1,0 +1,40 @@
+"""urda_fast's fused ops: the only entry points call sites use.
+
+    >>> import urda_fast.ops as ops
+    >>> x = ops.pgd_step(x_adv, grad, x_orig, step_size=2/255, eps=8/255, norm="linf")
+    >>> loss = ops.kd_kl_loss(student_logits, teacher_logits, temperature=2.0, weight=w)
+    >>> ops.available_backends()
+    ['reference', 'cpu']
+
+Every op has a pure-PyTorch definition in :mod:`urda_fast.ops.reference`.
+"""
+
+from . import _backends, feature_losses, kd_kl, pgd, reference
+from ._backends import BACKENDS, available_backends
+from .feature_losses import feature_cosine_loss, feature_mse_loss
+from .kd_kl import kd_kl_loss
+from .pgd import pgd_step, pgd_step_
+
+__all__ = ["BACKENDS", "available_backends", "feature_cosine_loss", "feature_mse_loss", "kd_kl_loss", "load_triton",
+           "pgd_step", "pgd_step_", "reference"]
+
+_REGISTRARS = {"pgd_step": pgd.register, "kd_kl": kd_kl.register,
+               "feature_losses": feature_losses.register}
+
+
+def _register_native() -> None:
+    # Importing the extensions registers their kernels; the fake kernels and autograd rules are Python's part.
+    if _backends.native_cpu_error() is not None:
+        return
+    _backends.native_cuda_error()  # loads urda_fast._C_cuda when it was built, so CUDA tensors reach its kernels
+    for register in _REGISTRARS.values():
+        register("", fake=True)
+
+
+def load_triton() -> None:
+    """Import the Triton kernels now (otherwise on first use); needed before a first Triton call under torch.compile."""
+    for module, register in _REGISTRARS.items():
+        _backends.triton_ops(module, register)
+
+
+_register_native()

@@ -1,0 +1,145 @@
+"""Which backends exist in this process, and which one runs a given call.
+
+``reference`` (pure PyTorch) always exists. ``cpu`` needs the C++ extension ``urda_fast._C``; ``cuda`` needs
+``urda_fast._C_cuda`` and a GPU; ``triton`` needs Triton and a GPU, or ``TRITON_INTERPRET=1`` for CPU tensors.
+A call picks, in order: its ``backend=`` argument, the ``URDA_FAST_BACKEND`` environment variable, the device's
+default (CPU tensors -> cpu; CUDA tensors -> cuda, else triton).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_VAR = "URDA_FAST_BACKEND"
+
+_BUILD_HINT = "build it with `pip install -e . --no-build-isolation` (or `python setup.py develop`) in the repository"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension(name: str):
+    """Import a compiled extension; its import registers its kernels with the dispatcher. None when not built."""
+    try:
+        return importlib.import_module(f"urda_fast.{name}")
+    except ImportError as err:
+        return err
+
+
+def native_cpu_error() -> str | None:
+    ext = _load_extension("_C")
+    return None if not isinstance(ext, ImportError) else f"the C++ extension urda_fast._C is not importable ({ext})"
+
+
+def native_cuda_error() -> str | None:
+    cpu = native_cpu_error()
+    if cpu is not None:
+        return cpu
+    ext = _load_extension("_C_cuda")
+    if isinstance(ext, ImportError):
+        return (f"the CUDA extension urda_fast._C_cuda is not importable ({ext}); it is built when torch has CUDA and "
+                "nvcc is found (URDA_FAST_BUILD_CUDA=1 forces it)")
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    return None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_error(device_type: str | None = None) -> str | None:
+    if not _triton_installed():
+        return "Triton is not installed (`pip install triton`)"
+    if device_type == "cpu" or (device_type is None and not torch.cuda.is_available()):
+        if not triton_interpreting():
+            return "Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before starting Python"
+    return None
+
+
+def _unavailable_reason(name: str, device_type: str | None) -> str | None:
+    if name == "reference":
+        return None
+    if name == "cpu":
+        return native_cpu_error()
+    if name == "cuda":
+        return native_cuda_error()
+    return triton_error(device_type)
+
+
+def available_backends() -> list[str]:
+    """The backends usable in this process, e.g. ``["reference", "cpu", "triton"]``."""
+    return [name for name in BACKENDS if _unavailable_reason(name, None) is None]
+
+
+def _default_backend(device_type: str) -> str:
+    if device_type == "cpu":
+        if native_cpu_error() is None:
+            return "cpu"
+        _warn_fallback(native_cpu_error())
+        return "reference"
+    if device_type == "cuda":
+        if native_cuda_error() is None:
+            return "cuda"
+        if triton_error("cuda") is None:
+            return "triton"
+    return "reference"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(f"urda_fast: using the slow pure-PyTorch reference ops because {reason}; {_BUILD_HINT}.",
+                  stacklevel=3)
+
+
+def resolve_backend(requested: str | None, device: torch.device) -> str:
+    """The backend that runs a call on ``device``; raises a clear error for an unknown or unusable choice."""
+    name = requested if requested is not None else os.environ.get(ENV_VAR) or None
+    if name is None:
+        return _default_backend(device.type)
+    source = "backend=" if requested is not None else f"{ENV_VAR}="
+    if name not in BACKENDS:
+        raise ValueError(f"urda_fast: unknown backend {source}{name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"urda_fast: {source}'cpu' runs CPU tensors only, but the inputs are on {device}; "
+                         "use 'cuda', 'triton' or 'reference' for them")
+    if name == "cuda" and device.type != "cuda":
+        raise ValueError(f"urda_fast: {source}'cuda' runs CUDA tensors only, but the inputs are on {device}")
+    reason = _unavailable_reason(name, device.type)
+    if reason is not None:
+        hint = _BUILD_HINT if name in ("cpu", "cuda") else "see the README's Triton section"
+        raise RuntimeError(f"urda_fast: backend {name!r} is not available: {reason}. Available here: "
+                           f"{', '.join(available_backends())}. To get {name!r}: {hint}.")
+    return name
+
+
+_TRITON_READY: set[str] = set()
+
+
+def triton_ops(module: str, register):
+    """``torch.ops.urda_fast`` after importing ``urda_fast.kernels.<module>`` (which defines its ``*_triton`` ops)
+    and registering their autograd. Done on first use, because importing Triton is slow; ``load_triton()`` does it
+    up front (needed before a first Triton call inside ``torch.compile``)."""
+    if module not in _TRITON_READY:
+        importlib.import_module(f"urda_fast.kernels.{module}")
+        register("_triton", fake=False)
+        _TRITON_READY.add(module)
+    return torch.ops.urda_fast
+
+
+def op_for(backend: str, module: str, op_name: str, register):
+    """The low-level op that runs ``backend``: ``urda_fast::<op_name>`` (C++ dispatcher picks CPU or CUDA) or the
+    Triton twin ``urda_fast::<op_name>_triton``."""
+    if backend in ("cpu", "cuda"):
+        return getattr(torch.ops.urda_fast, op_name)
+    return getattr(triton_ops(module, register), op_name.rstrip("_") + "_triton" + ("_" if op_name.endswith("_") else ""))

@@ -1,0 +1,93 @@
+"""Argument checks shared by the public ops: errors name the argument and say what to pass instead."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"urda_fast: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"urda_fast: {name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got {t.dtype}; convert it with .float()")
+
+
+def check_same(ref, ref_name: str, t, name: str, *, dtype: bool = True) -> None:
+    """``t`` matches ``ref`` in shape, device and (optionally) dtype."""
+    check_tensor(t, name)
+    if t.shape != ref.shape:
+        raise ValueError(f"urda_fast: {name} has shape {tuple(t.shape)} but {ref_name} has {tuple(ref.shape)}; "
+                         "they must match")
+    if t.device != ref.device:
+        raise ValueError(f"urda_fast: {name} is on {t.device} but {ref_name} is on {ref.device}; move both to one device")
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"urda_fast: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; cast one of them")
+
+
+def _values_checkable(t: torch.Tensor) -> bool:
+    # Reading tensor values is data-dependent: skip under torch.compile (the eager call already checked such values
+    # where it matters), and never on meta/fake tensors.
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
+
+
+def check_nonneg(value, name: str, *, count: int, count_name: str) -> None:
+    """A float >= 0, or a tensor of shape () or (count,) whose values are >= 0 and not NaN."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in FLOAT_DTYPES and value.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"urda_fast: {name} must be a float or a real tensor, got dtype {value.dtype}")
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != count):
+            raise ValueError(f"urda_fast: {name} must be a float or a tensor of shape () or ({count},) (one per "
+                             f"{count_name}), got shape {tuple(value.shape)}")
+        if _values_checkable(value) and value.numel() > 0:
+            v = value.detach()
+            if bool(torch.isnan(v).any()):
+                raise ValueError(f"urda_fast: {name} contains NaN")
+            if bool((v < 0).any()):
+                raise ValueError(f"urda_fast: {name} must be >= 0, got a minimum of {v.min().item()}")
+        return
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise TypeError(f"urda_fast: {name} must be a float or a tensor, got {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"urda_fast: {name} is NaN")
+    if value < 0:
+        raise ValueError(f"urda_fast: {name} must be >= 0, got {value}")
+
+
+def check_bounds(lower, upper, channels: int) -> None:
+    """lower/upper: floats or tensors of 1 or ``channels`` elements, no NaN, lower <= upper everywhere."""
+    for value, name in ((lower, "lower"), (upper, "upper")):
+        if isinstance(value, torch.Tensor):
+            if value.dtype not in FLOAT_DTYPES and value.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"urda_fast: {name} must be a float or a real tensor, got dtype {value.dtype}")
+            if value.numel() not in (1, channels):
+                raise ValueError(f"urda_fast: {name} must be a float or a tensor of 1 or {channels} elements (one per "
+                                 f"channel, dim 1 of x_adv), got shape {tuple(value.shape)}")
+        elif not isinstance(value, Real) or isinstance(value, bool):
+            raise TypeError(f"urda_fast: {name} must be a float or a tensor, got {type(value).__name__}")
+    lo = lower.detach() if isinstance(lower, torch.Tensor) else torch.tensor(float(lower))
+    hi = upper.detach() if isinstance(upper, torch.Tensor) else torch.tensor(float(upper))
+    if not (_values_checkable(lo) and _values_checkable(hi)):
+        return
+    lo, hi = lo.reshape(-1).double().cpu(), hi.reshape(-1).double().cpu()
+    if bool(torch.isnan(lo).any() or torch.isnan(hi).any()):
+        raise ValueError("urda_fast: lower/upper contain NaN")
+    if bool((lo > hi).any()):
+        raise ValueError(f"urda_fast: lower must be <= upper, got lower={lo.tolist()} upper={hi.tolist()}")
+
+
+def check_positive_finite(value, name: str) -> None:
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise TypeError(f"urda_fast: {name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"urda_fast: {name} must be a positive finite float, got {value}")
+
+
+def check_choice(value, name: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"urda_fast: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

@@ -1,0 +1,117 @@
+"""``pgd_step`` / ``pgd_step_``: one fused projected-gradient step of an adversarial attack."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backends, _checks, reference
+
+NORMS = ("linf", "l2")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _param_vector(value, count: int, like: torch.Tensor) -> torch.Tensor:
+    """A float or a 1/``count``-element tensor as a contiguous (count,) tensor in the kernels' accumulation dtype."""
+    dtype = _acc_dtype(like.dtype)
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to(device=like.device, dtype=dtype).reshape(-1)
+        return t.expand(count).contiguous() if t.numel() == 1 else t.contiguous()
+    return torch.full((count,), float(value), dtype=dtype, device=like.device)
+
+
+def _prepare(x_adv, grad, x_orig, step_size, eps, norm, lower, upper):
+    _checks.check_tensor(x_adv, "x_adv")
+    _checks.check_same(x_adv, "x_adv", grad, "grad")
+    _checks.check_same(x_adv, "x_adv", x_orig, "x_orig")
+    if x_adv.dim() == 0:
+        raise ValueError("urda_fast: x_adv must have a batch dimension (dim 0), got a 0-d tensor")
+    _checks.check_choice(norm, "norm", NORMS)
+    batch = x_adv.shape[0]
+    channels = x_adv.shape[1] if x_adv.dim() >= 2 else 1
+    _checks.check_nonneg(step_size, "step_size", count=batch, count_name="sample")
+    _checks.check_nonneg(eps, "eps", count=batch, count_name="sample")
+    _checks.check_bounds(lower, upper, channels)
+    params = (_param_vector(step_size, batch, x_adv), _param_vector(eps, batch, x_adv),
+              _param_vector(lower, channels, x_adv), _param_vector(upper, channels, x_adv))
+    return params
+
+
+def pgd_step(x_adv, grad, x_orig, *, step_size, eps, norm="linf", lower=0.0, upper=1.0, backend=None):
+    r"""One PGD ascent step, projection and box clamp, fused into one pass (L-inf) or two (L2).
+
+    L-inf: :math:`x' = \mathrm{clip}_{[l,u]}(\mathrm{clip}_{[x_0-\epsilon, x_0+\epsilon]}(x + \alpha\,\mathrm{sign}(g)))`.
+    L2: :math:`x + \alpha g/\lVert g\rVert_2` per sample (no step for a zero gradient), then
+    :math:`\delta = x - x_0` rescaled to :math:`\lVert\delta\rVert_2 \le \epsilon` per sample, then the box clamp.
+
+    Args:
+        x_adv, grad, x_orig: (B, ...) tensors of one floating dtype and device. Dim 0 is the batch, dim 1 the channel.
+        step_size, eps: floats >= 0, or per-sample tensors of shape (B,).
+        norm: ``"linf"`` or ``"l2"``.
+        lower, upper: floats or per-channel tensors (C elements, e.g. shape (C,) or (1, C, 1, 1)), so attacks can
+            work in normalised space.
+        backend: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``; default by device (see ``available_backends``).
+
+    Returns:
+        The new adversarial batch, same shape and dtype as ``x_adv`` (contiguous).
+
+    This is an optimizer step and has no gradient: backpropagating through it raises an error.
+
+    Example::
+
+        >>> x_adv = pgd_step(x_adv, x_adv_grad, x, step_size=2/255, eps=8/255)
+    """
+    params = _prepare(x_adv, grad, x_orig, step_size, eps, norm, lower, upper)
+    name = _backends.resolve_backend(backend, x_adv.device)
+    if name == "reference":
+        return reference.pgd_step(x_adv, grad, x_orig, step_size=params[0], eps=params[1], norm=norm,
+                                  lower=params[2], upper=params[3])
+    op = _backends.op_for(name, "pgd_step", "pgd_step", register)
+    return op(x_adv.contiguous(), grad.contiguous(), x_orig.contiguous(), *params, norm)
+
+
+def pgd_step_(x_adv, grad, x_orig, *, step_size, eps, norm="linf", lower=0.0, upper=1.0, backend=None):
+    """In-place :func:`pgd_step`: writes the new batch into ``x_adv`` and returns it. Same arguments."""
+    params = _prepare(x_adv, grad, x_orig, step_size, eps, norm, lower, upper)
+    if x_adv.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("urda_fast: pgd_step_ writes into x_adv, which requires grad; call it on x_adv.detach() or "
+                           "under torch.no_grad() (the step itself is not differentiable)")
+    name = _backends.resolve_backend(backend, x_adv.device)
+    if name == "reference" or not x_adv.is_contiguous():
+        # The kernels write contiguous memory; a strided x_adv gets the result copied back into its own layout.
+        out = pgd_step(x_adv, grad, x_orig, step_size=step_size, eps=eps, norm=norm, lower=lower, upper=upper,
+                       backend=name)
+        return x_adv.copy_(out)
+    op = _backends.op_for(name, "pgd_step", "pgd_step_", register)
+    op(x_adv, grad.contiguous(), x_orig.contiguous(), *params, norm)
+    return x_adv
+
+
+def _fake_pgd_step(x_adv, grad, x_orig, step_size, eps, lower, upper, norm):
+    torch._check(grad.shape == x_adv.shape, lambda: "grad must have the shape of x_adv")
+    torch._check(x_orig.shape == x_adv.shape, lambda: "x_orig must have the shape of x_adv")
+    return torch.empty_like(x_adv, memory_format=torch.contiguous_format)
+
+
+def _fake_pgd_step_(x_adv, grad, x_orig, step_size, eps, lower, upper, norm):
+    return None
+
+
+def _setup_context_pgd_step(ctx, inputs, output):
+    pass
+
+
+def _backward_pgd_step(ctx, grad_output):
+    raise RuntimeError("urda_fast.ops.pgd_step is an optimizer step and is not differentiable: compute the attack "
+                       "under torch.no_grad() or pass detached tensors (x_adv.detach(), grad.detach()).")
+
+
+def register(suffix: str, *, fake: bool) -> None:
+    """Fake kernels (native ops) and the not-differentiable autograd rule for ``urda_fast::pgd_step{suffix}``."""
+    qualname = f"urda_fast::pgd_step{suffix}"
+    if fake:
+        torch.library.register_fake(qualname)(_fake_pgd_step)
+        torch.library.register_fake(qualname + "_")(_fake_pgd_step_)
+    torch.library.register_autograd(qualname, _backward_pgd_step, setup_context=_setup_context_pgd_step)

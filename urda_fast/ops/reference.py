@@ -1,0 +1,116 @@
+"""The one pure-PyTorch definition of every urda_fast op.
+
+Tests compare every backend against these functions, benchmarks time them as the eager baseline, and the
+``reference`` backend runs them. They are written for clarity, not speed, and take the same arguments as the
+public ops in :mod:`urda_fast.ops` (already validated there). ``upcast=True`` computes in float64 and casts back,
+which is how the tests build their ground truth.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Denominator floor for the L2 step direction and the projection; keeps a zero gradient / zero delta finite.
+L2_NORM_FLOOR = 1e-12
+
+
+def _per_sample(value, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """A float or (B,)/0-d tensor as a (B, 1, ..., 1) tensor broadcastable against ``like``."""
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device).reshape(-1)
+    t = t.expand(batch) if t.numel() == 1 else t
+    return t.reshape((batch,) + (1,) * (like.dim() - 1))
+
+
+def _per_channel(value, like: torch.Tensor) -> torch.Tensor:
+    """A float or per-channel tensor (C elements, any shape) as a tensor broadcastable on dim 1 of ``like``."""
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device).reshape(-1)
+    if t.numel() == 1 or like.dim() < 2:
+        return t.reshape(())
+    return t.reshape((1, -1) + (1,) * (like.dim() - 2))
+
+
+def pgd_step(x_adv, grad, x_orig, *, step_size, eps, norm="linf", lower=0.0, upper=1.0, upcast=False):
+    """One projected-gradient ascent step. See :func:`urda_fast.ops.pgd_step` for the semantics."""
+    out_dtype = x_adv.dtype
+    if upcast:
+        x_adv, grad, x_orig = x_adv.double(), grad.double(), x_orig.double()
+    batch = x_adv.shape[0]
+    alpha = _per_sample(step_size, batch, x_adv)
+    budget = _per_sample(eps, batch, x_adv)
+    lo, hi = _per_channel(lower, x_adv), _per_channel(upper, x_adv)
+    if norm == "linf":
+        stepped = x_adv + alpha * torch.sign(grad)
+        projected = torch.minimum(torch.maximum(stepped, x_orig - budget), x_orig + budget)
+    elif norm == "l2":
+        shape = (batch,) + (1,) * (x_adv.dim() - 1)
+        grad_norm = grad.reshape(batch, -1).norm(dim=1).reshape(shape)
+        stepped = x_adv + alpha * grad / grad_norm.clamp_min(L2_NORM_FLOOR)
+        delta = stepped - x_orig
+        delta_norm = delta.reshape(batch, -1).norm(dim=1).reshape(shape)
+        factor = torch.clamp(budget / delta_norm.clamp_min(L2_NORM_FLOOR), max=1.0)
+        projected = x_orig + delta * factor
+    else:
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    return torch.minimum(torch.maximum(projected, lo), hi).to(out_dtype)
+
+
+def kd_kl_rows(student_logits, teacher_logits, temperature=1.0):
+    """Per-row KL(softmax(t/T) || softmax(s/T)) of (B, C) logits, as a (B,) tensor.
+
+    Classes the teacher masks with -inf contribute 0 (0 * log 0 = 0); a class the teacher allows but the student
+    masks gives +inf, as the mathematics says.
+    """
+    log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    log_q = torch.log_softmax(student_logits / temperature, dim=-1)
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=p.dtype, device=p.device))
+    return terms.sum(dim=-1)
+
+
+def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, reduction="batchmean",
+               t2_scale=False, upcast=False):
+    """Temperature-scaled distillation KL. See :func:`urda_fast.ops.kd_kl_loss` for the semantics."""
+    loss_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    if upcast:
+        student_logits, teacher_logits = student_logits.double(), teacher_logits.double()
+    else:
+        student_logits, teacher_logits = student_logits.to(loss_dtype), teacher_logits.to(loss_dtype)
+    rows = kd_kl_rows(student_logits, teacher_logits, temperature)
+    return reduce_kd_rows(rows, weight, reduction, t2_scale, temperature).to(loss_dtype)
+
+
+def reduce_kd_rows(rows, weight, reduction, t2_scale, temperature):
+    """Per-sample weights, the optional T^2 factor and the reduction, applied to per-row KL values."""
+    if weight is not None:
+        rows = rows * weight.detach().to(rows.dtype)
+    if t2_scale:
+        rows = rows * (temperature * temperature)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "batchmean":
+        return rows.sum() / rows.shape[0]
+    raise ValueError(f"reduction must be 'batchmean', 'sum' or 'none', got {reduction!r}")
+
+
+def feature_mse_loss(a, b, *, upcast=False):
+    """mean((a - b)^2) over all elements."""
+    loss_dtype = torch.promote_types(a.dtype, torch.float32)
+    work = torch.float64 if upcast else loss_dtype
+    return ((a.to(work) - b.to(work)) ** 2).mean().to(loss_dtype)
+
+
+def feature_cosine_rows(a, b, eps=1e-8):
+    """Per-sample cosine similarity <a_i, b_i> / (max(|a_i|, eps) * max(|b_i|, eps)) of inputs flattened per sample."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    norm_a = a.norm(dim=1).clamp_min(eps)
+    norm_b = b.norm(dim=1).clamp_min(eps)
+    return (a * b).sum(dim=1) / (norm_a * norm_b)
+
+
+def feature_cosine_loss(a, b, *, eps=1e-8, upcast=False):
+    """mean_i (1 - cos(a_i, b_i))."""
+    loss_dtype = torch.promote_types(a.dtype, torch.float32)
+    work = torch.float64 if upcast else loss_dtype
+    return (1.0 - feature_cosine_rows(a.to(work), b.to(work), eps)).mean().to(loss_dtype)

@@ -24,9 +24,9 @@ _REGISTRARS = {"pgd_step": pgd.register, "kd_kl": kd_kl.register,
 
 def _register_native() -> None:
     # Importing the extensions registers their kernels; the fake kernels and autograd rules are Python's part.
+    _backends.load_extensions()
     if _backends.native_cpu_error() is not None:
         return
-    _backends.native_cuda_error()  # loads urda_fast._C_cuda when it was built, so CUDA tensors reach its kernels
     for register in _REGISTRARS.values():
         register("", fake=True)
 

@@ -8,7 +8,6 @@ default (CPU tensors -> cpu; CUDA tensors -> cuda, else triton).
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -22,13 +21,27 @@ ENV_VAR = "URDA_FAST_BACKEND"
 _BUILD_HINT = "build it with `pip install -e . --no-build-isolation` (or `python setup.py develop`) in the repository"
 
 
-@functools.lru_cache(maxsize=None)
+# Filled once, at import of urda_fast.ops, by load_extensions(): later lookups are plain dict reads, which
+# torch.compile traces without graph breaks (it would inline an import or an lru_cache wrapper instead).
+_EXTENSIONS: dict[str, object] = {}
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def load_extensions() -> None:
+    """Import the compiled extensions that exist; importing one registers its kernels with the dispatcher."""
+    for name in ("_C", "_C_cuda"):
+        if name in _EXTENSIONS:
+            continue
+        try:
+            _EXTENSIONS[name] = importlib.import_module(f"urda_fast.{name}")
+        except ImportError as err:
+            _EXTENSIONS[name] = err
+        if isinstance(_EXTENSIONS[name], ImportError):
+            break  # _C_cuda registers kernels for schemas that _C defines
+
+
 def _load_extension(name: str):
-    """Import a compiled extension; its import registers its kernels with the dispatcher. None when not built."""
-    try:
-        return importlib.import_module(f"urda_fast.{name}")
-    except ImportError as err:
-        return err
+    return _EXTENSIONS.get(name, ImportError(f"urda_fast.{name} was not loaded"))
 
 
 def native_cpu_error() -> str | None:
@@ -53,13 +66,8 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def triton_error(device_type: str | None = None) -> str | None:
-    if not _triton_installed():
+    if not _TRITON_INSTALLED:
         return "Triton is not installed (`pip install triton`)"
     if device_type == "cpu" or (device_type is None and not torch.cuda.is_available()):
         if not triton_interpreting():
@@ -96,8 +104,13 @@ def _default_backend(device_type: str) -> str:
     return "reference"
 
 
-@functools.lru_cache(maxsize=None)
+_WARNED: set[str] = set()
+
+
 def _warn_fallback(reason: str) -> None:
+    if reason in _WARNED:
+        return
+    _WARNED.add(reason)
     warnings.warn(f"urda_fast: using the slow pure-PyTorch reference ops because {reason}; {_BUILD_HINT}.",
                   stacklevel=3)
 

@@ -15,7 +15,7 @@ def _flat_pair(a, b):
     if a.dim() == 0:
         raise ValueError("urda_fast: features must have a batch dimension (dim 0), got 0-d tensors")
     dtype = torch.promote_types(a.dtype, b.dtype)
-    return a.to(dtype).reshape(a.shape[0], -1).contiguous(), b.to(dtype).reshape(b.shape[0], -1).contiguous()
+    return (reference.flat_per_sample(a.to(dtype)).contiguous(), reference.flat_per_sample(b.to(dtype)).contiguous())
 
 
 def feature_mse_loss(a, b, *, backend=None):

@@ -8,10 +8,17 @@ which is how the tests build their ground truth.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Denominator floor for the L2 step direction and the projection; keeps a zero gradient / zero delta finite.
 L2_NORM_FLOOR = 1e-12
+
+
+def flat_per_sample(t: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B, D); unlike reshape(B, -1) it also works for an empty batch."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def _per_sample(value, batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -43,10 +50,10 @@ def pgd_step(x_adv, grad, x_orig, *, step_size, eps, norm="linf", lower=0.0, upp
         projected = torch.minimum(torch.maximum(stepped, x_orig - budget), x_orig + budget)
     elif norm == "l2":
         shape = (batch,) + (1,) * (x_adv.dim() - 1)
-        grad_norm = grad.reshape(batch, -1).norm(dim=1).reshape(shape)
+        grad_norm = flat_per_sample(grad).norm(dim=1).reshape(shape)
         stepped = x_adv + alpha * grad / grad_norm.clamp_min(L2_NORM_FLOOR)
         delta = stepped - x_orig
-        delta_norm = delta.reshape(batch, -1).norm(dim=1).reshape(shape)
+        delta_norm = flat_per_sample(delta).norm(dim=1).reshape(shape)
         factor = torch.clamp(budget / delta_norm.clamp_min(L2_NORM_FLOOR), max=1.0)
         projected = x_orig + delta * factor
     else:
@@ -63,8 +70,10 @@ def kd_kl_rows(student_logits, teacher_logits, temperature=1.0):
     log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
     log_q = torch.log_softmax(student_logits / temperature, dim=-1)
     p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=p.dtype, device=p.device))
-    return terms.sum(dim=-1)
+    # Mask the logs, not the product: where() of a NaN branch still sends NaN gradients through 0 * -inf.
+    kept = p > 0
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    return (p * (torch.where(kept, log_p, zero) - torch.where(kept, log_q, zero))).sum(dim=-1)
 
 
 def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, reduction="batchmean",
@@ -103,7 +112,7 @@ def feature_mse_loss(a, b, *, upcast=False):
 
 def feature_cosine_rows(a, b, eps=1e-8):
     """Per-sample cosine similarity <a_i, b_i> / (max(|a_i|, eps) * max(|b_i|, eps)) of inputs flattened per sample."""
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    a, b = flat_per_sample(a), flat_per_sample(b)
     norm_a = a.norm(dim=1).clamp_min(eps)
     norm_b = b.norm(dim=1).clamp_min(eps)
     return (a * b).sum(dim=1) / (norm_a * norm_b)

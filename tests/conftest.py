@@ -1,0 +1,62 @@
+"""Shared test setup: seeds, the backends under test, tolerances and a verbose assert_close."""
+
+import os
+
+import torch
+
+# Triton runs CPU tensors only in its interpreter, and reads this variable when it is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+import urda_fast.ops as ops  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+# (atol, rtol) against a float64 ground truth, per dtype of the inputs.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def backend_params():
+    """Every non-reference backend, as (backend, device) params; unbuilt/unavailable ones are skipped with a reason
+    (except cpu: the test suite builds it, so its absence is a failure)."""
+    params = [pytest.param(("cpu", "cpu"), id="cpu")]
+    params.append(pytest.param(("triton", "cuda" if HAS_CUDA else "cpu"), id="triton"))
+    params.append(pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU")))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=backend_params())
+def backend(request):
+    name, device = request.param
+    if name == "triton":
+        from urda_fast.ops import _backends
+
+        reason = _backends.triton_error(device)
+        if reason is not None:
+            pytest.skip(reason)
+        ops.load_triton()
+    return name, torch.device(device)
+
+
+def is_triton(backend):
+    return backend[0] == "triton"
+
+
+def assert_close(actual, expected, dtype, what, scale=1.0):
+    """assert_close with the dtype's tolerance (times ``scale``) and a message naming the tensor compared."""
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol * scale, rtol=rtol * scale,
+                               equal_nan=True, msg=lambda m: f"[{what}] {m}")

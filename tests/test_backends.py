@@ -1,0 +1,91 @@
+"""Backend selection, packaging and the command line."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import urda_fast
+import urda_fast.ops as ops
+from urda_fast.ops import _backends
+
+
+def test_available_backends_lists_the_built_ones():
+    names = ops.available_backends()
+    assert names[0] == "reference" and "cpu" in names
+    assert ("cuda" in names) == (torch.cuda.is_available() and _backends.native_cuda_error() is None)
+
+
+def test_default_backend_is_by_device():
+    assert _backends.resolve_backend(None, torch.device("cpu")) == "cpu"
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("URDA_FAST_BACKEND", "reference")
+    assert _backends.resolve_backend(None, torch.device("cpu")) == "reference"
+    x0 = torch.rand(2, 3)
+    g = torch.randn(2, 3)
+    forced = ops.pgd_step(x0, g, x0, step_size=0.1, eps=0.05)
+    monkeypatch.delenv("URDA_FAST_BACKEND")
+    torch.testing.assert_close(forced, ops.pgd_step(x0, g, x0, step_size=0.1, eps=0.05))
+    monkeypatch.setenv("URDA_FAST_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="unknown backend URDA_FAST_BACKEND='tpu'"):
+        ops.kd_kl_loss(torch.randn(2, 3), torch.randn(2, 3))
+
+
+def test_argument_beats_environment(monkeypatch):
+    monkeypatch.setenv("URDA_FAST_BACKEND", "tpu")
+    assert _backends.resolve_backend("cpu", torch.device("cpu")) == "cpu"
+
+
+def test_wrong_device_or_unavailable_backend_is_a_clear_error(monkeypatch):
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="runs CUDA tensors only"):
+        ops.feature_mse_loss(x, x, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend backend='fast'"):
+        ops.feature_mse_loss(x, x, backend="fast")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1.*Available here: reference, cpu"):
+        ops.feature_mse_loss(x, x, backend="triton")
+
+
+def test_missing_extension_names_the_build_command(monkeypatch):
+    monkeypatch.setitem(_backends._EXTENSIONS, "_C", ImportError("not built"))
+    with pytest.raises(RuntimeError, match="pip install -e . --no-build-isolation"):
+        _backends.resolve_backend("cpu", torch.device("cpu"))
+
+
+def test_triton_kernels_ship_inside_the_package():
+    """kernels/ is importable as urda_fast.kernels, and no top-level `kernels` package of ours is installed."""
+    spec = importlib.util.find_spec("urda_fast.kernels")
+    assert spec is not None and spec.submodule_search_locations
+    kernels_dir = os.path.realpath(list(spec.submodule_search_locations)[0])
+    assert {"pgd_step.py", "kd_kl.py", "feature_losses.py"} <= set(os.listdir(kernels_dir))
+    assert not os.path.exists(os.path.join(kernels_dir, "__init__.py")), "kernels/ must stay a namespace folder"
+
+
+def test_cli_info_reports_versions_and_backends():
+    out = subprocess.run([sys.executable, "-m", "urda_fast.cli", "info", "--json"], capture_output=True, text=True,
+                         check=True)
+    info = json.loads(out.stdout)
+    assert info["urda_fast"] == urda_fast.__version__
+    assert info["torch"] == torch.__version__
+    assert info["backends"] == ops.available_backends()
+
+
+def test_cli_demo_runs_the_ops(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "urda_fast.cli", "demo", "--size", "small"], capture_output=True,
+                         text=True, check=True)
+    assert "pgd_step" in out.stdout and "kd_kl_loss" in out.stdout and "max |ours - reference|" in out.stdout
+
+
+@pytest.mark.skipif(os.environ.get("URDA_FAST_EXPECT_CUDA_BUILD") != "1",
+                    reason="set URDA_FAST_EXPECT_CUDA_BUILD=1 where nvcc is present (CI does) to require the CUDA build")
+def test_cuda_extension_was_compiled():
+    """CI compiles every .cu file with nvcc even without a GPU, so a CUDA compile error fails CI."""
+    ext = _backends._load_extension("_C_cuda")
+    assert not isinstance(ext, ImportError), f"urda_fast._C_cuda did not build or import: {ext}"

@@ -1,0 +1,125 @@
+"""feature_mse_loss / feature_cosine_loss: every backend against the float64 reference, registration and errors."""
+
+import pytest
+import torch
+from conftest import assert_close, is_triton
+
+import urda_fast.ops as ops
+from urda_fast.ops import reference
+
+SHAPES = [(1, 1), (3, 7), (2, 1023), (2, 4097), (4, 3, 5, 5), (0, 8)]
+LOSSES = {"mse": (ops.feature_mse_loss, reference.feature_mse_loss),
+          "cosine": (ops.feature_cosine_loss, reference.feature_cosine_loss)}
+
+
+def loss_and_grads(fn, a, b, **kwargs):
+    a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+    loss = fn(a, b, **kwargs)
+    if loss.numel() == 0 or not torch.isfinite(loss):
+        return (loss,)
+    return (loss, *torch.autograd.grad(loss * 1.7, (a, b)))
+
+
+def check(loss_name, backend_name, a, b, dtype, what):
+    ours, ref = LOSSES[loss_name]
+    got = loss_and_grads(ours, a, b, backend=backend_name)
+    want = loss_and_grads(ref, a.double(), b.double())
+    assert got[0].dtype == torch.promote_types(dtype, torch.float32)
+    assert len(got) == len(want)
+    for label, x, y in zip(("loss", "d_a", "d_b"), got, want):
+        assert_close(x, y, dtype, f"{loss_name} {what} {label}")
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_feature_loss_matches_reference(backend, loss_name, shape, dtype):
+    name, device = backend
+    a = torch.randn(shape, dtype=dtype, device=device)
+    b = (a * 0.7 + 0.3 * torch.randn_like(a)) if shape[0] else torch.randn_like(a)
+    check(loss_name, name, a, b, dtype, "x".join(map(str, shape)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+def test_feature_loss_half_types(backend, loss_name, dtype):
+    name, device = backend
+    a, b = torch.randn(5, 64, device=device).to(dtype), torch.randn(5, 64, device=device).to(dtype)
+    check(loss_name, name, a, b, dtype, str(dtype))
+
+
+def test_feature_cosine_zero_and_tiny_rows(backend):
+    """Rows with norm 0 or below eps take the clamped branch: finite values and gradients, as the reference."""
+    name, device = backend
+    a = torch.randn(4, 9, dtype=torch.float64, device=device)
+    b = torch.randn(4, 9, dtype=torch.float64, device=device)
+    a[0] = 0
+    b[1] = 1e-12
+    check("cosine", name, a, b, torch.float64, "zero rows")
+    check("cosine", name, a.float(), b.float(), torch.float32, "zero rows f32")
+
+
+def test_feature_losses_non_contiguous_and_mixed(backend):
+    name, device = backend
+    a = torch.randn(6, 10, device=device).t()  # (10, 6) strided
+    b = torch.randn(1, 6, device=device).expand(10, 6)
+    for loss_name in LOSSES:
+        check(loss_name, name, a, b, torch.float32, "strided")
+        ours, ref = LOSSES[loss_name]
+        assert_close(ours(a.double(), b, backend=name), ref(a.double(), b.double()), torch.float64, "mixed dtypes")
+
+
+def test_feature_losses_gradcheck(backend):
+    name, device = backend
+    a = torch.randn(3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    for ours, _ in LOSSES.values():
+        assert torch.autograd.gradcheck(lambda x, y: ours(x, y, backend=name), (a, b))
+
+
+def test_feature_losses_opcheck(backend):
+    name, device = backend
+    a, b = torch.randn(3, 17, device=device), torch.randn(3, 17, device=device)
+    ops.feature_mse_loss(a, b, backend=name)  # registers the Triton ops
+    ns, suffix = torch.ops.urda_fast, "_triton" if is_triton(backend) else ""
+    ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
+    torch.library.opcheck(getattr(ns, f"feature_mse_forward{suffix}"), (ar, br))
+    torch.library.opcheck(getattr(ns, f"feature_mse_backward{suffix}"), (torch.tensor(0.5, device=device), a, b))
+    torch.library.opcheck(getattr(ns, f"feature_cosine_forward{suffix}"), (ar, br, 1e-8))
+    cos, stats = getattr(ns, f"feature_cosine_forward{suffix}")(a, b, 1e-8)
+    for flags in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(getattr(ns, f"feature_cosine_backward{suffix}"), (torch.ones_like(cos), a, b, stats, 1e-8,
+                                                                                 *flags))
+
+
+def test_feature_losses_compile_fullgraph(backend):
+    name, device = backend
+    a, b = torch.randn(4, 3, 6, device=device), torch.randn(4, 3, 6, device=device)
+
+    def loss_fn(x, y):
+        return ops.feature_mse_loss(x, y, backend=name) + 0.5 * ops.feature_cosine_loss(x, y, backend=name)
+
+    eager = loss_and_grads(loss_fn, a, b)
+    compiled = loss_and_grads(torch.compile(loss_fn, fullgraph=True), a, b)
+    for x, y in zip(compiled, eager):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize(
+    "a, b, error, match",
+    [
+        (torch.randn(2, 3), torch.randn(2, 4), ValueError, "b has shape"),
+        (torch.randn(2, 3), torch.randn(2, 3, device="meta"), ValueError, "b is on meta"),
+        (torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3), TypeError, "floating-point"),
+        (torch.tensor(1.0), torch.tensor(1.0), ValueError, "batch dimension"),
+    ],
+)
+def test_feature_losses_reject_bad_input(loss_name, a, b, error, match):
+    with pytest.raises(error, match=match):
+        LOSSES[loss_name][0](a, b, backend="cpu")
+
+
+def test_feature_cosine_rejects_bad_eps():
+    with pytest.raises(ValueError, match="eps must be a positive finite"):
+        ops.feature_cosine_loss(torch.randn(2, 3), torch.randn(2, 3), eps=-1.0)

@@ -1,0 +1,161 @@
+"""kd_kl_loss: every backend against the float64 reference, values and both gradients, registration and errors."""
+
+import pytest
+import torch
+from conftest import assert_close, is_triton
+
+import urda_fast.ops as ops
+from urda_fast.ops import reference
+
+SHAPES = [(1, 1), (3, 7), (2, 1023), (1, 4097), (0, 5)]
+
+
+def logits(shape, dtype, device, scale=3.0):
+    return (torch.randn(shape, dtype=torch.float64, device=device) * scale).to(dtype)
+
+
+def loss_and_grads(fn, student, teacher, **kwargs):
+    s = student.detach().requires_grad_()
+    t = teacher.detach().requires_grad_()
+    loss = fn(s, t, **kwargs)
+    grad_out = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
+    d_s, d_t = torch.autograd.grad(loss, (s, t), grad_out)
+    return loss, d_s, d_t
+
+
+def check_against_reference(name, student, teacher, dtype, what, scale=1.0, **kwargs):
+    got = loss_and_grads(ops.kd_kl_loss, student, teacher, backend=name, **kwargs)
+    want = loss_and_grads(reference.kd_kl_loss, student.double(), teacher.double(), **kwargs)
+    assert got[0].dtype == torch.promote_types(dtype, torch.float32)
+    for label, a, b in zip(("loss", "d_student", "d_teacher"), got, want):
+        assert a.shape == b.shape, label
+        assert_close(a, b, dtype, f"{what} {label}", scale)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kd_kl_matches_reference(backend, shape, dtype):
+    name, device = backend
+    student, teacher = logits(shape, dtype, device), logits(shape, dtype, device)
+    weight = torch.rand(shape[0], dtype=dtype, device=device)
+    for temperature in (0.5, 1.0, 4.0):
+        for reduction in ("batchmean", "sum", "none"):
+            if shape[0] == 0 and reduction == "batchmean":
+                continue  # 0/0: NaN on every backend, checked in test_kd_kl_empty_batch
+            check_against_reference(name, student, teacher, dtype, f"T={temperature} {reduction}",
+                                    temperature=temperature, weight=weight, reduction=reduction,
+                                    t2_scale=temperature != 1.0)
+    check_against_reference(name, student, teacher, dtype, "unweighted", temperature=2.0)
+
+
+def test_kd_kl_empty_batch(backend):
+    name, device = backend
+    empty = torch.zeros(0, 4, device=device)
+    assert torch.isnan(ops.kd_kl_loss(empty, empty, backend=name))
+    assert ops.kd_kl_loss(empty, empty, reduction="none", backend=name).shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kd_kl_half_types(backend, dtype):
+    name, device = backend
+    student, teacher = logits((4, 37), dtype, device), logits((4, 37), dtype, device)
+    check_against_reference(name, student, teacher, dtype, str(dtype), temperature=2.0)
+
+
+def test_kd_kl_extreme_logits_and_masks(backend):
+    """Logits of size 1e4, and teacher classes masked with -inf (and masked on both sides): finite and exact."""
+    name, device = backend
+    student = logits((4, 33), torch.float32, device, scale=1e4)
+    teacher = logits((4, 33), torch.float32, device, scale=1e4)
+    check_against_reference(name, student, teacher, torch.float32, "huge logits", scale=10.0, temperature=1.0)
+    check_against_reference(name, student, teacher, torch.float32, "huge logits, tiny T", scale=10.0,
+                            temperature=0.05)
+    teacher = logits((4, 33), torch.float32, device)
+    teacher[:, ::3] = float("-inf")
+    student = logits((4, 33), torch.float32, device)
+    student[0, ::3] = float("-inf")  # masked on both sides: contributes 0
+    got = loss_and_grads(ops.kd_kl_loss, student, teacher, backend=name, temperature=2.0)
+    assert all(bool(torch.isfinite(g).all()) for g in got)
+    check_against_reference(name, student, teacher, torch.float32, "masked", temperature=2.0)
+
+
+def test_kd_kl_student_mask_under_teacher_mass_is_inf(backend):
+    name, device = backend
+    student, teacher = logits((2, 5), torch.float32, device), logits((2, 5), torch.float32, device)
+    student[0, 2] = float("-inf")
+    rows = ops.kd_kl_loss(student, teacher, reduction="none", backend=name)
+    assert rows[0] == float("inf") and torch.isfinite(rows[1])
+
+
+def test_kd_kl_non_contiguous_broadcast_and_mixed_dtypes(backend):
+    name, device = backend
+    student = logits((9, 6), torch.float32, device).t()  # (6, 9), transposed view
+    teacher = logits((1, 9), torch.float32, device).expand(6, 9)
+    check_against_reference(name, student, teacher, torch.float32, "strided", temperature=2.0)
+    got = ops.kd_kl_loss(student.double(), teacher, temperature=2.0, backend=name)
+    assert got.dtype == torch.float64
+    assert_close(got, reference.kd_kl_loss(student.double(), teacher.double(), temperature=2.0), torch.float32,
+                 "mixed dtypes")
+
+
+def test_kd_kl_gradcheck(backend):
+    name, device = backend
+    student = logits((3, 5), torch.float64, device).requires_grad_()
+    teacher = logits((3, 5), torch.float64, device).requires_grad_()
+    weight = torch.rand(3, dtype=torch.float64, device=device)
+    assert torch.autograd.gradcheck(
+        lambda s, t: ops.kd_kl_loss(s, t, temperature=1.7, weight=weight, reduction="none", backend=name),
+        (student, teacher))
+
+
+def test_kd_kl_forward_opcheck(backend):
+    name, device = backend
+    student, teacher = logits((3, 11), torch.float32, device), logits((3, 11), torch.float32, device)
+    ops.kd_kl_loss(student, teacher, backend=name)  # registers the Triton op
+    op = torch.ops.urda_fast.kd_kl_forward_triton if is_triton(backend) else torch.ops.urda_fast.kd_kl_forward
+    for flags in ((True, True), (True, False), (False, False)):
+        torch.library.opcheck(op, (student.clone().requires_grad_(flags[0]), teacher.clone().requires_grad_(flags[1]),
+                                   2.0, *flags))
+
+
+def test_kd_kl_compiles_fullgraph(backend):
+    name, device = backend
+    student, teacher = logits((4, 10), torch.float32, device), logits((4, 10), torch.float32, device)
+    weight = torch.rand(4, device=device)
+
+    def loss_fn(s, t):
+        return ops.kd_kl_loss(s, t, temperature=2.0, weight=weight, backend=name)
+
+    eager = loss_and_grads(loss_fn, student, teacher)
+    compiled = loss_and_grads(torch.compile(loss_fn, fullgraph=True), student, teacher)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_kd_kl_no_gradient_work_without_grad():
+    """In inference (no input requires grad) no gradient buffers are produced."""
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    rows, d_s, d_t = torch.ops.urda_fast.kd_kl_forward(s, t, 1.0, False, False)
+    assert d_s.shape == (0,) and d_t.shape == (0,) and rows.shape == (3,)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(student=torch.randn(2, 3, 4), teacher=torch.randn(2, 3, 4)), ValueError, "must be 2-D"),
+        (dict(teacher=torch.randn(2, 4)), ValueError, "teacher_logits has shape"),
+        (dict(student=torch.zeros(2, 0), teacher=torch.zeros(2, 0)), ValueError, "at least one class"),
+        (dict(temperature=0.0), ValueError, "temperature must be a positive finite"),
+        (dict(temperature=float("inf")), ValueError, "temperature must be a positive finite"),
+        (dict(weight=torch.ones(3)), ValueError, r"weight must have shape \(2,\)"),
+        (dict(weight=torch.ones(2, dtype=torch.int64)), TypeError, "weight must be a floating-point"),
+        (dict(reduction="mean"), ValueError, "reduction must be one of"),
+        (dict(student=torch.ones(2, 3, dtype=torch.int32)), TypeError, "floating-point"),
+    ],
+)
+def test_kd_kl_rejects_bad_input(change, error, match):
+    args = dict(student=torch.randn(2, 3), teacher=torch.randn(2, 3), temperature=1.0, weight=None,
+                reduction="batchmean")
+    args.update(change)
+    with pytest.raises(error, match=match):
+        ops.kd_kl_loss(args.pop("student"), args.pop("teacher"), backend="cpu", **args)

@@ -1,0 +1,186 @@
+"""pgd_step / pgd_step_: every backend against the float64 reference, invariants, registration and errors."""
+
+import pytest
+import torch
+from conftest import assert_close, is_triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import urda_fast.ops as ops
+from urda_fast.ops import reference
+
+SHAPES = [(1, 1), (5,), (3, 7), (2, 3, 5, 7), (3, 1023), (2, 4097), (0, 3, 4, 4)]
+
+
+def make_batch(shape, dtype, device, eps=8 / 255, zero_grad_rows=True):
+    """x_orig in [0, 1], x_adv inside the eps-ball and the box, a gradient with exact zeros (sign 0) and, for
+    batches of 2+, one all-zero sample (the L2 step must skip it)."""
+    x_orig = torch.rand(shape, dtype=torch.float64, device=device)
+    x_adv = (x_orig + (torch.rand_like(x_orig) * 2 - 1) * eps).clamp(0, 1)
+    grad = torch.randn_like(x_orig)
+    grad[torch.rand_like(grad) < 0.1] = 0
+    if zero_grad_rows and shape[0] >= 2:
+        grad[1] = 0
+    return x_adv.to(dtype), grad.to(dtype), x_orig.to(dtype)
+
+
+def param_sets(shape):
+    batch = shape[0]
+    channels = shape[1] if len(shape) >= 2 else 1
+    bound_shape = (1, channels) + (1,) * (len(shape) - 2) if len(shape) >= 2 else (1,)
+    yield "scalars", dict(step_size=2 / 255, eps=8 / 255, lower=0.0, upper=1.0)
+    yield "per-sample-and-channel", dict(
+        step_size=torch.linspace(0.001, 0.02, batch, dtype=torch.float64),
+        eps=torch.linspace(0.0, 0.05, batch, dtype=torch.float64),
+        lower=torch.linspace(0.05, 0.2, channels).reshape(bound_shape),
+        upper=torch.linspace(0.7, 0.95, channels).reshape(bound_shape),
+    )
+
+
+def expected(x_adv, grad, x_orig, norm, kwargs):
+    return reference.pgd_step(x_adv, grad, x_orig, norm=norm, upcast=True, **kwargs)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pgd_step_matches_reference(backend, shape, dtype, norm):
+    name, device = backend
+    x_adv, grad, x_orig = make_batch(shape, dtype, device)
+    for label, kwargs in param_sets(shape):
+        if norm == "l2":
+            kwargs = dict(kwargs, eps=kwargs["eps"] * 20 if isinstance(kwargs["eps"], torch.Tensor) else 0.3)
+        out = ops.pgd_step(x_adv, grad, x_orig, norm=norm, backend=name, **kwargs)
+        assert out.shape == x_adv.shape and out.dtype == dtype
+        assert_close(out, expected(x_adv, grad, x_orig, norm, kwargs), dtype, f"{norm} {label}")
+        inplace = x_adv.clone()
+        returned = ops.pgd_step_(inplace, grad, x_orig, norm=norm, backend=name, **kwargs)
+        assert returned is inplace
+        torch.testing.assert_close(inplace, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_step_half_types(backend, dtype, norm):
+    name, device = backend
+    x_adv, grad, x_orig = make_batch((3, 3, 9, 11), dtype, device)
+    kwargs = dict(step_size=2 / 255, eps=8 / 255 if norm == "linf" else 0.5)
+    out = ops.pgd_step(x_adv, grad, x_orig, norm=norm, backend=name, **kwargs)
+    assert_close(out, expected(x_adv, grad, x_orig, norm, kwargs), dtype, f"{norm} {dtype}")
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_step_non_contiguous_and_broadcast(backend, norm):
+    name, device = backend
+    x_adv, grad, x_orig = make_batch((4, 3, 8, 6), torch.float32, device)
+    cases = {
+        "channels_last": (x_adv.contiguous(memory_format=torch.channels_last), grad.transpose(2, 3).contiguous()
+                          .transpose(2, 3), x_orig),
+        "sliced": (torch.cat([x_adv, x_adv], 3)[..., ::2], grad, x_orig),
+        "broadcast_origin": (x_adv, grad, x_orig[:1].expand_as(x_orig)),
+    }
+    kwargs = dict(step_size=0.01, eps=0.03 if norm == "linf" else 0.4)
+    for label, (xa, g, xo) in cases.items():
+        want = expected(xa, g, xo, norm, kwargs)
+        assert_close(ops.pgd_step(xa, g, xo, norm=norm, backend=name, **kwargs), want, torch.float32, label)
+        target = xa.clone() if label != "sliced" else torch.cat([x_adv, x_adv], 3)[..., ::2]
+        ops.pgd_step_(target, g, xo, norm=norm, backend=name, **kwargs)
+        assert_close(target, want, torch.float32, f"in-place {label}")
+
+
+def test_pgd_step_extremes(backend):
+    """Zero step, zero eps, huge step: the projection and box must hold exactly."""
+    name, device = backend
+    x_adv, grad, x_orig = make_batch((3, 2, 5), torch.float32, device)
+    same = ops.pgd_step(x_adv, grad, x_orig, step_size=0.0, eps=1.0, backend=name)
+    torch.testing.assert_close(same, x_adv, atol=0, rtol=0)
+    for norm in ("linf", "l2"):
+        pinned = ops.pgd_step(x_adv, grad, x_orig, step_size=1.0, eps=0.0, norm=norm, backend=name)
+        torch.testing.assert_close(pinned, x_orig, atol=0, rtol=0)
+        far = ops.pgd_step(x_adv, grad, x_orig, step_size=1e6, eps=0.1, norm=norm, backend=name)
+        assert_close(far, expected(x_adv, grad, x_orig, norm, dict(step_size=1e6, eps=0.1)), torch.float32, norm)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 4), channels=st.integers(1, 3), inner=st.integers(1, 40),
+    eps=st.floats(0.0, 2.0), step=st.floats(0.0, 3.0), norm=st.sampled_from(["linf", "l2"]),
+    low=st.floats(-1.0, 0.4), width=st.floats(0.0, 2.0), seed=st.integers(0, 2**31 - 1),
+)
+def test_pgd_step_invariants_hold(batch, channels, inner, eps, step, norm, low, width, seed):
+    """After a step every element is inside [lower, upper] and the perturbation inside the eps-ball (float64, so the
+    bound is exact up to 1e-6 relative)."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, channels, inner)
+    lower, upper = low, low + width
+    x_orig = lower + torch.rand(shape, generator=gen, dtype=torch.float64) * width
+    x_adv = (x_orig + torch.randn(shape, generator=gen, dtype=torch.float64) * eps).clamp(lower, upper)
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64) * 10 ** torch.randint(-6, 6, (1,), generator=gen)
+    out = ops.pgd_step(x_adv, grad, x_orig, step_size=step, eps=eps, norm=norm, lower=lower, upper=upper,
+                       backend="cpu")
+    assert bool((out >= lower).all()) and bool((out <= upper).all())
+    delta = (out - x_orig).reshape(batch, -1)
+    if norm == "linf":
+        assert float(delta.abs().max()) <= eps * (1 + 1e-6) + 1e-12
+    else:
+        assert float(delta.norm(dim=1).max()) <= eps * (1 + 1e-6) + 1e-12
+
+
+def test_pgd_step_opcheck(backend):
+    name, device = backend
+    x_adv, grad, x_orig = make_batch((2, 3, 4, 5), torch.float32, device)
+    ops.pgd_step(x_adv, grad, x_orig, step_size=0.01, eps=0.03, backend=name)  # registers the Triton ops
+    suffix = "_triton" if is_triton(backend) else ""
+    params = [torch.full((2,), 0.01, device=device), torch.full((2,), 0.03, device=device),
+              torch.zeros(3, device=device), torch.ones(3, device=device)]
+    for norm in ("linf", "l2"):
+        torch.library.opcheck(getattr(torch.ops.urda_fast, f"pgd_step{suffix}"), (x_adv, grad, x_orig, *params, norm))
+        torch.library.opcheck(getattr(torch.ops.urda_fast, f"pgd_step{suffix}_"),
+                              (x_adv.clone(), grad, x_orig, *params, norm))
+
+
+def test_pgd_step_compiles_fullgraph(backend):
+    name, device = backend
+    x_adv, grad, x_orig = make_batch((2, 3, 4, 5), torch.float32, device)
+
+    def attack_step(xa, g, xo):
+        out = ops.pgd_step(xa, g, xo, step_size=0.01, eps=0.03, norm="linf", backend=name)
+        return ops.pgd_step_(out, g, xo, step_size=0.01, eps=0.5, norm="l2", backend=name)
+
+    eager = attack_step(x_adv, grad, x_orig)
+    compiled = torch.compile(attack_step, fullgraph=True)(x_adv, grad, x_orig)
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_pgd_step_is_not_differentiable():
+    x_adv, grad, x_orig = make_batch((2, 3), torch.float32, "cpu")
+    out = ops.pgd_step(x_adv.requires_grad_(), grad, x_orig, step_size=0.1, eps=0.2, backend="cpu")
+    with pytest.raises(RuntimeError, match="optimizer step and is not differentiable"):
+        out.sum().backward()
+    with pytest.raises(RuntimeError, match="x_adv.detach"):
+        ops.pgd_step_(x_adv, grad, x_orig, step_size=0.1, eps=0.2, backend="cpu")
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(grad=torch.zeros(2, 4)), ValueError, "grad has shape"),
+        (dict(x_orig=torch.zeros(2, 3, dtype=torch.float64)), TypeError, "x_orig has dtype"),
+        (dict(x_adv=torch.zeros(2, 3, dtype=torch.int64)), TypeError, "floating-point"),
+        (dict(x_orig=torch.zeros(2, 3, device="meta")), ValueError, "x_orig is on meta"),
+        (dict(eps=-0.1), ValueError, "eps must be >= 0"),
+        (dict(step_size=float("nan")), ValueError, "step_size is NaN"),
+        (dict(eps=torch.tensor([0.1, float("nan")])), ValueError, "eps contains NaN"),
+        (dict(eps=torch.tensor([0.1, 0.2, 0.3])), ValueError, r"shape \(\) or \(2,\)"),
+        (dict(lower=0.6, upper=0.5), ValueError, "lower must be <= upper"),
+        (dict(lower=torch.zeros(2)), ValueError, "lower must be a float or a tensor of 1 or 3 elements"),
+        (dict(norm="l1"), ValueError, "norm must be one of"),
+        (dict(x_adv=[[0.0]]), TypeError, "x_adv must be a torch.Tensor"),
+    ],
+)
+def test_pgd_step_rejects_bad_input(change, error, match):
+    args = dict(x_adv=torch.rand(2, 3), grad=torch.randn(2, 3), x_orig=torch.rand(2, 3), step_size=0.1, eps=0.2,
+                norm="linf", lower=0.0, upper=1.0)
+    args.update(change)
+    with pytest.raises(error, match=match):
+        ops.pgd_step(args.pop("x_adv"), args.pop("grad"), args.pop("x_orig"), backend="cpu", **args)

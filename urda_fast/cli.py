@@ -1,0 +1,134 @@
+"""The ``urda-fast`` command line: a thin layer over library functions.
+
+    urda-fast info [--json]          versions and the backends usable here
+    urda-fast demo [--size small]    run every fused op on every backend against the reference, with timings
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+import urda_fast
+from urda_fast import ops
+
+
+def environment_info() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "urda_fast": urda_fast.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "triton": triton_version,
+        "cpu_threads": torch.get_num_threads(),
+        "backends": ops.available_backends(),
+    }
+
+
+def cmd_info(args) -> int:
+    info = environment_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {', '.join(value) if isinstance(value, list) else value}")
+    return 0
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def demo_cases(size: str, device: torch.device):
+    """(name, fn(backend) -> tensor) pairs: one PGD step, a distillation KL forward+backward, the feature losses."""
+    big = size == "large"
+    shape = (32, 3, 224, 224) if big else (64, 3, 32, 32)
+    x_orig = torch.rand(shape, device=device)
+    x_adv = (x_orig + (torch.rand_like(x_orig) - 0.5) * 0.06).clamp(0, 1)
+    grad = torch.randn_like(x_orig)
+    rows, classes = (4096, 1000) if big else (512, 100)
+    student = torch.randn(rows, classes, device=device)
+    teacher = torch.randn(rows, classes, device=device)
+    weight = torch.rand(rows, device=device)
+    feats = torch.randn(rows, 256, device=device), torch.randn(rows, 256, device=device)
+
+    def kl_fwd_bwd(backend):
+        s = student.clone().requires_grad_()
+        loss = ops.kd_kl_loss(s, teacher, temperature=2.0, weight=weight, backend=backend)
+        (grad_s,) = torch.autograd.grad(loss, s)
+        return grad_s
+
+    def step(norm):
+        eps = 8 / 255 if norm == "linf" else 0.5
+        return lambda backend: ops.pgd_step(x_adv, grad, x_orig, step_size=2 / 255, eps=eps, norm=norm,
+                                            backend=backend)
+
+    return [
+        (f"pgd_step linf {tuple(shape)}", step("linf")),
+        (f"pgd_step l2 {tuple(shape)}", step("l2")),
+        (f"kd_kl_loss fwd+bwd ({rows}, {classes})", kl_fwd_bwd),
+        (f"feature_mse_loss ({rows}, 256)", lambda b: ops.feature_mse_loss(*feats, backend=b)),
+        (f"feature_cosine_loss ({rows}, 256)", lambda b: ops.feature_cosine_loss(*feats, backend=b)),
+    ]
+
+
+def cmd_demo(args) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    fast = [b for b in ops.available_backends() if b != "reference" and (device.type == "cuda" or b == "cpu")]
+    print(f"urda_fast {urda_fast.__version__} on {device} ({torch.get_num_threads()} CPU threads); "
+          f"backends: {', '.join(fast) or 'none built'}")
+    print(f"{'op':<44} {'backend':<8} {'ms':>9} {'eager ms':>9} {'speed-up':>9} {'max |ours - reference|':>24}")
+    for name, fn in demo_cases(args.size, device):
+        want = fn("reference")
+        eager_ms = _median_ms(lambda: fn("reference"), args.repeats)
+        for backend in fast:
+            got = fn(backend)
+            error = (got.double() - want.double()).abs().max().item()
+            ms = _median_ms(lambda: fn(backend), args.repeats)
+            print(f"{name:<44} {backend:<8} {ms:>9.3f} {eager_ms:>9.3f} {eager_ms / ms:>8.2f}x {error:>24.3e}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="urda-fast", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="versions and available backends")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(run=cmd_info)
+    demo = sub.add_parser("demo", help="run the fused ops against the reference on built-in data")
+    demo.add_argument("--size", choices=("small", "large"), default="small")
+    demo.add_argument("--repeats", type=int, default=5)
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Attacks: agreement with the textbook loop, real effect on a model trained here on real digits, invariants,
+model state, errors, and the robust-accuracy table."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from urda_fast.attacks import BIM, FGSM, PGD, PGDL2
+from urda_fast.attacks.reference import textbook_attack
+from urda_fast.evaluate import robust_accuracy
+
+EPS = 0.15  # in [0, 1] pixel units: enough to break an undefended 8x8-digits classifier (0.1 leaves ~47%)
+
+
+def small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dropout(0.1), nn.Linear(32 * 4 * 4, 10))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn's 1,797 handwritten 8x8 digits (UCI), scaled to [0, 1]; a CNN trained on 1,400 of them."""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    data = sklearn_datasets.load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(data.target, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(labels), generator=gen)
+    train, test = order[:1400], order[1400:]
+    torch.manual_seed(0)
+    model = small_cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(15):
+        for batch in train[torch.randperm(len(train), generator=gen)].split(64):
+            opt.zero_grad()
+            F.cross_entropy(model(images[batch]), labels[batch]).backward()
+            opt.step()
+    model.eval()
+    return model, images[test][:256], labels[test][:256]
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+@pytest.mark.parametrize(
+    "make, norm, kwargs",
+    [
+        (lambda m: FGSM(m, eps=EPS), "linf", dict(eps=EPS, alpha=EPS, steps=1)),
+        (lambda m: BIM(m, eps=EPS, alpha=0.02, steps=7), "linf", dict(eps=EPS, alpha=0.02, steps=7)),
+        (lambda m: PGD(m, eps=EPS, alpha=0.02, steps=7, random_start=False), "linf", dict(eps=EPS, alpha=0.02, steps=7)),
+        (lambda m: PGDL2(m, eps=1.0, alpha=0.25, steps=7, random_start=False), "l2", dict(eps=1.0, alpha=0.25, steps=7)),
+    ],
+    ids=["fgsm", "bim", "pgd", "pgdl2"],
+)
+def test_attack_matches_textbook_loop(digits, make, norm, kwargs):
+    model, x, y = digits
+    ours = make(model)(x, y)
+    want = textbook_attack(model, x, y, norm=norm, **kwargs)
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cls, norm, eps", [(PGD, "linf", EPS), (PGDL2, "l2", 1.0)])
+def test_random_start_matches_textbook_under_one_generator(digits, cls, norm, eps):
+    model, x, y = digits
+    ours = cls(model, eps=eps, alpha=eps / 4, steps=5, seed=7)(x, y)
+    want = textbook_attack(model, x, y, eps=eps, alpha=eps / 4, steps=5, norm=norm, random_start=True,
+                           generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=0)
+    assert accuracy(model, ours, y) == accuracy(model, want, y)
+
+
+def test_pgd_breaks_the_model_and_more_steps_never_help_it(digits):
+    model, x, y = digits
+    clean = accuracy(model, x, y)
+    assert clean > 0.9
+    accs = [accuracy(model, BIM(model, eps=EPS, alpha=EPS / 4, steps=k, early_stop=True)(x, y), y) for k in (1, 3, 10)]
+    assert accs[-1] < 0.3 < clean
+    assert accs == sorted(accs, reverse=True), accs
+    strong = accuracy(model, PGD(model, eps=EPS, alpha=EPS / 4, steps=10, restarts=3, seed=0)(x, y), y)
+    assert strong <= accs[-1] + 0.02
+
+
+@pytest.mark.parametrize("attack_cls, norm", [(PGD, "linf"), (PGDL2, "l2"), (FGSM, "linf"), (BIM, "linf")])
+def test_budget_and_box_always_hold(digits, attack_cls, norm):
+    model, x, y = digits
+    eps = 1.0 if norm == "l2" else EPS
+    adv = attack_cls(model, eps=eps)(x, y)
+    assert adv.min() >= 0 and adv.max() <= 1
+    delta = (adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert float(size.max()) <= eps * (1 + 1e-5)
+
+
+def test_normalized_space_respects_per_channel_range():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(5))
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    pixels = torch.rand(6, 3, 8, 8)
+    images = (pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    model(images)
+    adv = PGD(model, eps=0.1, alpha=0.05, steps=5, space="normalized", mean=mean, std=std)(images, torch.arange(6) % 5)
+    back = adv * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+    assert back.min() >= -1e-6 and back.max() <= 1 + 1e-6
+    assert float((adv - images).abs().max()) <= 0.1 + 1e-6
+
+
+def test_targeted_attack_reaches_its_targets(digits):
+    model, x, y = digits
+    targets = (y + 1) % 10
+    adv = PGD(model, eps=0.2, alpha=0.02, steps=20, seed=0)(x, targets, targeted=True)
+    assert accuracy(model, adv, targets) > 0.5  # chance is 0.1
+
+
+def test_kl_attack_moves_the_student_away_from_soft_targets(digits):
+    model, x, y = digits
+    with torch.no_grad():
+        teacher_logits = model(x)
+    # Soft targets equal to the model's own output make the KL gradient exactly 0 at x: it needs the random start.
+    still = BIM(model, eps=EPS, alpha=EPS / 4, steps=10, loss="kl")(x, soft_targets=teacher_logits)
+    torch.testing.assert_close(still, x, atol=0, rtol=0)
+    adv = PGD(model, eps=EPS, alpha=EPS / 4, steps=10, loss="kl", temperature=2.0, seed=0)(x, soft_targets=teacher_logits)
+    assert accuracy(model, adv, teacher_logits.argmax(1)) < 0.5
+
+
+def test_cw_loss_attack_breaks_the_model(digits):
+    model, x, y = digits
+    adv = PGD(model, eps=EPS, alpha=EPS / 4, steps=10, loss="cw", kappa=5.0, seed=0)(x, y)
+    assert accuracy(model, adv, y) < 0.3
+
+
+def test_model_state_is_untouched(digits):
+    model, x, y = digits
+    model.train()
+    model[1].eval()  # a module in a different mode than its parent must keep it
+    model[0].weight.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        PGD(model, eps=EPS, steps=3)(x[:32], y[:32])
+        assert model.training and not model[1].training and model[2].training
+        assert not model[0].weight.requires_grad and model[4].weight.requires_grad
+        assert all(p.grad is None for p in model.parameters())
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, before[key], atol=0, rtol=0, msg=key)
+        with pytest.raises(ValueError):
+            PGD(model, eps=EPS)(x[:4], torch.tensor([0, 1, 2, 99]))
+        assert model.training and not model[1].training
+    finally:
+        model[0].weight.requires_grad_(True)
+        model.eval()
+
+
+def test_seed_makes_attacks_deterministic(digits):
+    model, x, y = digits
+    a = PGD(model, eps=EPS, steps=3, seed=11)(x[:32], y[:32])
+    b = PGD(model, eps=EPS, steps=3, seed=11)(x[:32], y[:32])
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_autocast_and_channels_last_inputs(digits):
+    model, x, y = digits
+    adv = PGD(model, eps=EPS, steps=3, seed=0)(x.contiguous(memory_format=torch.channels_last), y)
+    torch.testing.assert_close(adv, PGD(model, eps=EPS, steps=3, seed=0)(x, y))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        adv_bf16 = PGD(model, eps=EPS, alpha=EPS / 4, steps=5, seed=0)(x, y)
+    assert adv_bf16.dtype == x.dtype and float((adv_bf16 - x).abs().max()) <= EPS + 1e-6
+    assert accuracy(model, adv_bf16, y) < 0.5
+
+
+@pytest.mark.parametrize(
+    "make, call, match",
+    [
+        (lambda m: PGD(m, eps=0.0), None, "eps must be > 0"),
+        (lambda m: PGD(m, eps=-1.0), None, "eps must be > 0"),
+        (lambda m: PGD(m, steps=0), None, "steps must be an integer >= 1"),
+        (lambda m: PGD(m, loss="hinge"), None, "loss must be one of"),
+        (lambda m: PGD(m, space="normalized"), None, "needs the mean and std"),
+        (lambda m: PGD(m), lambda a, x, y: a(x * 2 + 0.5, y), "must lie in"),
+        (lambda m: PGD(m), lambda a, x, y: a(x, y[:-1]), "labels have shape"),
+        (lambda m: PGD(m), lambda a, x, y: a(x, y + 10), r"labels must lie in \[0, 10\)"),
+        (lambda m: PGD(m), lambda a, x, y: a(x, y.float()), "labels must be an integer tensor"),
+        (lambda m: PGD(m, loss="kl"), lambda a, x, y: a(x, y), "needs soft_targets"),
+    ],
+)
+def test_bad_input_is_rejected_before_any_work(digits, make, call, match):
+    model, x, y = digits
+    with pytest.raises((ValueError, TypeError), match=match):
+        attack = make(model)
+        call(attack, x[:8], y[:8])
+
+
+def test_robust_accuracy_table(digits, tmp_path):
+    model, x, y = digits
+    loader = list(zip(x.split(64), y.split(64)))
+    attacks = {"clean": None, "FGSM": FGSM(model, eps=EPS), "PGD-10": PGD(model, eps=EPS, alpha=EPS / 4, seed=0)}
+    paths = [str(tmp_path / f"table.{ext}") for ext in ("csv", "json", "md")]
+    table = robust_accuracy(model, loader, attacks, progress=False, save=paths)
+    assert [r.attack for r in table.rows] == ["clean", "FGSM", "PGD-10"]
+    assert table["clean"].count == len(y)
+    assert table["clean"].accuracy == pytest.approx(100 * accuracy(model, x, y))
+    assert table["PGD-10"].accuracy <= table["FGSM"].accuracy < table["clean"].accuracy
+    saved = json.loads((tmp_path / "table.json").read_text())
+    assert saved["rows"][2]["attack"] == "PGD-10"
+    assert (tmp_path / "table.csv").read_text().startswith("attack,accuracy")
+    assert "| PGD-10 |" in (tmp_path / "table.md").read_text()

@@ -1,0 +1,249 @@
+"""The ``Attack`` base: model-mode bookkeeping, input checks, losses, random starts, restarts and early stop.
+
+Subclasses only set their norm and defaults; every step goes through :func:`urda_fast.ops.pgd_step_`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from urda_fast import ops
+
+LOSSES = ("ce", "cw", "kl")
+SPACES = ("pixel", "normalized")
+
+
+def _positive(value, name, allow_zero=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"urda_fast.attacks: {name} must be a number, got {type(value).__name__}")
+    if value != value or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"urda_fast.attacks: {name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@contextlib.contextmanager
+def frozen_eval(model: torch.nn.Module):
+    """Eval mode and no parameter gradients for the attack; every module's mode and every flag restored after,
+    also on error."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class Attack:
+    """Base of the L-inf / L2 iterative attacks.
+
+    Arguments:
+        model: maps images (B, C, H, W) to logits (B, K) (a tuple's first element is taken).
+        eps: perturbation budget (> 0), in the units of ``space``.
+        alpha: step size (> 0). steps: number of steps (>= 1).
+        random_start: start uniformly in the eps-ball (L-inf) or at a random point of it (L2).
+        restarts: random restarts; a sample counts as broken if any restart breaks it.
+        loss: ``"ce"`` (cross-entropy), ``"cw"`` (CW margin, confidence ``kappa``), ``"kl"`` (KL to soft targets,
+            ``temperature``), for attacks on distillation students. At soft targets equal to the model's own
+            output the KL gradient is exactly 0, so the KL attack needs ``random_start``.
+        space: ``"pixel"`` (images in [0, 1]; the model normalises) or ``"normalized"`` (images already normalised
+            with ``mean``/``std``; bounds become per-channel and eps is in normalised units).
+        early_stop: stop updating samples that are already misclassified (or at their target): cheaper evaluation.
+        max_batch: largest batch run at once; restarts are batched together up to this size.
+        seed: seed of the random start, for reproducible attacks (else the global RNG is used).
+    """
+
+    norm = "linf"
+
+    def __init__(self, model, *, eps, alpha, steps, random_start, restarts=1, loss="ce", kappa=0.0, temperature=1.0,
+                 space="pixel", mean=None, std=None, early_stop=False, max_batch=None, seed=None):
+        _positive(eps, "eps")
+        _positive(alpha, "alpha")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"urda_fast.attacks: steps must be an integer >= 1, got {steps!r}")
+        if not isinstance(restarts, int) or restarts < 1:
+            raise ValueError(f"urda_fast.attacks: restarts must be an integer >= 1, got {restarts!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"urda_fast.attacks: loss must be one of {LOSSES}, got {loss!r}")
+        if space not in SPACES:
+            raise ValueError(f"urda_fast.attacks: space must be one of {SPACES}, got {space!r}")
+        if space == "normalized" and (mean is None or std is None):
+            raise ValueError("urda_fast.attacks: space='normalized' needs the mean and std the images were "
+                             "normalised with, to know the valid range of each channel")
+        _positive(kappa, "kappa", allow_zero=True)
+        _positive(temperature, "temperature")
+        self.model, self.eps, self.alpha, self.steps = model, float(eps), float(alpha), steps
+        self.random_start, self.restarts, self.loss = random_start, restarts, loss
+        self.kappa, self.temperature, self.space = float(kappa), float(temperature), space
+        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        if self.std is not None and bool((self.std <= 0).any()):
+            raise ValueError("urda_fast.attacks: std must be > 0")
+        self.early_stop, self.max_batch, self.seed = early_stop, max_batch, seed
+
+    def __repr__(self):
+        keys = ("eps", "alpha", "steps", "random_start", "restarts", "loss", "space", "early_stop")
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
+
+    # ----------------------------------------------------------------------------------------------------------
+    def bounds(self, images: torch.Tensor):
+        """The valid range of each channel: [0, 1] in pixel space, [(0-mean)/std, (1-mean)/std] normalised."""
+        if self.space == "pixel":
+            return 0.0, 1.0
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        if images.dim() < 2 or mean.numel() not in (1, images.shape[1]):
+            raise ValueError(f"urda_fast.attacks: mean/std have {mean.numel()} channels but the images have shape "
+                             f"{tuple(images.shape)}")
+        return (0 - mean) / std, (1 - mean) / std
+
+    def _check(self, images, labels, soft_targets):
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            raise TypeError("urda_fast.attacks: images must be a floating-point tensor (B, C, H, W)")
+        if self.loss == "kl":
+            if soft_targets is None or soft_targets.shape[0] != images.shape[0]:
+                raise ValueError("urda_fast.attacks: loss='kl' needs soft_targets (B, K) logits, one row per image")
+        elif labels is None or not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError("urda_fast.attacks: labels must be an integer tensor of shape (B,)")
+        if labels is not None and labels.shape != (images.shape[0],):
+            raise ValueError(f"urda_fast.attacks: {images.shape[0]} images but labels have shape "
+                             f"{tuple(labels.shape)}")
+        if images.numel() == 0:
+            return
+        lower, upper = self.bounds(images)
+        shape = (1, -1) + (1,) * (images.dim() - 2)
+        lo = torch.as_tensor(lower, device=images.device).reshape(shape) if self.space != "pixel" else lower
+        hi = torch.as_tensor(upper, device=images.device).reshape(shape) if self.space != "pixel" else upper
+        tol = 1e-5
+        if bool((images < lo - tol).any()) or bool((images > hi + tol).any()):
+            where = "[0, 1]" if self.space == "pixel" else "the range that mean/std give each channel"
+            raise ValueError(f"urda_fast.attacks: images must lie in {where} (got min {images.min().item():.4g}, max "
+                             f"{images.max().item():.4g}); in pixel space pass unnormalised images and let the "
+                             "model normalise, or use space='normalized' with mean/std")
+
+    def _logits(self, x):
+        out = self.model(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def _objective(self, logits, labels, soft_targets, targeted):
+        """The quantity to ascend (summed over the batch, so each sample's gradient is independent of B)."""
+        logits = logits.float()
+        if self.loss == "kl":
+            return ops.kd_kl_loss(logits, soft_targets, temperature=self.temperature, reduction="sum")
+        if self.loss == "ce":
+            ce = F.cross_entropy(logits, labels, reduction="sum")
+            return -ce if targeted else ce
+        true = logits.gather(1, labels[:, None]).squeeze(1)
+        other = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(1)
+        margin = true - other if targeted else other - true
+        return margin.clamp(max=self.kappa).sum()
+
+    def _random_start(self, x0, lower, upper, generator):
+        if self.norm == "linf":
+            noise = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * 2 - 1
+            delta = noise * self.eps
+        else:
+            direction = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            norms = direction.flatten(1).norm(dim=1).clamp_min(1e-12)
+            radius = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype) * self.eps
+            delta = direction * (radius / norms).reshape((-1,) + (1,) * (x0.dim() - 1))
+        return ops.pgd_step(x0 + delta, torch.zeros_like(x0), x0, step_size=0.0, eps=self.eps, norm=self.norm,
+                            lower=lower, upper=upper)
+
+    def _generator(self, device):
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def __call__(self, images, labels=None, *, targeted=False, soft_targets=None, generator=None):
+        """Adversarial images for ``images`` (B, C, H, W), same shape and dtype.
+
+        ``labels`` are the true classes (untargeted) or the targets (``targeted=True``); ``soft_targets`` are the
+        teacher logits for ``loss="kl"``. ``generator`` overrides ``seed`` for the random start.
+        """
+        self._check(images, labels, soft_targets)
+        if images.shape[0] == 0:
+            return images.clone()
+        images = images.detach()
+        soft_targets = None if soft_targets is None else soft_targets.detach()
+        generator = generator if generator is not None else self._generator(images.device)
+        lower, upper = self.bounds(images)
+        with frozen_eval(self.model):
+            if self.restarts == 1:
+                return self._attack_once(images, labels, soft_targets, targeted, lower, upper, generator)
+            return self._attack_restarts(images, labels, soft_targets, targeted, lower, upper, generator)
+
+    def _attack_restarts(self, images, labels, soft_targets, targeted, lower, upper, generator):
+        """Run the restarts as few large batches as ``max_batch`` allows; keep, per sample, the first restart that
+        breaks it (else the last one)."""
+        batch = images.shape[0]
+        per_chunk = max(1, min(self.restarts, (self.max_batch or batch * self.restarts) // batch))
+        best, broken = images.clone(), torch.zeros(batch, dtype=torch.bool, device=images.device)
+        done = 0
+        while done < self.restarts:
+            count = min(per_chunk, self.restarts - done)
+            x0 = images.repeat((count,) + (1,) * (images.dim() - 1))
+            y = None if labels is None else labels.repeat(count)
+            soft = None if soft_targets is None else soft_targets.repeat(count, 1)
+            x_adv = self._attack_once(x0, y, soft, targeted, lower, upper, generator)
+            with torch.no_grad():
+                hit = self._hit(self._logits(x_adv), y, soft, targeted).reshape(count, batch)
+            for r in range(count):
+                take = ~broken if done + r == self.restarts - 1 else hit[r] & ~broken
+                best[take] = x_adv[r * batch:(r + 1) * batch][take]
+                broken |= hit[r]
+            done += count
+        return best
+
+    def _hit(self, logits, labels, soft_targets, targeted):
+        """Which samples the attack has broken: misclassified (untargeted), at the target (targeted), or, for the
+        KL attack, predicting another class than the soft targets do."""
+        reference = labels if labels is not None else soft_targets.argmax(1)
+        pred = logits.argmax(1)
+        return pred == reference if targeted else pred != reference
+
+    def _check_labels(self, labels, classes):
+        if labels is not None and labels.numel() and (int(labels.max()) >= classes or int(labels.min()) < 0):
+            raise ValueError(f"urda_fast.attacks: labels must lie in [0, {classes}) for this {classes}-class model, "
+                             f"got [{int(labels.min())}, {int(labels.max())}]")
+
+    def _attack_once(self, x0, labels, soft_targets, targeted, lower, upper, generator):
+        x = self._random_start(x0, lower, upper, generator) if self.random_start else x0.clone()
+        idx = None  # indices still being updated under early stop; None = the whole batch
+        for step in range(self.steps):
+            x_in = (x if idx is None else x[idx]).detach().requires_grad_(True)
+            y = labels if labels is None or idx is None else labels[idx]
+            soft = soft_targets if soft_targets is None or idx is None else soft_targets[idx]
+            with torch.enable_grad():
+                logits = self._logits(x_in)
+                if step == 0:
+                    self._check_labels(labels, logits.shape[1])
+                objective = self._objective(logits, y, soft, targeted)
+                (grad,) = torch.autograd.grad(objective, x_in)
+            if not bool(torch.isfinite(objective)):
+                raise FloatingPointError(f"urda_fast.attacks: the model's loss is not finite at step {step} "
+                                         "(NaN/Inf logits?); check the model and the inputs")
+            with torch.no_grad():
+                step_size, hit = self.alpha, None
+                if self.early_stop:
+                    # Broken samples keep their current point: a zero step now, out of the batch from the next step.
+                    hit = self._hit(logits.detach(), y, soft, targeted)
+                    step_size = self.alpha * (~hit).to(torch.float32)
+                kwargs = dict(step_size=step_size, eps=self.eps, norm=self.norm, lower=lower, upper=upper)
+                if idx is None:
+                    ops.pgd_step_(x, grad, x0, **kwargs)
+                else:
+                    x[idx] = ops.pgd_step(x_in.detach(), grad, x0[idx], **kwargs)
+                if hit is not None:
+                    keep = (~hit).nonzero().squeeze(1)
+                    idx = keep if idx is None else idx[keep]
+                    if idx.numel() == 0:
+                        break
+        return x.detach()

@@ -1,0 +1,117 @@
+"""Robust accuracy: clean and attacked accuracy of a classifier over a data loader, as a table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from urda_fast.attacks.base import frozen_eval
+
+
+@dataclass
+class RobustRow:
+    attack: str
+    accuracy: float  # percent
+    correct: int
+    count: int
+    seconds: float
+    images_per_s: float
+
+
+class RobustTable:
+    """Rows of :class:`RobustRow`; printable, and writable as CSV, JSON or Markdown."""
+
+    def __init__(self, rows):
+        self.rows = list(rows)
+
+    def __getitem__(self, attack: str) -> RobustRow:
+        for row in self.rows:
+            if row.attack == attack:
+                return row
+        raise KeyError(attack)
+
+    def to_markdown(self) -> str:
+        lines = ["| attack | accuracy (%) | correct / count | seconds | images/s |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r.attack} | {r.accuracy:.2f} | {r.correct} / {r.count} | {r.seconds:.2f} | "
+                  f"{r.images_per_s:.1f} |" for r in self.rows]
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.to_markdown()
+
+    def save(self, path: str) -> None:
+        """Write the table; the format follows the extension (.csv, .json or .md). Written atomically."""
+        ext = os.path.splitext(path)[1].lower()
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", newline="") as f:
+            if ext == ".csv":
+                writer = csv.DictWriter(f, fieldnames=list(asdict(self.rows[0]))) if self.rows else None
+                if writer:
+                    writer.writeheader()
+                    writer.writerows(asdict(r) for r in self.rows)
+            elif ext == ".json":
+                json.dump({"rows": [asdict(r) for r in self.rows]}, f, indent=2)
+            elif ext == ".md":
+                f.write(self.to_markdown() + "\n")
+            else:
+                raise ValueError(f"urda_fast: unknown table format {ext!r}; use .csv, .json or .md")
+        os.replace(tmp, path)
+
+
+def robust_accuracy(model, loader, attacks, *, device=None, max_batches=None, progress=True, save=()):
+    """Accuracy of ``model`` on ``loader``'s (images, labels) batches, clean and under each attack.
+
+    Args:
+        model: images -> logits (evaluated in eval mode; its modes are restored afterwards).
+        loader: iterable of (images, labels).
+        attacks: ``{"clean": None, "PGD-20": PGD(model, ...), ...}``; ``None`` means the clean images.
+        device: where to run (default: the model's device).
+        max_batches: stop after this many batches.
+        save: paths to write the table to (.csv/.json/.md).
+
+    Returns:
+        a :class:`RobustTable`, one row per attack, in the order given.
+    """
+    if not attacks:
+        raise ValueError("urda_fast: give at least one attack, e.g. {'clean': None}")
+    device = device or next(model.parameters()).device
+    correct = {name: 0 for name in attacks}
+    seconds = {name: 0.0 for name in attacks}
+    count = 0
+    bar = tqdm(loader, desc="robust accuracy", disable=not progress, total=_length(loader, max_batches))
+    for batch_index, (images, labels) in enumerate(bar):
+        if max_batches is not None and batch_index >= max_batches:
+            break
+        images, labels = images.to(device), labels.to(device)
+        for name, attack in attacks.items():
+            start = time.perf_counter()
+            inputs = images if attack is None else attack(images, labels)
+            with torch.no_grad(), frozen_eval(model):
+                logits = model(inputs)
+                logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+                correct[name] += int((logits.argmax(1) == labels).sum())
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds[name] += time.perf_counter() - start
+        count += labels.shape[0]
+        bar.set_postfix({name: f"{100 * correct[name] / count:.1f}" for name in attacks})
+    rows = [RobustRow(name, 100.0 * correct[name] / max(count, 1), correct[name], count, seconds[name],
+                      count / seconds[name] if seconds[name] else 0.0) for name in attacks]
+    table = RobustTable(rows)
+    for path in save:
+        table.save(path)
+    return table
+
+
+def _length(loader, max_batches):
+    try:
+        n = len(loader)
+    except TypeError:
+        return max_batches
+    return n if max_batches is None else min(n, max_batches)

@@ -145,7 +145,8 @@ def triton_ops(module: str, register):
     up front (needed before a first Triton call inside ``torch.compile``)."""
     if module not in _TRITON_READY:
         importlib.import_module(f"urda_fast.kernels.{module}")
-        register("_triton", fake=False)
+        # Under the interpreter the Triton ops are opaque custom ops (see kernels/_registry.py) and need our fakes.
+        register("_triton", fake=triton_interpreting())
         _TRITON_READY.add(module)
     return torch.ops.urda_fast
 

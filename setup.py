@@ -109,7 +109,7 @@ def extensions():
         modules.append(
             CUDAExtension(
                 "urda_fast._C_cuda",
-                sorted(glob.glob("csrc/cuda/*.cu")),
+                sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")),
                 include_dirs=[os.path.join(ROOT, "csrc")] + pip_cuda_include_dirs(),
                 extra_compile_args={
                     "cxx": opt + ["-std=c++20"],

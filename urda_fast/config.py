@@ -1,0 +1,83 @@
+"""Configs are dataclasses holding the papers' defaults; a YAML file and command-line flags override them.
+
+    cfg = load_config(RobustifyConfig, yaml_path="my.yaml", overrides={"lr": 0.01})
+    add_dataclass_flags(parser, RobustifyConfig)        # --lr, --kl-weight, ... (one flag per field)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+
+
+def _field_types(cls):
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value, annotation, name):
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if value is None:
+        return None
+    if origin is typing.Union or (origin is not None and type(None) in typing.get_args(annotation)):
+        return _coerce(value, args[0], name) if args else value
+    if annotation is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"config: {name} must be true/false, got {value!r}")
+        return bool(value)
+    if annotation in (int, float, str):
+        try:
+            return annotation(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"config: {name} must be {annotation.__name__}, got {value!r}") from err
+    return value
+
+
+def load_config(cls, yaml_path: str | None = None, overrides: dict | None = None):
+    """An instance of dataclass ``cls``: its defaults, then the YAML file's keys, then ``overrides`` (None = unset).
+    Unknown keys are an error that lists the valid ones."""
+    values = {}
+    if yaml_path:
+        if not os.path.isfile(yaml_path):
+            raise FileNotFoundError(f"config: {yaml_path!r} does not exist")
+        import yaml
+
+        with open(yaml_path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config: {yaml_path!r} must hold a mapping of option: value")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    types = _field_types(cls)
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ValueError(f"config: unknown option(s) {unknown} for {cls.__name__}; valid: {sorted(types)}")
+    return cls(**{k: _coerce(v, types[k], k) for k, v in values.items()})
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    """One ``--flag-name`` per field of ``cls`` (default None, so unset flags do not override the YAML file)."""
+    types = _field_types(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        annotation = types[field.name]
+        default = field.default if field.default is not dataclasses.MISSING else None
+        kind = str if annotation is bool else (typing.get_args(annotation) or (annotation,))[0]
+        kind = kind if kind in (int, float, str) else str
+        if annotation is bool:  # `--vat` alone means true; `--vat false` also works
+            parser.add_argument(flag, type=str, nargs="?", const="true", default=None, dest=field.name,
+                                help=f"true/false (default: {default})")
+        else:
+            parser.add_argument(flag, type=kind, default=None, dest=field.name, help=f"(default: {default})")
+
+
+def flags_to_overrides(args: argparse.Namespace, cls) -> dict:
+    return {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}

@@ -1,0 +1,58 @@
+"""Backbone registry: name -> nn.Module with ``out_features``. Weights only from local files, never downloaded."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+
+class DigitsCNN(nn.Module):
+    """A LeNet/DTN-size CNN for small grey digits (16x16 or 28x28 or 32x32): 3 conv blocks -> 128-d features."""
+
+    def __init__(self, in_channels: int = 1, width: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        )
+        self.out_features = 2 * width * 4
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _torchvision_resnet(name: str, weights: str | None):
+    import torchvision
+
+    model = getattr(torchvision.models, name)(weights=None)
+    if weights:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"urda_fast: backbone weights {weights!r} not found; pass a local .pth file of "
+                                    f"torchvision's {name} (nothing is downloaded), or no weights for random init")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if len([k for k in missing if not k.startswith("fc.")]) or unexpected:
+            raise ValueError(f"urda_fast: {weights!r} is not a {name} checkpoint (missing {missing[:3]}..., "
+                             f"unexpected {unexpected[:3]}...)")
+    out_features = model.fc.in_features
+    model.fc = nn.Identity()
+    model.out_features = out_features
+    return model
+
+
+BACKBONES = {
+    "digits_cnn": lambda weights=None, **kw: DigitsCNN(**kw),
+    "resnet18": lambda weights=None, **kw: _torchvision_resnet("resnet18", weights),
+    "resnet50": lambda weights=None, **kw: _torchvision_resnet("resnet50", weights),
+}
+
+
+def create_backbone(name: str, weights: str | None = None, **kwargs) -> nn.Module:
+    if name not in BACKBONES:
+        raise ValueError(f"urda_fast: unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[name](weights=weights, **kwargs)

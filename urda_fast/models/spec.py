@@ -1,0 +1,31 @@
+"""What a checkpoint needs to rebuild its model: a small dataclass saved beside the weights."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .backbones import create_backbone
+from .classifier import ImageClassifier
+
+
+@dataclass
+class ModelSpec:
+    backbone: str = "digits_cnn"
+    num_classes: int = 10
+    bottleneck_dim: int = 256
+    mean: tuple = (0.5,)
+    std: tuple = (0.5,)
+    backbone_weights: str | None = None  # a local file; only used when building a fresh model
+
+    def build(self, with_weights: bool = True) -> ImageClassifier:
+        backbone = create_backbone(self.backbone, weights=self.backbone_weights if with_weights else None)
+        return ImageClassifier(backbone, self.num_classes, bottleneck_dim=self.bottleneck_dim, mean=self.mean,
+                               std=self.std)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**{k: tuple(v) if k in ("mean", "std") else v for k, v in known.items()})

@@ -208,3 +208,28 @@ def test_robust_accuracy_table(digits, tmp_path):
     assert saved["rows"][2]["attack"] == "PGD-10"
     assert (tmp_path / "table.csv").read_text().startswith("attack,accuracy")
     assert "| PGD-10 |" in (tmp_path / "table.md").read_text()
+
+
+def test_pgd_matches_torchattacks(digits):
+    """Same adversarial examples as torchattacks' PGD (no random start) for the same settings."""
+    torchattacks = pytest.importorskip("torchattacks")
+    model, x, y = digits
+    theirs = torchattacks.PGD(model, eps=EPS, alpha=EPS / 4, steps=5, random_start=False)(x, y)
+    ours = PGD(model, eps=EPS, alpha=EPS / 4, steps=5, random_start=False)(x, y)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_autoattack_adapter_runs_or_says_how_to_install(digits, monkeypatch):
+    from urda_fast.attacks import AutoAttack, autoattack
+
+    model, x, y = digits
+    if autoattack.autoattack_backend() is None:
+        with pytest.raises(ImportError, match="pip install"):
+            AutoAttack(model, eps=EPS)
+        return
+    adv = AutoAttack(model, eps=EPS, num_classes=10)(x[:16], y[:16])
+    assert float((adv - x[:16]).abs().max()) <= EPS + 1e-6
+    assert accuracy(model, adv, y[:16]) <= accuracy(model, x[:16], y[:16])
+    monkeypatch.setattr(autoattack, "autoattack_backend", lambda: None)
+    with pytest.raises(ImportError, match="pip install"):
+        AutoAttack(model, eps=EPS)

@@ -1,0 +1,58 @@
+"""AutoAttack's standard suite through whichever implementation is installed.
+
+'Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free attacks', Croce & Hein,
+ICML 2020 (https://arxiv.org/abs/2003.01690). Prefers the authors' package (``autoattack``, installed from
+github.com/fra31/auto-attack), else torchattacks' port; urda_fast does not reimplement it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from .base import frozen_eval
+
+INSTALL_HINT = ("AutoAttack is not installed: `pip install git+https://github.com/fra31/auto-attack` (the authors' "
+                "package) or `pip install torchattacks` (a port), then try again")
+
+
+def autoattack_backend() -> str | None:
+    if importlib.util.find_spec("autoattack") is not None:
+        return "autoattack"
+    if importlib.util.find_spec("torchattacks") is not None:
+        return "torchattacks"
+    return None
+
+
+class AutoAttack:
+    """Callable like the other attacks: ``AutoAttack(model, eps=8/255)(images, labels)`` -> adversarial images.
+
+    Arguments:
+        model: images in [0, 1] -> logits. eps: budget. norm: "Linf" or "L2". version: "standard" (the suite behind
+        the RobustBench leaderboard). num_classes: needed by torchattacks' port. seed: random seed.
+    """
+
+    def __init__(self, model, eps=8 / 255, norm="Linf", version="standard", num_classes=10, seed=0):
+        backend = autoattack_backend()
+        if backend is None:
+            raise ImportError(INSTALL_HINT)
+        if norm not in ("Linf", "L2"):
+            raise ValueError(f"urda_fast.attacks: AutoAttack norm must be 'Linf' or 'L2', got {norm!r}")
+        self.model, self.eps, self.norm, self.version, self.backend = model, eps, norm, version, backend
+        if backend == "autoattack":
+            from autoattack import AutoAttack as _Official
+
+            self._attack = _Official(model, norm=norm, eps=eps, version=version, seed=seed, verbose=False)
+        else:
+            import torchattacks
+
+            self._attack = torchattacks.AutoAttack(model, norm=norm, eps=eps, version=version, n_classes=num_classes,
+                                                   seed=seed)
+
+    def __repr__(self):
+        return f"AutoAttack(eps={self.eps}, norm={self.norm!r}, version={self.version!r}, backend={self.backend!r})"
+
+    def __call__(self, images, labels):
+        with frozen_eval(self.model):
+            if self.backend == "autoattack":
+                return self._attack.run_standard_evaluation(images, labels, bs=images.shape[0])
+            return self._attack(images, labels)

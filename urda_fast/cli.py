@@ -2,6 +2,7 @@
 
     urda-fast info [--json]          versions and the backends usable here
     urda-fast demo [--size small]    run every fused op on every backend against the reference, with timings
+    urda-fast dart demo|pretrain|robustify|eval ...   robust domain adaptation (see `urda-fast dart -h`)
 """
 
 from __future__ import annotations
@@ -112,6 +113,73 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _dart_config(args, cls):
+    from urda_fast.config import flags_to_overrides, load_config
+
+    return load_config(cls, args.config, flags_to_overrides(args, cls))
+
+
+def cmd_dart(args) -> int:
+    from urda_fast import dart
+
+    if args.dart_command == "demo":
+        dart.demo(args.out, scale=args.scale, device=args.device)
+    elif args.dart_command == "pretrain":
+        cfg = _dart_config(args, dart.PretrainConfig)
+        print(json.dumps(dart.pretrain(cfg)["best"]))
+    elif args.dart_command == "robustify":
+        cfg = _dart_config(args, dart.RobustifyConfig)
+        print(json.dumps(dart.robustify(cfg)["best"]))
+    else:
+        data_cfg = None if args.data is None else dart.RunConfig(data=args.data, root=args.root, source=args.source,
+                                                                 target=args.target)
+        report = dart.evaluate_runs(args.runs, attacks=tuple(args.attacks.split(",")),
+                                    eps=tuple(_parse_fraction(e) for e in args.eps.split(",")), data_cfg=data_cfg,
+                                    out=args.out, device=args.device)
+        from urda_fast.dart.report import to_markdown
+
+        print(to_markdown(report))
+    return 0
+
+
+def _parse_fraction(text: str) -> float:
+    """'8/255' or '0.1' -> float."""
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return float(text)
+
+
+def _add_dart(sub) -> None:
+    from urda_fast.config import add_dataclass_flags
+    from urda_fast.dart.config import PretrainConfig, RobustifyConfig
+
+    dart = sub.add_parser("dart", help="DART: robust unsupervised domain adaptation")
+    dart.set_defaults(run=cmd_dart)
+    commands = dart.add_subparsers(dest="dart_command", required=True)
+    demo = commands.add_parser("demo", help="source-only, DANN, DANN+VAT and DART on the embedded digits")
+    demo.add_argument("--out", default="runs/dart-demo")
+    demo.add_argument("--scale", type=float, default=1.0, help="multiply every iteration count (quick tries)")
+    demo.add_argument("--device", default="auto")
+    for name, cls, text in (("pretrain", PretrainConfig, "step 1: a UDA model (--vat: the UDA+VAT baseline)"),
+                            ("robustify", RobustifyConfig, "step 2: DART post-training from --teacher")):
+        cmd = commands.add_parser(name, help=text)
+        cmd.add_argument("--config", help="YAML file of options (flags override it)")
+        add_dataclass_flags(cmd, cls)
+        cmd.add_argument("-s", dest="source", help="source domain (short for --source)")
+        cmd.add_argument("-t", dest="target", help="target domain (short for --target)")
+    ev = commands.add_parser("eval", help="clean / FGSM / PGD target accuracy of runs, as report.md/json/png")
+    ev.add_argument("runs", nargs="+", help="run folders (their best.pt) or checkpoint files")
+    ev.add_argument("--attacks", default="clean,fgsm,pgd20")
+    ev.add_argument("--eps", default="8/255", help="comma-separated budgets, e.g. 8/255,0.1")
+    ev.add_argument("--data", default=None, help="default: the data the first run was trained on")
+    ev.add_argument("--root", default="")
+    ev.add_argument("--source", default="")
+    ev.add_argument("--target", default="")
+    ev.add_argument("--out", default=None, help="folder for report.md/json/png")
+    ev.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="urda-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", choices=("small", "large"), default="small")
     demo.add_argument("--repeats", type=int, default=5)
     demo.set_defaults(run=cmd_demo)
+    _add_dart(sub)
     return parser
 
 

@@ -4,7 +4,7 @@ and bit-for-bit resume.
 A *task* supplies what differs between methods:
 
     task.modules() -> dict[str, nn.Module]        # everything whose state a checkpoint must hold
-    task.streams() -> dict[str, BatchStream]      # resumable data streams
+    task.streams() -> dict[str, stream]           # resumable data streams (state_dict / load_state_dict)
     task.training_step() -> dict[str, Tensor]     # draws its batches, returns {"loss": ..., other metrics}
     task.evaluate() -> dict[str, float]           # e.g. {"clean_acc": 91.3}
 """

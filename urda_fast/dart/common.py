@@ -1,0 +1,84 @@
+"""Pieces both DART steps use: device choice, the tllib optimizer and schedule, accuracy, checkpoints, the loop."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import DataLoader
+
+from urda_fast.models import ModelSpec
+from urda_fast.profiling import enable_nvtx
+from urda_fast.train import LoopSettings, fit
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"dart: device {name!r} asked for, but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def sgd(param_groups, cfg) -> torch.optim.Optimizer:
+    """tllib's optimizer: SGD, momentum 0.9, nesterov, weight decay 1e-3."""
+    return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=True)
+
+
+def lr_schedule(optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr * (1 + gamma * it) ** -decay, per parameter group (the backbone group keeps its 0.1x)."""
+    gamma, decay = cfg.lr_gamma, cfg.lr_decay
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 + gamma * it) ** -decay)
+
+
+@torch.no_grad()
+def accuracy(model, dataset, device, batch_size: int = 256) -> float:
+    """Top-1 accuracy (percent) of ``model`` on a labelled dataset, in eval mode (mode restored after)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for images, labels in DataLoader(dataset, batch_size=batch_size):
+        images, labels = images.to(device), labels.to(device)
+        correct += int((model(images).argmax(1) == labels).sum())
+        total += labels.shape[0]
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+def load_checkpoint_model(path: str, device_name: str = "auto"):
+    """(model in eval mode, spec, device) from a `dart pretrain` / `dart robustify` checkpoint."""
+    if not path:
+        raise ValueError("dart: give the checkpoint to start from (e.g. --teacher runs/a2w/best.pt)")
+    if os.path.isdir(path):
+        path = os.path.join(path, "best.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dart: checkpoint {path!r} not found; run `urda-fast dart pretrain` first")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "spec" not in state or "modules" not in state:
+        raise ValueError(f"dart: {path!r} is not a urda_fast DART checkpoint (no model spec inside)")
+    spec = ModelSpec.from_dict(state["spec"])
+    device = pick_device(device_name)
+    model = spec.build(with_weights=False)
+    try:
+        if state.get("kind") == "dart":
+            weights = state["modules"]["student"]
+        else:  # a UDA method's state: the classifier lives under "model." beside the method's own modules
+            weights = {k[len("model."):]: v for k, v in state["modules"]["method"].items() if k.startswith("model.")}
+        model.load_state_dict(weights)
+    except (KeyError, RuntimeError) as err:
+        raise ValueError(f"dart: {path!r} does not hold weights for this model spec ({err})") from err
+    return model.to(device).eval(), spec, device
+
+
+def load_teacher(path: str, device_name: str):
+    return load_checkpoint_model(path, device_name)
+
+
+def run_loop(task, optimizer, scheduler, cfg, device, extra):
+    enable_nvtx(cfg.nvtx)
+    settings = LoopSettings(iterations=cfg.iterations, out_dir=cfg.out, eval_every=cfg.eval_every,
+                            resume=cfg.resume, amp=cfg.amp, progress=cfg.progress,
+                            stop_after=cfg.stop_after or None)
+    return fit(task, optimizer, scheduler, settings, device=device, extra=extra)

@@ -1,0 +1,61 @@
+"""The data of a DART task: labelled source, unlabelled target (train), labelled target (test), and the resumable
+training streams over them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.utils.data import Dataset, TensorDataset
+
+from urda_fast.data import DATASETS, ForeverDataIterator, default_transforms, make_loader, open_domain
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# --data names on the command line -> the registry's benchmark names
+DATA_NAMES = {"office31": "Office31", "officehome": "OfficeHome", "visda": "VisDA2017", "visda2017": "VisDA2017",
+              "digits-files": "Digits"}
+
+
+@dataclass
+class TaskData:
+    source_train: Dataset
+    target_train: Dataset
+    target_test: Dataset
+    num_classes: int
+    mean: tuple
+    std: tuple
+    description: str
+
+
+def task_data(cfg) -> TaskData:
+    """The embedded printed->handwritten digits (``cfg.data == "digits"``), or a real benchmark from ``cfg.root``."""
+    if cfg.data == "digits":
+        from urda_fast.data.digits import load_digits_shift
+
+        shift = load_digits_shift(seed=0)
+        return TaskData(shift.source_train, shift.target_train, shift.target_test, shift.num_classes, (0.5,), (0.5,),
+                        shift.describe())
+    if cfg.data not in DATA_NAMES:
+        raise ValueError(f"dart: unknown --data {cfg.data!r}; choose digits (embedded) or {', '.join(DATA_NAMES)}")
+    name = DATA_NAMES[cfg.data]
+    if not cfg.root:
+        raise ValueError(f"dart: --data {cfg.data} needs --root, the folder that holds the dataset")
+    if not cfg.source or not cfg.target:
+        raise ValueError(f"dart: --data {cfg.data} needs -s/--source and -t/--target, from "
+                         f"{', '.join(DATASETS[name].lists)}")
+    train_tf, test_tf = default_transforms(name)
+    source = open_domain(name, cfg.root, cfg.source, "train", train_tf)
+    target = open_domain(name, cfg.root, cfg.target, "train", train_tf)
+    test = open_domain(name, cfg.root, cfg.target, "test", test_tf)
+    mean, std = ((0.5,), (0.5,)) if DATASETS[name].mode == "L" else (IMAGENET_MEAN, IMAGENET_STD)
+    return TaskData(source, target, test, DATASETS[name].num_classes, mean, std,
+                    f"{name}: {cfg.source} -> {cfg.target} from {cfg.root}")
+
+
+def train_stream(dataset: Dataset, batch_size: int, seed: int, device, num_workers: int = 0) -> ForeverDataIterator:
+    """Endless shuffled batches whose order and augmentation depend on ``seed`` only, resumable mid-epoch."""
+    if len(dataset) < batch_size:
+        raise ValueError(f"dart: a dataset of {len(dataset)} samples cannot fill a batch of {batch_size}")
+    # In-memory tensors have no random transforms: skip the per-sample reseeding.
+    loader = make_loader(dataset, batch_size, train=True, seed=seed, num_workers=num_workers,
+                         reseed_transforms=not isinstance(dataset, TensorDataset))
+    return ForeverDataIterator(loader, device=device)

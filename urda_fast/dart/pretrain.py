@@ -1,0 +1,88 @@
+"""DART step 1: train a UDA model (source-only, DANN, CDAN, MDD), optionally as the UDA+VAT baseline.
+
+UDA+VAT replaces each labelled source batch by PGD adversarial examples made against the current model (``vat``), and
+optionally adds adversarial, confidently pseudo-labelled target batches with a cross-entropy term (``vat_target``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from urda_fast.attacks import PGD
+from urda_fast.models import ModelSpec
+from urda_fast.profiling import nvtx_range
+
+from .common import accuracy, lr_schedule, pick_device, run_loop, sgd
+from .config import PretrainConfig
+from .data import task_data, train_stream
+
+
+class UdaTask:
+    """One UDA step per call on a source and a target batch; with VAT, on adversarial versions of them."""
+
+    def __init__(self, cfg: PretrainConfig, method, source_stream, target_stream, evaluate_fn):
+        self.cfg, self.method, self.source, self.target, self.evaluate_fn = cfg, method, source_stream, \
+            target_stream, evaluate_fn
+        self.name = f"{method.name}{'+vat' if cfg.vat else ''}"
+        self.attack = PGD(method.model, eps=cfg.vat_eps, alpha=cfg.vat_alpha, steps=cfg.vat_steps) if cfg.vat else None
+
+    def modules(self):
+        return {"method": self.method}
+
+    def streams(self):
+        return {"source": self.source, "target": self.target}
+
+    def training_step(self):
+        x_s, y_s = next(self.source)
+        x_t = next(self.target)[0]  # target labels are never used for training
+        if self.cfg.channels_last:
+            x_s, x_t = (x.contiguous(memory_format=torch.channels_last) for x in (x_s, x_t))
+        extra = {}
+        if self.attack is not None:
+            with nvtx_range("attack"):
+                x_s = self.attack(x_s, y_s)
+                if self.cfg.vat_target:
+                    with torch.no_grad():
+                        self.method.model.eval()
+                        probs = torch.softmax(self.method.model(x_t).float(), dim=1)
+                        self.method.model.train()
+                    confidence, pseudo = probs.max(1)
+                    x_t = self.attack(x_t, pseudo)
+                    extra["keep"] = confidence >= self.cfg.vat_threshold
+                    extra["pseudo"] = pseudo
+        self.method.train()
+        with nvtx_range("uda step"):
+            out = self.method.training_step(x_s, y_s, x_t)
+        if "keep" in extra:
+            keep = extra["keep"]
+            logits_t = self.method.model(x_t[keep]) if bool(keep.any()) else None
+            pseudo_loss = F.cross_entropy(logits_t, extra["pseudo"][keep]) if logits_t is not None else \
+                out["loss"].new_zeros(())
+            out = dict(out, loss=out["loss"] + pseudo_loss, pseudo_loss=pseudo_loss.detach(),
+                       pseudo_kept=keep.float().mean())
+        return out
+
+    def evaluate(self):
+        return self.evaluate_fn(self.method.model)
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Train the step-1 model; writes best.pt / last.pt / log.csv under ``cfg.out``."""
+    from urda_fast.uda import create_method
+
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    data = task_data(cfg)
+    spec = ModelSpec(backbone=cfg.arch, num_classes=data.num_classes, bottleneck_dim=cfg.bottleneck_dim,
+                     mean=data.mean, std=data.std, backbone_weights=cfg.backbone_weights or None)
+    model = spec.build()
+    method = create_method(cfg.method, model, trade_off=cfg.trade_off).to(device)
+    if cfg.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    source = train_stream(data.source_train, cfg.batch_size, cfg.seed, device)
+    target = train_stream(data.target_train, cfg.batch_size, cfg.seed + 1, device)
+    task = UdaTask(cfg, method, source, target, lambda m: {"clean_acc": accuracy(m, data.target_test, device)})
+    optimizer = sgd(method.param_groups(cfg.lr), cfg)
+    return run_loop(task, optimizer, lr_schedule(optimizer, cfg), cfg, device,
+                    extra={"spec": spec.to_dict(), "kind": "uda", "config": vars(cfg)})

@@ -1,0 +1,130 @@
+"""`dart eval`: clean / FGSM / PGD target accuracy of several runs, as report.md, report.json and report.png."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch.utils.data import DataLoader
+
+from urda_fast.attacks import FGSM, PGD
+from urda_fast.evaluate import robust_accuracy
+
+from .common import load_checkpoint_model
+from .config import RunConfig
+from .data import task_data
+
+ATTACKS = ("clean", "fgsm", "pgd10", "pgd20")
+
+
+def method_label(checkpoint_path: str) -> str:
+    """'source-only' | 'uda' | 'uda+vat' | 'dart', read from the run's checkpoint."""
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    config = state.get("config", {})
+    if state.get("kind") == "dart":
+        return "dart"
+    if config.get("method") == "source-only":
+        return "source-only"
+    return "uda+vat" if config.get("vat") else "uda"
+
+
+def make_attacks(model, names, eps: float, seed: int = 0):
+    table = {}
+    for name in names:
+        if name == "clean":
+            table[name] = None
+        elif name == "fgsm":
+            table[name] = FGSM(model, eps=eps)
+        elif name.startswith("pgd") and name[3:].isdigit():
+            table[name] = PGD(model, eps=eps, alpha=eps / 4, steps=int(name[3:]), seed=seed)
+        else:
+            raise ValueError(f"dart eval: unknown attack {name!r}; choose from clean, fgsm, pgdK (e.g. pgd20)")
+    return table
+
+
+def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), data_cfg: RunConfig | None = None,
+                  out: str | None = None, device: str = "auto", max_batches: int | None = None,
+                  progress: bool = True, labels: dict | None = None) -> dict:
+    """Evaluate each run directory (its best.pt) on the target test split under each attack and budget.
+
+    Returns ``{"rows": [{"method", "run", "clean", "fgsm", "pgd", ...}], "eps": [...], "data": ...}`` with accuracies
+    in percent (``data_cfg`` defaults to the data of the first run); the first budget's figures are under plain keys ("fgsm", "pgd" = the strongest PGD), every budget's
+    under keys like "pgd20@0.0314". Writes report.md/.json/.png into ``out`` when given.
+    """
+    if data_cfg is None:  # the data the first run was trained on
+        first = os.path.join(runs[0], "best.pt") if os.path.isdir(runs[0]) else runs[0]
+        saved = torch.load(first, map_location="cpu", weights_only=False).get("config", {}) if os.path.isfile(first) \
+            else {}
+        data_cfg = RunConfig(**{k: saved[k] for k in ("data", "root", "source", "target") if k in saved})
+    data = task_data(data_cfg)
+    loader = DataLoader(data.target_test, batch_size=256)
+    rows = []
+    for run in runs:
+        path = os.path.join(run, "best.pt") if os.path.isdir(run) else run
+        model, _, dev = load_checkpoint_model(path, device)
+        row = {"method": (labels or {}).get(run) or method_label(path), "run": run}
+        for budget_index, budget in enumerate(eps):
+            table = robust_accuracy(model, [(x.to(dev), y.to(dev)) for x, y in loader],
+                                    make_attacks(model, attacks, budget), max_batches=max_batches, progress=progress)
+            for name in attacks:
+                if name == "clean" and budget_index > 0:
+                    continue
+                value = round(table[name].accuracy, 2)
+                row[name if name == "clean" else f"{name}@{budget:.4g}"] = value
+                if budget_index == 0 and name != "clean":
+                    row[name] = value
+        pgd_names = [a for a in attacks if a.startswith("pgd")]
+        if pgd_names:
+            row["pgd"] = row[max(pgd_names, key=lambda a: int(a[3:]))]
+        rows.append(row)
+    report = {"rows": rows, "eps": list(eps), "attacks": list(attacks), "data": data.description}
+    if out:
+        write_report(report, out)
+    return report
+
+
+def to_markdown(report: dict) -> str:
+    keys = [k for k in report["rows"][0] if k not in ("method", "run")] if report["rows"] else []
+    lines = [f"Target-domain accuracy (%) on {report['data']}", "",
+             "| method | " + " | ".join(keys) + " | run |", "|---|" + "---:|" * len(keys) + "---|"]
+    for row in report["rows"]:
+        lines.append(f"| {row['method']} | " + " | ".join(f"{row[k]:.2f}" for k in keys) + f" | {row['run']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    for name, text in (("report.md", to_markdown(report)), ("report.json", json.dumps(report, indent=2))):
+        tmp = os.path.join(out, name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(out, name))
+    plot_report(report, os.path.join(out, "report.png"))
+
+
+def plot_report(report: dict, path: str) -> None:
+    """Grouped bars: clean / FGSM / PGD target accuracy per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("clean", "fgsm", "pgd") if report["rows"] and k in report["rows"][0]]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(report["rows"]), 3.6))
+    width = 0.8 / max(len(keys), 1)
+    for i, key in enumerate(keys):
+        xs = [j + i * width for j in range(len(report["rows"]))]
+        bars = ax.bar(xs, [row[key] for row in report["rows"]], width, label=key.upper() if key != "clean" else key)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(report["rows"]))],
+                  [row["method"] for row in report["rows"]])
+    ax.set_ylabel("target accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"eps = {report['eps'][0]:.4g}", fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

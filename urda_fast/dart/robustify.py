@@ -1,0 +1,150 @@
+r"""DART step 2: robustification by disentangled distillation (teacher frozen, attack on the student).
+
+Per target batch x (no labels), with the frozen UDA teacher T and the student S:
+
+.. math::
+    w_i = 1 - H(\mathrm{softmax}(z^T_i)) / \log C, \qquad \hat y = \arg\max z^T, \qquad
+    x^{adv} = \text{I-FGSM}_S(x, \hat y)
+
+    L = \lambda\,\overline{w\,KL_{\tau_1}(z^T \| z^S(x^{adv}))} + \lambda\,\overline{w\,KL_{\tau_2}(z^T \| z^S(x))}
+        + \mathrm{MSE}(f^S(x), f^T(x))
+
+The KL terms and the feature MSE run through the fused ops; the attack through the fused PGD step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from urda_fast import ops
+from urda_fast.attacks import PGD
+from urda_fast.models import ModelSpec
+from urda_fast.profiling import nvtx_range
+from urda_fast.split_bn import split_batchnorm
+
+from .common import accuracy, load_teacher, lr_schedule, run_loop, sgd
+from .config import RobustifyConfig
+from .data import task_data, train_stream
+
+
+def confidence_weights(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """w_i = 1 - H(p_i) / log C: 1 for a one-hot teacher, 0 for a uniform one."""
+    log_p = torch.log_softmax(teacher_logits.float(), dim=1)
+    entropy = -(log_p.exp() * log_p).sum(1)
+    return 1.0 - entropy / math.log(teacher_logits.shape[1])
+
+
+def dart_loss(student_adv_logits, student_logits, student_features, teacher_logits, teacher_features, cfg):
+    """The three DART terms; returns (total, {"robust_loss", "transfer_loss", "feature_loss"})."""
+    weight = confidence_weights(teacher_logits)
+    if cfg.weighting == "per-sample":
+        robust = ops.kd_kl_loss(student_adv_logits, teacher_logits, temperature=cfg.tau_robust, weight=weight)
+        transfer = ops.kd_kl_loss(student_logits, teacher_logits, temperature=cfg.tau_transfer, weight=weight)
+    elif cfg.weighting == "code":
+        total_weight = weight.sum()
+        robust = ops.kd_kl_loss(student_adv_logits, teacher_logits, temperature=cfg.tau_robust) * total_weight
+        transfer = ops.kd_kl_loss(student_logits, teacher_logits, temperature=cfg.tau_transfer) * total_weight
+    else:
+        raise ValueError(f"dart: weighting must be 'per-sample' or 'code', got {cfg.weighting!r}")
+    feature = ops.feature_mse_loss(student_features, teacher_features)
+    total = cfg.kl_weight * (robust + transfer) + cfg.feature_weight * feature
+    return total, {"robust_loss": robust.detach(), "transfer_loss": transfer.detach(), "feature_loss": feature.detach()}
+
+
+class FromNormalized(torch.nn.Module):
+    """``model`` seen as a function of normalised images (undoes its own first normalisation)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z):
+        return self.model(z * self.model.normalize.std + self.model.normalize.mean)
+
+
+class DartTask:
+    """One DART step per call: teacher forward (no graph), attack on the student, student forward, loss."""
+
+    name = "dart"
+
+    def __init__(self, cfg: RobustifyConfig, teacher, student, target_stream, evaluate_fn, mean, std):
+        self.cfg, self.teacher, self.student, self.stream, self.evaluate_fn = cfg, teacher, student, target_stream, \
+            evaluate_fn
+        self.teacher.eval().requires_grad_(False)
+        if cfg.attack_space == "normalized":
+            # The authors' code attacks normalised images (eps in normalised units): attack a view of the student
+            # that takes normalised input.
+            self.attack = PGD(FromNormalized(student), eps=cfg.attack_eps, alpha=cfg.attack_alpha,
+                              steps=cfg.attack_steps, random_start=cfg.attack_random_start, space="normalized",
+                              mean=mean, std=std)
+        else:
+            self.attack = PGD(student, eps=cfg.attack_eps, alpha=cfg.attack_alpha, steps=cfg.attack_steps,
+                              random_start=cfg.attack_random_start)
+
+    def modules(self):
+        return {"student": self.student}
+
+    def streams(self):
+        return {"target": self.stream}
+
+    def training_step(self):
+        x = next(self.stream)[0]
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with nvtx_range("teacher"), torch.no_grad():
+            teacher_logits, teacher_features = self.teacher(x, return_features=True)
+        with nvtx_range("attack"):
+            pseudo_labels = teacher_logits.argmax(1)
+            if self.cfg.attack_space == "normalized":
+                norm = self.student.normalize
+                x_adv = self.attack(norm(x), pseudo_labels) * norm.std + norm.mean
+            else:
+                x_adv = self.attack(x, pseudo_labels)
+        self.student.train()
+        with nvtx_range("student"):
+            if self.cfg.forward == "split-bn":
+                with split_batchnorm(self.student, [x.shape[0], x.shape[0]]):
+                    logits, features = self.student(torch.cat([x, x_adv]), return_features=True)
+                clean_logits, adv_logits = logits.split(x.shape[0])
+                clean_features = features[: x.shape[0]]
+            else:
+                clean_logits, clean_features = self.student(x, return_features=True)
+                adv_logits = self.student(x_adv)
+        total, parts = dart_loss(adv_logits, clean_logits, clean_features, teacher_logits, teacher_features, self.cfg)
+        return {"loss": total, **parts}
+
+    def evaluate(self):
+        return self.evaluate_fn(self.student)
+
+
+def build_student(cfg: RobustifyConfig, teacher, spec: ModelSpec):
+    if cfg.student_init == "teacher":
+        return copy.deepcopy(teacher)
+    if cfg.student_init == "backbone":
+        fresh = ModelSpec(**{**spec.to_dict(), "backbone_weights": cfg.backbone_weights or None})
+        return fresh.build()
+    raise ValueError(f"dart: student_init must be 'teacher' or 'backbone', got {cfg.student_init!r}")
+
+
+def robustify(cfg: RobustifyConfig) -> dict:
+    """Run DART step 2 from ``cfg.teacher``; writes best.pt / last.pt / log.csv under ``cfg.out``."""
+    if cfg.forward not in ("split-bn", "separate"):
+        raise ValueError(f"dart: forward must be 'split-bn' or 'separate', got {cfg.forward!r}")
+    torch.manual_seed(cfg.seed)
+    teacher, spec, device = load_teacher(cfg.teacher, cfg.device)
+    data = task_data(cfg)
+    if data.num_classes != spec.num_classes:
+        raise ValueError(f"dart: the teacher has {spec.num_classes} classes but the target data has "
+                         f"{data.num_classes}: it is a checkpoint of another task")
+    student = build_student(cfg, teacher, spec).to(device)
+    if cfg.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    stream = train_stream(data.target_train, cfg.batch_size, cfg.seed, device)
+    task = DartTask(cfg, teacher, student, stream, lambda m: {"clean_acc": accuracy(m, data.target_test, device)},
+                    spec.mean, spec.std)
+    optimizer = sgd(student.param_groups(cfg.lr), cfg)
+    return run_loop(task, optimizer, lr_schedule(optimizer, cfg), cfg, device,
+                    extra={"spec": spec.to_dict(), "kind": "dart", "config": vars(cfg)})

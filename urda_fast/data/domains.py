@@ -1,0 +1,403 @@
+"""Real domain-adaptation datasets from local files (tllib's formats), their transforms, and resumable loaders.
+
+Nothing is downloaded: a dataset is a folder you already have, in the Transfer-Learning-Library (tllib) layout -- an
+image list ``<root>/image_list/<domain>.txt`` whose lines are ``relative/path.jpg <label>`` -- or, for the digits,
+an ImageFolder tree ``<root>/<DOMAIN>/<split>/<class>/*.png``. ``open_domain(dataset, root, domain, split)`` picks
+the file from the registry below and fails with the expected layout when it is missing.
+
+Transforms follow tllib and stop at ``ToTensor``: no ``Normalize``, because the models normalise inside and attacks
+need [0, 1] pixels.
+
+Resuming bit-for-bit. ``make_loader(..., train=True)`` draws its order from a ``ResumableSampler``: epoch ``e`` is a
+permutation made by a ``torch.Generator`` seeded from ``(seed, e)`` alone, so any epoch can be rebuilt without
+replaying the ones before it, and the sampler can start an epoch at any position. The same generator also draws one
+seed per sample, and the dataset wrapper runs each sample's transform under that seed (in a forked RNG, so the global
+RNG is untouched): random crops and flips depend on (seed, epoch, position) only, not on which worker ran them or how
+many batches came before. The loader gets its own ``torch.Generator`` too, so creating iterators never draws from the
+global RNG. What was *consumed* is known only to the loop (workers prefetch ahead of it), so the checkpointable state
+lives in ``ForeverDataIterator``: it counts the batches it handed out, and ``state_dict()`` returns
+``{"epoch", "position"}`` of the next unseen sample; ``load_state_dict`` on a fresh loader continues with exactly the
+batches (and augmentations) the uninterrupted run would have produced. Save it with the model, optimiser and
+``torch.get_rng_state()`` in checkpoints.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+# ----------------------------------------------------------------------------------------------------------- datasets
+
+
+def pil_loader(path: str, mode: str = "RGB"):
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(f).convert(mode)
+
+
+class ImageList(Dataset):
+    """tllib's image list: each line of ``list_file`` is ``relative/path.jpg <label>`` (the path may hold spaces).
+
+    Args:
+        root: folder the relative paths start from.
+        list_file: the list, absolute or relative to ``root``.
+        transform: PIL image -> tensor (e.g. ``val_transform()``); None returns PIL images.
+        num_classes: labels must lie in [0, num_classes); None skips the check.
+        mode: PIL mode, "RGB" or "L" (grey digits).
+        check_files: check at construction that every image exists (names the first missing one).
+
+    ``dataset[i]`` is (image, label) with label an int.
+    """
+
+    def __init__(self, root: str, list_file: str, transform=None, num_classes: int | None = None, mode: str = "RGB",
+                 check_files: bool = True):
+        self.root, self.transform, self.mode = root, transform, mode
+        self.list_file = list_file if os.path.isabs(list_file) else os.path.join(root, list_file)
+        if not os.path.isfile(self.list_file):
+            raise FileNotFoundError(f"urda_fast: image list {self.list_file!r} not found")
+        self.samples = []
+        with open(self.list_file) as f:
+            for lineno, line in enumerate(f, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                try:
+                    label = int(parts[-1])
+                except ValueError:
+                    label = None
+                if len(parts) < 2 or label is None:
+                    raise ValueError(f"urda_fast: {self.list_file}:{lineno}: expected 'relative/path.jpg <int label>', "
+                                     f"got {line.strip()!r}")
+                if label < 0 or (num_classes is not None and label >= num_classes):
+                    raise ValueError(f"urda_fast: {self.list_file}:{lineno}: label {label} is out of range "
+                                     f"[0, {num_classes})")
+                path = " ".join(parts[:-1])
+                self.samples.append((path if os.path.isabs(path) else os.path.join(root, path), label))
+        if check_files:
+            for lineno, (path, _) in enumerate(self.samples, 1):
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"urda_fast: image {path!r} listed in {self.list_file} (entry {lineno}) "
+                                            f"does not exist; paths in the list are relative to {root!r}")
+        self.targets = [label for _, label in self.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        img = pil_loader(path, self.mode)
+        return (self.transform(img) if self.transform is not None else img), label
+
+
+def image_folder(root: str, transform=None, mode: str = "RGB", num_classes: int | None = None):
+    """A torchvision ImageFolder (``root/<class>/*.png``; labels = sorted class folder names) loading in ``mode``."""
+    from torchvision.datasets import ImageFolder
+
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"urda_fast: image folder {root!r} not found (expected {root}/<class>/<image>)")
+    dataset = ImageFolder(root, transform=transform, loader=functools.partial(pil_loader, mode=mode))  # picklable
+    if num_classes is not None and len(dataset.classes) != num_classes:
+        raise ValueError(f"urda_fast: {root!r} has {len(dataset.classes)} class folders, expected {num_classes}")
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a benchmark's domains live under its root, in tllib's conventions.
+
+    lists: domain -> {split: image list relative to root}; folders: domain -> {split: ImageFolder dir} (digits only);
+    example: domain -> a typical list line, for error messages. Resize/crop/flip are tllib's defaults for it.
+    """
+
+    name: str
+    num_classes: int
+    lists: dict
+    example: dict
+    folders: dict = field(default_factory=dict)
+    mode: str = "RGB"
+    resize_size: int = 256
+    crop_size: int | None = 224
+    hflip: bool = True
+
+
+def _same(path):  # Office-31 and Office-Home have no split: a domain is trained on and evaluated whole (tllib)
+    return {"train": path, "test": path}
+
+
+def _digits(name, train, test, example):
+    return name, {"train": f"image_list/{train}", "test": f"image_list/{test}"}, example
+
+
+_DIGITS = [_digits("MNIST", "mnist_train.txt", "mnist_test.txt", "mnist_train_image/00000.png 5"),
+           _digits("USPS", "usps_train.txt", "usps_test.txt", "usps_train_image/00000.png 6"),
+           _digits("SVHN", "svhn_balanced.txt", "svhn_balanced.txt", "svhn_image/00000.png 1")]
+
+DATASETS = {
+    "Office31": DatasetSpec(
+        "Office31", 31,
+        lists={d[0].upper(): _same(f"image_list/{d}.txt") for d in ("amazon", "dslr", "webcam")},
+        example={d[0].upper(): f"{d}/images/back_pack/frame_0001.jpg 0" for d in ("amazon", "dslr", "webcam")}),
+    "OfficeHome": DatasetSpec(
+        "OfficeHome", 65,
+        lists={d[:2]: _same(f"image_list/{d}.txt") for d in ("Art", "Clipart", "Product", "Real_World")},
+        example={d[:2]: f"{d}/Alarm_Clock/00001.jpg 0" for d in ("Art", "Clipart", "Product", "Real_World")}),
+    "VisDA2017": DatasetSpec(
+        "VisDA2017", 12,
+        lists={"Synthetic": _same("image_list/train.txt"), "Real": _same("image_list/validation.txt")},
+        example={"Synthetic": "train/aeroplane/src_1_02691156_xxx.png 0", "Real": "validation/aeroplane/xxx.jpg 0"}),
+    "Digits": DatasetSpec(
+        "Digits", 10, lists={n: lists for n, lists, _ in _DIGITS}, example={n: ex for n, _, ex in _DIGITS},
+        folders={n: {s: f"{n}/{s}" for s in ("train", "test")} for n, _, _ in _DIGITS},
+        mode="L", resize_size=28, crop_size=None, hflip=False),
+}
+
+
+def _check_digit_classes(dataset, root):
+    # Labels must mean the digit, so a folder tree mixes safely with an image list (label = digit there too).
+    for i, name in enumerate(dataset.classes):
+        if not name.startswith(str(i)):
+            raise ValueError(f"urda_fast: {root!r}: class folder #{i} is {name!r}; digit folders must be named "
+                             f"0..9 (optionally '0 - zero', ...) so that labels equal digits")
+
+
+def open_domain(dataset: str, root: str, domain: str, split: str = "train", transform=None, mode: str | None = None,
+                check_files: bool = True) -> Dataset:
+    """One domain of a registered benchmark, read from local files.
+
+    Args:
+        dataset: "Office31" (A, D, W), "OfficeHome" (Ar, Cl, Pr, Rw), "VisDA2017" (Synthetic, Real),
+            "Digits" (MNIST, USPS, SVHN).
+        root: the benchmark's folder (tllib layout).
+        split: "train" or "test"; the same images for Office31/OfficeHome/VisDA2017, as in tllib.
+        transform: e.g. ``train_transform()``; None returns PIL images.
+        mode: PIL mode; default "RGB", "L" for digits.
+    Returns (image, label) pairs, labels in [0, num_classes).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"urda_fast: unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    spec = DATASETS[dataset]
+    if domain not in spec.lists:
+        raise ValueError(f"urda_fast: {dataset} has domains {', '.join(spec.lists)}, not {domain!r}")
+    if split not in ("train", "test"):
+        raise ValueError(f"urda_fast: split must be 'train' or 'test', not {split!r}")
+    mode = mode or spec.mode
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"urda_fast: {dataset} root {root!r} does not exist; "
+                                f"{_layout(spec, root, domain, split)}")
+    list_file = os.path.join(root, spec.lists[domain][split])
+    if os.path.isfile(list_file):
+        return ImageList(root, list_file, transform, spec.num_classes, mode, check_files)
+    folder = spec.folders.get(domain, {}).get(split)
+    if folder and os.path.isdir(os.path.join(root, folder)):
+        data = image_folder(os.path.join(root, folder), transform, mode, spec.num_classes)
+        _check_digit_classes(data, os.path.join(root, folder))
+        return data
+    raise FileNotFoundError(f"urda_fast: {dataset}/{domain} ({split}) not found; {_layout(spec, root, domain, split)}")
+
+
+def _layout(spec: DatasetSpec, root: str, domain: str, split: str) -> str:
+    text = (f"expected {os.path.join(root, spec.lists[domain][split])} with lines like {spec.example[domain]!r} "
+            f"(tllib image list: path relative to {root}, label in [0, {spec.num_classes}))")
+    if domain in spec.folders:
+        text += (f", or an ImageFolder tree {os.path.join(root, spec.folders[domain][split])}/<digit>/*.png "
+                 f"with class folders 0..9")
+    return text
+
+
+# --------------------------------------------------------------------------------------------------------- transforms
+
+
+class ResizeImage:
+    """tllib's ResizeImage: resize a PIL image to exactly (size, size) -- or (h, w) -- ignoring the aspect ratio."""
+
+    def __init__(self, size):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+
+    def __call__(self, img):
+        h, w = self.size
+        return img.resize((w, h))
+
+    def __repr__(self):
+        return f"ResizeImage(size={self.size})"
+
+
+def train_transform(resize_size: int = 256, crop_size: int | None = 224, hflip: bool = True):
+    """tllib 'default' training transform: ResizeImage -> RandomResizedCrop -> RandomHorizontalFlip -> ToTensor.
+
+    Gives (C, crop, crop) float in [0, 1]; no Normalize (the model normalises). crop_size None: resize only.
+    """
+    import torchvision.transforms as T
+
+    steps = [ResizeImage(resize_size)]
+    if crop_size:
+        steps.append(T.RandomResizedCrop(crop_size))
+    if hflip:
+        steps.append(T.RandomHorizontalFlip())
+    return T.Compose(steps + [T.ToTensor()])
+
+
+def val_transform(resize_size: int = 256, crop_size: int | None = 224):
+    """tllib test transform: ResizeImage -> CenterCrop -> ToTensor, (C, crop, crop) in [0, 1], no Normalize."""
+    import torchvision.transforms as T
+
+    steps = [ResizeImage(resize_size)] + ([T.CenterCrop(crop_size)] if crop_size else [])
+    return T.Compose(steps + [T.ToTensor()])
+
+
+def default_transforms(dataset: str):
+    """(train, test) transforms with the benchmark's tllib defaults (224 crops; 28x28 resize, no flip for digits)."""
+    spec = DATASETS[dataset]
+    return (train_transform(spec.resize_size, spec.crop_size, spec.hflip),
+            val_transform(spec.resize_size, spec.crop_size))
+
+
+# ------------------------------------------------------------------------------------------------------------ loaders
+
+
+class ResumableSampler(Sampler):
+    """Shuffles each epoch with a generator seeded from (seed, epoch); can start an epoch at any position.
+
+    Yields (index, sample_seed) pairs for ``SeededItems``. ``epoch``/``position`` describe the *next* ``iter()``;
+    starting an iteration moves them on to (epoch + 1, 0), so plain ``for`` loops get a new order each epoch.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
+        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+        self.epoch, self.position = 0, 0
+
+    def epoch_order(self, epoch: int):
+        """(order (N,) int64, per-sample seeds (N,) int64) of an epoch, from (seed, epoch) alone."""
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2 ** 63))
+        order = torch.randperm(self.num_samples, generator=g) if self.shuffle else torch.arange(self.num_samples)
+        return order, torch.randint(0, 2 ** 62, (self.num_samples,), generator=g)
+
+    def __iter__(self):
+        # Capture and advance the state now, not lazily on the first next(): the caller may read it in between.
+        epoch, start = self.epoch, self.position
+        self.epoch, self.position = epoch + 1, 0
+        order, seeds = self.epoch_order(epoch)
+        return zip(order[start:].tolist(), seeds[start:].tolist())
+
+    def __len__(self):
+        return self.num_samples - self.position
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state):
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"urda_fast: sampler state is for seed {state['seed']}, this sampler has {self.seed}")
+        if not 0 <= state["position"] <= self.num_samples:
+            raise ValueError(f"urda_fast: position {state['position']} outside [0, {self.num_samples}]")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so ``self[(index, seed)]`` runs ``dataset[index]`` (its random transforms) under ``seed``."""
+
+    def __init__(self, dataset: Dataset, reseed: bool = True):
+        self.dataset, self.reseed = dataset, reseed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        if not self.reseed:
+            return self.dataset[index]
+        # fork_rng restores the global CPU RNG afterwards, so the training loop's own random stream is unaffected.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
+                drop_last: bool | None = None, reseed_transforms: bool = True, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader whose order (and, for train, augmentation) is a function of ``seed``.
+
+    train=True: a ``ResumableSampler`` (reshuffled every epoch) and drop_last=True by default (tllib);
+    train=False: dataset order, every sample once. Batches are what the dataset yields, collated.
+    For train, ``loader.dataset`` is a ``SeededItems`` (the original is ``loader.dataset.dataset``); the per-sample
+    seeding covers transforms that draw from torch's RNG (all torchvision ones), not Python's ``random`` or NumPy's.
+    Without ``ForeverDataIterator``, resume a plain loop with ``loader.sampler.load_state_dict({"epoch": e,
+    "position": batches_done * batch_size})``.
+    """
+    generator = torch.Generator().manual_seed(seed)  # base seed for workers; keeps the global RNG untouched
+    if not train:
+        return DataLoader(dataset, batch_size, shuffle=False, drop_last=bool(drop_last), num_workers=num_workers,
+                          pin_memory=pin_memory, generator=generator)
+    sampler = ResumableSampler(len(dataset), seed)
+    return DataLoader(SeededItems(dataset, reseed_transforms), batch_size, sampler=sampler,
+                      drop_last=True if drop_last is None else drop_last, num_workers=num_workers,
+                      pin_memory=pin_memory, generator=generator)
+
+
+class ForeverDataIterator:
+    """tllib's endless iterator: restarts the loader when an epoch ends; ``state_dict()`` makes it resumable.
+
+    Args:
+        loader: a DataLoader; resuming needs one from ``make_loader(train=True)`` (a ``ResumableSampler``).
+        device: if given, tensors in each batch are moved there.
+    """
+
+    def __init__(self, loader: DataLoader, device=None):
+        self.loader, self.device = loader, device
+        self.sampler = loader.sampler if isinstance(loader.sampler, ResumableSampler) else None
+        self._it, self._epoch, self._start, self._consumed = None, 0, 0, 0
+
+    def _restart(self):
+        if self.sampler is not None:
+            self._epoch, self._start = self.sampler.epoch, self.sampler.position
+        self._it, self._consumed = iter(self.loader), 0
+
+    def __next__(self):
+        # Up to two restarts: a resumed epoch may have nothing left, the next one must not be empty.
+        for _ in range(3):
+            if self._it is None:
+                self._restart()
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it = None
+                continue
+            self._consumed += 1
+            return _to_device(batch, self.device) if self.device is not None else batch
+        raise RuntimeError("urda_fast: the loader yields no batches (dataset smaller than a batch with drop_last?)")
+
+    def __iter__(self):
+        return self
+
+    def __len__(self):
+        return len(self.loader)
+
+    def state_dict(self):
+        """{"epoch", "position"}: the first sample not yet handed out (prefetched batches do not count)."""
+        if self.sampler is None:
+            raise TypeError("urda_fast: only loaders from make_loader(train=True) can be resumed")
+        if self._it is None:
+            return self.sampler.state_dict()
+        # min(): a final partial batch (drop_last=False) ends the epoch although it holds < batch_size samples.
+        position = min(self._start + self._consumed * self.loader.batch_size, self.sampler.num_samples)
+        return {"epoch": self._epoch, "position": position, "seed": self.sampler.seed}
+
+    def load_state_dict(self, state):
+        if self.sampler is None:
+            raise TypeError("urda_fast: only loaders from make_loader(train=True) can be resumed")
+        self.sampler.load_state_dict(state)
+        self._it = None  # drop any prefetching iterator; the next batch starts at the loaded position
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch

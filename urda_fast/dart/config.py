@@ -36,6 +36,8 @@ class PretrainConfig(RunConfig):
     backbone_weights: str = ""  # local file of pretrained backbone weights ("" = random init)
     bottleneck_dim: int = 256  # tllib: 256 (1024 for MDD)
     trade_off: float = 1.0
+    entropy_conditioning: bool = False  # CDAN+E
+    margin: float = 4.0  # MDD's gamma
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-3

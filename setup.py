@@ -93,7 +93,9 @@ def extensions():
 
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-std=c++20", "-fopenmp"]
+    # -fno-trapping-math: we never read FP exception flags, and without it GCC will not if-convert (so will not
+    # vectorise) loops that select between two computed values, such as the masked-class guard in the KL gradient.
+    cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fno-trapping-math"]
     modules = [
         CppExtension(
             "urda_fast._C",

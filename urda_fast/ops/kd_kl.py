@@ -79,11 +79,17 @@ def _setup_context_kd_kl_forward(ctx, inputs, output):
     _, d_student, d_teacher = output
     ctx.save_for_backward(d_student, d_teacher)
     ctx.has_grads = (inputs[3], inputs[4])
+    # The stored derivatives are outputs only so backward can reuse them; no gradient ever flows into them, and
+    # not materialising zeros for them saves two logits-sized fills per backward.
+    ctx.mark_non_differentiable(d_student, d_teacher)
+    ctx.set_materialize_grads(False)
 
 
 def _backward_kd_kl_forward(ctx, grad_rows, _grad_d_student, _grad_d_teacher):
     # The forward already holds d KL_i / d logits; backward only scales each row by the incoming gradient.
     d_student, d_teacher = ctx.saved_tensors
+    if grad_rows is None:  # the loss did not use the KL values
+        return None, None, None, None, None
     grads = []
     for needed, has, d in zip(ctx.needs_input_grad[:2], ctx.has_grads, (d_student, d_teacher)):
         if not needed:

@@ -3,6 +3,7 @@
     urda-fast info [--json]          versions and the backends usable here
     urda-fast demo [--size small]    run every fused op on every backend against the reference, with timings
     urda-fast dart demo|pretrain|robustify|eval ...   robust domain adaptation (see `urda-fast dart -h`)
+    urda-fast profile dart --steps N  a short loop under torch.profiler: trace.json + top-ops table
 """
 
 from __future__ import annotations
@@ -180,6 +181,34 @@ def _add_dart(sub) -> None:
     ev.add_argument("--device", default="auto")
 
 
+def cmd_profile(args) -> int:
+    from urda_fast.profile import dart_step_fn, profile_steps
+
+    step, device = dart_step_fn(backbone=args.backbone, batch_size=args.batch_size, image_size=args.image_size,
+                                teacher=args.teacher, device=args.device, attack_steps=args.attack_steps)
+    result = profile_steps(step, args.steps, args.out, device, warmup=args.warmup)
+    print(result["table"])
+    print(f"{result['ms_per_step']:.1f} ms/step on {device}; per phase (ms, all steps): "
+          + ", ".join(f"{k} {v['cpu_ms']:.1f}" for k, v in result["phases"].items()))
+    print(f"trace: {result['trace']} (chrome://tracing or https://ui.perfetto.dev)")
+    return 0
+
+
+def _add_profile(sub) -> None:
+    prof = sub.add_parser("profile", help="a few training steps under torch.profiler (trace + top-ops table)")
+    prof.add_argument("loop", choices=("dart",), help="which training loop")
+    prof.add_argument("--steps", type=int, default=5)
+    prof.add_argument("--warmup", type=int, default=2)
+    prof.add_argument("--out", default="runs/profile")
+    prof.add_argument("--device", default="auto")
+    prof.add_argument("--backbone", default="digits_cnn", help="random-init teacher/student (no --teacher)")
+    prof.add_argument("--teacher", default="", help="a `dart pretrain` checkpoint instead of a random model")
+    prof.add_argument("--batch-size", type=int, default=64)
+    prof.add_argument("--image-size", type=int, default=0, help="default: 16 for digits_cnn, 224 for ResNets")
+    prof.add_argument("--attack-steps", type=int, default=10)
+    prof.set_defaults(run=cmd_profile)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="urda-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=5)
     demo.set_defaults(run=cmd_demo)
     _add_dart(sub)
+    _add_profile(sub)
     return parser
 
 

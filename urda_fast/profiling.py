@@ -3,7 +3,8 @@
     with nvtx_range("attack"): ...
 
 Ranges go through torch.cuda.nvtx (which also works in CPU-only processes of a CUDA build) so Nsight Systems shows
-them with ``nsys profile -t cuda,nvtx``.
+them with ``nsys profile -t cuda,nvtx``, and through ``torch.profiler.record_function`` so the same phases appear in
+a torch.profiler trace (``urda-fast profile``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def _range(name: str):
 
     torch.cuda.nvtx.range_push(name)
     try:
-        yield
+        with torch.profiler.record_function(name):
+            yield
     finally:
         torch.cuda.nvtx.range_pop()
 

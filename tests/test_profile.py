@@ -1,0 +1,45 @@
+"""`urda-fast profile` writes a loadable trace with the loop's phases; NVTX ranges on or off change no result."""
+
+import json
+
+import torch
+
+from urda_fast.cli import main
+from urda_fast.dart.config import RobustifyConfig
+from urda_fast.dart.robustify import DartTask
+from urda_fast.models import ModelSpec
+from urda_fast.profiling import enable_nvtx
+
+
+def test_profile_command_writes_a_chrome_trace(tmp_path, capsys):
+    assert main(["profile", "dart", "--steps", "2", "--warmup", "1", "--batch-size", "8", "--attack-steps", "2",
+                 "--out", str(tmp_path), "--device", "cpu"]) == 0
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert {"step 0", "step 1", "teacher", "attack", "student", "backward", "optimizer"} <= names
+    phases = json.loads((tmp_path / "phases.json").read_text())["phases"]
+    assert phases["attack"]["calls"] == 2 and phases["attack"]["cpu_ms"] > 0
+    assert "Self CPU" in (tmp_path / "top_ops.txt").read_text()
+    assert "ms/step" in capsys.readouterr().out
+
+
+def _one_step_loss(nvtx: bool):
+    enable_nvtx(nvtx)
+    try:
+        torch.manual_seed(0)
+        teacher = ModelSpec(backbone="digits_cnn", num_classes=10, bottleneck_dim=16).build().eval()
+        student = ModelSpec(backbone="digits_cnn", num_classes=10, bottleneck_dim=16).build()
+        x = torch.rand(6, 1, 16, 16)
+        task = DartTask(RobustifyConfig(attack_steps=2), teacher, student, iter([(x,)]), None, (0.5,), (0.5,))
+        loss = task.training_step()["loss"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in student.parameters()]
+    finally:
+        enable_nvtx(False)
+
+
+def test_nvtx_on_or_off_gives_identical_results():
+    loss_off, grads_off = _one_step_loss(False)
+    loss_on, grads_on = _one_step_loss(True)
+    assert torch.equal(loss_off, loss_on)
+    assert all(torch.equal(a, b) for a, b in zip(grads_off, grads_on))

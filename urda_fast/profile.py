@@ -1,0 +1,99 @@
+"""`urda-fast profile dart|hpt`: a short training loop under torch.profiler, written as a Chrome/Perfetto trace and a
+top-ops table, so a slow step can be found in minutes (on CPU or GPU).
+
+The loop's NVTX phases (teacher, attack, student, backward, optimizer...) are switched on, so they appear in the trace
+as ``record_function`` ranges and are summed per phase in ``phases.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from urda_fast.profiling import enable_nvtx, nvtx_enabled, nvtx_range
+
+PHASES = ("data", "teacher", "proxy", "anchor", "attack", "student", "target", "uda step", "loss", "backward",
+          "optimizer", "evaluate")
+
+
+def profile_steps(step, steps: int, out_dir: str, device: torch.device, warmup: int = 2, row_limit: int = 25) -> dict:
+    """Run ``step()`` ``warmup`` times, then ``steps`` times under the profiler; write ``trace.json`` (open it in
+    chrome://tracing or ui.perfetto.dev), ``top_ops.txt`` and ``phases.json`` under ``out_dir``."""
+    if steps < 1:
+        raise ValueError(f"profile: steps must be >= 1, got {steps}")
+    os.makedirs(out_dir, exist_ok=True)
+    was_enabled = nvtx_enabled()
+    enable_nvtx(True)
+    try:
+        for _ in range(warmup):  # first calls pay for allocation, lazy init and compilation: keep them out
+            step()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        start = time.perf_counter()
+        with profile(activities=activities, record_shapes=True) as prof:
+            for i in range(steps):
+                with record_function(f"step {i}"):
+                    step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    finally:
+        enable_nvtx(was_enabled)
+    trace = os.path.join(out_dir, "trace.json")
+    prof.export_chrome_trace(trace)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+    with open(os.path.join(out_dir, "top_ops.txt"), "w") as f:
+        f.write(table + "\n")
+    phases = {}
+    for event in prof.key_averages():
+        if event.key in PHASES:
+            phases[event.key] = {"calls": event.count, "cpu_ms": event.cpu_time_total / 1e3}
+    summary = {"steps": steps, "seconds": seconds, "ms_per_step": 1e3 * seconds / steps, "device": str(device),
+               "phases": phases, "trace": trace}
+    with open(os.path.join(out_dir, "phases.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return {**summary, "table": table}
+
+
+def dart_step_fn(*, backbone: str = "digits_cnn", batch_size: int = 64, image_size: int = 0, teacher: str = "",
+                 device: str = "auto", attack_steps: int = 10, seed: int = 0):
+    """One DART robustify step (teacher, attack, student, loss, backward, optimizer) on a fixed random target batch;
+    the teacher is ``teacher`` (a `dart pretrain` checkpoint) or a randomly initialised ``backbone``.
+    Returns ``(step, device)``."""
+    from urda_fast.dart.common import load_teacher, pick_device, sgd
+    from urda_fast.dart.config import RobustifyConfig
+    from urda_fast.dart.robustify import DartTask
+    from urda_fast.models import ModelSpec
+
+    torch.manual_seed(seed)
+    if teacher:
+        model, spec, dev = load_teacher(teacher, device)
+    else:
+        channels = 1 if backbone == "digits_cnn" else 3
+        spec = ModelSpec(backbone=backbone, num_classes=10, bottleneck_dim=256, mean=(0.5,) * channels,
+                         std=(0.5,) * channels)
+        dev = pick_device(device)
+        model = spec.build().to(dev).eval()
+    channels = len(spec.mean)
+    size = image_size or (16 if spec.backbone == "digits_cnn" else 224)
+    student = copy.deepcopy(model)
+    cfg = RobustifyConfig(attack_steps=attack_steps)
+    batch = (torch.rand(batch_size, channels, size, size, device=dev),)
+    task = DartTask(cfg, model, student, itertools.repeat(batch), None, spec.mean, spec.std)
+    optimizer = sgd(student.param_groups(cfg.lr), cfg)
+
+    def step():
+        loss = task.training_step()["loss"]
+        with nvtx_range("backward"):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with nvtx_range("optimizer"):
+            optimizer.step()
+
+    return step, dev

@@ -7,6 +7,21 @@ A *task* supplies what differs between methods:
     task.streams() -> dict[str, stream]           # resumable data streams (state_dict / load_state_dict)
     task.training_step() -> dict[str, Tensor]     # draws its batches, returns {"loss": ..., other metrics}
     task.evaluate() -> dict[str, float]           # e.g. {"clean_acc": 91.3}
+    task.wrap_ddp(wrap)                           # optional, see below
+
+Logs: ``log.csv`` and, unless ``LoopSettings.tensorboard`` is off, TensorBoard scalars in ``out_dir/tb`` (``train/*``
+every ``log_every`` steps, ``eval/*`` at every evaluation). A resumed run drops what a killed run logged past its last
+checkpoint from both, so no step appears twice.
+
+Data-parallel (under ``torchrun``, see ``urda_fast.distributed``): every rank runs this loop in lockstep. DDP only
+averages gradients for forwards that go through its wrapper, and only the task knows which module its training step
+calls (a UDA method's training step, a DART student but not its frozen teacher), so a task may implement
+``wrap_ddp(wrap)``: route its training forwards through ``wrap(module)``; ``fit`` calls it with a DDP wrapper at the
+start and with the identity at the end. A task without it gets rank 0's weights copied to every rank and its
+gradients averaged after each backward instead (same result, no overlap of communication with the backward).
+Each rank's streams must draw its own share of the data (``make_loader(rank=, world_size=)``); logged metrics are
+averaged over ranks; ``evaluate()`` runs on rank 0 only and its result is shared; rank 0 alone writes files; every
+rank resumes from the same ``last.pt``, so ``out_dir`` must be on a filesystem all ranks see.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from urda_fast import distributed
 from urda_fast.profiling import nvtx_range
 
 CHECKPOINT_VERSION = 1
@@ -37,6 +53,7 @@ class LoopSettings:
     progress: bool = True
     stop_after: int | None = None  # end the run after this iteration (as a kill would), for resume tests
     log_every: int = 10
+    tensorboard: bool = True  # TensorBoard scalars in out_dir/tb beside log.csv
 
 
 def atomic_save(obj, path: str) -> None:
@@ -92,74 +109,178 @@ class CsvLog:
         os.replace(tmp, self.path)
 
 
-def fit(task, optimizer, scheduler, settings: LoopSettings, *, device: torch.device, extra: dict | None = None) -> dict:
-    """Train ``task`` for ``settings.iterations`` steps; returns {"best": metrics of best.pt, "last": last metrics}.
+class TensorBoardLog:
+    """The same rows as scalars in ``folder``. ``purge_step`` makes TensorBoard drop events at steps past the resumed
+    iteration (written by the killed run after its last checkpoint, or by an earlier run for a fresh start), as
+    ``CsvLog`` drops those rows: a resumed run shows each step once."""
 
-    ``extra`` is stored in every checkpoint (e.g. the model spec and config needed to rebuild the model)."""
-    extra = extra or {}
-    os.makedirs(settings.out_dir, exist_ok=True)
+    def __init__(self, folder: str, start: int):
+        from torch.utils.tensorboard import SummaryWriter  # here: tensorboard is slow to import and optional
+
+        self.writer = SummaryWriter(folder, purge_step=start + 1)
+
+    def append(self, group: str, iteration: int, values: dict) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(f"{group}/{key}", float(value), iteration)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def fit(task, optimizer, scheduler, settings: LoopSettings, *, device: torch.device, extra: dict | None = None) -> dict:
+    """Train ``task`` for ``settings.iterations`` steps; returns {"best": metrics of best.pt, "last": last metrics,
+    "seconds"} (the same on every rank).
+
+    ``extra`` is stored in every checkpoint (e.g. the model spec and config needed to rebuild the model).
+    Under torchrun this joins the process group, and leaves it at the end, unless the caller joined it first."""
+    joined = distributed.setup(device)
+    try:
+        return _fit(task, optimizer, scheduler, settings, device, extra or {}, distributed.context())
+    finally:
+        distributed.teardown(joined)
+
+
+def _resume_state(path: str, ctx) -> dict | None:
+    """The checkpoint to resume from; rank 0 decides whether there is one, every rank reads the same file."""
+    exists = os.path.isfile(path)
+    if ctx.enabled and distributed.broadcast_object(exists) != exists:
+        what = f"cannot see {path}, which rank 0 resumes from" if not exists else f"sees {path}, rank 0 does not"
+        raise FileNotFoundError(f"urda_fast: rank {ctx.rank} {what}: out_dir must be on a filesystem every rank "
+                                f"shares")
+    if not exists:
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"urda_fast: {path} was written by another checkpoint version")
+    return state
+
+
+def _restore(state, task, optimizer, scheduler, scaler, ctx, path) -> None:
+    modules = task.modules()
+    if set(state["modules"]) != set(modules):
+        raise ValueError(f"urda_fast: {path} holds {sorted(state['modules'])}, this run has "
+                         f"{sorted(modules)}: it is from another method")
+    for name, module in modules.items():
+        module.load_state_dict(state["modules"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    for name, stream in task.streams().items():
+        stream.load_state_dict(state["streams"][name])  # a stream converts positions to another world size
+    rngs = state.get("rng_ranks")
+    if ctx.enabled and rngs is not None and len(rngs) == ctx.world_size:
+        set_rng_state(rngs[ctx.rank])
+    else:
+        set_rng_state(state["rng"])
+        distributed.seed_rank(ctx.rank)
+    if state.get("world_size", 1) != ctx.world_size:
+        distributed.warn_main(f"urda_fast: resuming a {state.get('world_size', 1)}-process run with "
+                              f"{ctx.world_size} processes: it continues, but not bit-for-bit")
+
+
+def _distribute(task, optimizer, device, ctx):
+    """Under DDP: route the task's training forward through DDP, or return the after-backward gradient averaging
+    for a task that cannot (see the module docstring). None when DDP does the work or there is one process."""
+    if not ctx.enabled:
+        return None
+    if hasattr(task, "wrap_ddp"):
+        task.wrap_ddp(distributed.ddp_wrapper(device))
+        return None
+    distributed.broadcast_modules(task.modules().values())
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return lambda: distributed.average_gradients(params)
+
+
+def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
+    main = ctx.is_main  # only rank 0 writes files
+    if main:
+        os.makedirs(settings.out_dir, exist_ok=True)
     last_path = os.path.join(settings.out_dir, "last.pt")
     best_path = os.path.join(settings.out_dir, "best.pt")
     scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
     start, best, last_metrics = 0, None, {}
-    if settings.resume and os.path.isfile(last_path):
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"urda_fast: {last_path} was written by another checkpoint version")
-        modules = task.modules()
-        if set(state["modules"]) != set(modules):
-            raise ValueError(f"urda_fast: {last_path} holds {sorted(state['modules'])}, this run has "
-                             f"{sorted(modules)}: it is from another method")
-        for name, module in modules.items():
-            module.load_state_dict(state["modules"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        for name, stream in task.streams().items():
-            stream.load_state_dict(state["streams"][name])
-        set_rng_state(state["rng"])
+    state = _resume_state(last_path, ctx) if settings.resume else None
+    if state is not None:
+        _restore(state, task, optimizer, scheduler, scaler, ctx, last_path)
         start, best, last_metrics = state["iteration"], state["best"], state["metrics"]
-    log = CsvLog(os.path.join(settings.out_dir, "log.csv"), start if settings.resume else None)
+    elif ctx.enabled:
+        distributed.seed_rank(ctx.rank)
+    del state
+    log = CsvLog(os.path.join(settings.out_dir, "log.csv"), start if settings.resume else None) if main else None
+    tb = TensorBoardLog(os.path.join(settings.out_dir, "tb"), start) if main and settings.tensorboard else None
+
+    def record(group, iteration, values):
+        if main:
+            prefix = "eval_" if group == "eval" else ""
+            log.append({"iteration": iteration, **{prefix + k: v for k, v in values.items()}})
+            if tb is not None:
+                tb.append(group, iteration, values)
 
     def checkpoint(iteration):
+        rngs = distributed.gather_objects(rng_state()) if ctx.enabled else None  # a collective: every rank joins
+        if not main:
+            return
         atomic_save({
             **extra, "version": CHECKPOINT_VERSION, "iteration": iteration, "best": best, "metrics": last_metrics,
             "modules": {name: m.state_dict() for name, m in task.modules().items()},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "streams": {name: s.state_dict() for name, s in task.streams().items()}, "rng": rng_state(),
+            "world_size": ctx.world_size, **({"rng_ranks": rngs} if rngs is not None else {}),
         }, last_path)
         log.flush()
+        if tb is not None:
+            tb.flush()
 
     save_every = settings.save_every or settings.eval_every
     end = settings.iterations if settings.stop_after is None else min(settings.iterations, settings.stop_after)
-    bar = tqdm(range(start + 1, end + 1), initial=start, total=settings.iterations, disable=not settings.progress,
-               desc=getattr(task, "name", "train"))
+    bar = tqdm(range(start + 1, end + 1), initial=start, total=settings.iterations,
+               disable=not (settings.progress and main), desc=getattr(task, "name", "train"))
+    sync_gradients = _distribute(task, optimizer, device, ctx)
     tic = time.perf_counter()
-    for iteration in bar:
-        with nvtx_range(f"step {iteration}"):
-            with _autocast(settings.amp, device.type):
-                metrics = task.training_step()
-            with nvtx_range("backward"):
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(metrics["loss"]).backward()
-            with nvtx_range("optimizer"):
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-        if iteration % settings.log_every == 0 or iteration == settings.iterations:
-            values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
-            log.append({"iteration": iteration, "lr": optimizer.param_groups[0]["lr"], **values})
-            bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k.endswith("loss")})
-        if iteration % settings.eval_every == 0 or iteration == settings.iterations:
-            with nvtx_range("evaluate"):
-                last_metrics = task.evaluate()
-            log.append({"iteration": iteration, **{f"eval_{k}": v for k, v in last_metrics.items()}})
-            score = last_metrics.get(settings.select_metric)
-            if score is not None and (best is None or score > best[settings.select_metric]):
-                best = dict(last_metrics, iteration=iteration)
-                atomic_save({**extra, "version": CHECKPOINT_VERSION, "iteration": iteration, "metrics": last_metrics,
-                             "modules": {name: m.state_dict() for name, m in task.modules().items()}}, best_path)
-        if iteration % save_every == 0 or iteration == end:
-            checkpoint(iteration)
-    bar.close()
+    try:
+        for iteration in bar:
+            with nvtx_range(f"step {iteration}"):
+                with _autocast(settings.amp, device.type):
+                    metrics = task.training_step()
+                with nvtx_range("backward"):
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(metrics["loss"]).backward()
+                    if sync_gradients is not None:
+                        sync_gradients()
+                with nvtx_range("optimizer"):
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+            if iteration % settings.log_every == 0 or iteration == settings.iterations:
+                values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
+                if ctx.enabled:
+                    values = distributed.mean_metrics(values)  # the metrics of the whole W*B batch
+                record("train", iteration, {"lr": optimizer.param_groups[0]["lr"], **values})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k.endswith("loss")})
+            if iteration % settings.eval_every == 0 or iteration == settings.iterations:
+                with nvtx_range("evaluate"):
+                    # rank 0's weights are every rank's; its buffers (BN statistics) are the checkpointed ones
+                    last_metrics = task.evaluate() if main else None
+                if ctx.enabled:
+                    last_metrics = distributed.broadcast_object(last_metrics)
+                record("eval", iteration, last_metrics)
+                score = last_metrics.get(settings.select_metric)
+                if score is not None and (best is None or score > best[settings.select_metric]):
+                    best = dict(last_metrics, iteration=iteration)
+                    if main:
+                        atomic_save({**extra, "version": CHECKPOINT_VERSION, "iteration": iteration,
+                                     "metrics": last_metrics,
+                                     "modules": {name: m.state_dict() for name, m in task.modules().items()}},
+                                    best_path)
+            if iteration % save_every == 0 or iteration == end:
+                checkpoint(iteration)
+    finally:
+        bar.close()
+        if tb is not None:
+            tb.close()
+        if ctx.enabled and hasattr(task, "wrap_ddp"):
+            task.wrap_ddp(lambda module: module)  # plain forwards again: the process group may be gone after fit
     return {"best": best, "last": last_metrics, "seconds": time.perf_counter() - tic}

@@ -7,6 +7,7 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
+from urda_fast import distributed
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import enable_nvtx
 from urda_fast.train import LoopSettings, fit
@@ -18,6 +19,8 @@ def pick_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"dart: device {name!r} asked for, but no CUDA GPU is visible; use --device cpu")
+    if device.type == "cuda" and device.index is None and distributed.context().enabled:
+        device = torch.device("cuda", distributed.context().local_rank)  # torchrun: one GPU per process
     return device
 
 
@@ -80,5 +83,5 @@ def run_loop(task, optimizer, scheduler, cfg, device, extra):
     enable_nvtx(cfg.nvtx)
     settings = LoopSettings(iterations=cfg.iterations, out_dir=cfg.out, eval_every=cfg.eval_every,
                             resume=cfg.resume, amp=cfg.amp, progress=cfg.progress,
-                            stop_after=cfg.stop_after or None)
+                            stop_after=cfg.stop_after or None, tensorboard=cfg.tensorboard)
     return fit(task, optimizer, scheduler, settings, device=device, extra=extra)

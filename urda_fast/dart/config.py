@@ -24,6 +24,7 @@ class RunConfig:
     resume: bool = False
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
     progress: bool = True
+    tensorboard: bool = True  # TensorBoard scalars in <out>/tb beside log.csv
     stop_after: int = 0  # end the run after this iteration, as a kill would (resume tests); 0 = never
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset, TensorDataset
 
+from urda_fast import distributed
 from urda_fast.data import DATASETS, ForeverDataIterator, default_transforms, make_loader, open_domain
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -52,10 +53,15 @@ def task_data(cfg) -> TaskData:
 
 
 def train_stream(dataset: Dataset, batch_size: int, seed: int, device, num_workers: int = 0) -> ForeverDataIterator:
-    """Endless shuffled batches whose order and augmentation depend on ``seed`` only, resumable mid-epoch."""
-    if len(dataset) < batch_size:
-        raise ValueError(f"dart: a dataset of {len(dataset)} samples cannot fill a batch of {batch_size}")
+    """Endless shuffled batches whose order and augmentation depend on ``seed`` only, resumable mid-epoch.
+
+    Under torchrun, this process's share of every epoch (``batch_size`` is per process)."""
+    ctx = distributed.context()
+    if len(dataset) // ctx.world_size < batch_size:
+        raise ValueError(f"dart: a dataset of {len(dataset)} samples cannot fill a batch of {batch_size}"
+                         + (f" on each of {ctx.world_size} processes" if ctx.enabled else ""))
     # In-memory tensors have no random transforms: skip the per-sample reseeding.
     loader = make_loader(dataset, batch_size, train=True, seed=seed, num_workers=num_workers,
-                         reseed_transforms=not isinstance(dataset, TensorDataset))
+                         reseed_transforms=not isinstance(dataset, TensorDataset), rank=ctx.rank,
+                         world_size=ctx.world_size)
     return ForeverDataIterator(loader, device=device)

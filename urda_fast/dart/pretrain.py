@@ -18,6 +18,17 @@ from .config import PretrainConfig
 from .data import task_data, train_stream
 
 
+class _MethodStep(torch.nn.Module):
+    """The method's training step as a module's forward: what DDP wraps (it syncs only what its forward runs)."""
+
+    def __init__(self, method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, x_s, y_s, x_t):
+        return self.method.training_step(x_s, y_s, x_t)
+
+
 class UdaTask:
     """One UDA step per call on a source and a target batch; with VAT, on adversarial versions of them."""
 
@@ -26,6 +37,11 @@ class UdaTask:
             target_stream, evaluate_fn
         self.name = f"{method.name}{'+vat' if cfg.vat else ''}"
         self.attack = PGD(method.model, eps=cfg.vat_eps, alpha=cfg.vat_alpha, steps=cfg.vat_steps) if cfg.vat else None
+        self.step = method.training_step
+
+    def wrap_ddp(self, wrap):
+        # The attack and the pseudo-label pass stay local (eval mode, no parameter gradients).
+        self.step = wrap(_MethodStep(self.method))
 
     def modules(self):
         return {"method": self.method}
@@ -53,7 +69,7 @@ class UdaTask:
                     extra["pseudo"] = pseudo
         self.method.train()
         with nvtx_range("uda step"):
-            out = self.method.training_step(x_s, y_s, x_t)
+            out = self.step(x_s, y_s, x_t)
         if "keep" in extra:
             keep = extra["keep"]
             logits_t = self.method.model(x_t[keep]) if bool(keep.any()) else None

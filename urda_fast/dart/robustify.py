@@ -74,6 +74,7 @@ class DartTask:
         self.cfg, self.teacher, self.student, self.stream, self.evaluate_fn = cfg, teacher, student, target_stream, \
             evaluate_fn
         self.teacher.eval().requires_grad_(False)
+        self.student_forward = student  # the training forwards; DDP-wrapped under torchrun
         if cfg.attack_space == "normalized":
             # The authors' code attacks normalised images (eps in normalised units): attack a view of the student
             # that takes normalised input.
@@ -86,6 +87,10 @@ class DartTask:
 
     def modules(self):
         return {"student": self.student}
+
+    def wrap_ddp(self, wrap):
+        # Only the student trains: the frozen teacher and the attack (eval mode) stay local to each rank.
+        self.student_forward = wrap(self.student)
 
     def streams(self):
         return {"target": self.stream}
@@ -107,12 +112,12 @@ class DartTask:
         with nvtx_range("student"):
             if self.cfg.forward == "split-bn":
                 with split_batchnorm(self.student, [x.shape[0], x.shape[0]]):
-                    logits, features = self.student(torch.cat([x, x_adv]), return_features=True)
+                    logits, features = self.student_forward(torch.cat([x, x_adv]), return_features=True)
                 clean_logits, adv_logits = logits.split(x.shape[0])
                 clean_features = features[: x.shape[0]]
             else:
-                clean_logits, clean_features = self.student(x, return_features=True)
-                adv_logits = self.student(x_adv)
+                clean_logits, clean_features = self.student_forward(x, return_features=True)
+                adv_logits = self.student_forward(x_adv)
         total, parts = dart_loss(adv_logits, clean_logits, clean_features, teacher_logits, teacher_features, self.cfg)
         return {"loss": total, **parts}
 

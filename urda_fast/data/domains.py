@@ -267,17 +267,31 @@ class ResumableSampler(Sampler):
 
     Yields (index, sample_seed) pairs for ``SeededItems``. ``epoch``/``position`` describe the *next* ``iter()``;
     starting an iteration moves them on to (epoch + 1, 0), so plain ``for`` loops get a new order each epoch.
+
+    Data-parallel sharding (``world_size > 1``): every rank draws the same epoch order and takes every
+    ``world_size``-th sample of it from ``rank`` on (as ``DistributedSampler``), cut to ``num_samples // world_size``
+    so every rank has as many. With batch B per rank, step k's batches of all ranks together are exactly positions
+    ``[k*W*B, (k+1)*W*B)`` of the order: what one process with batch W*B would draw, sample seeds included.
+    ``position`` then counts this rank's samples.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"urda_fast: rank {rank} outside [0, world_size={world_size})")
+        if world_size > 1 and num_samples < world_size:
+            raise ValueError(f"urda_fast: {num_samples} samples cannot be shared by {world_size} processes")
         self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.shard_size = num_samples // world_size  # samples this rank sees per epoch
         self.epoch, self.position = 0, 0
 
     def epoch_order(self, epoch: int):
-        """(order (N,) int64, per-sample seeds (N,) int64) of an epoch, from (seed, epoch) alone."""
+        """(order (n,) int64, per-sample seeds (n,) int64) of this rank's share of an epoch, from (seed, epoch)."""
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2 ** 63))
         order = torch.randperm(self.num_samples, generator=g) if self.shuffle else torch.arange(self.num_samples)
-        return order, torch.randint(0, 2 ** 62, (self.num_samples,), generator=g)
+        seeds = torch.randint(0, 2 ** 62, (self.num_samples,), generator=g)
+        shard = slice(self.rank, self.shard_size * self.world_size, self.world_size)
+        return order[shard], seeds[shard]
 
     def __iter__(self):
         # Capture and advance the state now, not lazily on the first next(): the caller may read it in between.
@@ -287,17 +301,25 @@ class ResumableSampler(Sampler):
         return zip(order[start:].tolist(), seeds[start:].tolist())
 
     def __len__(self):
-        return self.num_samples - self.position
+        return self.shard_size - self.position
 
-    def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+    def state_dict(self, epoch: int | None = None, position: int | None = None):
+        state = {"epoch": self.epoch if epoch is None else epoch,
+                 "position": self.position if position is None else position, "seed": self.seed}
+        if self.world_size > 1:
+            state["world_size"] = self.world_size
+        return state
 
     def load_state_dict(self, state):
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"urda_fast: sampler state is for seed {state['seed']}, this sampler has {self.seed}")
-        if not 0 <= state["position"] <= self.num_samples:
-            raise ValueError(f"urda_fast: position {state['position']} outside [0, {self.num_samples}]")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        position, saved_world = int(state["position"]), int(state.get("world_size", 1))
+        if saved_world != self.world_size:
+            # Another number of processes: continue after the same count of samples of the epoch, overall.
+            position = position * saved_world // self.world_size
+        if not 0 <= position <= self.shard_size:
+            raise ValueError(f"urda_fast: position {position} outside [0, {self.shard_size}]")
+        self.epoch, self.position = int(state["epoch"]), position
 
 
 class SeededItems(Dataset):
@@ -320,10 +342,12 @@ class SeededItems(Dataset):
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
-                drop_last: bool | None = None, reseed_transforms: bool = True, pin_memory: bool = False) -> DataLoader:
+                drop_last: bool | None = None, reseed_transforms: bool = True, pin_memory: bool = False,
+                rank: int = 0, world_size: int = 1) -> DataLoader:
     """A DataLoader whose order (and, for train, augmentation) is a function of ``seed``.
 
     train=True: a ``ResumableSampler`` (reshuffled every epoch) and drop_last=True by default (tllib);
+    ``rank``/``world_size`` (train only): this process's share of each epoch under DDP (see ``ResumableSampler``).
     train=False: dataset order, every sample once. Batches are what the dataset yields, collated.
     For train, ``loader.dataset`` is a ``SeededItems`` (the original is ``loader.dataset.dataset``); the per-sample
     seeding covers transforms that draw from torch's RNG (all torchvision ones), not Python's ``random`` or NumPy's.
@@ -334,7 +358,7 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, n
     if not train:
         return DataLoader(dataset, batch_size, shuffle=False, drop_last=bool(drop_last), num_workers=num_workers,
                           pin_memory=pin_memory, generator=generator)
-    sampler = ResumableSampler(len(dataset), seed)
+    sampler = ResumableSampler(len(dataset), seed, rank=rank, world_size=world_size)
     return DataLoader(SeededItems(dataset, reseed_transforms), batch_size, sampler=sampler,
                       drop_last=True if drop_last is None else drop_last, num_workers=num_workers,
                       pin_memory=pin_memory, generator=generator)
@@ -385,8 +409,8 @@ class ForeverDataIterator:
         if self._it is None:
             return self.sampler.state_dict()
         # min(): a final partial batch (drop_last=False) ends the epoch although it holds < batch_size samples.
-        position = min(self._start + self._consumed * self.loader.batch_size, self.sampler.num_samples)
-        return {"epoch": self._epoch, "position": position, "seed": self.sampler.seed}
+        position = min(self._start + self._consumed * self.loader.batch_size, self.sampler.shard_size)
+        return self.sampler.state_dict(self._epoch, position)
 
     def load_state_dict(self, state):
         if self.sampler is None:

@@ -1,0 +1,196 @@
+"""Data-parallel training: a 2-process gloo run under torchrun trains like one process with twice the batch.
+
+Why the comparison can be tight. The sampler shards each epoch by stride (rank r takes positions r, r+2, ...), so at
+every step the two ranks' batches of B are together exactly the batch of 2B one process draws, and in that batch
+rank r's samples sit at rows r, r+2, ... Losses are batch means and DDP averages gradients, so the gradients agree --
+except through BatchNorm, which under DDP normalises each rank's B samples by their own statistics (SyncBatchNorm
+has no CPU kernels, and per-device statistics are also what the papers' single-GPU recipes use). The reference run
+therefore swaps BatchNorm's forward for the rank-wise one: rows r, r+2, ... normalised together, and running
+statistics updated from rank 0's rows only, since DDP broadcasts rank 0's buffers and rank 0 writes the checkpoint.
+Then the two runs differ only by float summation order; plain BatchNorm over all 2B rows is far outside the
+tolerance (checked too, so the tolerance means something).
+
+Run as a script (``torchrun --nproc_per_node=2 tests/test_ddp.py OUT``) it is the worker of the runs compared here.
+"""
+
+import contextlib
+import csv
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORLD, BATCH = 2, 8  # processes, batch per process
+TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+
+
+def pretrain_cfg(out, **kw):
+    from urda_fast.dart import PretrainConfig
+
+    options = dict(data="digits", method="source-only", out=str(out), iterations=3, batch_size=BATCH,
+                   eval_every=100, bottleneck_dim=32, progress=False, device="cpu")
+    return PretrainConfig(**{**options, **kw})
+
+
+def robustify_cfg(teacher, out, **kw):
+    from urda_fast.dart import RobustifyConfig
+
+    options = dict(data="digits", teacher=str(teacher), out=str(out), iterations=2, batch_size=BATCH, eval_every=100,
+                   attack_steps=1, attack_eps=0.1, attack_alpha=0.05, progress=False, device="cpu")
+    return RobustifyConfig(**{**options, **kw})
+
+
+# ----------------------------------------------------------------------------------------------- torchrun worker
+
+
+def worker(out):
+    import test_train  # tests/ is this script's folder
+    import urda_fast.dart.common as common
+    from urda_fast import distributed
+    from urda_fast.dart import pretrain, robustify
+    from urda_fast.train import fit
+
+    rank = distributed.context().rank
+
+    def fit_saving_each_rank(task, optimizer, scheduler, settings, **kw):  # only rank 0 writes checkpoints
+        result = fit(task, optimizer, scheduler, settings, **kw)
+        params = {name: dict(m.named_parameters()) for name, m in task.modules().items()}
+        torch.save(params, os.path.join(settings.out_dir, f"params_rank{rank}.pt"))
+        return result
+
+    common.fit = test_train.fit = fit_saving_each_rank
+    pretrain(pretrain_cfg(f"{out}/pretrain"))
+    pretrain(pretrain_cfg(f"{out}/resumed", stop_after=2))  # each fit joins and leaves the process group
+    pretrain(pretrain_cfg(f"{out}/resumed", resume=True))
+    for forward in ("split-bn", "separate"):  # one student forward of clean+adversarial, or two before a backward
+        robustify(robustify_cfg(f"{out}/pretrain/best.pt", f"{out}/dart-{forward}", forward=forward))
+    test_train.run(f"{out}/linear", iterations=4, batch_size=BATCH // 2, rank=rank, world_size=WORLD)  # no wrap_ddp
+
+
+# ------------------------------------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    # its own session, so a timeout can end torchrun's workers too, by their process group
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={WORLD}", os.path.abspath(__file__), str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, f"torchrun failed:\n{stdout[-4000:]}\n{stderr[-6000:]}"
+    return out
+
+
+@contextlib.contextmanager
+def rankwise_batchnorm(world=WORLD):
+    """Training-mode BatchNorm as ``world`` DDP ranks compute it when rank r holds rows r, r+world, ... (above)."""
+    base = torch.nn.modules.batchnorm._BatchNorm
+    original = base.forward
+
+    def forward(self, x):
+        if not self.training:
+            return original(self, x)
+        self.num_batches_tracked.add_(1)
+        outs = [F.batch_norm(x[r::world], self.running_mean if r == 0 else None, self.running_var if r == 0 else None,
+                             self.weight, self.bias, True, self.momentum, self.eps) for r in range(world)]
+        return torch.stack(outs, dim=1).flatten(0, 1)  # rows back in their interleaved order
+
+    base.forward = forward
+    try:
+        yield
+    finally:
+        base.forward = original
+
+
+def checkpoint(folder):
+    return torch.load(os.path.join(folder, "last.pt"), weights_only=False)
+
+
+def log_rows(folder):
+    with open(os.path.join(folder, "log.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_states_close(a, b, **tolerance):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), msg=key, **(tolerance or TOLERANCE))
+
+
+def max_difference(a, b):
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point())
+
+
+def test_ddp_pretrain_equals_one_process_with_twice_the_batch(ddp_runs, tmp_path):
+    from urda_fast.dart import pretrain
+
+    with rankwise_batchnorm():
+        single = pretrain(pretrain_cfg(tmp_path / "single", batch_size=WORLD * BATCH))
+    ddp = checkpoint(ddp_runs / "pretrain")
+    reference = checkpoint(tmp_path / "single")
+    assert ddp["world_size"] == WORLD and len(ddp["rng_ranks"]) == WORLD
+    assert_states_close(ddp["modules"]["method"], reference["modules"]["method"])  # weights and BN buffers
+    assert ddp["streams"] == {name: dict(s, position=s["position"] // WORLD, world_size=WORLD)
+                              for name, s in reference["streams"].items()}
+    # logged metrics are averaged over ranks: the whole 2B batch's, as in the single run
+    for ours, theirs in zip(log_rows(ddp_runs / "pretrain"), log_rows(tmp_path / "single"), strict=True):
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            if ours[key] and key != "eval_clean_acc":
+                assert float(ours[key]) == pytest.approx(float(theirs[key]), rel=1e-4, abs=1e-5), key
+    assert ddp["metrics"]["clean_acc"] == pytest.approx(single["last"]["clean_acc"], abs=0.5)
+
+    # The tolerance is meaningful: BatchNorm over all 2B rows at once lands far outside it.
+    pretrain(pretrain_cfg(tmp_path / "plain-bn", batch_size=WORLD * BATCH))
+    plain = checkpoint(tmp_path / "plain-bn")["modules"]["method"]
+    assert max_difference(plain, ddp["modules"]["method"]) > 100 * max_difference(
+        reference["modules"]["method"], ddp["modules"]["method"]) + 1e-4
+
+
+def test_ddp_ranks_hold_the_same_weights(ddp_runs):
+    for run in ("pretrain", "resumed", "dart-split-bn", "dart-separate", "linear"):
+        rank0, rank1 = (torch.load(ddp_runs / run / f"params_rank{r}.pt") for r in range(WORLD))
+        for name in rank0:
+            assert_states_close(rank0[name], rank1[name], rtol=0, atol=0)
+
+
+def test_ddp_resume_after_kill_equals_the_uninterrupted_run(ddp_runs):
+    full, resumed = checkpoint(ddp_runs / "pretrain"), checkpoint(ddp_runs / "resumed")
+    assert_states_close(full["modules"]["method"], resumed["modules"]["method"], rtol=0, atol=0)
+    assert full["streams"] == resumed["streams"]
+    assert len(log_rows(ddp_runs / "resumed")) == len(log_rows(ddp_runs / "pretrain"))
+
+
+def test_ddp_robustify_trains_the_student_only(ddp_runs):
+    for forward in ("split-bn", "separate"):
+        state = checkpoint(ddp_runs / f"dart-{forward}")
+        assert set(state["modules"]) == {"student"} and state["iteration"] == 2
+        assert all(torch.isfinite(v.float()).all() for v in state["modules"]["student"].values())
+
+
+def test_task_without_ddp_hook_averages_gradients(ddp_runs, tmp_path):
+    from test_train import run as run_linear
+
+    run_linear(tmp_path / "single", iterations=4, batch_size=BATCH)  # no BatchNorm: nothing to swap
+    assert_states_close(checkpoint(ddp_runs / "linear")["modules"]["model"],
+                        checkpoint(tmp_path / "single")["modules"]["model"])
+
+
+if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.dump_traceback_later(240, exit=True)  # a hung collective shows where, before the test's timeout
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    worker(sys.argv[1])

@@ -1,0 +1,120 @@
+"""The shared loop's TensorBoard log: scalars of every CSV column, and no step twice after a kill and a resume."""
+
+import glob
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from urda_fast.data import ForeverDataIterator, make_loader
+from urda_fast.train import LoopSettings, fit
+
+pytest.importorskip("tensorboard")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader  # noqa: E402
+
+
+class LinearTask:
+    """Least squares on 64 fixed points: a task that trains in milliseconds. ``fail_at`` raises in that step (a
+    kill that lands after the logs of the steps before it, but after the last checkpoint)."""
+
+    name = "linear"
+
+    def __init__(self, batch_size=8, fail_at=None, rank=0, world_size=1):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 4, generator=g)
+        y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(64, generator=g)
+        self.x, self.y, self.fail_at, self.steps = x, y, fail_at, 0
+        self.model = torch.nn.Linear(4, 1)
+        self.stream = ForeverDataIterator(make_loader(TensorDataset(x, y), batch_size, train=True, seed=3, rank=rank,
+                                                      world_size=world_size))
+
+    def modules(self):
+        return {"model": self.model}
+
+    def streams(self):
+        return {"data": self.stream}
+
+    def training_step(self):
+        self.steps += 1
+        if self.steps == self.fail_at:
+            raise KeyboardInterrupt("killed")
+        x, y = next(self.stream)
+        loss = F.mse_loss(self.model(x).squeeze(1), y)
+        return {"loss": loss, "abs_err": (self.model(x).squeeze(1) - y).abs().mean().detach()}
+
+    @torch.no_grad()
+    def evaluate(self):
+        return {"neg_mse": -float(F.mse_loss(self.model(self.x).squeeze(1), self.y))}
+
+
+def run(out, iterations=6, resume=False, **task_options):
+    torch.manual_seed(0)
+    task = LinearTask(**task_options)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1 / (1 + it))
+    settings = LoopSettings(iterations=iterations, out_dir=str(out), eval_every=3, log_every=1, resume=resume,
+                            progress=False, select_metric="neg_mse")
+    return fit(task, optimizer, scheduler, settings, device=torch.device("cpu"))
+
+
+def scalars(out) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard shows: {tag: [(step, value), ...]} after its purge of orphaned events."""
+    acc = EventAccumulator(os.path.join(out, "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def raw_steps(out, tag) -> list[int]:
+    """Every step written under ``tag``, over all event files, purged or not."""
+    steps = []
+    for path in sorted(glob.glob(os.path.join(out, "tb", "events.out.tfevents.*"))):
+        for event in EventFileLoader(path).Load():
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
+
+
+def test_tensorboard_holds_every_logged_metric(tmp_path):
+    run(tmp_path)
+    tb = scalars(tmp_path)
+    assert set(tb) == {"train/loss", "train/abs_err", "train/lr", "eval/neg_mse"}
+    assert [s for s, _ in tb["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in tb["eval/neg_mse"]] == [3, 6]
+    # the same numbers as log.csv
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    last_train = dict(zip(header, rows[-2].split(",")))
+    assert float(last_train["loss"]) == pytest.approx(tb["train/loss"][-1][1], rel=1e-5)
+
+
+def test_resume_after_kill_does_not_repeat_steps(tmp_path):
+    full = tmp_path / "full"
+    run(full)
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run(killed, fail_at=5)  # checkpoint at 3; steps 1-4 logged
+    assert raw_steps(killed, "train/loss") == [1, 2, 3, 4]
+    run(killed, resume=True)
+    assert raw_steps(killed, "train/loss") == [1, 2, 3, 4, 4, 5, 6]  # step 4 written twice on disk ...
+    resumed, reference = scalars(killed), scalars(full)
+    assert resumed.keys() == reference.keys()
+    for tag in reference:  # ... and shown once, with the uninterrupted run's values (bit-for-bit resume)
+        assert resumed[tag] == reference[tag], tag
+
+
+def test_fresh_run_hides_an_earlier_run_in_the_folder(tmp_path):
+    run(tmp_path, iterations=6)
+    run(tmp_path, iterations=3)
+    assert [s for s, _ in scalars(tmp_path)["train/loss"]] == [1, 2, 3]
+
+
+def test_tensorboard_can_be_turned_off(tmp_path):
+    task = LinearTask()
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+    fit(task, optimizer, scheduler, LoopSettings(iterations=2, out_dir=str(tmp_path), progress=False,
+                                                 tensorboard=False, select_metric="neg_mse"),
+        device=torch.device("cpu"))
+    assert (tmp_path / "log.csv").exists() and not (tmp_path / "tb").exists()

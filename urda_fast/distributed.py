@@ -1,0 +1,172 @@
+"""Data-parallel training under ``torchrun``: process-group setup and teardown, the DDP wrapper, and the few
+collectives the training loop needs.
+
+``torchrun --nproc_per_node=N ...`` starts N copies of a script with RANK, WORLD_SIZE and LOCAL_RANK set. With
+WORLD_SIZE > 1, ``urda_fast.train.fit`` joins the process group (NCCL on CUDA, gloo on CPU), routes the task's
+training forward through ``DistributedDataParallel``, and leaves checkpoints, logs and the progress bar to rank 0.
+Without those variables (a plain ``python`` run) everything here reads as one process and does nothing.
+
+The batch size of a task is per process: N processes with batch B train like one process with batch N*B (DDP
+averages the gradients), except that BatchNorm normalises each process's B samples by their own statistics.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def context() -> Context:
+    """This process's place: from the initialised process group, else from torchrun's variables, else one process.
+
+    Readable before the group exists (data streams are built before ``fit`` joins it)."""
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        return Context(rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", rank)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Context()
+    if "RANK" not in os.environ:
+        raise RuntimeError("urda_fast: WORLD_SIZE is set but RANK is not; launch data-parallel runs with torchrun")
+    rank = int(os.environ["RANK"])
+    return Context(rank, world, int(os.environ.get("LOCAL_RANK", rank)))
+
+
+_joins = 0  # process groups this process has joined; every rank counts the same (they call fit() in lockstep)
+
+
+def setup(device: torch.device) -> bool:
+    """Join the default process group if this is a torchrun worker and none exists yet; True if this call did it
+    (so the caller tears it down), False when single-process or already set up by the caller."""
+    global _joins
+    ctx = context()
+    if not ctx.enabled or dist.is_initialized():
+        return False
+    if not dist.is_available():
+        raise RuntimeError("urda_fast: launched with WORLD_SIZE > 1, but this torch build has no torch.distributed")
+    if device.type == "cuda":
+        if device.index is None:
+            raise ValueError(f"urda_fast: under torchrun each process needs its own GPU; pass cuda:LOCAL_RANK "
+                             f"(cuda:{ctx.local_rank} here), not {device}")
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise ValueError(f"urda_fast: data-parallel training runs on cuda (NCCL) or cpu (gloo), not {device.type}")
+    # env:// rendezvous (torchrun's MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE), under a prefix of its own: a
+    # second fit() in the same process (the demo's several runs) joins again, and torch names every new default
+    # group alike, so without it a rank could read the address another rank published for the group it has left.
+    store, rank, world = next(dist.rendezvous("env://"))
+    _joins += 1
+    dist.init_process_group(backend, store=dist.PrefixStore(f"urda_fast/join{_joins}", store), rank=rank,
+                            world_size=world)
+    return True
+
+
+def teardown(initialized_here: bool) -> None:
+    if initialized_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def ddp_wrapper(device: torch.device):
+    """``wrap(module) -> DistributedDataParallel(module)`` for ``task.wrap_ddp``.
+
+    find_unused_parameters stays off: every trainable parameter must get a gradient each step (DDP says which did
+    not), which also lets a task run several forwards of the wrapped module before one backward. Buffers (BatchNorm
+    running statistics) are broadcast from rank 0 at each forward, so rank 0's are the ones checkpointed."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        # DDP's default: buffers synced from rank 0 at each forward (spelled broadcast_buffers or
+        # forward_sync_buffers depending on the torch version, so not spelled here)
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=False)
+
+    return wrap
+
+
+# --------------------------------------------------------------------------------------------------- collectives
+# Every function below is a collective: all ranks must call it at the same point, and it returns on all of them.
+
+
+def broadcast_object(obj, src: int = 0):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_metrics(values: dict[str, float]) -> dict[str, float]:
+    """Per-key mean of every rank's floats (a rank may lack a key), in rank 0's key order."""
+    gathered = gather_objects(values)
+    keys = list(dict.fromkeys(k for g in gathered for k in g))
+    return {k: sum(g[k] for g in gathered if k in g) / sum(k in g for g in gathered) for k in keys}
+
+
+@torch.no_grad()
+def broadcast_modules(modules) -> None:
+    """Copy rank 0's parameters and buffers to every rank (what DDP does when it wraps a module)."""
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor, src=0)
+
+
+@torch.no_grad()
+def average_gradients(params) -> None:
+    """Average ``.grad`` over ranks, for tasks that do not route their forward through DDP. A parameter that got a
+    gradient on some rank only counts as zero on the others; one with no gradient anywhere keeps ``grad=None``."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    world = dist.get_world_size()
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX)
+    for p, anywhere in zip(params, present.tolist()):
+        if not anywhere:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+
+def seed_rank(rank: int) -> None:
+    """Give rank ``rank`` > 0 its own global RNG streams (random starts, dropout masks), derived from the seed all
+    ranks share; rank 0 keeps the stream a single process would have."""
+    if rank == 0:
+        return
+    seed = (torch.initial_seed() + 1_000_003 * rank) % (2 ** 63)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+    random.seed(seed)
+
+
+def warn_main(message: str) -> None:
+    if context().is_main:
+        warnings.warn(message, stacklevel=2)

@@ -3,6 +3,7 @@
     urda-fast info [--json]          versions and the backends usable here
     urda-fast demo [--size small]    run every fused op on every backend against the reference, with timings
     urda-fast dart demo|pretrain|robustify|eval ...   robust domain adaptation (see `urda-fast dart -h`)
+    urda-fast hpt demo|proxy-check|train|eval ...     robustness transfer between CLIPs (see `urda-fast hpt -h`)
     urda-fast profile dart --steps N  a short loop under torch.profiler: trace.json + top-ops table
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -181,6 +183,59 @@ def _add_dart(sub) -> None:
     ev.add_argument("--device", default="auto")
 
 
+def cmd_hpt(args) -> int:
+    from urda_fast import hpt
+
+    if args.hpt_command == "demo":
+        hpt.demo(args.out, scale=args.scale, device=args.device, world_dir=args.world)
+        return 0
+    cls = {"proxy-check": hpt.ProxyCheckConfig, "train": hpt.TrainConfig, "eval": hpt.EvalConfig}[args.hpt_command]
+    cfg = _dart_config(args, cls)
+    names = ",".join(str(getattr(cfg, k, "")) for k in ("data", "datasets", "val_data"))
+    uses_world = getattr(cfg, "train_data", "") == "world" or "world:" in names
+    world = hpt.open_world(cfg.world) if uses_world else None
+    if args.hpt_command == "proxy-check":
+        result = hpt.proxy_check(cfg, world)
+        print(json.dumps(result, indent=2))
+        if cfg.out:
+            hpt.write_json(result, os.path.join(cfg.out, "proxy_check.json"))
+    elif args.hpt_command == "train":
+        print(json.dumps(hpt.train(cfg)["best"]))
+    else:
+        models = [hpt.run_model(path) for path in args.runs]
+        if cfg.target:
+            models.insert(0, ("zero-shot", cfg.target))
+        report = hpt.evaluate_models(models, cfg, world)
+        if cfg.out:
+            hpt.write_report(report, cfg.out)
+        print(hpt.to_markdown(report))
+    return 0
+
+
+def _add_hpt(sub) -> None:
+    from urda_fast.config import add_dataclass_flags
+    from urda_fast.hpt.config import EvalConfig, ProxyCheckConfig, TrainConfig
+
+    hpt = sub.add_parser("hpt", help="HPT-GPD: robustness transfer between CLIP models")
+    hpt.set_defaults(run=cmd_hpt)
+    commands = hpt.add_subparsers(dest="hpt_command", required=True)
+    demo = commands.add_parser("demo", help="proxy check, TeCoA/PMG-AFT/HPT/HPT-GPD and zero-shot evaluation on the "
+                                            "embedded world (offline, CPU)")
+    demo.add_argument("--out", default="runs/hpt-demo")
+    demo.add_argument("--scale", type=float, default=1.0, help="multiply the world's sizes and every iteration count")
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--world", default="", help="folder of the world (default: a cache folder)")
+    for name, cls, text in (
+            ("proxy-check", ProxyCheckConfig, "the target's white-box PGD accuracy vs. the proxy's on those images"),
+            ("train", TrainConfig, "robust fine-tuning: tecoa | pmg-aft | hpt | hpt-gpd"),
+            ("eval", EvalConfig, "zero-shot clean / robust accuracy of runs (and --target) over datasets")):
+        cmd = commands.add_parser(name, help=text)
+        if name == "eval":
+            cmd.add_argument("runs", nargs="*", help="`hpt train` run folders (their best.pt) or checkpoints")
+        cmd.add_argument("--config", help="YAML file of options (flags override it)")
+        add_dataclass_flags(cmd, cls)
+
+
 def cmd_profile(args) -> int:
     from urda_fast.profile import dart_step_fn, profile_steps
 
@@ -220,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=5)
     demo.set_defaults(run=cmd_demo)
     _add_dart(sub)
+    _add_hpt(sub)
     _add_profile(sub)
     return parser
 

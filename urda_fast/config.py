@@ -16,6 +16,14 @@ def _field_types(cls):
     return typing.get_type_hints(cls)
 
 
+def parse_float(value) -> float:
+    """A float, also written as a fraction: ``"8/255"`` (how attack budgets are usually given)."""
+    if isinstance(value, str) and "/" in value:
+        num, den = value.split("/", 1)
+        return float(num) / float(den)
+    return float(value)
+
+
 def _coerce(value, annotation, name):
     origin = typing.get_origin(annotation)
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -33,7 +41,7 @@ def _coerce(value, annotation, name):
         return bool(value)
     if annotation in (int, float, str):
         try:
-            return annotation(value)
+            return parse_float(value) if annotation is float else annotation(value)
         except (TypeError, ValueError) as err:
             raise ValueError(f"config: {name} must be {annotation.__name__}, got {value!r}") from err
     return value
@@ -71,7 +79,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         annotation = types[field.name]
         default = field.default if field.default is not dataclasses.MISSING else None
         kind = str if annotation is bool else (typing.get_args(annotation) or (annotation,))[0]
-        kind = kind if kind in (int, float, str) else str
+        kind = kind if kind in (int, str) else parse_float if kind is float else str
         if annotation is bool:  # `--vat` alone means true; `--vat false` also works
             parser.add_argument(flag, type=str, nargs="?", const="true", default=None, dest=field.name,
                                 help=f"true/false (default: {default})")

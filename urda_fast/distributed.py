@@ -170,3 +170,14 @@ def seed_rank(rank: int) -> None:
 def warn_main(message: str) -> None:
     if context().is_main:
         warnings.warn(message, stacklevel=2)
+
+
+def pick_device(name: str) -> torch.device:
+    """``"auto"`` (a GPU when one is visible, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; under torchrun a
+    bare ``cuda`` means this process's GPU (``LOCAL_RANK``)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"urda_fast: device {name!r} asked for, but no CUDA GPU is visible; use --device cpu")
+    if device.type == "cuda" and device.index is None and context().enabled:
+        device = torch.device("cuda", context().local_rank)  # torchrun: one GPU per process
+    return device

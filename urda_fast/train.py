@@ -7,6 +7,7 @@ A *task* supplies what differs between methods:
     task.streams() -> dict[str, stream]           # resumable data streams (state_dict / load_state_dict)
     task.training_step() -> dict[str, Tensor]     # draws its batches, returns {"loss": ..., other metrics}
     task.evaluate() -> dict[str, float]           # e.g. {"clean_acc": 91.3}
+    task.after_step()                             # optional: after each optimizer step (e.g. clamp a parameter)
     task.wrap_ddp(wrap)                           # optional, see below
 
 Logs: ``log.csv`` and, unless ``LoopSettings.tensorboard`` is off, TensorBoard scalars in ``out_dir/tb`` (``train/*``
@@ -239,6 +240,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
     bar = tqdm(range(start + 1, end + 1), initial=start, total=settings.iterations,
                disable=not (settings.progress and main), desc=getattr(task, "name", "train"))
     sync_gradients = _distribute(task, optimizer, device, ctx)
+    after_step = getattr(task, "after_step", None)
     tic = time.perf_counter()
     try:
         for iteration in bar:
@@ -254,6 +256,8 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
                     scaler.step(optimizer)
                     scaler.update()
                     scheduler.step()
+                    if after_step is not None:
+                        after_step()
             if iteration % settings.log_every == 0 or iteration == settings.iterations:
                 values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
                 if ctx.enabled:

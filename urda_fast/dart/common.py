@@ -7,21 +7,10 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
-from urda_fast import distributed
+from urda_fast.distributed import pick_device  # noqa: F401 (re-export)
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import enable_nvtx
 from urda_fast.train import LoopSettings, fit
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"dart: device {name!r} asked for, but no CUDA GPU is visible; use --device cpu")
-    if device.type == "cuda" and device.index is None and distributed.context().enabled:
-        device = torch.device("cuda", distributed.context().local_rank)  # torchrun: one GPU per process
-    return device
 
 
 def sgd(param_groups, cfg) -> torch.optim.Optimizer:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
-from urda_fast import distributed
-from urda_fast.data import DATASETS, ForeverDataIterator, default_transforms, make_loader, open_domain
+from urda_fast.data import DATASETS, default_transforms, open_domain, train_stream  # noqa: F401 (re-export)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # --data names on the command line -> the registry's benchmark names
@@ -50,18 +49,3 @@ def task_data(cfg) -> TaskData:
     mean, std = ((0.5,), (0.5,)) if DATASETS[name].mode == "L" else (IMAGENET_MEAN, IMAGENET_STD)
     return TaskData(source, target, test, DATASETS[name].num_classes, mean, std,
                     f"{name}: {cfg.source} -> {cfg.target} from {cfg.root}")
-
-
-def train_stream(dataset: Dataset, batch_size: int, seed: int, device, num_workers: int = 0) -> ForeverDataIterator:
-    """Endless shuffled batches whose order and augmentation depend on ``seed`` only, resumable mid-epoch.
-
-    Under torchrun, this process's share of every epoch (``batch_size`` is per process)."""
-    ctx = distributed.context()
-    if len(dataset) // ctx.world_size < batch_size:
-        raise ValueError(f"dart: a dataset of {len(dataset)} samples cannot fill a batch of {batch_size}"
-                         + (f" on each of {ctx.world_size} processes" if ctx.enabled else ""))
-    # In-memory tensors have no random transforms: skip the per-sample reseeding.
-    loader = make_loader(dataset, batch_size, train=True, seed=seed, num_workers=num_workers,
-                         reseed_transforms=not isinstance(dataset, TensorDataset), rank=ctx.rank,
-                         world_size=ctx.world_size)
-    return ForeverDataIterator(loader, device=device)

@@ -19,6 +19,7 @@ from .domains import (
     image_folder,
     make_loader,
     open_domain,
+    train_stream,
     train_transform,
     val_transform,
 )
@@ -26,5 +27,5 @@ from .domains import (
 __all__ = [
     "DATASETS", "DatasetSpec", "DigitsShift", "ForeverDataIterator", "ImageList", "ResizeImage", "ResumableSampler",
     "SeededItems", "default_transforms", "image_folder", "load_digits_shift", "make_loader", "open_domain",
-    "train_transform", "val_transform",
+    "train_stream", "train_transform", "val_transform",
 ]

@@ -28,7 +28,9 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+from urda_fast import distributed
 
 # ----------------------------------------------------------------------------------------------------------- datasets
 
@@ -425,3 +427,18 @@ def _to_device(batch, device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(b, device) for b in batch)
     return batch
+
+
+def train_stream(dataset: Dataset, batch_size: int, seed: int, device, num_workers: int = 0) -> ForeverDataIterator:
+    """Endless shuffled batches whose order and augmentation depend on ``seed`` only, resumable mid-epoch.
+
+    Under torchrun, this process's share of every epoch (``batch_size`` is per process)."""
+    ctx = distributed.context()
+    if len(dataset) // ctx.world_size < batch_size:
+        raise ValueError(f"urda_fast: a dataset of {len(dataset)} samples cannot fill a batch of {batch_size}"
+                         + (f" on each of {ctx.world_size} processes" if ctx.enabled else ""))
+    # In-memory tensors have no random transforms: skip the per-sample reseeding.
+    loader = make_loader(dataset, batch_size, train=True, seed=seed, num_workers=num_workers,
+                         reseed_transforms=not isinstance(dataset, TensorDataset), rank=ctx.rank,
+                         world_size=ctx.world_size)
+    return ForeverDataIterator(loader, device=device)

@@ -1,0 +1,330 @@
+"""HPT-GPD: losses against methods.md written out in float64, the GPD schedule, zero-shot text caching, clear errors,
+every command on a tiny embedded world, and resume-after-kill."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from urda_fast.hpt import losses
+from urda_fast.hpt.clip_models import load_clip, parse_model_arg
+from urda_fast.hpt.schedule import GPDSchedule
+from urda_fast.hpt.zero_shot import ZeroShotClassifier
+
+
+def kl_sum(teacher, student):
+    """methods.md: sum over the batch of KL(softmax(teacher) || softmax(student)), in float64."""
+    p = torch.softmax(teacher.double(), 1)
+    return (p * (p.log() - torch.log_softmax(student.double(), 1))).sum()
+
+
+def _logits(b=6, c=5, scale=3.0, grad=True):
+    return (torch.randn(b, c, dtype=torch.float64) * scale).requires_grad_(grad)
+
+
+def _check(total, expected, inputs):
+    torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(total, inputs), torch.autograd.grad(expected, inputs)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_tecoa_loss_is_cross_entropy_on_adversarial_logits():
+    adv, y = _logits(), torch.tensor([0, 1, 2, 3, 4, 0])
+    total, parts = losses.tecoa_loss(adv, y)
+    expected = -torch.log_softmax(adv, 1)[torch.arange(6), y].mean()
+    _check(total, expected, (adv,))
+    assert parts["ce_loss"] == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "batchmean"])
+def test_pmg_aft_loss_matches_methods_md(reduction):
+    adv, clean, original = _logits(), _logits(), _logits(grad=False)
+    y = torch.tensor([4, 3, 2, 1, 0, 0])
+    total, parts = losses.pmg_aft_loss(adv, y, original, clean, original_weight=0.7, clean_weight=1.3,
+                                       reduction=reduction)
+    per = 1.0 if reduction == "sum" else 1 / 6
+    # CE(adv) + KL(orig(adv) || target(adv)) + KL(target(clean) || target(adv)); both target sides are trained.
+    expected = F.cross_entropy(adv, y) + 0.7 * per * kl_sum(original, adv) + 1.3 * per * kl_sum(clean, adv)
+    _check(total, expected, (adv, clean))
+    assert parts["clean_loss"] == pytest.approx(per * float(kl_sum(clean, adv).detach()), rel=1e-5)
+
+
+def test_hpt_loss_matches_methods_md_and_skips_zero_weight_terms():
+    adv, proxy, anchor = _logits(), _logits(grad=False), _logits(grad=False)
+    total, parts = losses.hpt_loss(adv, proxy, anchor)  # code v1: 1 and 0.001, sums over the batch
+    _check(total, kl_sum(proxy, adv) + 0.001 * kl_sum(anchor, adv), (adv,))
+    total, parts = losses.hpt_loss(adv, None, anchor, proxy_weight=0.0, anchor_weight=1.0)
+    _check(total, kl_sum(anchor, adv), (adv,))
+    assert float(parts["proxy_loss"]) == 0.0
+    anchor_only = losses.anchor_loss(adv, anchor, reduction="batchmean")
+    torch.testing.assert_close(anchor_only.double(), kl_sum(anchor, adv) / 6, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no proxy logits"):
+        losses.hpt_loss(adv, None, anchor)
+    with pytest.raises(ValueError, match="kl_reduction"):
+        losses.hpt_loss(adv, proxy, anchor, reduction="mean")
+
+
+def test_gpd_schedule_lr_and_phase_weights_at_chosen_steps():
+    s = GPDSchedule(total_steps=110, warmup_steps=10, lr=1.0, warmup_lr=0.2, warmup_weights=(0.0, 1.0),
+                    hpt_weights=(1.0, 0.001))
+    assert s.lr_at(0) == pytest.approx(0.02) and s.lr_at(9) == pytest.approx(0.2)  # low, rising
+    assert s.lr_at(10) == pytest.approx(1.0)  # phase (b) starts at the peak
+    assert s.lr_at(60) == pytest.approx(0.5)  # half-way through the cosine
+    assert s.lr_at(109) == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert s.phase(9) == "warmup" and s.phase(10) == "hpt"
+    assert s.weights_at(9) == (0.0, 1.0) and s.weights_at(10) == (1.0, 0.001)
+    # The LambdaLR gives the optimiser lr_at(step) for the step it is about to take.
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = s.scheduler(opt)
+    seen = []
+    for _ in range(12):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([s.lr_at(i) for i in range(12)])
+    # The code's schedule: one ramp to lr (open_clip cosine_lr).
+    code = GPDSchedule(total_steps=3000, warmup_steps=1000, lr=5e-5)
+    assert code.lr_at(499) == pytest.approx(2.5e-5) and code.lr_at(2000) == pytest.approx(2.5e-5)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        GPDSchedule(total_steps=10, warmup_steps=10, lr=1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    torch.manual_seed(0)
+    return load_clip("urda-tiny-vit", None)
+
+
+@pytest.mark.parametrize("mode", ["cosine", "clip"])
+def test_text_feature_cache_gives_the_recomputed_logits(tiny_clip, mode):
+    model, tokenizer = tiny_clip
+    names, templates = ["zero", "one", "two"], ["a photo of the number {}", "the digit {}"]
+    cached = ZeroShotClassifier(model, tokenizer, names, templates, logits=mode, cache_text=True)
+    fresh = ZeroShotClassifier(model, tokenizer, names, templates, logits=mode, cache_text=False)
+    x = torch.rand(5, 3, 32, 32)
+    with torch.inference_mode():  # a cache filled in inference mode must still serve a training forward later
+        first = cached(x)
+    torch.testing.assert_close(cached(x), fresh(x), rtol=0, atol=0)
+    torch.testing.assert_close(first, fresh(x), rtol=1e-5, atol=1e-6)  # inference mode may take other kernels
+    assert cached.cached_text is not None and not cached.cached_text.requires_grad
+    assert fresh.text_features().requires_grad  # the uncached head trains the text tower
+    # by hand: cosine of unit image features with the template-averaged unit class embeddings
+    text = F.normalize(model.encode_text(tokenizer([t.format(n) for n in names for t in templates])), dim=-1)
+    text = F.normalize(text.reshape(3, 2, -1).mean(1), dim=-1)
+    norm = (x - torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
+    want = F.normalize(model.encode_image(norm), dim=-1) @ text.t() * (model.logit_scale.exp() if mode == "clip" else 1)
+    torch.testing.assert_close(cached(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_checkpoint_and_unknown_architecture_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        load_clip("urda-tiny-vit", str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="unknown architecture 'ViT-Q-99'.*list_models"):
+        load_clip("ViT-Q-99", None)
+    with pytest.raises(ValueError, match="ARCH:CHECKPOINT"):
+        parse_model_arg("ckpts/vitb32.pt", "target")
+    assert parse_model_arg("ViT-B-32:c:/x.pt") == ("ViT-B-32", "c:/x.pt")
+    model, _ = load_clip("urda-tiny-rn", None)
+    torch.save(model.state_dict(), tmp_path / "rn.pt")
+    with pytest.raises(ValueError, match="does not hold weights for architecture urda-tiny-vit"):
+        load_clip("urda-tiny-vit", str(tmp_path / "rn.pt"))
+    again, _ = load_clip("urda-tiny-rn", str(tmp_path / "rn.pt"))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- the embedded world
+WORLD_SCALE = 0.02  # 120 pre-training images, 16 pre-training steps per model: seconds, not minutes
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from urda_fast.hpt.world import WorldRecipe, build_world
+
+    return build_world(str(tmp_path_factory.mktemp("world")), WorldRecipe().scaled(WORLD_SCALE), progress=False)
+
+
+def train_cfg(world_, out, **kw):
+    from urda_fast.hpt import TrainConfig
+
+    options = dict(target=world_.model_arg("target"), proxy=world_.model_arg("proxy"), train_data="world",
+                   world=world_.folder, out=str(out), iterations=4, batch_size=8, warmup_steps=2, lr=0.01,
+                   attack_steps=2, eval_every=4, eval_steps=2, eval_max_batches=1, progress=False, device="cpu",
+                   tensorboard=False)
+    return TrainConfig(**{**options, **kw})
+
+
+def test_world_is_reused_and_its_splits_have_the_documented_shapes(world):
+    from urda_fast.hpt.world import SPLITS, build_world
+
+    again = build_world(world.folder, __import__("urda_fast.hpt.world", fromlist=["WorldRecipe"]).WorldRecipe()
+                        .scaled(WORLD_SCALE), progress=False)
+    assert again.info["key"] == world.info["key"]  # a complete world of the same recipe is not rebuilt
+    for split in SPLITS:
+        images, labels = world.split(split)
+        assert images.shape[1:] == (3, 32, 32) and images.dtype == torch.float32
+        assert 0 <= float(images.min()) and float(images.max()) <= 1
+        assert int(labels.max()) < len(world.classnames(split))
+    with pytest.raises(ValueError, match="splits"):
+        world.split("test")
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")  # moved to a step, no optimizer
+@pytest.mark.parametrize("method,weights,logits", [("hpt-gpd", "warmup", "clip"), ("hpt-gpd", "hpt", "clip"),
+                                                   ("hpt", "hpt", "clip"), ("hpt", "hpt", "cosine")])
+def test_training_step_equals_the_eager_reference_step(world, tmp_path, method, weights, logits):
+    """Our step (text once per step, cached frozen heads, fused KL and PGD) gives the reference code's loss and
+    gradients, in the warm-up phase (anchor only) and in the HPT phase (proxy + anchor)."""
+    import copy
+
+    from urda_fast.hpt.reference_step import EagerZeroShot, eager_hpt_loss
+    from urda_fast.hpt.train import build_task
+
+    cfg = train_cfg(world, tmp_path, method=method, attack_random_start=False, anchor_weight=0.5, logits=logits)
+    task = build_task(cfg)[0]
+    step = 0 if weights == "warmup" else cfg.warmup_steps
+    for _ in range(step):
+        task.scheduler.step()
+    proxy_w, anchor_w = task.schedule.weights_at(step)
+    assert (proxy_w, anchor_w) == ((0.0, 1.0) if method == "hpt-gpd" and weights == "warmup" else (1.0, 0.5))
+    with torch.no_grad():  # a target that has moved away from its anchor, as during training
+        for param in task.head.clip.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    state = copy.deepcopy(task.stream.state_dict())
+    target_copy = copy.deepcopy(task.head.clip)
+    ours = task.training_step()["loss"]
+    ours_grads = torch.autograd.grad(ours, [p for p in task.head.clip.parameters()], allow_unused=True)
+
+    task.stream.load_state_dict(state)
+    x, y = next(task.stream)
+    tokens, n = task.head.tokens, len(task.head.classnames)
+    eager = [EagerZeroShot(m, tokens, n, logits) for m in (target_copy, task.proxy.clip, task.anchor.clip)]
+    want = eager_hpt_loss(*eager, x, y, cfg, proxy_w, anchor_w)
+    want_grads = torch.autograd.grad(want, list(target_copy.parameters()), allow_unused=True)
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-6)
+    assert logits == "cosine" or float(want.detach()) > 1e-3
+    for got, expected in zip(ours_grads, want_grads):
+        if expected is None:
+            assert got is None or float(got.abs().max()) == 0
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-6)
+
+
+def test_every_method_trains_and_the_cli_commands_run(world, tmp_path, capsys):
+    from urda_fast.cli import main
+
+    target, proxy = world.model_arg("target"), world.model_arg("proxy")
+    common = ["--world", world.folder, "--device", "cpu", "--progress", "false"]
+    assert main(["hpt", "proxy-check", "--target", target, "--proxy", proxy, "--data", "world:digits",
+                 "--eps", "1/255", "--batch-size", "8", "--max-batches", "1", "--out", str(tmp_path / "pc")]
+                + common) == 0
+    check = json.loads((tmp_path / "pc" / "proxy_check.json").read_text())
+    assert check["count"] == 8 and abs(check["eps"] - 1 / 255) < 1e-12
+    assert check["target_whitebox"] <= check["target_clean"]  # PGD never helps the model it attacks
+    runs = []
+    for method in ("tecoa", "pmg-aft", "hpt", "hpt-gpd"):
+        out = tmp_path / method
+        assert main(["hpt", "train", "--target", target, "--proxy", proxy, "--train-data", "world", "--method",
+                     method, "--out", str(out), "--iterations", "3", "--batch-size", "8", "--warmup-steps", "1",
+                     "--attack-steps", "1", "--eval-every", "3", "--eval-steps", "1", "--eval-max-batches", "1",
+                     "--tensorboard", "false"] + common) == 0
+        best = torch.load(out / "best.pt", weights_only=False)
+        assert best["kind"] == "hpt" and best["config"]["method"] == method and best["arch"] == "urda-tiny-vit"
+        rows = list(csv_rows(out / "log.csv"))
+        assert [r["iteration"] for r in rows if r.get("loss")] == ["3"]
+        assert all(math.isfinite(float(r["loss"])) for r in rows if r.get("loss"))
+        runs.append(str(out))
+    capsys.readouterr()
+    assert main(["hpt", "eval", *runs, "--target", target, "--datasets", "world:digits,world:style", "--attack",
+                 "pgd2", "--batch-size", "16", "--max-batches", "1", "--out", str(tmp_path / "eval")] + common) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert [r["method"] for r in report["rows"]] == ["zero-shot", "tecoa", "pmg-aft", "hpt", "hpt-gpd"]
+    for row in report["rows"]:
+        assert set(row["per_dataset"]) == {"world:digits", "world:style"}
+        assert row["robust"] <= row["clean"] + 1e-9
+    assert "zero-shot" in capsys.readouterr().out and (tmp_path / "eval" / "report.png").stat().st_size > 0
+
+
+def csv_rows(path):
+    import csv
+
+    with open(path) as f:
+        yield from csv.DictReader(f)
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(world, tmp_path):
+    """Killed inside the warm-up, resumed into the HPT phase: the same weights, bit for bit, and the same log."""
+    from urda_fast.hpt import train
+
+    full = train_cfg(world, tmp_path / "full", iterations=5, warmup_steps=2, eval_every=2)
+    train(full)
+    killed = train_cfg(world, tmp_path / "killed", iterations=5, warmup_steps=2, eval_every=2, stop_after=1)
+    train(killed)
+    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["iteration"] == 1
+    from dataclasses import replace
+
+    train(replace(killed, stop_after=0, resume=True))
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["modules"]["target"]
+    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["modules"]["target"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]  # noqa: E731
+    assert strip(csv_rows(tmp_path / "full" / "log.csv")) == strip(csv_rows(tmp_path / "killed" / "log.csv"))
+
+
+def test_visual_only_training_keeps_the_text_tower_and_clamps_logit_scale(world, tmp_path):
+    from urda_fast.hpt import load_clip, train
+
+    cfg = train_cfg(world, tmp_path, trainable="visual", logits="clip", iterations=2, warmup_steps=1, eval_every=2,
+                    logit_scale_max=1.0)
+    train(cfg)
+    before, _ = load_clip(*parse_model_arg(world.model_arg("target")))
+    after = torch.load(tmp_path / "last.pt", weights_only=False)["modules"]["target"]
+    changed = {k for k, v in before.state_dict().items() if not torch.equal(v, after[k])}
+    assert changed and all(k.startswith("visual.") for k in changed - {"logit_scale"})
+    assert float(after["logit_scale"]) <= 1.0  # clamped after every step
+
+
+def test_bad_configs_and_dataset_layouts_are_clear_errors(world, tmp_path):
+    from urda_fast.hpt import train
+    from urda_fast.hpt.data import open_dataset, tinyimagenet
+
+    with pytest.raises(ValueError, match="--proxy"):
+        train(train_cfg(world, tmp_path, method="hpt", proxy=""))
+    with pytest.raises(ValueError, match="method must be one of"):
+        train(train_cfg(world, tmp_path, method="trades"))
+    with pytest.raises(ValueError, match="attack_eps must be > 0"):
+        train(train_cfg(world, tmp_path, attack_eps=-1 / 255))
+    with pytest.raises(ValueError, match="warmup_steps"):
+        train(train_cfg(world, tmp_path, warmup_steps=10, iterations=4))
+    (tmp_path / "data").mkdir()
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        open_dataset("cifar10", root=str(tmp_path / "data"))
+    with pytest.raises(FileNotFoundError, match="tiny-imagenet-200"):
+        tinyimagenet(str(tmp_path / "data"))
+    with pytest.raises(FileNotFoundError, match="<class>"):
+        open_dataset(f"folder:{tmp_path / 'nope'}")
+    with pytest.raises(ValueError, match="unknown dataset 'cifar11'"):
+        open_dataset("cifar11", root=str(tmp_path / "data"))
+    with pytest.raises(FileNotFoundError, match="not a built world"):
+        train(train_cfg(world, tmp_path, world=str(tmp_path / "data")))
+    with pytest.raises(ValueError, match="does not hold weights"):  # a checkpoint of the other architecture
+        train(train_cfg(world, tmp_path, target="urda-tiny-vit:" + world.model_arg("proxy").split(":", 1)[1]))
+
+
+def test_demo_writes_the_documented_report(world, tmp_path):
+    from urda_fast.hpt import demo
+
+    report = demo(str(tmp_path / "demo"), scale=WORLD_SCALE, device="cpu", world_dir=world.folder, progress=False)
+    saved = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(report["rows"]))
+    assert [r["method"] for r in saved["rows"]] == ["zero-shot", "tecoa", "pmg-aft", "hpt", "hpt-gpd"]
+    assert set(saved["proxy_check"]) >= {"target_whitebox", "proxy_on_target_adv"}
+    for row in saved["rows"]:
+        assert 0 <= row["robust"] <= row["clean"] <= 100 and set(row["per_dataset"]) == {
+            "world:digits", "world:handwritten", "world:style"}
+    assert (tmp_path / "demo" / "report.md").read_text().startswith("Zero-shot accuracy")

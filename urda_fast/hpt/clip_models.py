@@ -1,0 +1,149 @@
+"""CLIP models through open_clip, from an architecture name and a local checkpoint -- never a download.
+
+    model, tokenizer = load_clip("ViT-B-32-quickgelu", "ckpts/openai_vitb32.pt")     # OpenAI weights: -quickgelu
+    model, tokenizer = load_clip("urda-tiny-vit", None)                               # random init (the world)
+    arch, path = parse_model_arg("ViT-B-16:ckpts/vitb16.pt")
+
+Besides open_clip's own architectures (``open_clip.list_models()``), the tiny configurations of the embedded world
+(``TINY_CONFIGS``) are registered with open_clip on first use, so they are built by the same factory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+
+import torch
+
+# Two small CLIPs of different architectures for the embedded world (32x32 images, 16-token captions): a ViT with
+# 8x8 patches (the target, as the code's ViT-B/32) and a ModifiedResNet (the heterogeneous proxy).
+_TEXT = {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}
+TINY_CONFIGS = {
+    "urda-tiny-vit": {"embed_dim": 64, "text_cfg": _TEXT,
+                      "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 16, "patch_size": 8}},
+    "urda-tiny-rn": {"embed_dim": 64, "text_cfg": _TEXT,
+                     "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 32}},
+}
+_REGISTERED = False
+LIST_HINT = "see the names with `python -c \"import open_clip; print(open_clip.list_models())\"` (plus urda-tiny-vit, " \
+            "urda-tiny-rn)"
+
+
+def register_tiny_configs() -> None:
+    """Make ``TINY_CONFIGS`` known to open_clip (idempotent). open_clip reads architectures from JSON files only, so
+    they are written once per process to a private temporary folder."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import open_clip
+
+    folder = tempfile.mkdtemp(prefix="urda_fast_open_clip_")
+    for name, cfg in TINY_CONFIGS.items():
+        with open(os.path.join(folder, f"{name}.json"), "w") as f:
+            json.dump(cfg, f)
+    open_clip.add_model_config(folder)
+    _REGISTERED = True
+
+
+def parse_model_arg(text: str, what: str = "model") -> tuple[str, str]:
+    """``"ARCH:CHECKPOINT"`` -> (arch, checkpoint). The first colon splits, so checkpoint paths may hold colons."""
+    if not text or ":" not in text:
+        raise ValueError(f"hpt: --{what} must be ARCH:CHECKPOINT, e.g. ViT-B-32:ckpts/vitb32.pt (got {text!r}); "
+                         f"ARCH is an open_clip architecture ({LIST_HINT})")
+    arch, path = text.split(":", 1)
+    if arch in ("hf-hub", "local-dir"):
+        raise ValueError(f"hpt: --{what} {text!r}: open_clip schemas are not supported (they may download); give an "
+                         f"architecture name and a local file, e.g. ViT-B-32:ckpts/vitb32.pt")
+    return arch, os.path.expanduser(path)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    # create_model logs a warning for every randomly initialised model; the world builds several on purpose.
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def check_architecture(arch: str) -> dict:
+    """The open_clip config of ``arch``; a ValueError naming how to list the valid names if it is unknown, or if the
+    architecture would need files from the internet (Hugging Face text towers and tokenizers)."""
+    import open_clip
+
+    register_tiny_configs()
+    cfg = open_clip.get_model_config(arch) if arch else None
+    if cfg is None:
+        raise ValueError(f"hpt: unknown architecture {arch!r}; {LIST_HINT}")
+    text_cfg = cfg.get("text_cfg", {})
+    if text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name"):
+        raise ValueError(f"hpt: architecture {arch!r} builds its text tower or tokenizer from Hugging Face "
+                         f"({text_cfg.get('hf_model_name') or text_cfg.get('hf_tokenizer_name')}), which needs a "
+                         "download; choose an architecture with open_clip's own text transformer (e.g. ViT-B-32)")
+    return cfg
+
+
+def _state_dict_of(path: str) -> dict | None:
+    """The open_clip weights inside a urda_fast HPT run checkpoint (its target), else None (a plain CLIP file)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 -- TorchScript archives, safetensors, ...: left to open_clip's loader
+        return None
+    if isinstance(state, dict) and isinstance(state.get("modules"), dict) and "target" in state["modules"]:
+        return state["modules"]["target"]
+    return None
+
+
+def load_clip(arch: str, checkpoint: str | None, device: str | torch.device = "cpu"):
+    """An open_clip model (float32, eval mode) and its tokenizer.
+
+    Args:
+        arch: an open_clip architecture name (OpenAI's released weights need the ``-quickgelu`` variants) or one of
+            ``TINY_CONFIGS``.
+        checkpoint: a local weights file -- an open_clip/OpenAI state dict (.pt/.bin/.safetensors), or a run folder /
+            ``best.pt`` / ``last.pt`` written by ``hpt train``; None = random initialisation.
+        device: where to put the model.
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist (nothing is ever downloaded).
+        ValueError: unknown architecture, or weights that do not fit it.
+    """
+    import open_clip
+
+    check_architecture(arch)
+    if checkpoint is not None:
+        if os.path.isdir(checkpoint) and os.path.isfile(os.path.join(checkpoint, "best.pt")):
+            checkpoint = os.path.join(checkpoint, "best.pt")
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"hpt: checkpoint {checkpoint!r} for {arch} not found; give a local weights "
+                                    "file (urda_fast never downloads weights)")
+    with _quiet_open_clip():
+        # pretrained=None: open_clip resolves a string first as a release *tag* (a download), so weights are loaded
+        # below from the file instead; pretrained_text/image=False keep the towers from fetching base weights.
+        model = open_clip.create_model(arch, pretrained=None, pretrained_image=False, pretrained_text=False,
+                                       device="cpu")
+    if checkpoint is not None:
+        try:
+            own = _state_dict_of(checkpoint)
+            if own is not None:
+                model.load_state_dict(own)
+            else:
+                open_clip.load_checkpoint(model, checkpoint)
+        except (RuntimeError, KeyError) as err:
+            raise ValueError(f"hpt: {checkpoint!r} does not hold weights for architecture {arch} ({err}); check the "
+                             "ARCH part of ARCH:CHECKPOINT") from err
+    tokenizer = open_clip.get_tokenizer(arch)
+    return model.float().to(device).eval(), tokenizer
+
+
+def load_clip_arg(text: str, what: str, device="cpu"):
+    """``load_clip`` from an ``"ARCH:CHECKPOINT"`` command-line value; returns (model, tokenizer, arch)."""
+    arch, path = parse_model_arg(text, what)
+    model, tokenizer = load_clip(arch, path, device)
+    return model, tokenizer, arch

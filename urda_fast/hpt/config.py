@@ -1,0 +1,117 @@
+"""HPT-GPD configurations: the authors' code values as defaults (shared methods.md §2); (choice) marks urda_fast's
+readings where the code and the paper leave a value open."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+METHODS = ("tecoa", "pmg-aft", "hpt", "hpt-gpd")
+LOGIT_SCALE_MAX = math.log(100.0)  # the code clamps logit_scale to <= ln(100) = 4.6052 after every step
+
+
+@dataclass
+class ModelsConfig:
+    """Which CLIPs, and how their zero-shot heads see images and text."""
+
+    target: str = ""  # "ARCH:CHECKPOINT", the CLIP to robustify (code: ViT-B-32)
+    proxy: str = ""  # "ARCH:CHECKPOINT", a frozen CLIP of another architecture (code: ViT-B-16)
+    anchor: str = ""  # "ARCH:CHECKPOINT" of the frozen anchor; "" = the target's own starting weights
+    logits: str = "cosine"  # "cosine": cosine similarities, no scale (code) | "clip": x exp(logit_scale)
+    preprocess: str = "imagenet"  # "imagenet": ImageNet mean/std (code) | "clip": CLIP's mean/std
+    templates: str = "This is a photo of a {}"  # zero-shot prompt(s), "|"-separated; {} = the class name
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
+
+
+@dataclass
+class DataConfig:
+    """Training data (labelled images) and the zero-shot sets watched during training."""
+
+    train_data: str = "tinyimagenet"  # "tinyimagenet" (PMG-AFT protocol) | "imagefolder" | "world" (embedded, offline)
+    root: str = ""  # dataset root (tinyimagenet: the folder holding tiny-imagenet-200/, or tiny-imagenet-200 itself)
+    world: str = ""  # folder of the embedded world (`hpt demo` builds it); "" = the default cache folder
+    val_data: str = ""  # zero-shot sets evaluated during training, comma-separated ("" = the train data's val split)
+    image_size: int = 224  # images are resized to this for real datasets (the model resizes again if it differs)
+    num_workers: int = 4
+
+
+@dataclass
+class TrainConfig(ModelsConfig, DataConfig):
+    """One robust fine-tuning run: ``method`` picks the loss; GPD's two phases come from the lr schedule."""
+
+    method: str = "hpt-gpd"  # "tecoa" | "pmg-aft" | "hpt" (HPT loss, plain warm-up) | "hpt-gpd"
+    trainable: str = "all"  # "all" parameters (code) | "visual" tower only (text features then cached)
+    out: str = "runs/hpt"
+    epochs: int = 10
+    iterations: int = 0  # 0 = epochs x batches per epoch
+    batch_size: int = 256
+    lr: float = 5e-5  # peak lr of the HPT phase
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000  # GPD phase (a): linear warm-up, then phase (b): cosine decay to 0
+    warmup_lr: float = 0.0  # peak lr of the warm-up ramp; 0 = lr (code: one ramp to lr)
+    # Loss weights per phase. HPT (code v1): 1 x KL(proxy(x_adv) || target(x_adv)) + 0.001 x KL(anchor(x) || ...).
+    proxy_weight: float = 1.0
+    anchor_weight: float = 0.001
+    # GPD warm-up (choice; unpublished): pulled to the anchor's clean predictions only. `hpt` ignores these and
+    # keeps the HPT weights through its warm-up, as the code does.
+    warmup_proxy_weight: float = 0.0
+    warmup_anchor_weight: float = 1.0
+    pmg_original_weight: float = 1.0  # PMG-AFT: KL(original(x_adv) || target(x_adv))
+    pmg_clean_weight: float = 1.0  # PMG-AFT: KL(target(x) || target(x_adv))
+    kl_reduction: str = "sum"  # "sum" over the batch (code: KLDivLoss(reduction="sum")) | "batchmean"
+    attack_eps: float = 2 / 255
+    attack_alpha: float = 1 / 255
+    attack_steps: int = 5
+    attack_random_start: bool = True
+    logit_scale_max: float = LOGIT_SCALE_MAX
+    eval_every: int = 500
+    eval_eps: float = 1 / 255
+    eval_steps: int = 10
+    eval_max_batches: int = 4  # batches per val set at each evaluation (0 = all)
+    select_metric: str = "robust_acc"  # best.pt keeps the highest value (code: mean robust accuracy)
+    seed: int = 0
+    amp: str = "auto"  # "auto": fp16 on CUDA (code: mixed precision), none on CPU | "none" | "bf16" | "fp16"
+    nvtx: bool = False
+    tensorboard: bool = True
+    resume: bool = False
+    progress: bool = True
+    stop_after: int = 0  # end the run after this iteration, as a kill would (resume tests); 0 = never
+
+
+@dataclass
+class EvalConfig(ModelsConfig):
+    """Zero-shot clean and robust accuracy over many datasets (code: PGD-10, eps 1/255, step 1/255)."""
+
+    datasets: str = "cifar10,cifar100,stl10"  # comma-separated names (see urda_fast.hpt.data.EVAL_DATASETS)
+    root: str = ""
+    world: str = ""
+    attack: str = "pgd10"  # "pgdK" | "cwK" (CW margin loss) | "autoattack" | "none"
+    eps: float = 1 / 255
+    alpha: float = 1 / 255
+    batch_size: int = 256
+    max_batches: int = 0  # per dataset; 0 = all
+    image_size: int = 224
+    num_workers: int = 4
+    seed: int = 0
+    out: str = ""  # folder for report.md/json/png ("" = print only)
+    progress: bool = True
+
+
+@dataclass
+class ProxyCheckConfig(ModelsConfig):
+    """White-box PGD accuracy of the target vs. the proxy's accuracy on the target's adversarial images."""
+
+    data: str = "cifar10"
+    root: str = ""
+    world: str = ""
+    eps: float = 1 / 255
+    alpha: float = 1 / 255
+    steps: int = 10
+    batch_size: int = 256
+    max_batches: int = 0
+    image_size: int = 224
+    num_workers: int = 4
+    seed: int = 0
+    out: str = ""
+    progress: bool = True

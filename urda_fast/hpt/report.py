@@ -1,0 +1,130 @@
+"""Zero-shot robustness of several CLIPs (a plain one and fine-tuned runs) as one report: JSON, Markdown and a plot.
+
+    report = evaluate_models([("zero-shot", "ViT-B-32:ckpts/vitb32.pt"), run_model("runs/hpt")], cfg)
+    write_report(report, "runs/report")     # report.json, report.md, report.png
+
+``report = {"attack", "eps", "rows": [{"method", "model", "clean", "robust", "per_dataset": {name: {...}}}]}``,
+accuracies in percent, ``clean``/``robust`` averaged over datasets.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import DataLoader
+
+from urda_fast.distributed import pick_device
+
+from .clip_models import load_clip_arg
+from .config import EvalConfig, ProxyCheckConfig
+from .data import loader_workers, open_dataset, subset
+from .evaluate import proxy_robustness, write_json, zero_shot_robustness
+from .zero_shot import ZeroShotClassifier, parse_templates
+
+
+def run_model(path: str) -> tuple[str, str]:
+    """(method label, "ARCH:CHECKPOINT") of a run folder or a checkpoint written by ``hpt train``."""
+    checkpoint = os.path.join(path, "best.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"hpt eval: {path!r} is neither an `hpt train` run folder (with best.pt) nor a "
+                                "checkpoint file; for a plain CLIP use --target ARCH:CHECKPOINT")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("kind") != "hpt":
+        raise ValueError(f"hpt eval: {checkpoint!r} was not written by `hpt train`; for a plain CLIP use "
+                         "--target ARCH:CHECKPOINT")
+    return state.get("config", {}).get("method", "hpt"), f"{state['arch']}:{checkpoint}"
+
+
+def evaluate_models(models, cfg: EvalConfig, world=None) -> dict:
+    """Evaluate each (label, "ARCH:CHECKPOINT") on ``cfg.datasets`` with ``cfg.attack`` at ``cfg.eps``."""
+    if not models:
+        raise ValueError("hpt eval: nothing to evaluate; give run folders and/or --target ARCH:CHECKPOINT")
+    names = [n for n in cfg.datasets.split(",") if n.strip()]
+    sets = [open_dataset(name, cfg.root, cfg.image_size, world) for name in names]
+    if cfg.max_batches:  # a fixed random sample rather than the first batches (often a few classes only)
+        for zs in sets:
+            zs.dataset = subset(zs.dataset, cfg.max_batches * cfg.batch_size, cfg.seed)
+    rows = []
+    for label, arg in models:
+        clip, tokenizer, _ = load_clip_arg(arg, "target", pick_device(cfg.device))
+        result = zero_shot_robustness(clip, tokenizer, sets, attack=cfg.attack, eps=cfg.eps, alpha=cfg.alpha,
+                                      batch_size=cfg.batch_size, templates=parse_templates(cfg.templates),
+                                      logits=cfg.logits, preprocess=cfg.preprocess, num_workers=cfg.num_workers,
+                                      seed=cfg.seed, progress=cfg.progress)
+        rows.append({"method": label, "model": arg, "clean": result["clean"], "robust": result.get("robust"),
+                     "per_dataset": result["per_dataset"]})
+    return {"attack": cfg.attack, "eps": cfg.eps, "datasets": names, "rows": rows}
+
+
+def proxy_check(cfg: ProxyCheckConfig, world=None) -> dict:
+    """The proxy-robustness table of ``cfg.target`` and ``cfg.proxy`` on ``cfg.data`` (see ``proxy_robustness``)."""
+    if not cfg.target or not cfg.proxy:
+        raise ValueError("hpt proxy-check: give both --target and --proxy as ARCH:CHECKPOINT")
+    device = pick_device(cfg.device)
+    zs = open_dataset(cfg.data, cfg.root, cfg.image_size, world)
+    heads = []
+    for role, arg in (("target", cfg.target), ("proxy", cfg.proxy)):
+        clip, tokenizer, _ = load_clip_arg(arg, role, device)
+        heads.append(ZeroShotClassifier(clip, tokenizer, zs.classnames, parse_templates(cfg.templates),
+                                        logits=cfg.logits, preprocess=cfg.preprocess))
+    dataset = subset(zs.dataset, cfg.max_batches * cfg.batch_size, cfg.seed) if cfg.max_batches else zs.dataset
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
+                        num_workers=loader_workers(dataset, cfg.num_workers))
+    result = proxy_robustness(*heads, loader, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps, seed=cfg.seed,
+                              progress=cfg.progress)
+    return {**result, "data": zs.name, "target": cfg.target, "proxy": cfg.proxy}
+
+
+def to_markdown(report: dict) -> str:
+    names = report["datasets"]
+    head = "| method | " + " | ".join(f"{n} clean / robust" for n in names) + " | average clean | average robust |"
+    lines = [f"Zero-shot accuracy (%), clean and under {report['attack']} at eps {report['eps'] * 255:.3g}/255", "",
+             head, "|---|" + "---:|" * (len(names) + 2)]
+    for row in report["rows"]:
+        cells = [f"{row['per_dataset'][n]['clean']:.1f} / {_fmt(row['per_dataset'][n].get('robust'))}" for n in names]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {row['clean']:.2f} | {_fmt(row['robust'])} |")
+    if "proxy_check" in report:
+        pc = report["proxy_check"]
+        lines += ["", f"Proxy robustness ({pc.get('data', '')}, PGD-{pc['steps']} at eps {pc['eps'] * 255:.3g}/255 on "
+                      f"the target): target white-box {pc['target_whitebox']:.1f}%, proxy on the target's adversarial "
+                      f"images {pc['proxy_on_target_adv']:.1f}% (clean: target {pc['target_clean']:.1f}%, proxy "
+                      f"{pc['proxy_clean']:.1f}%)"]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def plot_report(report: dict, path: str) -> None:
+    """Average clean vs. robust accuracy per method: the trade-off the methods are compared on."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for row in report["rows"]:
+        if row["robust"] is None:
+            continue
+        ax.scatter(row["clean"], row["robust"], s=60)
+        ax.annotate(row["method"], (row["clean"], row["robust"]), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("zero-shot clean accuracy (%)")
+    ax.set_ylabel(f"zero-shot robust accuracy (%), {report['attack']}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(report: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    write_json(report, os.path.join(out, "report.json"))
+    tmp = os.path.join(out, "report.md.tmp")
+    with open(tmp, "w") as f:
+        f.write(to_markdown(report) + "\n")
+    os.replace(tmp, os.path.join(out, "report.md"))
+    plot_report(report, os.path.join(out, "report.png"))

@@ -1,0 +1,234 @@
+"""Robust fine-tuning of a CLIP on the shared training loop: TeCoA, PMG-AFT, HPT and HPT-GPD (methods.md §2).
+
+    result = train(TrainConfig(target="ViT-B-32:ckpts/vitb32.pt", proxy="ViT-B-16:ckpts/vitb16.pt",
+                               train_data="tinyimagenet", root="~/data", method="hpt-gpd"))
+
+One step (``HptTask.training_step``): a batch (x, y) of the training classes; the target's class text features once
+(with gradients when the text tower trains, then shared by the attack, detached, and by the loss); PGD-L-inf on the
+target with CE on the true labels; the target's logits on x_adv; the frozen proxy (on x_adv) and anchor (on x) in
+inference mode, skipped when their loss weight is 0 in the current phase; the method's loss (``losses``). After the
+optimizer step the target's logit_scale is clamped to <= ln(100). GPD's phases and weights come from
+``GPDSchedule`` at the step about to be taken.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import TensorDataset
+
+from urda_fast.attacks import PGD
+from urda_fast.data import train_stream
+from urda_fast.distributed import pick_device
+from urda_fast.profiling import enable_nvtx, nvtx_range
+from urda_fast.train import LoopSettings, fit
+
+from . import losses
+from .clip_models import load_clip_arg, parse_model_arg
+from .config import METHODS, TrainConfig
+from .data import ZeroShotSet, eval_transform, loader_workers, open_dataset, subset, tinyimagenet
+from .evaluate import zero_shot_robustness
+from .schedule import GPDSchedule
+from .world import World, WorldRecipe, default_world_dir
+from .zero_shot import ZeroShotClassifier, parse_templates
+
+WORLD_VAL_SETS = ("world:digits", "world:handwritten", "world:style")
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``"auto"`` = fp16 on CUDA (the code's mixed precision), none on CPU (fp16 autocast is slow there)."""
+    if amp == "auto":
+        return "fp16" if device.type == "cuda" else "none"
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"hpt: amp must be 'auto', 'none', 'bf16' or 'fp16', got {amp!r}")
+    return amp
+
+
+def open_world(folder: str) -> World:
+    """The world in ``folder``, else the default recipe's cached world (built by ``hpt demo``)."""
+    return World(folder or default_world_dir(WorldRecipe()))
+
+
+def training_set(cfg: TrainConfig, world: World | None) -> ZeroShotSet:
+    if cfg.train_data == "world":
+        images, labels = world.split("train")
+        return ZeroShotSet("world:train", TensorDataset(images, labels), world.classnames("train"))
+    if cfg.train_data == "tinyimagenet":
+        return tinyimagenet(os.path.expanduser(cfg.root), eval_transform(cfg.image_size))
+    if cfg.train_data == "imagefolder":
+        return open_dataset(f"folder:{cfg.root}", image_size=cfg.image_size)
+    raise ValueError(f"hpt: train_data must be 'tinyimagenet', 'imagefolder' or 'world', got {cfg.train_data!r}")
+
+
+def validation_sets(cfg: TrainConfig, world: World | None, train_set: ZeroShotSet) -> list:
+    """``cfg.val_data``'s sets; by default the world's zero-shot sets, or a fixed sample of the training data."""
+    if cfg.val_data:
+        return [open_dataset(name, cfg.root, cfg.image_size, world) for name in cfg.val_data.split(",") if name]
+    if world is not None:
+        return [open_dataset(name, world=world) for name in WORLD_VAL_SETS]
+    count = cfg.eval_max_batches * cfg.batch_size
+    return [ZeroShotSet(train_set.name, subset(train_set.dataset, count, cfg.seed), train_set.classnames)]
+
+
+def _has_batchnorm(module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+class HptTask:
+    """The shared loop's task for one method (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, head: ZeroShotClassifier, proxy: ZeroShotClassifier | None,
+                 anchor: ZeroShotClassifier | None, stream, schedule: GPDSchedule, val_sets, tokenizer,
+                 num_workers: int = 0):
+        self.cfg, self.head, self.proxy, self.anchor, self.stream = cfg, head, proxy, anchor, stream
+        self.schedule, self.val_sets, self.tokenizer, self.num_workers = schedule, val_sets, tokenizer, num_workers
+        self.name, self.scheduler = cfg.method, None  # the scheduler is set once the optimizer exists
+        self.attack = PGD(head, eps=cfg.attack_eps, alpha=cfg.attack_alpha, steps=cfg.attack_steps,
+                          random_start=cfg.attack_random_start)  # global RNG: checkpointed, so resume is exact
+        # Without BatchNorm a joint forward of [x, x_adv] equals two forwards; with it, batch statistics would mix.
+        self.joint_forward = not _has_batchnorm(head.clip.visual)
+        for frozen in (proxy, anchor):
+            if frozen is not None:
+                frozen.eval().requires_grad_(False)
+
+    def modules(self):
+        return {"target": self.head.clip}
+
+    def streams(self):
+        return {"train": self.stream}
+
+    def _frozen_logits(self, head, images):
+        with torch.inference_mode():
+            logits = head(images)
+        return logits.clone()  # a normal tensor again, so autograd may save it for the loss's backward
+
+    def training_step(self):
+        cfg, head = self.cfg, self.head
+        with nvtx_range("data"):
+            x, y = next(self.stream)
+        step = self.scheduler.last_epoch
+        with nvtx_range("text"):
+            text = head.text_features()
+        with nvtx_range("attack"), head.pinned_text(text.detach()):
+            x_adv = self.attack(x, y)
+        head.train()
+        with nvtx_range("target forward"):
+            if cfg.method == "pmg-aft" and self.joint_forward:
+                clean_logits, adv_logits = head(torch.cat([x, x_adv]), text).split(x.shape[0])
+            else:
+                adv_logits = head(x_adv, text)
+                clean_logits = head(x, text) if cfg.method == "pmg-aft" else None
+        if cfg.method == "tecoa":
+            total, parts = losses.tecoa_loss(adv_logits, y)
+        elif cfg.method == "pmg-aft":
+            with nvtx_range("anchor forward"):
+                original = self._frozen_logits(self.anchor, x_adv)
+            total, parts = losses.pmg_aft_loss(adv_logits, y, original, clean_logits,
+                                               original_weight=cfg.pmg_original_weight,
+                                               clean_weight=cfg.pmg_clean_weight, reduction=cfg.kl_reduction)
+        else:
+            proxy_weight, anchor_weight = self.schedule.weights_at(step)
+            with nvtx_range("proxy forward"):
+                proxy_logits = self._frozen_logits(self.proxy, x_adv) if proxy_weight else None
+            with nvtx_range("anchor forward"):
+                anchor_logits = self._frozen_logits(self.anchor, x) if anchor_weight else None
+            total, parts = losses.hpt_loss(adv_logits, proxy_logits, anchor_logits, proxy_weight=proxy_weight,
+                                           anchor_weight=anchor_weight, reduction=cfg.kl_reduction)
+            parts["warmup"] = float(self.schedule.phase(step) == "warmup")
+        return {"loss": total, **parts}
+
+    @torch.no_grad()
+    def after_step(self):
+        self.head.clip.logit_scale.clamp_(0, self.cfg.logit_scale_max)
+
+    def evaluate(self):
+        cfg = self.cfg
+        result = zero_shot_robustness(self.head.clip, self.tokenizer, self.val_sets, attack=f"pgd{cfg.eval_steps}",
+                                      eps=cfg.eval_eps, alpha=cfg.eval_eps, batch_size=cfg.batch_size,
+                                      max_batches=cfg.eval_max_batches, templates=self.head.templates,
+                                      logits=cfg.logits, preprocess=cfg.preprocess, num_workers=self.num_workers,
+                                      seed=cfg.seed, progress=False)
+        metrics = {"clean_acc": result["clean"], "robust_acc": result["robust"]}
+        for name, row in result["per_dataset"].items():
+            key = name.replace("world:", "").replace(":", "_").replace("/", "_")
+            metrics[f"{key}_clean"], metrics[f"{key}_robust"] = row["clean"], row["robust"]
+        return metrics
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if cfg.method not in METHODS:
+        raise ValueError(f"hpt: method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.trainable not in ("all", "visual"):
+        raise ValueError(f"hpt: trainable must be 'all' or 'visual', got {cfg.trainable!r}")
+    if not cfg.target:
+        raise ValueError("hpt: give the CLIP to robustify as --target ARCH:CHECKPOINT")
+    if cfg.method in ("hpt", "hpt-gpd") and not cfg.proxy:
+        raise ValueError(f"hpt: method {cfg.method} distils a proxy CLIP: give --proxy ARCH:CHECKPOINT (a CLIP of "
+                         "another architecture)")
+    if cfg.proxy and parse_model_arg(cfg.proxy, "proxy")[0] == parse_model_arg(cfg.target, "target")[0]:
+        import warnings
+
+        warnings.warn("hpt: the proxy has the target's architecture; HPT's proxy robustness needs a heterogeneous "
+                      "proxy (e.g. ViT-B-16 for a ViT-B-32 target)", stacklevel=2)
+    for name in ("attack_eps", "attack_alpha", "eval_eps", "lr"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"hpt: {name} must be > 0, got {getattr(cfg, name)}")
+    if cfg.attack_steps < 1 or cfg.eval_steps < 1:
+        raise ValueError("hpt: attack_steps and eval_steps must be >= 1")
+
+
+def build_schedule(cfg: TrainConfig, total_steps: int) -> GPDSchedule:
+    hpt_weights = (cfg.proxy_weight, cfg.anchor_weight)
+    # `hpt`: the code's single run, HPT weights throughout; `hpt-gpd`: the anchored warm-up first.
+    warmup_weights = (cfg.warmup_proxy_weight, cfg.warmup_anchor_weight) if cfg.method == "hpt-gpd" else hpt_weights
+    return GPDSchedule(total_steps=total_steps, warmup_steps=cfg.warmup_steps, lr=cfg.lr,
+                       warmup_lr=cfg.warmup_lr or None, warmup_weights=warmup_weights, hpt_weights=hpt_weights)
+
+
+def build_task(cfg: TrainConfig):
+    """Everything a run needs, before the loop: (task, optimizer, loop settings, device). The task's scheduler is
+    ``task.scheduler``. Used by ``train`` and by the benchmark and profiler, which time ``task.training_step``."""
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    world = open_world(cfg.world) if cfg.train_data == "world" or "world:" in cfg.val_data else None
+    templates = parse_templates(cfg.templates)
+    target, tokenizer, _ = load_clip_arg(cfg.target, "target", device)
+    needs_anchor = cfg.method == "pmg-aft" or (cfg.method in ("hpt", "hpt-gpd") and
+                                               (cfg.anchor_weight or cfg.warmup_anchor_weight))
+    train_set = training_set(cfg, world)
+    heads = {}
+    for role, arg, wanted in (("proxy", cfg.proxy, cfg.method in ("hpt", "hpt-gpd")),
+                              ("anchor", cfg.anchor or cfg.target, needs_anchor)):
+        if wanted:
+            clip, tok, _ = load_clip_arg(arg, role, device)
+            heads[role] = ZeroShotClassifier(clip, tok, train_set.classnames, templates, logits=cfg.logits,
+                                             preprocess=cfg.preprocess)
+    if cfg.trainable == "visual":
+        for name, param in target.named_parameters():
+            param.requires_grad_(name.startswith("visual."))
+    head = ZeroShotClassifier(target, tokenizer, train_set.classnames, templates, logits=cfg.logits,
+                              preprocess=cfg.preprocess, cache_text=cfg.trainable == "visual")
+    workers = loader_workers(train_set.dataset, cfg.num_workers)
+    stream = train_stream(train_set.dataset, cfg.batch_size, cfg.seed, device, num_workers=workers)
+    total_steps = cfg.iterations or cfg.epochs * len(stream.loader)
+    task = HptTask(cfg, head, heads.get("proxy"), heads.get("anchor"), stream, build_schedule(cfg, total_steps),
+                   validation_sets(cfg, world, train_set), tokenizer, workers)
+    params = [p for p in target.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    task.scheduler = task.schedule.scheduler(optimizer)
+    settings = LoopSettings(iterations=total_steps, out_dir=cfg.out, eval_every=cfg.eval_every, resume=cfg.resume,
+                            amp=resolve_amp(cfg.amp, device), progress=cfg.progress, stop_after=cfg.stop_after or None,
+                            tensorboard=cfg.tensorboard, select_metric=cfg.select_metric)
+    return task, optimizer, settings, device
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Fine-tune ``cfg.target`` with ``cfg.method``; writes best.pt / last.pt / log.csv / tb under ``cfg.out``.
+
+    Returns the shared loop's result: {"best": metrics of best.pt, "last": ..., "seconds"}."""
+    task, optimizer, settings, device = build_task(cfg)
+    enable_nvtx(cfg.nvtx)
+    return fit(task, optimizer, task.scheduler, settings, device=device,
+               extra={"kind": "hpt", "arch": parse_model_arg(cfg.target)[0], "config": vars(cfg)})

@@ -1,0 +1,164 @@
+"""Attack throughput (images/s) of PGD-10 (L-inf) and PGD-L2-10: ours (``urda_fast.attacks``) against the textbook
+eager loop (``urda_fast.attacks.reference``) and torchattacks, in the same run, on the digits CNN and ResNet-18.
+
+No random start anywhere, so every provider runs the same deterministic attack and the adversarial accuracy of ours
+must equal the eager loop's (asserted; that is a correctness check, the speed is only recorded). ``ours_early_stop``
+is our attack with ``early_stop=True`` (samples already misclassified stop being attacked, as in evaluation): less
+work than the others, so its speed-up is the evaluation use case's, not a like-for-like one. The models have
+random weights: their BatchNorm statistics are set from the benchmark batch and the labels are the model's own clean
+predictions (clean accuracy 100%), and each budget is chosen so that roughly half the samples survive, which makes the
+accuracy check meaningful. Throughput does not depend on the budget.
+"""
+
+import functools
+import statistics
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from urda_fast.attacks import PGD, PGDL2
+from urda_fast.attacks.reference import textbook_attack
+from urda_fast.models import ImageClassifier, create_backbone
+
+pytestmark = pytest.mark.bench
+
+try:
+    import torchattacks
+except ImportError:  # optional baseline
+    torchattacks = None
+
+STEPS = 10
+# (backbone, images per attack batch x C x H x W). The digits CNN at the size the DART digits pipeline uses (16x16).
+# The small batches keep the whole file under 2 minutes on 2 idle CPU cores (one attack call: ~0.3-0.6 s).
+CASES = {"small": [("digits_cnn", (64, 1, 16, 16)), ("resnet18", (16, 3, 32, 32))],
+         "large": [("digits_cnn", (256, 1, 16, 16)), ("resnet18", (128, 3, 32, 32)), ("resnet18", (16, 3, 224, 224))]}
+# Budgets per (backbone, side) so that about half the samples survive PGD-10 on these random-weight models (small
+# cases, CPU: 50-69% survive; the large batches calibrate BatchNorm on other images, so theirs may differ);
+# alpha = eps / 4. A large image is broken by a far smaller L-inf budget than a small one.
+EPS = {("digits_cnn", 16): {"linf": 0.5 / 255, "l2": 0.03}, ("resnet18", 32): {"linf": 0.05 / 255, "l2": 0.01},
+       ("resnet18", 224): {"linf": 0.005 / 255, "l2": 0.006}}
+PROVIDERS = ["eager", "ours", "ours_early_stop"] + (["torchattacks"] if torchattacks is not None else [])
+# Each call is 10 forward+backward passes (~0.5 s on 2 idle CPU cores) and every non-eager round is paired with an
+# eager one: a few rounds, not conftest's 10+.
+TARGET_SECONDS, MIN_ROUNDS, MAX_ROUNDS = 1.0, 3, 20
+
+_EAGER_ACCURACY = {}  # (backbone, shape, norm) -> adversarial accuracy of the eager loop, for ours' check
+
+
+def pytest_generate_tests(metafunc):
+    # Own parameter names: conftest's hook parametrizes "shape"/"provider" with the op benchmarks' values.
+    if "case" in metafunc.fixturenames:
+        size = metafunc.config.getoption("--bench-size") or ("large" if torch.cuda.is_available() else "small")
+        cases = CASES[size]
+        metafunc.parametrize("case", cases, ids=[f"{m}-{'x'.join(map(str, s))}" for m, s in cases])
+        metafunc.parametrize("impl", PROVIDERS)
+
+
+def _calibrate_batchnorm(model, images):
+    """Running statistics = this batch's (one cumulative-average pass in train mode), so activations are normalised as
+    in a trained model and the random-weight predictions vary across classes."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(images)
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
+
+
+@functools.cache
+def _setup(backbone, shape, device):
+    torch.manual_seed(0)
+    if backbone == "digits_cnn":
+        model = ImageClassifier(create_backbone(backbone, in_channels=shape[1]), 10)
+    else:
+        model = ImageClassifier(create_backbone(backbone), 10, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    model = model.to(device)
+    images = torch.rand(shape, device=device)
+    _calibrate_batchnorm(model, images)
+    with torch.no_grad():
+        labels = model(images).argmax(1)
+    return model, images, labels
+
+
+def _attack_fn(impl, model, images, labels, norm, eps, alpha):
+    if impl == "eager":
+        return lambda: textbook_attack(model, images, labels, eps=eps, alpha=alpha, steps=STEPS, norm=norm)
+    if impl.startswith("ours"):
+        cls = PGD if norm == "linf" else PGDL2
+        attack = cls(model, eps=eps, alpha=alpha, steps=STEPS, random_start=False, early_stop=impl.endswith("stop"))
+        return lambda: attack(images, labels)
+    cls = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
+    attack = cls(model, eps=eps, alpha=alpha, steps=STEPS, random_start=False)
+    return lambda: attack(images, labels)
+
+
+def _accuracy(model, images, labels):
+    with torch.no_grad():
+        return (model(images).argmax(1) == labels).float().mean().item()
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_attack(bench, benchmark, norm, case, impl):
+    backbone, shape = case
+    model, images, labels = _setup(backbone, shape, bench.device)
+    eps = EPS[(backbone, shape[-1])][norm]
+    attack = _attack_fn(impl, model, images, labels, norm, eps, eps / 4)
+    conftest = sys.modules[type(bench).__module__]  # bench/conftest.py: device name, sync, peak memory
+    benchmark.group = f"pgd_attack {norm}"  # one report table per norm; the case is backbone-shape
+
+    def timed():
+        out = attack()
+        conftest.synchronize()
+        return out
+
+    # Warm-up outside the timed region (first-call allocations, oneDNN primitive caches). It also gives the rounds
+    # estimate (an overestimate, so at worst fewer rounds) and the adversarial images: the attack is deterministic.
+    start = time.perf_counter()
+    adversarial = timed()
+    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TARGET_SECONDS / (time.perf_counter() - start))))
+    # The CPU is shared and a busy neighbour slows a 2-thread run by up to 10x for seconds at a time, so separate
+    # benchmarks minutes apart do not compare. Every round of a non-eager provider is therefore paired with an eager
+    # round just before it (untimed by pytest-benchmark); the median of the per-pair ratios is the robust speed-up.
+    eager = None if impl == "eager" else _attack_fn("eager", model, images, labels, norm, eps, eps / 4)
+    eager_times = []
+
+    def eager_round():
+        if eager is not None:
+            begin = time.perf_counter()
+            eager()
+            conftest.synchronize()
+            eager_times.append(time.perf_counter() - begin)
+
+    benchmark.pedantic(timed, setup=eager_round, rounds=rounds, iterations=1, warmup_rounds=0)
+
+    adv_acc = _accuracy(model, adversarial, labels)
+    if impl == "eager":
+        _EAGER_ACCURACY[(backbone, shape, norm)] = adv_acc
+    info = {"device": conftest.device_name(), "dtype": "float32", "op": "pgd_attack", "variant": norm,
+            "mode": backbone, "shape": "x".join(map(str, shape)), "provider": impl, "steps": STEPS, "eps": eps,
+            "alpha": eps / 4, "images": shape[0], "clean_acc": _accuracy(model, images, labels), "adv_acc": adv_acc,
+            "peak_mem_mb": conftest.peak_memory_bytes(attack) / 2**20}
+    stats = benchmark.stats  # None under --benchmark-disable
+    if stats is not None:
+        info.update(median_ms=stats.stats.median * 1e3, images_per_s=shape[0] / stats.stats.median)
+        if eager_times:
+            info["paired_eager_ms"] = statistics.median(eager_times) * 1e3
+            info["paired_vs_eager"] = statistics.median(e / t for e, t in zip(eager_times, stats.stats.data))
+    benchmark.extra_info.update(info)
+
+    if impl == "ours":
+        key = (backbone, shape, norm)
+        if key not in _EAGER_ACCURACY:  # e.g. run with -k ours
+            _EAGER_ACCURACY[key] = _accuracy(model, _attack_fn("eager", model, images, labels, norm, eps, eps / 4)(),
+                                             labels)
+        assert adv_acc == _EAGER_ACCURACY[key], (
+            f"adversarial accuracy of ours ({adv_acc}) differs from the textbook eager loop's ({_EAGER_ACCURACY[key]}) "
+            f"on the same deterministic {norm} attack of {backbone}: urda_fast.attacks computes a different attack; "
+            "compare PGD/PGDL2 step by step with urda_fast.attacks.reference.textbook_attack")

@@ -45,6 +45,17 @@ def robustify_cfg(teacher, out, **kw):
     return RobustifyConfig(**{**options, **kw})
 
 
+def hpt_cfg(world, out, **kw):
+    from urda_fast.hpt import TrainConfig
+
+    # KL summed over the batch (the code's): the rank-averaged gradients must be scaled back to the global sum.
+    options = dict(target=world.model_arg("target"), proxy=world.model_arg("proxy"), train_data="world",
+                   world=world.folder, out=str(out), method="hpt-gpd", iterations=3, warmup_steps=1, lr=1e-3,
+                   batch_size=BATCH, attack_steps=2, attack_random_start=False, logits="clip", kl_reduction="sum",
+                   eval_every=100, eval_steps=1, eval_max_batches=1, progress=False, device="cpu", tensorboard=False)
+    return TrainConfig(**{**options, **kw})
+
+
 # ----------------------------------------------------------------------------------------------- torchrun worker
 
 
@@ -70,6 +81,9 @@ def worker(out):
     for forward in ("split-bn", "separate"):  # one student forward of clean+adversarial, or two before a backward
         robustify(robustify_cfg(f"{out}/pretrain/best.pt", f"{out}/dart-{forward}", forward=forward))
     test_train.run(f"{out}/linear", iterations=4, batch_size=BATCH // 2, rank=rank, world_size=WORLD)  # no wrap_ddp
+    from urda_fast.hpt import World, train as hpt_train
+
+    hpt_train(hpt_cfg(World(f"{out}/world"), f"{out}/hpt"))  # no wrap_ddp either: gradients averaged after backward
 
 
 # ------------------------------------------------------------------------------------------------------- tests
@@ -78,6 +92,9 @@ def worker(out):
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
+    from urda_fast.hpt.world import WorldRecipe, build_world
+
+    build_world(str(out / "world"), WorldRecipe().scaled(0.02), progress=False)  # before the ranks share it
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     # its own session, so a timeout can end torchrun's workers too, by their process group
@@ -186,6 +203,18 @@ def test_task_without_ddp_hook_averages_gradients(ddp_runs, tmp_path):
     run_linear(tmp_path / "single", iterations=4, batch_size=BATCH)  # no BatchNorm: nothing to swap
     assert_states_close(checkpoint(ddp_runs / "linear")["modules"]["model"],
                         checkpoint(tmp_path / "single")["modules"]["model"])
+
+
+def test_ddp_hpt_equals_one_process_with_twice_the_batch(ddp_runs, tmp_path):
+    """A ViT target has no BatchNorm (the frozen ResNet proxy is in eval mode): nothing to emulate."""
+    from urda_fast.hpt import World, train
+
+    train(hpt_cfg(World(str(ddp_runs / "world")), tmp_path / "single", batch_size=WORLD * BATCH))
+    ddp, single = checkpoint(ddp_runs / "hpt"), checkpoint(tmp_path / "single")
+    assert ddp["world_size"] == WORLD and ddp["iteration"] == 3
+    assert_states_close(ddp["modules"]["target"], single["modules"]["target"], rtol=1e-4, atol=1e-5)
+    start = torch.load(str(ddp_runs / "world" / "target.pt"))
+    assert max_difference(start, single["modules"]["target"]) > 1e-3  # it did train
 
 
 if __name__ == "__main__":

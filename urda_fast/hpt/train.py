@@ -18,6 +18,7 @@ import os
 import torch
 from torch.utils.data import TensorDataset
 
+from urda_fast import distributed
 from urda_fast.attacks import PGD
 from urda_fast.data import train_stream
 from urda_fast.distributed import pick_device
@@ -119,22 +120,27 @@ class HptTask:
             else:
                 adv_logits = head(x_adv, text)
                 clean_logits = head(x, text) if cfg.method == "pmg-aft" else None
+        # KL "sum" under DDP: gradients are averaged over ranks, so scale by the world size to keep the code's
+        # single-process sum over the global batch (CE is a mean, which averaging already preserves).
+        kl_scale = distributed.context().world_size if cfg.kl_reduction == "sum" else 1
         if cfg.method == "tecoa":
             total, parts = losses.tecoa_loss(adv_logits, y)
         elif cfg.method == "pmg-aft":
             with nvtx_range("anchor forward"):
                 original = self._frozen_logits(self.anchor, x_adv)
             total, parts = losses.pmg_aft_loss(adv_logits, y, original, clean_logits,
-                                               original_weight=cfg.pmg_original_weight,
-                                               clean_weight=cfg.pmg_clean_weight, reduction=cfg.kl_reduction)
+                                               original_weight=cfg.pmg_original_weight * kl_scale,
+                                               clean_weight=cfg.pmg_clean_weight * kl_scale,
+                                               reduction=cfg.kl_reduction)
         else:
             proxy_weight, anchor_weight = self.schedule.weights_at(step)
             with nvtx_range("proxy forward"):
                 proxy_logits = self._frozen_logits(self.proxy, x_adv) if proxy_weight else None
             with nvtx_range("anchor forward"):
                 anchor_logits = self._frozen_logits(self.anchor, x) if anchor_weight else None
-            total, parts = losses.hpt_loss(adv_logits, proxy_logits, anchor_logits, proxy_weight=proxy_weight,
-                                           anchor_weight=anchor_weight, reduction=cfg.kl_reduction)
+            total, parts = losses.hpt_loss(adv_logits, proxy_logits, anchor_logits,
+                                           proxy_weight=proxy_weight * kl_scale,
+                                           anchor_weight=anchor_weight * kl_scale, reduction=cfg.kl_reduction)
             parts["warmup"] = float(self.schedule.phase(step) == "warmup")
         return {"loss": total, **parts}
 

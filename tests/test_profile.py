@@ -1,7 +1,9 @@
-"""`urda-fast profile` writes a loadable trace with the loop's phases; NVTX ranges on or off change no result."""
+"""`urda-fast profile dart|hpt` writes a loadable trace with the loop's phases; NVTX ranges on or off change no
+result."""
 
 import json
 
+import pytest
 import torch
 
 from urda_fast.cli import main
@@ -21,6 +23,27 @@ def test_profile_command_writes_a_chrome_trace(tmp_path, capsys):
     assert phases["attack"]["calls"] == 2 and phases["attack"]["cpu_ms"] > 0
     assert "Self CPU" in (tmp_path / "top_ops.txt").read_text()
     assert "ms/step" in capsys.readouterr().out
+
+
+def test_profile_hpt_writes_a_trace_with_the_hpt_phases(tmp_path, capsys):
+    assert main(["profile", "hpt", "--steps", "2", "--warmup", "1", "--batch-size", "8", "--attack-steps", "1",
+                 "--out", str(tmp_path), "--device", "cpu"]) == 0
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert {"step 0", "step 1", "data", "text", "attack", "target forward", "proxy forward", "anchor forward",
+            "backward", "optimizer"} <= names
+    phases = json.loads((tmp_path / "phases.json").read_text())["phases"]
+    for phase in ("attack", "target forward", "proxy forward", "anchor forward"):
+        assert phases[phase]["calls"] == 2 and phases[phase]["cpu_ms"] > 0, phase
+    assert "ms/step" in capsys.readouterr().out
+
+
+def test_profile_hpt_rejects_a_bad_model_argument(tmp_path):
+    with pytest.raises(ValueError, match="ARCH:CHECKPOINT"):
+        main(["profile", "hpt", "--target", "no-colon", "--out", str(tmp_path), "--device", "cpu"])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        main(["profile", "hpt", "--proxy", f"urda-tiny-rn:{tmp_path / 'missing.pt'}", "--out", str(tmp_path),
+              "--device", "cpu"])
 
 
 def _one_step_loss(nvtx: bool):

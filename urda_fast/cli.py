@@ -4,7 +4,8 @@
     urda-fast demo [--size small]    run every fused op on every backend against the reference, with timings
     urda-fast dart demo|pretrain|robustify|eval ...   robust domain adaptation (see `urda-fast dart -h`)
     urda-fast hpt demo|proxy-check|train|eval ...     robustness transfer between CLIPs (see `urda-fast hpt -h`)
-    urda-fast profile dart --steps N  a short loop under torch.profiler: trace.json + top-ops table
+    urda-fast profile dart|hpt --steps N              a short loop under torch.profiler: trace + top-ops table
+    urda-fast bench report RESULTS.json [--out DIR]   pytest-benchmark JSON -> Markdown tables + PNG plots
 """
 
 from __future__ import annotations
@@ -237,10 +238,15 @@ def _add_hpt(sub) -> None:
 
 
 def cmd_profile(args) -> int:
-    from urda_fast.profile import dart_step_fn, profile_steps
+    from urda_fast.profile import dart_step_fn, hpt_step_fn, profile_steps
 
-    step, device = dart_step_fn(backbone=args.backbone, batch_size=args.batch_size, image_size=args.image_size,
-                                teacher=args.teacher, device=args.device, attack_steps=args.attack_steps)
+    if args.loop == "hpt":
+        step, device = hpt_step_fn(target_arch=args.target_arch, proxy_arch=args.proxy_arch, target=args.target,
+                                   proxy=args.proxy, batch_size=args.batch_size, image_size=args.image_size,
+                                   device=args.device, attack_steps=args.attack_steps or 5)
+    else:
+        step, device = dart_step_fn(backbone=args.backbone, batch_size=args.batch_size, image_size=args.image_size,
+                                    teacher=args.teacher, device=args.device, attack_steps=args.attack_steps or 10)
     result = profile_steps(step, args.steps, args.out, device, warmup=args.warmup)
     print(result["table"])
     print(f"{result['ms_per_step']:.1f} ms/step on {device}; per phase (ms, all steps): "
@@ -251,16 +257,21 @@ def cmd_profile(args) -> int:
 
 def _add_profile(sub) -> None:
     prof = sub.add_parser("profile", help="a few training steps under torch.profiler (trace + top-ops table)")
-    prof.add_argument("loop", choices=("dart",), help="which training loop")
+    prof.add_argument("loop", choices=("dart", "hpt"), help="which training loop")
     prof.add_argument("--steps", type=int, default=5)
     prof.add_argument("--warmup", type=int, default=2)
     prof.add_argument("--out", default="runs/profile")
     prof.add_argument("--device", default="auto")
-    prof.add_argument("--backbone", default="digits_cnn", help="random-init teacher/student (no --teacher)")
-    prof.add_argument("--teacher", default="", help="a `dart pretrain` checkpoint instead of a random model")
+    prof.add_argument("--backbone", default="digits_cnn", help="dart: random-init teacher/student (no --teacher)")
+    prof.add_argument("--teacher", default="", help="dart: a `dart pretrain` checkpoint instead of a random model")
+    prof.add_argument("--target-arch", default="urda-tiny-vit", help="hpt: random-init target CLIP (no --target)")
+    prof.add_argument("--proxy-arch", default="urda-tiny-rn", help="hpt: random-init proxy CLIP (no --proxy)")
+    prof.add_argument("--target", default="", help="hpt: ARCH:CHECKPOINT of the target instead of a random one")
+    prof.add_argument("--proxy", default="", help="hpt: ARCH:CHECKPOINT of the proxy instead of a random one")
     prof.add_argument("--batch-size", type=int, default=64)
-    prof.add_argument("--image-size", type=int, default=0, help="default: 16 for digits_cnn, 224 for ResNets")
-    prof.add_argument("--attack-steps", type=int, default=10)
+    prof.add_argument("--image-size", type=int, default=0,
+                      help="default: dart 16 for digits_cnn, 224 for ResNets; hpt the target's input size")
+    prof.add_argument("--attack-steps", type=int, default=0, help="default: dart 10, hpt 5 (the methods' values)")
     prof.set_defaults(run=cmd_profile)
 
 
@@ -277,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dart(sub)
     _add_hpt(sub)
     _add_profile(sub)
+    from urda_fast.bench_report import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,8 +1,9 @@
 """`urda-fast profile dart|hpt`: a short training loop under torch.profiler, written as a Chrome/Perfetto trace and a
 top-ops table, so a slow step can be found in minutes (on CPU or GPU).
 
-The loop's NVTX phases (teacher, attack, student, backward, optimizer...) are switched on, so they appear in the trace
-as ``record_function`` ranges and are summed per phase in ``phases.json``.
+The loop's NVTX phases (DART: teacher, attack, student; HPT: text, attack, target / proxy / anchor forward; both:
+backward, optimizer...) are switched on, so they appear in the trace as ``record_function`` ranges and are summed per
+phase in ``phases.json``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from urda_fast.profiling import enable_nvtx, nvtx_enabled, nvtx_range
 
-PHASES = ("data", "teacher", "proxy", "anchor", "attack", "student", "target", "uda step", "loss", "backward",
-          "optimizer", "evaluate")
+PHASES = ("data", "teacher", "proxy", "anchor", "attack", "student", "target", "text", "target forward",
+          "proxy forward", "anchor forward", "uda step", "loss", "backward", "optimizer", "evaluate")
 
 
 def profile_steps(step, steps: int, out_dir: str, device: torch.device, warmup: int = 2, row_limit: int = 25) -> dict:
@@ -97,3 +98,25 @@ def dart_step_fn(*, backbone: str = "digits_cnn", batch_size: int = 64, image_si
             optimizer.step()
 
     return step, dev
+
+
+def hpt_step_fn(*, target_arch: str = "urda-tiny-vit", proxy_arch: str = "urda-tiny-rn", batch_size: int = 64,
+                image_size: int = 0, attack_steps: int = 5, device: str = "auto", target: str = "", proxy: str = "",
+                num_classes: int = 10, trainable: str = "all", seed: int = 0):
+    """One HPT step in GPD's HPT phase (text, attack, target / proxy / anchor forward, loss, backward, optimizer) on a
+    fixed random batch of ``num_classes`` classes. The target and proxy are ``target`` / ``proxy``
+    (``"ARCH:CHECKPOINT"``, real weights) or randomly initialised ``target_arch`` / ``proxy_arch``; the anchor is a
+    copy of the target.
+    ``image_size`` 0 = the target's input size. Returns ``(step, device)``."""
+    from urda_fast.hpt.step_builder import build_hpt_step, load_step_models, step_config
+
+    models = load_step_models(target_arch, proxy_arch, target=target, proxy=proxy, device=device, seed=seed)
+    # Random start as in a real run: the profile should show the step train() takes.
+    cfg = step_config(attack_steps=attack_steps, trainable=trainable, attack_random_start=True)
+    built = build_hpt_step(models, cfg, batch_size=batch_size, image_size=image_size, num_classes=num_classes,
+                           seed=seed)
+
+    def step():
+        built.step()
+
+    return step, models.device

@@ -1,0 +1,72 @@
+"""Throughput (images/s) of one HPT training step in GPD's HPT phase (proxy weight 1, anchor weight 0.001): 5-step
+PGD-L-inf on the target (eps 2/255, step 1/255, no random start), the target's forward on x_adv, the frozen proxy
+(x_adv) and anchor (x) forwards, the KL loss, backward and an SGD step.
+
+``ours`` is ``HptTask.training_step`` (text features once per step, cached frozen heads, fused PGD and KL); ``eager``
+is the twin written like the reference code (``urda_fast/hpt/reference_step.py``: every forward re-encodes the class
+prompts, textbook PGD, ``nn.KLDivLoss(sum)``). Both train the same random-init open_clip target (the anchor is a copy
+of it, the proxy a CLIP of the other architecture) on the same fixed batch.
+
+``trainable``: ``all`` trains every parameter (the code's setting); ``visual`` freezes the text tower -- ours then
+caches the class text features for the whole run, eager still re-encodes them in every forward (without gradients).
+Both paths freeze it, so each ``trainable`` is a like-for-like comparison; the summary table pairs them through the
+variant name.
+
+Before timing, the first loss of both paths is computed on the same untouched weights and asserted equal: the step
+does the same work, or the ratio would mean nothing.
+"""
+
+import pytest
+import torch
+
+from urda_fast.hpt.reference_step import EagerZeroShot, eager_hpt_loss
+from urda_fast.hpt.step_builder import build_hpt_step, load_step_models, step_config
+
+pytestmark = pytest.mark.bench
+
+# Target / proxy architectures: the embedded world's tiny pair (ViT target, ResNet proxy, 32x32) and the code's pair.
+PAIRS = {"tiny": ("urda-tiny-vit", "urda-tiny-rn"), "b32-b16": ("ViT-B-32", "ViT-B-16")}
+# (pair, batch, image size, classes). 10 classes = the world's training split; 200 = TinyImageNet, the code's
+# training set, where the prompts' text work per forward outweighs the tiny models' image work.
+SHAPES = {"small": [("tiny", 64, 32, 10), ("tiny", 64, 32, 200)],
+          "large": [("tiny", 64, 32, 10), ("tiny", 64, 32, 200), ("b32-b16", 256, 224, 200)]}
+
+
+@pytest.fixture(params=["eager", "ours"])
+def path(request):
+    return request.param
+
+
+@pytest.mark.parametrize("trainable", ["all", "visual"])
+def test_hpt_step(bench, shape, path, trainable):
+    pair, batch, size, classes = shape
+    target_arch, proxy_arch = PAIRS[pair]
+    cfg = step_config(attack_steps=5, trainable=trainable)
+    models = load_step_models(target_arch, proxy_arch, device=bench.device)
+    built = build_hpt_step(models, cfg, batch_size=batch, image_size=size, num_classes=classes)
+    task, x, y = built.task, built.x, built.y
+    proxy_weight, anchor_weight = task.schedule.weights_at(task.scheduler.last_epoch)
+    assert (proxy_weight, anchor_weight) == (1.0, 0.001)
+    # The eager twin wraps the very same modules (no step has run yet), with each head's own prompt tokens.
+    eager_heads = [EagerZeroShot(head.clip, head.tokens, classes, cfg.logits, cfg.preprocess).to(bench.device)
+                   for head in (task.head, task.proxy, task.anchor)]
+
+    def eager_loss():
+        return eager_hpt_loss(*eager_heads, x, y, cfg, proxy_weight, anchor_weight)
+
+    # KL summed over the batch of near-uniform distributions: a small total of large cancelling terms, so float32
+    # round-off is a few 1e-6 absolute (x_adv comes out identical); atol as in bench_dart_step.
+    torch.testing.assert_close(built.loss(), eager_loss(), rtol=1e-4, atol=1e-5)
+
+    loss_fn = built.loss if path == "ours" else eager_loss
+
+    def step():
+        built.optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        built.optimizer.step()
+
+    bench.run(step, op="hpt_step", variant=f"{pair} {classes} classes trainable={trainable}", mode="train",
+              shape=(batch, 3, size, size), provider=path, bytes_moved=x.numel() * x.element_size(),
+              copy_numel=x.numel())
+    stats = bench.benchmark.stats  # None under --benchmark-disable
+    bench.benchmark.extra_info["images_per_s"] = batch / stats.stats.median if stats is not None else None

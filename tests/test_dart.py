@@ -160,3 +160,19 @@ def test_checkpoint_of_another_model_is_rejected(tmp_path, teacher_checkpoint):
     torch.save(state, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="does not hold weights for this model spec"):
         robustify(_robustify_cfg(str(tmp_path / "other.pt"), tmp_path / "x"))
+
+
+def test_dart_raises_robust_accuracy_above_the_teacher_and_keeps_clean(teacher_checkpoint, tmp_path):
+    """The demo's claim on a small budget: a short DART run (attacks at eps 0.1, as the demo) lifts PGD accuracy on
+    the target above the teacher's, while clean target accuracy stays within a few points. Measured at 8/255: 120
+    steps of 32 from this weak teacher give +7 points there (30.0 -> 37.2) and almost nothing yet at 0.1, which the
+    demo's 400 steps of 64 from a DANN teacher take from 0 to 30%."""
+    from urda_fast.dart import RunConfig, evaluate_runs
+
+    robustify(_robustify_cfg(teacher_checkpoint, tmp_path / "dart", iterations=120, batch_size=32, eval_every=120,
+                             attack_steps=5, attack_alpha=0.025, kl_weight=1.0))
+    report = evaluate_runs([teacher_checkpoint, str(tmp_path / "dart")], attacks=("clean", "pgd10"), eps=(8 / 255,),
+                           data_cfg=RunConfig(data="digits"), device="cpu", progress=False)
+    teacher, dart = report["rows"]
+    assert dart["pgd10"] > teacher["pgd10"] + 5, report["rows"]
+    assert dart["clean"] > teacher["clean"] - 5, report["rows"]

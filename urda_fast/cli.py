@@ -117,7 +117,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _dart_config(args, cls):
+def _load_config(args, cls):
     from urda_fast.config import flags_to_overrides, load_config
 
     return load_config(cls, args.config, flags_to_overrides(args, cls))
@@ -125,33 +125,26 @@ def _dart_config(args, cls):
 
 def cmd_dart(args) -> int:
     from urda_fast import dart
+    from urda_fast.config import parse_float
 
     if args.dart_command == "demo":
         dart.demo(args.out, scale=args.scale, device=args.device)
     elif args.dart_command == "pretrain":
-        cfg = _dart_config(args, dart.PretrainConfig)
+        cfg = _load_config(args, dart.PretrainConfig)
         print(json.dumps(dart.pretrain(cfg)["best"]))
     elif args.dart_command == "robustify":
-        cfg = _dart_config(args, dart.RobustifyConfig)
+        cfg = _load_config(args, dart.RobustifyConfig)
         print(json.dumps(dart.robustify(cfg)["best"]))
     else:
         data_cfg = None if args.data is None else dart.RunConfig(data=args.data, root=args.root, source=args.source,
                                                                  target=args.target)
         report = dart.evaluate_runs(args.runs, attacks=tuple(args.attacks.split(",")),
-                                    eps=tuple(_parse_fraction(e) for e in args.eps.split(",")), data_cfg=data_cfg,
+                                    eps=tuple(parse_float(e) for e in args.eps.split(",")), data_cfg=data_cfg,
                                     out=args.out, device=args.device)
         from urda_fast.dart.report import to_markdown
 
         print(to_markdown(report))
     return 0
-
-
-def _parse_fraction(text: str) -> float:
-    """'8/255' or '0.1' -> float."""
-    if "/" in text:
-        num, den = text.split("/", 1)
-        return float(num) / float(den)
-    return float(text)
 
 
 def _add_dart(sub) -> None:
@@ -191,7 +184,7 @@ def cmd_hpt(args) -> int:
         hpt.demo(args.out, scale=args.scale, device=args.device, world_dir=args.world)
         return 0
     cls = {"proxy-check": hpt.ProxyCheckConfig, "train": hpt.TrainConfig, "eval": hpt.EvalConfig}[args.hpt_command]
-    cfg = _dart_config(args, cls)
+    cfg = _load_config(args, cls)
     names = ",".join(str(getattr(cfg, k, "")) for k in ("data", "datasets", "val_data"))
     uses_world = getattr(cfg, "train_data", "") == "world" or "world:" in names
     world = hpt.open_world(cfg.world) if uses_world else None

@@ -67,9 +67,10 @@ def dart_step_fn(*, backbone: str = "digits_cnn", batch_size: int = 64, image_si
     """One DART robustify step (teacher, attack, student, loss, backward, optimizer) on a fixed random target batch;
     the teacher is ``teacher`` (a `dart pretrain` checkpoint) or a randomly initialised ``backbone``.
     Returns ``(step, device)``."""
-    from urda_fast.dart.common import load_teacher, pick_device, sgd
+    from urda_fast.dart.common import load_teacher, sgd
     from urda_fast.dart.config import RobustifyConfig
     from urda_fast.dart.robustify import DartTask
+    from urda_fast.distributed import pick_device
     from urda_fast.models import ModelSpec
 
     torch.manual_seed(seed)
@@ -116,7 +117,4 @@ def hpt_step_fn(*, target_arch: str = "urda-tiny-vit", proxy_arch: str = "urda-t
     built = build_hpt_step(models, cfg, batch_size=batch_size, image_size=image_size, num_classes=num_classes,
                            seed=seed)
 
-    def step():
-        built.step()
-
-    return step, models.device
+    return built.step, models.device

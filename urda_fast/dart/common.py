@@ -7,7 +7,7 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
-from urda_fast.distributed import pick_device  # noqa: F401 (re-export)
+from urda_fast.distributed import pick_device
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import enable_nvtx
 from urda_fast.train import LoopSettings, fit

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
-from urda_fast.data import DATASETS, default_transforms, open_domain, train_stream  # noqa: F401 (re-export)
+from urda_fast.data import DATASETS, default_transforms, open_domain
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # --data names on the command line -> the registry's benchmark names

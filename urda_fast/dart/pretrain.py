@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from urda_fast.attacks import PGD
+from urda_fast.data import train_stream
+from urda_fast.distributed import pick_device
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import nvtx_range
 
-from .common import accuracy, lr_schedule, pick_device, run_loop, sgd
+from .common import accuracy, lr_schedule, run_loop, sgd
 from .config import PretrainConfig
-from .data import task_data, train_stream
+from .data import task_data
 
 
 class _MethodStep(torch.nn.Module):

@@ -21,13 +21,14 @@ import torch
 
 from urda_fast import ops
 from urda_fast.attacks import PGD
+from urda_fast.data import train_stream
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import nvtx_range
 from urda_fast.split_bn import split_batchnorm
 
 from .common import accuracy, load_teacher, lr_schedule, run_loop, sgd
 from .config import RobustifyConfig
-from .data import task_data, train_stream
+from .data import task_data
 
 
 def confidence_weights(teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,7 @@ from urda_fast.profiling import nvtx_range
 
 from .clip_models import load_clip, load_clip_arg
 from .config import TrainConfig
-from .schedule import GPDSchedule
-from .train import HptTask
+from .train import HptTask, build_schedule, make_optimizer
 from .zero_shot import ZeroShotClassifier
 
 # Long enough that the cosine lr barely moves over a benchmark or profile; the step's cost does not depend on it.
@@ -123,9 +122,7 @@ def build_hpt_step(models: StepModels, cfg: TrainConfig, *, batch_size: int = 64
         raise ValueError(f"hpt: batch_size must be >= 1, got {batch_size}")
     target, device = models.target, models.device
     anchor = copy.deepcopy(target)
-    if cfg.trainable == "visual":
-        for name, param in target.named_parameters():
-            param.requires_grad_(name.startswith("visual."))
+    optimizer = make_optimizer(target, cfg)
     names = class_names(num_classes)
 
     def head(clip, tokenizer, cache_text=True):
@@ -138,11 +135,8 @@ def build_hpt_step(models: StepModels, cfg: TrainConfig, *, batch_size: int = 64
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand(batch_size, 3, size, size, generator=generator).to(device)
     y = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
-    schedule = GPDSchedule(total_steps=SCHEDULE_STEPS, warmup_steps=0, lr=cfg.lr,
-                           hpt_weights=(cfg.proxy_weight, cfg.anchor_weight))
+    schedule = build_schedule(cfg, SCHEDULE_STEPS)  # step_config's warmup_steps=0: the HPT phase from step 0
     task = HptTask(cfg, target_head, proxy_head, anchor_head, FixedBatch(x, y), schedule, [],
                    models.target_tokenizer)
-    params = [p for p in target.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     task.scheduler = schedule.scheduler(optimizer)
     return HptStep(task, optimizer, x, y)

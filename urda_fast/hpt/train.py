@@ -184,6 +184,16 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("hpt: attack_steps and eval_steps must be >= 1")
 
 
+def make_optimizer(target, cfg: TrainConfig) -> torch.optim.SGD:
+    """The code's SGD over what ``cfg.trainable`` trains: every parameter, or the visual tower only (the rest is
+    frozen here, so its text features can be cached)."""
+    if cfg.trainable == "visual":
+        for name, param in target.named_parameters():
+            param.requires_grad_(name.startswith("visual."))
+    params = [p for p in target.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def build_schedule(cfg: TrainConfig, total_steps: int) -> GPDSchedule:
     hpt_weights = (cfg.proxy_weight, cfg.anchor_weight)
     # `hpt`: the code's single run, HPT weights throughout; `hpt-gpd`: the anchored warm-up first.
@@ -211,9 +221,7 @@ def build_task(cfg: TrainConfig):
             clip, tok, _ = load_clip_arg(arg, role, device)
             heads[role] = ZeroShotClassifier(clip, tok, train_set.classnames, templates, logits=cfg.logits,
                                              preprocess=cfg.preprocess)
-    if cfg.trainable == "visual":
-        for name, param in target.named_parameters():
-            param.requires_grad_(name.startswith("visual."))
+    optimizer = make_optimizer(target, cfg)
     head = ZeroShotClassifier(target, tokenizer, train_set.classnames, templates, logits=cfg.logits,
                               preprocess=cfg.preprocess, cache_text=cfg.trainable == "visual")
     workers = loader_workers(train_set.dataset, cfg.num_workers)
@@ -221,8 +229,6 @@ def build_task(cfg: TrainConfig):
     total_steps = cfg.iterations or cfg.epochs * len(stream.loader)
     task = HptTask(cfg, head, heads.get("proxy"), heads.get("anchor"), stream, build_schedule(cfg, total_steps),
                    validation_sets(cfg, world, train_set), tokenizer, workers)
-    params = [p for p in target.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     task.scheduler = task.schedule.scheduler(optimizer)
     settings = LoopSettings(iterations=total_steps, out_dir=cfg.out, eval_every=cfg.eval_every, resume=cfg.resume,
                             amp=resolve_amp(cfg.amp, device), progress=cfg.progress, stop_after=cfg.stop_after or None,

@@ -25,6 +25,8 @@ import os
 import re
 import sys
 
+from urda_fast.files import atomic_savefig, atomic_write_text
+
 # Where the bench/ files put their numbers (bench/conftest.py Bench.run, bench_attacks.py, bench_dart_step.py).
 PROVIDER_PARAMS = ("provider", "impl", "path")  # the test parameter naming the provider, if extra_info lacks it
 IMAGES_PER_S_KEY = "images_per_s"
@@ -301,9 +303,7 @@ def plot(rows: list[Row], out_dir: str) -> list[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = os.path.join(out_dir, f"speedup_{_slug(group)}.png")
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        atomic_savefig(fig, path, dpi=120)
         written.append(path)
     return written
 
@@ -320,11 +320,8 @@ def cmd_report(args) -> int:
     text = markdown(rows, doc.get("machine_info"))
     print(text, end="")  # the text ends with its newline; stdout and report.md get the same bytes
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "report.md")
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(path, text)
         charts = plot(rows, args.out)
         # stderr: stdout stays the Markdown alone, for redirection into a file or a PR comment.
         print(f"wrote {path} and {len(charts)} chart(s) to {args.out}", file=sys.stderr)

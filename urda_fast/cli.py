@@ -192,7 +192,9 @@ def cmd_hpt(args) -> int:
         result = hpt.proxy_check(cfg, world)
         print(json.dumps(result, indent=2))
         if cfg.out:
-            hpt.write_json(result, os.path.join(cfg.out, "proxy_check.json"))
+            from urda_fast.files import atomic_write_json
+
+            atomic_write_json(os.path.join(cfg.out, "proxy_check.json"), result)
     elif args.hpt_command == "train":
         print(json.dumps(hpt.train(cfg)["best"]))
     else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -10,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from urda_fast.attacks import FGSM, PGD
 from urda_fast.evaluate import robust_accuracy
+from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text
 
 from .common import load_checkpoint_model
 from .config import RunConfig
@@ -95,12 +95,8 @@ def to_markdown(report: dict) -> str:
 
 
 def write_report(report: dict, out: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    for name, text in (("report.md", to_markdown(report)), ("report.json", json.dumps(report, indent=2))):
-        tmp = os.path.join(out, name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out, name))
+    atomic_write_text(os.path.join(out, "report.md"), to_markdown(report))
+    atomic_write_json(os.path.join(out, "report.json"), report)
     plot_report(report, os.path.join(out, "report.png"))
 
 
@@ -125,7 +121,5 @@ def plot_report(report: dict, path: str) -> None:
     ax.set_title(f"eps = {report['eps'][0]:.4g}", fontsize=9)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -10,7 +10,7 @@
 from .clip_models import load_clip, load_clip_arg, parse_model_arg
 from .config import METHODS, EvalConfig, ProxyCheckConfig, TrainConfig
 from .demo import demo
-from .evaluate import proxy_robustness, write_json, zero_shot_robustness
+from .evaluate import proxy_robustness, zero_shot_robustness
 from .losses import hpt_loss, pmg_aft_loss, tecoa_loss
 from .report import evaluate_models, proxy_check, run_model, to_markdown, write_report
 from .schedule import GPDSchedule
@@ -22,5 +22,5 @@ __all__ = [
     "METHODS", "EvalConfig", "GPDSchedule", "HptTask", "ProxyCheckConfig", "TrainConfig", "World", "WorldRecipe",
     "ZeroShotClassifier", "build_world", "demo", "evaluate_models", "hpt_loss", "load_clip", "load_clip_arg",
     "open_world", "parse_model_arg", "pmg_aft_loss", "proxy_check", "proxy_robustness", "run_model", "tecoa_loss",
-    "to_markdown", "train", "write_json", "write_report", "zero_shot_robustness",
+    "to_markdown", "train", "write_report", "zero_shot_robustness",
 ]

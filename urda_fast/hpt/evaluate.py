@@ -10,9 +10,6 @@ Accuracies are percentages; averages are over datasets (each counts once, as in 
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -92,12 +89,3 @@ def proxy_robustness(target_head, proxy_head, loader, *, eps: float = 1 / 255, a
     if count == 0:
         raise ValueError("hpt: the proxy check saw no images (empty dataset?)")
     return {**{k: 100.0 * v / count for k, v in correct.items()}, "count": count, "eps": eps, "steps": steps}
-
-
-def write_json(obj: dict, path: str) -> None:
-    """Write ``obj`` as JSON atomically (a kill never leaves half a report)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)

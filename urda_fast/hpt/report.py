@@ -15,11 +15,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from urda_fast.distributed import pick_device
+from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text
 
 from .clip_models import load_clip_arg
 from .config import EvalConfig, ProxyCheckConfig
 from .data import loader_workers, open_dataset, subset
-from .evaluate import proxy_robustness, write_json, zero_shot_robustness
+from .evaluate import proxy_robustness, zero_shot_robustness
 from .zero_shot import ZeroShotClassifier, parse_templates
 
 
@@ -114,17 +115,11 @@ def plot_report(report: dict, path: str) -> None:
     ax.set_ylabel(f"zero-shot robust accuracy (%), {report['attack']}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(report: dict, out: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    write_json(report, os.path.join(out, "report.json"))
-    tmp = os.path.join(out, "report.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(to_markdown(report) + "\n")
-    os.replace(tmp, os.path.join(out, "report.md"))
+    atomic_write_json(os.path.join(out, "report.json"), report)
+    atomic_write_text(os.path.join(out, "report.md"), to_markdown(report) + "\n")
     plot_report(report, os.path.join(out, "report.png"))

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from urda_fast.files import atomic_write_json
 from urda_fast.train import atomic_save
 
 from .clip_models import load_clip
@@ -274,8 +275,5 @@ def build_world(folder: str | None = None, recipe: WorldRecipe = WorldRecipe(), 
     info = {"key": recipe.key(), "version": WORLD_VERSION, "recipe": asdict(recipe), "archs": ARCHS,
             "splits": {k: len(v["images"]) for k, v in data.items()}, "pretraining": log,
             "classnames": {s: classnames(s) for s in SPLITS}}
-    tmp = meta + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(tmp, meta)
+    atomic_write_json(meta, info)
     return World(folder)

@@ -59,8 +59,5 @@ def test_dart_step(bench, shape, path):
         optimizer.step()
 
     backbone, batch, channels, size = shape
-    image_bytes = x.numel() * x.element_size()
     bench.run(step, op="dart_step", variant=backbone, mode="train", shape=(batch, channels, size, size),
-              provider=path, bytes_moved=image_bytes, copy_numel=x.numel())
-    bench.benchmark.extra_info["images_per_s"] = batch / bench.benchmark.stats.stats.median \
-        if bench.benchmark.stats is not None else None
+              provider=path, images=batch)

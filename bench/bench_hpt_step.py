@@ -66,7 +66,4 @@ def test_hpt_step(bench, shape, path, trainable):
         built.optimizer.step()
 
     bench.run(step, op="hpt_step", variant=f"{pair} {classes} classes trainable={trainable}", mode="train",
-              shape=(batch, 3, size, size), provider=path, bytes_moved=x.numel() * x.element_size(),
-              copy_numel=x.numel())
-    stats = bench.benchmark.stats  # None under --benchmark-disable
-    bench.benchmark.extra_info["images_per_s"] = batch / stats.stats.median if stats is not None else None
+              shape=(batch, 3, size, size), provider=path, images=batch)

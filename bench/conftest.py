@@ -171,11 +171,13 @@ class Bench:
             return functools.partial(our_inplace_fn, backend=provider.removesuffix("_inplace"))
         return functools.partial(our_fn, backend=provider)
 
-    def run(self, fn, *, op, mode, shape, provider, bytes_moved, copy_numel, variant="", setup=None, memory=False):
+    def run(self, fn, *, op, mode, shape, provider, bytes_moved=None, copy_numel=None, images=None, variant="",
+            setup=None, memory=False):
         """Time ``fn`` (cold cache, CUDA synchronized inside the timed function) and record its numbers.
 
         ``bytes_moved``: the compulsory traffic (inputs read once, outputs written once), the same for every provider,
-        so GB/s compares providers and ``copy_numel`` elements copied give the memory-bound limit to compare with."""
+        so GB/s compares providers and ``copy_numel`` elements copied give the memory-bound limit to compare with.
+        Both only for the memory-bound ops; a training step gives ``images`` per call instead (images/s)."""
         for _ in range(2):  # outside the timed region: torch.compile compiles (forward and backward), Triton JITs
             fn()
         synchronize()
@@ -191,17 +193,22 @@ class Bench:
 
         est = _median_seconds(timed, 1)
         self.benchmark.pedantic(timed, setup=before_round, rounds=_rounds(est), warmup_rounds=1, iterations=1)
-        copy_s = copy_seconds(copy_numel, self.dtype)
         info = {"device": device_name(), "dtype": str(self.dtype).removeprefix("torch."), "op": op, "variant": variant,
-                "mode": mode, "shape": shape_id(shape), "provider": provider, "bytes_moved": bytes_moved,
-                "copy_bytes": 2 * copy_numel * _itemsize(self.dtype), "copy_ms": copy_s * 1e3}
-        info["copy_gbs"] = info["copy_bytes"] / copy_s / 1e9
+                "mode": mode, "shape": shape_id(shape), "provider": provider}
+        if copy_numel is not None:
+            copy_s = copy_seconds(copy_numel, self.dtype)
+            info.update(copy_bytes=2 * copy_numel * _itemsize(self.dtype), copy_ms=copy_s * 1e3)
+            info["copy_gbs"] = info["copy_bytes"] / copy_s / 1e9
         if memory:
             info["peak_mem_mb"] = peak_memory_bytes(fn) / 2**20
         stats = self.benchmark.stats  # None under --benchmark-disable
         if stats is not None:
             median = stats.stats.median
-            info.update(median_ms=median * 1e3, gbs=bytes_moved / median / 1e9)
+            info["median_ms"] = median * 1e3
+            if bytes_moved is not None:
+                info.update(bytes_moved=bytes_moved, gbs=bytes_moved / median / 1e9)
+            if images is not None:
+                info["images_per_s"] = images / median
             _RESULTS.append(info)
         self.benchmark.extra_info.update(info)
 
@@ -229,7 +236,7 @@ def summary_rows(results: list[dict]) -> list[dict]:
             if provider in ("eager", "compile"):
                 continue
             row = {"op": f"{op} {variant}".strip(), "mode": mode, "shape": shape, "provider": provider,
-                   "ours_ms": ours["median_ms"], "gbs": ours["gbs"], "copy_gbs": ours["copy_gbs"],
+                   "ours_ms": ours["median_ms"], "gbs": ours.get("gbs"), "copy_gbs": ours.get("copy_gbs"),
                    "peak_mb": ours.get("peak_mem_mb")}
             for name, base in (("eager", eager), ("compile", compiled)):
                 row[f"{name}_ms"] = base["median_ms"] if base else None
@@ -253,7 +260,8 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['op']} | {r['mode']} | {r['shape']} | {r['provider']} | {num(r['eager_ms'], '.3f')} | "
                      f"{num(r['compile_ms'], '.3f')} | {r['ours_ms']:.3f} | {num(r['vs_eager'], '.2f', 'x')} | "
-                     f"{num(r['vs_compile'], '.2f', 'x')} | {r['gbs']:.1f} | {r['copy_gbs']:.1f} | {mem(r)} |")
+                     f"{num(r['vs_compile'], '.2f', 'x')} | {num(r['gbs'], '.1f')} | {num(r['copy_gbs'], '.1f')} | "
+                     f"{mem(r)} |")
     return "\n".join(lines)
 
 

@@ -231,14 +231,9 @@ COLUMNS = (
     ("vs torch.compile", lambda r: _ratio(r.vs_compile)),
     ("paired vs eager", lambda r: _ratio(r.paired_vs_eager)),
     ("peak MiB", lambda r: _fixed(r.peak_mib, ".2f")),
-    # Memory traffic only means something for the memory-bound ops; a training step's "bytes" are just its images.
-    ("GB/s", lambda r: "" if _per_image(r) else _fixed(r.gbs, ".1f")),
-    ("% of copy GB/s", lambda r: "" if _per_image(r) else _fixed(r.copy_percent, ".0f")),
+    ("GB/s", lambda r: _fixed(r.gbs, ".1f")),
+    ("% of copy GB/s", lambda r: _fixed(r.copy_percent, ".0f")),
 )
-
-
-def _per_image(row) -> bool:
-    return (row.throughput_unit or "").startswith("images")
 
 
 def markdown(rows: list[Row], machine_info: dict | None = None) -> str:

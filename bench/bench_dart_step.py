@@ -1,8 +1,15 @@
 """Throughput of one DART robustify training step (teacher forward, 10-step I-FGSM on the student, student forward,
 loss, backward, SGD step): ours (fused attack steps, one split-BN forward of clean + adversarial, fused KL/MSE)
-against the eager twin written like the authors' code (urda_fast/dart/reference_step.py), same models, same batch.
+against two eager twins (urda_fast/dart/reference_step.py), same models, same batch:
 
-``eager`` and ``ours`` start from the same weights and batch, so their first losses are asserted equal before timing.
+- ``eager``: the authors' code's structure -- a teacher forward with an autograd graph (the backward runs through
+  it), advertorch's I-FGSM (``loss.backward()`` at every step, parameter gradients included), separate clean and
+  adversarial forwards, ``F.kl_div`` / ``F.mse_loss``;
+- ``lean``: the same loss as a careful eager loop -- teacher under ``no_grad``, input gradients only.
+
+``ours_cl`` is ``ours`` with ``channels_last=True`` (models and batch in NHWC memory format).
+
+Every path starts from the same weights and batch, so its first loss is asserted equal to the twin's before timing.
 """
 
 import copy
@@ -24,7 +31,7 @@ SHAPES = {"small": [("digits_cnn", 64, 1, 16), ("resnet18", 32, 3, 32)],
           "large": [("digits_cnn", 64, 1, 16), ("resnet18", 32, 3, 32), ("resnet50", 18, 3, 224)]}
 
 
-@pytest.fixture(params=["eager", "ours"])
+@pytest.fixture(params=["eager", "lean", "ours", "ours_cl"])
 def path(request):
     return request.param
 
@@ -43,11 +50,15 @@ def _setup(shape, device):
 def test_dart_step(bench, shape, path):
     teacher, student, x, cfg = _setup(shape, bench.device)
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
-    if path == "ours":
+    if path.startswith("ours"):
+        if path == "ours_cl":
+            cfg.channels_last = True
+            teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
         task = DartTask(cfg, teacher, student, itertools.repeat((x,)), None, (0.5,), (0.5,))
         loss_fn = lambda: task.training_step()["loss"]  # noqa: E731
     else:
-        loss_fn = lambda: eager_dart_loss(teacher, student, x, cfg)  # noqa: E731
+        style = "code" if path == "eager" else "lean"
+        loss_fn = lambda: eager_dart_loss(teacher, student, x, cfg, style=style)  # noqa: E731
     twin_teacher, twin_student, _, _ = _setup(shape, bench.device)
     first = loss_fn()
     expected = eager_dart_loss(twin_teacher, twin_student, x, cfg)

@@ -4,8 +4,10 @@ PGD-L-inf on the target (eps 2/255, step 1/255, no random start), the target's f
 
 ``ours`` is ``HptTask.training_step`` (text features once per step, cached frozen heads, fused PGD and KL); ``eager``
 is the twin written like the reference code (``urda_fast/hpt/reference_step.py``: every forward re-encodes the class
-prompts, textbook PGD, ``nn.KLDivLoss(sum)``). Both train the same random-init open_clip target (the anchor is a copy
-of it, the proxy a CLIP of the other architecture) on the same fixed batch.
+prompts, the code's ``attack_pgd`` whose ``loss.backward()`` also computes the parameter gradients at every attack
+step, ``nn.KLDivLoss(sum)``); ``lean`` is that twin with input-only attack gradients (``torch.autograd.grad``). All
+train the same random-init open_clip target (the anchor is a copy of it, the proxy a CLIP of the other
+architecture) on the same fixed batch.
 
 ``trainable``: ``all`` trains every parameter (the code's setting); ``visual`` freezes the text tower -- ours then
 caches the class text features for the whole run, eager still re-encodes them in every forward (without gradients).
@@ -32,7 +34,7 @@ SHAPES = {"small": [("tiny", 64, 32, 10), ("tiny", 64, 32, 200)],
           "large": [("tiny", 64, 32, 10), ("tiny", 64, 32, 200), ("b32-b16", 256, 224, 200)]}
 
 
-@pytest.fixture(params=["eager", "ours"])
+@pytest.fixture(params=["eager", "lean", "ours"])
 def path(request):
     return request.param
 
@@ -51,14 +53,13 @@ def test_hpt_step(bench, shape, path, trainable):
     eager_heads = [EagerZeroShot(head.clip, head.tokens, classes, cfg.logits, cfg.preprocess).to(bench.device)
                    for head in (task.head, task.proxy, task.anchor)]
 
-    def eager_loss():
-        return eager_hpt_loss(*eager_heads, x, y, cfg, proxy_weight, anchor_weight)
+    def eager_loss(style="code"):
+        return eager_hpt_loss(*eager_heads, x, y, cfg, proxy_weight, anchor_weight, style=style)
 
+    loss_fn = {"ours": built.loss, "eager": eager_loss, "lean": lambda: eager_loss("lean")}[path]
     # KL summed over the batch of near-uniform distributions: a small total of large cancelling terms, so float32
     # round-off is a few 1e-6 absolute (x_adv comes out identical); atol as in bench_dart_step.
-    torch.testing.assert_close(built.loss(), eager_loss(), rtol=1e-4, atol=1e-5)
-
-    loss_fn = built.loss if path == "ours" else eager_loss
+    torch.testing.assert_close(loss_fn(), eager_loss(), rtol=1e-4, atol=1e-5)
 
     def step():
         built.optimizer.zero_grad(set_to_none=True)

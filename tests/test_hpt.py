@@ -174,9 +174,10 @@ def test_world_is_reused_and_its_splits_have_the_documented_shapes(world):
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")  # moved to a step, no optimizer
-@pytest.mark.parametrize("method,weights,logits", [("hpt-gpd", "warmup", "clip"), ("hpt-gpd", "hpt", "clip"),
-                                                   ("hpt", "hpt", "clip"), ("hpt", "hpt", "cosine")])
-def test_training_step_equals_the_eager_reference_step(world, tmp_path, method, weights, logits):
+@pytest.mark.parametrize("method,weights,logits,style", [
+    ("hpt-gpd", "warmup", "clip", "code"), ("hpt-gpd", "hpt", "clip", "lean"), ("hpt", "hpt", "clip", "code"),
+    ("hpt", "hpt", "cosine", "lean")])
+def test_training_step_equals_the_eager_reference_step(world, tmp_path, method, weights, logits, style):
     """Our step (text once per step, cached frozen heads, fused KL and PGD) gives the reference code's loss and
     gradients, in the warm-up phase (anchor only) and in the HPT phase (proxy + anchor)."""
     import copy
@@ -203,7 +204,7 @@ def test_training_step_equals_the_eager_reference_step(world, tmp_path, method, 
     x, y = next(task.stream)
     tokens, n = task.head.tokens, len(task.head.classnames)
     eager = [EagerZeroShot(m, tokens, n, logits) for m in (target_copy, task.proxy.clip, task.anchor.clip)]
-    want = eager_hpt_loss(*eager, x, y, cfg, proxy_w, anchor_w)
+    want = eager_hpt_loss(*eager, x, y, cfg, proxy_w, anchor_w, style=style)
     want_grads = torch.autograd.grad(want, list(target_copy.parameters()), allow_unused=True)
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-6)
     assert logits == "cosine" or float(want.detach()) > 1e-3

@@ -5,9 +5,17 @@ import torch
 import torch.nn.functional as F
 
 
-def textbook_attack(model, images, labels, *, eps, alpha, steps, norm="linf", random_start=False, generator=None):
+def textbook_attack(model, images, labels, *, eps, alpha, steps, norm="linf", random_start=False, generator=None,
+                    gradient="autograd"):
     """Untargeted CE attack on images in [0, 1]. Random start, when asked, draws from ``generator`` exactly as
-    :class:`urda_fast.attacks.Attack` does, so the two can be compared sample by sample."""
+    :class:`urda_fast.attacks.Attack` does, so the two can be compared sample by sample.
+
+    ``gradient="autograd"`` takes the input gradient alone (``torch.autograd.grad``, as torchattacks does);
+    ``"backward"`` calls ``loss.backward()`` and reads the input's ``.grad``, as advertorch's ``perturb_iterative``
+    and the TeCoA / PMG-AFT / HPT code's ``attack_pgd`` do: the same examples, but every parameter that requires
+    grad gets its gradient computed (and accumulated into ``.grad``) at every step -- the caller clears them."""
+    if gradient not in ("autograd", "backward"):
+        raise ValueError(f"gradient must be 'autograd' or 'backward', got {gradient!r}")
     was_training = model.training
     model.eval()
     images = images.detach()
@@ -24,7 +32,11 @@ def textbook_attack(model, images, labels, *, eps, alpha, steps, norm="linf", ra
     for _ in range(steps):
         adv.requires_grad_(True)
         loss = F.cross_entropy(model(adv), labels, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, adv)
+        if gradient == "autograd":
+            (grad,) = torch.autograd.grad(loss, adv)
+        else:
+            loss.backward()
+            grad = adv.grad
         with torch.no_grad():
             if norm == "linf":
                 adv = adv + alpha * grad.sign()

@@ -147,7 +147,7 @@ def robustify(cfg: RobustifyConfig) -> dict:
                          f"{data.num_classes}: it is a checkpoint of another task")
     student = build_student(cfg, teacher, spec).to(device)
     if cfg.channels_last:
-        student = student.to(memory_format=torch.channels_last)
+        teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
     stream = train_stream(data.target_train, cfg.batch_size, cfg.seed, device)
     task = DartTask(cfg, teacher, student, stream, lambda m: {"clean_acc": accuracy(m, data.target_test, device)},
                     spec.mean, spec.std)

@@ -4,8 +4,16 @@ twin that tests compare ``HptTask.training_step`` with (same loss, same gradient
 
 What the reference code does that ours does not: the class prompts go through the text tower in *every* forward
 (each attack step, the target's training forward, and each frozen teacher's forward); the proxy and anchor forwards
-are separate calls; the KL terms are ``nn.KLDivLoss(reduction="sum")`` on log-softmax / softmax; the attack is the
-textbook PGD loop. Nothing from ``urda_fast.ops``.
+are separate calls; the KL terms are ``nn.KLDivLoss(reduction="sum")`` on log-softmax / softmax. Nothing from
+``urda_fast.ops``. Two structures of the attack:
+
+- ``style="code"`` -- the code's ``attack_pgd``: ``loss.backward()`` on the perturbation, so every attack step also
+  computes the parameter gradients of the target's trainable towers (and, with trainable text, through the prompts'
+  encoding); the twin clears them after the attack. (The code calls ``optimizer.zero_grad()`` *before* the attack,
+  so there they leak into the update, shrunk by the grad scaler's factor; the twin does not copy that.)
+- ``style="lean"`` -- input gradients only (``torch.autograd.grad``), the textbook loop.
+
+Both give the same loss and the same gradients; the benchmark reports our step against each.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from urda_fast.attacks.reference import textbook_attack
+
+STYLES = ("code", "lean")
 
 from .zero_shot import PREPROCESS
 
@@ -43,10 +53,15 @@ class EagerZeroShot(nn.Module):
 
 
 def eager_hpt_loss(target: EagerZeroShot, proxy: EagerZeroShot, anchor: EagerZeroShot, x, y, cfg,
-                   proxy_weight: float, anchor_weight: float) -> torch.Tensor:
-    """The HPT loss of one batch: textbook PGD (CE, no random start) on the target, then
+                   proxy_weight: float, anchor_weight: float, *, style: str = "code") -> torch.Tensor:
+    """The HPT loss of one batch: PGD (CE, no random start) on the target, then
     w_p KL(proxy(x_adv) || target(x_adv)) + w_a KL(anchor(x) || target(x_adv)), KL summed over the batch."""
-    x_adv = textbook_attack(target, x, y, eps=cfg.attack_eps, alpha=cfg.attack_alpha, steps=cfg.attack_steps)
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    x_adv = textbook_attack(target, x, y, eps=cfg.attack_eps, alpha=cfg.attack_alpha, steps=cfg.attack_steps,
+                            gradient="backward" if style == "code" else "autograd")
+    if style == "code":
+        target.zero_grad(set_to_none=True)
     target.train()
     log_probs = F.log_softmax(target(x_adv), dim=1)
     kl = nn.KLDivLoss(reduction="sum")

@@ -19,10 +19,12 @@ TORCH_LIBRARY(urda_fast, m) {
         "Tensor upper, str norm) -> Tensor");
   m.def("pgd_step_(Tensor(a!) x_adv, Tensor grad, Tensor x_orig, Tensor step_size, Tensor eps, Tensor lower, "
         "Tensor upper, str norm) -> ()");
-  // Row-wise KL(softmax(t/T) || softmax(s/T)) of (B, C) logits. Returns (kl (B,), d kl_i / d s_i, d kl_i / d t_i);
-  // a gradient that was not asked for is returned as an empty (0,) tensor.
-  m.def("kd_kl_forward(Tensor student, Tensor teacher, float temperature, bool grad_student, bool grad_teacher) "
-        "-> (Tensor, Tensor, Tensor)");
+  // Row-wise KL(softmax(t/T) || softmax(s/T)) of (B, C) logits: (kl (B,), stats (B, 4) = [max_t, log_sum_t, max_s,
+  // log_sum_s]). The backward recomputes the softmaxes from stats, so nothing logits-sized is kept in between; it
+  // returns d kl_i / d s_i and d kl_i / d t_i, each scaled by grad_rows[i], or an empty (0,) tensor if not asked for.
+  m.def("kd_kl_forward(Tensor student, Tensor teacher, float temperature) -> (Tensor, Tensor)");
+  m.def("kd_kl_backward(Tensor grad_rows, Tensor student, Tensor teacher, Tensor kl, Tensor stats, float temperature, "
+        "bool grad_student, bool grad_teacher) -> (Tensor, Tensor)");
   // mean((a - b)^2) over all elements of (B, D) inputs, and its gradient w.r.t. a scaled by grad (0-d).
   m.def("feature_mse_forward(Tensor a, Tensor b) -> Tensor");
   m.def("feature_mse_backward(Tensor grad, Tensor a, Tensor b) -> Tensor");

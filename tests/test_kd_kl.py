@@ -108,14 +108,20 @@ def test_kd_kl_gradcheck(backend):
         (student, teacher))
 
 
-def test_kd_kl_forward_opcheck(backend):
+def test_kd_kl_ops_opcheck(backend):
     name, device = backend
     student, teacher = logits((3, 11), torch.float32, device), logits((3, 11), torch.float32, device)
     ops.kd_kl_loss(student, teacher, backend=name)  # registers the Triton op
-    op = torch.ops.urda_fast.kd_kl_forward_triton if is_triton(backend) else torch.ops.urda_fast.kd_kl_forward
+    suffix = "_triton" if is_triton(backend) else ""
+    forward = getattr(torch.ops.urda_fast, f"kd_kl_forward{suffix}")
+    backward = getattr(torch.ops.urda_fast, f"kd_kl_backward{suffix}")
     for flags in ((True, True), (True, False), (False, False)):
-        torch.library.opcheck(op, (student.clone().requires_grad_(flags[0]), teacher.clone().requires_grad_(flags[1]),
-                                   2.0, *flags))
+        torch.library.opcheck(forward, (student.clone().requires_grad_(flags[0]),
+                                        teacher.clone().requires_grad_(flags[1]), 2.0))
+    kl, stats = forward(student, teacher, 2.0)
+    grad_rows = torch.rand(3, device=device)
+    for flags in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(backward, (grad_rows, student, teacher, kl, stats, 2.0, *flags))
 
 
 def test_kd_kl_compiles_fullgraph(backend):
@@ -132,11 +138,24 @@ def test_kd_kl_compiles_fullgraph(backend):
         torch.testing.assert_close(a, b)
 
 
-def test_kd_kl_no_gradient_work_without_grad():
-    """In inference (no input requires grad) no gradient buffers are produced."""
+def test_kd_kl_keeps_no_logits_sized_buffer():
+    """Forward saves only the (B, 4) softmax statistics besides its inputs; backward writes only what is asked for."""
     s, t = torch.randn(3, 5), torch.randn(3, 5)
-    rows, d_s, d_t = torch.ops.urda_fast.kd_kl_forward(s, t, 1.0, False, False)
-    assert d_s.shape == (0,) and d_t.shape == (0,) and rows.shape == (3,)
+    rows, stats = torch.ops.urda_fast.kd_kl_forward(s, t, 1.0)
+    assert rows.shape == (3,) and stats.shape == (3, 4)
+    d_s, d_t = torch.ops.urda_fast.kd_kl_backward(torch.ones(3), s, t, rows, stats, 1.0, True, False)
+    assert d_s.shape == (3, 5) and d_t.shape == (0,)
+    expected = torch.softmax(s, 1) - torch.softmax(t, 1)
+    torch.testing.assert_close(d_s, expected)
+
+
+def test_kd_kl_backward_rejects_mismatched_statistics():
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    rows, stats = torch.ops.urda_fast.kd_kl_forward(s, t, 1.0)
+    with pytest.raises(RuntimeError, match=r"stats has shape \[2, 4\], expected \(3, 4\)"):
+        torch.ops.urda_fast.kd_kl_backward(torch.ones(3), s, t, rows, stats[:2], 1.0, True, False)
+    with pytest.raises(RuntimeError, match="grad_rows must have dtype Float"):
+        torch.ops.urda_fast.kd_kl_backward(torch.ones(3, dtype=torch.float64), s, t, rows, stats, 1.0, True, False)
 
 
 @pytest.mark.parametrize(

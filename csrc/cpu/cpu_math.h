@@ -5,10 +5,13 @@
 #include <cstdint>
 #include <cstring>
 
-// Hot row loops are compiled twice, for AVX2+FMA and for the baseline ISA; the loader picks one at run time, so one
-// wheel is fast on current CPUs and still runs on old ones.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define URDA_FAST_CLONES __attribute__((target_clones("arch=haswell", "default")))
+// Hot row loops are compiled for AVX-512, for AVX2+FMA and for the baseline ISA; the loader picks one at run time, so
+// one wheel is fast on current CPUs and still runs on old ones. The ISA levels (x86-64-v3/v4) are chosen by CPU
+// features; "arch=haswell" would be chosen by CPU model, so AMD and post-Haswell Intel chips would fall back to SSE2.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define URDA_FAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define URDA_FAST_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define URDA_FAST_CLONES
 #endif

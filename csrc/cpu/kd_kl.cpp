@@ -1,14 +1,14 @@
-// Distillation KL on CPU: per row, a max pass, one exp pass for both log-sum-exps (the exps kept in a row-sized
-// scratch), a KL pass and the gradient passes (only those asked for) that reuse the stored exps. A row stays in L1/L2
-// cache between passes, so the gradient costs compute, not memory traffic, and backward is a scale of what the forward
-// wrote.
+// Distillation KL on CPU (docs/kernel-contract.md). Forward: per row a max pass and one exp pass that gathers both
+// softmax sums and the KL numerator, so the KL needs no third pass and no row scratch; it returns the row's softmax
+// statistics. Backward: one pass per row that recomputes p and q from those statistics and writes only the
+// gradients asked for. Nothing logits-sized is kept between forward and backward, so forward + backward allocates
+// one (B, C) buffer per gradient, the least it can.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
-#include <vector>
 
 #include "../common.h"
 #include "cpu_math.h"
@@ -16,121 +16,219 @@
 namespace urda_fast {
 namespace {
 
+// Rows per parallel task: about 8k elements, so small batches of long rows still split across threads.
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(cols, 1)); }
+
+// The row's statistics, in the contract's form: max_t, log_sum_t, max_s, log_sum_s, with
+// log p_j = (t_j - max_t) / T - log_sum_t. Shifting the raw logit by its max before scaling keeps log p exact
+// for |logits| ~ 1e4, where t / T alone would already be rounded to ~1e-3.
+template <typename acc_t>
+struct RowStats {
+  acc_t max_t, log_sum_t, max_s, log_sum_s;
+};
+
+// always_inline: the body must be compiled inside each target clone below, or the vector clones would just call the
+// baseline (SSE2) code.
 template <typename scalar_t>
-struct KlRow {
+__attribute__((always_inline)) inline typename AccType<scalar_t>::type kl_row_forward(
+    const scalar_t* __restrict__ s, const scalar_t* __restrict__ t, int64_t n, typename AccType<scalar_t>::type inv_t,
+    RowStats<typename AccType<scalar_t>::type>& stats) {
+  using acc_t = typename AccType<scalar_t>::type;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  acc_t max_t = kNegInf, max_s = kNegInf;
+#pragma omp simd reduction(max : max_t, max_s)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t a = static_cast<acc_t>(t[j]), b = static_cast<acc_t>(s[j]);
+    max_t = a > max_t ? a : max_t;
+    max_s = b > max_s ? b : max_s;
+  }
+  // A row that is all -inf shifts by 0: -inf - -inf would be NaN.
+  const acc_t shift_t = max_t == kNegInf ? acc_t(0) : max_t, shift_s = max_s == kNegInf ? acc_t(0) : max_s;
+  // kl = sum_j p_j (log p_j - log q_j) = (sum_j e_j (a_j - b_j)) / sum_t - log sum_t + log sum_s with
+  // a = (t - max_t) / T, b = (s - max_s) / T and e = exp(a); classes with e == 0 (teacher-masked) add nothing.
+  acc_t sum_t = 0, sum_s = 0, weighted = 0;
+#pragma omp simd reduction(+ : sum_t, sum_s, weighted)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t a = (static_cast<acc_t>(t[j]) - shift_t) * inv_t;
+    const acc_t b = (static_cast<acc_t>(s[j]) - shift_s) * inv_t;
+    const acc_t ea = vexp(a);
+    sum_t += ea;
+    sum_s += vexp(b);
+    weighted += ea > 0 ? ea * (a - b) : acc_t(0);
+  }
+  stats = {max_t, std::log(sum_t), max_s, std::log(sum_s)};
+  return weighted / sum_t - stats.log_sum_t + stats.log_sum_s;
+}
+
+// d kl / d s_j = (q_j - p_j) / T and d kl / d t_j = p_j (log p_j - log q_j - kl) / T (0 where p_j == 0), each times
+// the row's incoming gradient g.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void kl_row_backward(
+    const scalar_t* __restrict__ s, const scalar_t* __restrict__ t, scalar_t* __restrict__ grad_s,
+    scalar_t* __restrict__ grad_t, int64_t n, typename AccType<scalar_t>::type inv_t,
+    const RowStats<typename AccType<scalar_t>::type>& stats, typename AccType<scalar_t>::type kl,
+    typename AccType<scalar_t>::type g) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const acc_t max_t = stats.max_t, max_s = stats.max_s, log_sum_t = stats.log_sum_t, log_sum_s = stats.log_sum_s;
+  const acc_t scale = g * inv_t;
+  if (grad_s) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t p = vexp((static_cast<acc_t>(t[j]) - max_t) * inv_t - log_sum_t);
+      const acc_t q = vexp((static_cast<acc_t>(s[j]) - max_s) * inv_t - log_sum_s);
+      grad_s[j] = static_cast<scalar_t>((q - p) * scale);
+    }
+  }
+  if (grad_t) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t log_p = (static_cast<acc_t>(t[j]) - max_t) * inv_t - log_sum_t;
+      const acc_t log_q = (static_cast<acc_t>(s[j]) - max_s) * inv_t - log_sum_s;
+      const acc_t p = vexp(log_p);
+      // Both sides computed, then a select (a branch would block vectorisation): masked classes get exactly 0.
+      const acc_t grad = p * (log_p - log_q - kl) * scale;
+      grad_t[j] = static_cast<scalar_t>(p > 0 ? grad : acc_t(0));
+    }
+  }
+}
+
+template <typename scalar_t>
+struct RowsForward {
+  using acc_t = typename AccType<scalar_t>::type;
+  const scalar_t* s;
+  const scalar_t* t;
+  acc_t* kl;
+  RowStats<acc_t>* stats;
+  int64_t cols;
+  acc_t inv_t;
+};
+
+template <typename scalar_t>
+struct RowsBackward {
   using acc_t = typename AccType<scalar_t>::type;
   const scalar_t* s;
   const scalar_t* t;
   scalar_t* grad_s;  // nullptr when not requested
   scalar_t* grad_t;  // nullptr when not requested
-  acc_t* exp_t;      // row-sized scratch: exp(t/T - max), so the KL pass needs no second exp
-  acc_t* exp_s;      // row-sized scratch: exp(s/T - max)
-  int64_t n;
+  const acc_t* kl;
+  const RowStats<acc_t>* stats;
+  const acc_t* grad_rows;
+  int64_t cols;
   acc_t inv_t;
 };
 
-// always_inline: the body must be compiled inside each target clone below, or the AVX2 clone would just call the
-// baseline (SSE2) code.
 template <typename scalar_t>
-__attribute__((always_inline)) inline typename AccType<scalar_t>::type kl_row(const KlRow<scalar_t>& r) {
-  using acc_t = typename AccType<scalar_t>::type;
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const scalar_t* __restrict__ s = r.s;
-  const scalar_t* __restrict__ t = r.t;
-  acc_t* __restrict__ exp_t = r.exp_t;
-  acc_t* __restrict__ exp_s = r.exp_s;
-  const acc_t inv_t = r.inv_t;
-  const int64_t n = r.n;
-  acc_t max_a = kNegInf, max_b = kNegInf;
-#pragma omp simd reduction(max : max_a, max_b)
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t a = static_cast<acc_t>(t[j]) * inv_t, b = static_cast<acc_t>(s[j]) * inv_t;
-    max_a = a > max_a ? a : max_a;
-    max_b = b > max_b ? b : max_b;
+__attribute__((always_inline)) inline void rows_forward(const RowsForward<scalar_t>& r, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t off = i * r.cols;
+    r.kl[i] = kl_row_forward(r.s + off, r.t + off, r.cols, r.inv_t, r.stats[i]);
   }
-  acc_t sum_a = 0, sum_b = 0;
-#pragma omp simd reduction(+ : sum_a, sum_b)
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t ea = vexp(static_cast<acc_t>(t[j]) * inv_t - max_a);
-    const acc_t eb = vexp(static_cast<acc_t>(s[j]) * inv_t - max_b);
-    exp_t[j] = ea;
-    exp_s[j] = eb;
-    sum_a += ea;
-    sum_b += eb;
-  }
-  const acc_t lse_a = max_a + std::log(sum_a), lse_b = max_b + std::log(sum_b);
-  const acc_t inv_sum_a = acc_t(1) / sum_a, inv_sum_b = acc_t(1) / sum_b;
-  acc_t kl = 0;
-#pragma omp simd reduction(+ : kl)
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t p = exp_t[j] * inv_sum_a;
-    const acc_t log_ratio = (static_cast<acc_t>(t[j]) - static_cast<acc_t>(s[j])) * inv_t - lse_a + lse_b;
-    // p == 0 covers teacher-masked classes: 0 * log 0 = 0, and it keeps -inf - -inf out of the sum.
-    kl += p > 0 ? p * log_ratio : acc_t(0);
-  }
-  if (r.grad_s) {
-    scalar_t* __restrict__ grad_s = r.grad_s;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j)
-      grad_s[j] = static_cast<scalar_t>((exp_s[j] * inv_sum_b - exp_t[j] * inv_sum_a) * inv_t);
-  }
-  if (r.grad_t) {
-    scalar_t* __restrict__ grad_t = r.grad_t;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t p = exp_t[j] * inv_sum_a;
-      const acc_t log_ratio = (static_cast<acc_t>(t[j]) - static_cast<acc_t>(s[j])) * inv_t - lse_a + lse_b;
-      // Both sides computed, then a select (a branch would block vectorisation): masked classes get exactly 0.
-      const acc_t grad = p * (log_ratio - kl) * inv_t;
-      grad_t[j] = static_cast<scalar_t>(p > 0 ? grad : acc_t(0));
-    }
-  }
-  return kl;
 }
 
-// The float-compute rows get AVX2+FMA clones (vexp is the hot spot); double uses libm's exp and needs none.
-URDA_FAST_CLONES float kl_row_f32(const KlRow<float>& r) { return kl_row(r); }
-URDA_FAST_CLONES float kl_row_f16(const KlRow<c10::Half>& r) { return kl_row(r); }
-URDA_FAST_CLONES float kl_row_bf16(const KlRow<c10::BFloat16>& r) { return kl_row(r); }
-double kl_row_dispatch(const KlRow<double>& r) { return kl_row(r); }
-float kl_row_dispatch(const KlRow<float>& r) { return kl_row_f32(r); }
-float kl_row_dispatch(const KlRow<c10::Half>& r) { return kl_row_f16(r); }
-float kl_row_dispatch(const KlRow<c10::BFloat16>& r) { return kl_row_bf16(r); }
+template <typename scalar_t>
+__attribute__((always_inline)) inline void rows_backward(const RowsBackward<scalar_t>& r, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t off = i * r.cols;
+    kl_row_backward(r.s + off, r.t + off, r.grad_s ? r.grad_s + off : nullptr, r.grad_t ? r.grad_t + off : nullptr,
+                    r.cols, r.inv_t, r.stats[i], r.kl[i], r.grad_rows[i]);
+  }
+}
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_kl_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                                 double temperature, bool grad_student,
-                                                                 bool grad_teacher) {
-  check_pair_2d(student, "student", teacher, "teacher", c10::DeviceType::CPU);
+// The float-compute rows get AVX-512 and AVX2+FMA clones (vexp is the hot spot); double uses libm's exp and needs
+// none.
+URDA_FAST_CLONES void rows_forward_f32(const RowsForward<float>& r, int64_t b, int64_t e) { rows_forward(r, b, e); }
+URDA_FAST_CLONES void rows_forward_f16(const RowsForward<c10::Half>& r, int64_t b, int64_t e) { rows_forward(r, b, e); }
+URDA_FAST_CLONES void rows_forward_bf16(const RowsForward<c10::BFloat16>& r, int64_t b, int64_t e) {
+  rows_forward(r, b, e);
+}
+URDA_FAST_CLONES void rows_backward_f32(const RowsBackward<float>& r, int64_t b, int64_t e) { rows_backward(r, b, e); }
+URDA_FAST_CLONES void rows_backward_f16(const RowsBackward<c10::Half>& r, int64_t b, int64_t e) {
+  rows_backward(r, b, e);
+}
+URDA_FAST_CLONES void rows_backward_bf16(const RowsBackward<c10::BFloat16>& r, int64_t b, int64_t e) {
+  rows_backward(r, b, e);
+}
+void run_rows(const RowsForward<double>& r, int64_t b, int64_t e) { rows_forward(r, b, e); }
+void run_rows(const RowsForward<float>& r, int64_t b, int64_t e) { rows_forward_f32(r, b, e); }
+void run_rows(const RowsForward<c10::Half>& r, int64_t b, int64_t e) { rows_forward_f16(r, b, e); }
+void run_rows(const RowsForward<c10::BFloat16>& r, int64_t b, int64_t e) { rows_forward_bf16(r, b, e); }
+void run_rows(const RowsBackward<double>& r, int64_t b, int64_t e) { rows_backward(r, b, e); }
+void run_rows(const RowsBackward<float>& r, int64_t b, int64_t e) { rows_backward_f32(r, b, e); }
+void run_rows(const RowsBackward<c10::Half>& r, int64_t b, int64_t e) { rows_backward_f16(r, b, e); }
+void run_rows(const RowsBackward<c10::BFloat16>& r, int64_t b, int64_t e) { rows_backward_bf16(r, b, e); }
+
+void check_temperature(double temperature) {
   TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "urda_fast: temperature must be positive and finite, got ",
               temperature);
+}
+
+// (B,) or (B, 4) in the accumulation dtype of x, contiguous, on the CPU.
+void check_row_tensor(const at::Tensor& v, const char* name, const at::Tensor& x, int64_t width) {
+  const bool shape_ok = width == 1 ? (v.dim() == 1 && v.size(0) == x.size(0))
+                                   : (v.dim() == 2 && v.size(0) == x.size(0) && v.size(1) == width);
+  TORCH_CHECK(shape_ok, "urda_fast: ", name, " has shape ", v.sizes(), ", expected (", x.size(0),
+              width == 1 ? ")" : ", 4)");
+  TORCH_CHECK(v.device().type() == c10::DeviceType::CPU && v.is_contiguous(), "urda_fast: ", name,
+              " must be a contiguous CPU tensor");
+  TORCH_CHECK(v.scalar_type() == acc_scalar_type(x.scalar_type()), "urda_fast: ", name, " must have dtype ",
+              acc_scalar_type(x.scalar_type()), " for ", x.scalar_type(), " logits, got ", v.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_kl_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                     double temperature) {
+  check_pair_2d(student, "student", teacher, "teacher", c10::DeviceType::CPU);
+  check_temperature(temperature);
   const int64_t rows = student.size(0), cols = student.size(1);
   TORCH_CHECK(rows == 0 || cols > 0, "urda_fast: logits need at least one class, got shape ", student.sizes());
-  at::Tensor kl = at::empty({rows}, student.options().dtype(acc_scalar_type(student.scalar_type())));
-  at::Tensor d_student = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
-  at::Tensor d_teacher = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
-  if (rows == 0) return {kl, d_student, d_teacher};
+  const auto acc_options = student.options().dtype(acc_scalar_type(student.scalar_type()));
+  at::Tensor kl = at::empty({rows}, acc_options);
+  at::Tensor stats = at::empty({rows, 4}, acc_options);
+  if (rows == 0) return {kl, stats};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "urda_fast::kd_kl_forward_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
-    const scalar_t* s = student.const_data_ptr<scalar_t>();
-    const scalar_t* t = teacher.const_data_ptr<scalar_t>();
-    scalar_t* gs = grad_student ? d_student.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gt = grad_teacher ? d_teacher.mutable_data_ptr<scalar_t>() : nullptr;
-    acc_t* out = kl.mutable_data_ptr<acc_t>();
-    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / cols), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch(2 * cols);  // per chunk, not per row: one allocation for many rows
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t off = i * cols;
-        out[i] = kl_row_dispatch(KlRow<scalar_t>{s + off, t + off, gs ? gs + off : nullptr, gt ? gt + off : nullptr,
-                                                 scratch.data(), scratch.data() + cols, cols, inv_t});
-      }
-    });
+    const RowsForward<scalar_t> r{student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(),
+                                  kl.mutable_data_ptr<acc_t>(),
+                                  reinterpret_cast<RowStats<acc_t>*>(stats.mutable_data_ptr<acc_t>()), cols,
+                                  static_cast<acc_t>(1.0 / temperature)};
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) { run_rows(r, begin, end); });
   });
-  return {kl, d_student, d_teacher};
+  return {kl, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_kl_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& student,
+                                                      const at::Tensor& teacher, const at::Tensor& kl,
+                                                      const at::Tensor& stats, double temperature, bool grad_student,
+                                                      bool grad_teacher) {
+  check_pair_2d(student, "student", teacher, "teacher", c10::DeviceType::CPU);
+  check_temperature(temperature);
+  check_row_tensor(grad_rows, "grad_rows", student, 1);
+  check_row_tensor(kl, "kl", student, 1);
+  check_row_tensor(stats, "stats", student, 4);
+  const int64_t rows = student.size(0), cols = student.size(1);
+  at::Tensor d_student = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor d_teacher = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  if (rows == 0 || cols == 0 || !(grad_student || grad_teacher)) return {d_student, d_teacher};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "urda_fast::kd_kl_backward_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const RowsBackward<scalar_t> r{student.const_data_ptr<scalar_t>(),
+                                   teacher.const_data_ptr<scalar_t>(),
+                                   grad_student ? d_student.mutable_data_ptr<scalar_t>() : nullptr,
+                                   grad_teacher ? d_teacher.mutable_data_ptr<scalar_t>() : nullptr,
+                                   kl.const_data_ptr<acc_t>(),
+                                   reinterpret_cast<const RowStats<acc_t>*>(stats.const_data_ptr<acc_t>()),
+                                   grad_rows.const_data_ptr<acc_t>(),
+                                   cols,
+                                   static_cast<acc_t>(1.0 / temperature)};
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) { run_rows(r, begin, end); });
+  });
+  return {d_student, d_teacher};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(urda_fast, CPU, m) { m.impl("kd_kl_forward", &kd_kl_forward_cpu); }
+TORCH_LIBRARY_IMPL(urda_fast, CPU, m) {
+  m.impl("kd_kl_forward", &kd_kl_forward_cpu);
+  m.impl("kd_kl_backward", &kd_kl_backward_cpu);
+}
 
 }  // namespace urda_fast

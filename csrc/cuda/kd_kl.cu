@@ -1,8 +1,11 @@
-// CUDA kernel for kd_kl_forward (docs/kernel-contract.md): row-wise KL(softmax(t/T) || softmax(s/T)) with its
-// gradients written in the same launch. One block per row, three passes over the row:
-//   1. online (max, sum of exp) of both rows at once, merged across the block;
-//   2. log p, log q -> kl terms (block sum) and d_student = (q - p) / T;
-//   3. only when grad_teacher: d_teacher = p (log p - log q - kl) / T, which needs the finished kl.
+// CUDA kernels for kd_kl_forward / kd_kl_backward (docs/kernel-contract.md): row-wise KL(softmax(t/T) ||
+// softmax(s/T)). One block per row.
+//   forward: 1. online (max, sum of exp) of both rows at once, merged across the block;
+//            2. log p, log q -> kl terms (block sum); the row's [max_t, log_sum_t, max_s, log_sum_s] are stored.
+//   backward: one pass recomputing p and q from those statistics: d_student = g (q - p) / T and
+//            d_teacher = g p (log p - log q - kl) / T, g the row's incoming gradient.
+// Reading the logits again in the backward costs the same traffic as writing a gradient in the forward and scaling
+// it in the backward, and keeps nothing logits-sized alive in between.
 // The max is tracked on the raw logits and only differences (x - max) are scaled by 1/T, so log p = (t - max_t) / T
 // - log(sum) never forms an unshifted t/T of size ~1e4 whose rounding would swamp the log-probabilities.
 #include <ATen/Dispatch.h>
@@ -62,12 +65,11 @@ constexpr int max_row_threads() {
 }
 
 // blockDim.x: a multiple of 32, at most max_row_threads. Row r spans packs [r * packs, (r + 1) * packs).
-// d_student / d_teacher are nullptr when not requested.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(max_row_threads<scalar_t>(), 1)
-    kd_kl_kernel(const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher,
-                 acc_t<scalar_t>* __restrict__ kl, scalar_t* __restrict__ d_student, scalar_t* __restrict__ d_teacher,
-                 int64_t packs, acc_t<scalar_t> inv_t) {
+    kd_kl_forward_kernel(const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher,
+                         acc_t<scalar_t>* __restrict__ kl, acc_t<scalar_t>* __restrict__ stats, int64_t packs,
+                         acc_t<scalar_t> inv_t) {
   using acc = acc_t<scalar_t>;
   using P = Pack<scalar_t, VEC>;
   __shared__ Vals<acc, 4> shared_softmax[cuda_utils::kMaxWarps];
@@ -91,42 +93,58 @@ __global__ void __launch_bounds__(max_row_threads<scalar_t>(), 1)
   const acc max_t = st.v[0], log_sum_t = cuda_utils::dev_log(st.v[1]);
   const acc max_s = st.v[2], log_sum_s = cuda_utils::dev_log(st.v[3]);
 
-  // Pass 2: kl = sum over p_j > 0 of p_j (log p_j - log q_j); d_student = (q - p) / T.
+  // Pass 2: kl = sum over p_j > 0 of p_j (log p_j - log q_j).
   Vals<acc, 1> kl_sum = {{acc(0)}};
   for (int64_t p = row_begin + threadIdx.x; p < row_end; p += blockDim.x) {
     const P tv = cuda_utils::load_pack<VEC>(teacher, p);
     const P sv = cuda_utils::load_pack<VEC>(student, p);
-    P dv;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const acc log_p = (static_cast<acc>(tv.v[j]) - max_t) * inv_t - log_sum_t;
       const acc log_q = (static_cast<acc>(sv.v[j]) - max_s) * inv_t - log_sum_s;
       const acc prob_p = cuda_utils::dev_exp(log_p);
-      const acc prob_q = cuda_utils::dev_exp(log_q);
       // p_j == 0 (teacher masked with -inf, or underflow) contributes 0, never 0 * (-inf - x) = NaN.
       if (prob_p > acc(0)) kl_sum.v[0] += prob_p * (log_p - log_q);
-      dv.v[j] = static_cast<scalar_t>((prob_q - prob_p) * inv_t);
     }
-    if (d_student != nullptr) cuda_utils::store_pack<VEC>(d_student, p, dv);
   }
   kl_sum = cuda_utils::block_sum(kl_sum, shared_kl);
-  const acc row_kl = kl_sum.v[0];
-  if (threadIdx.x == 0) kl[blockIdx.x] = row_kl;
-  if (d_teacher == nullptr) return;  // uniform across the block: no barrier follows
+  if (threadIdx.x == 0) {
+    kl[blockIdx.x] = kl_sum.v[0];
+    acc* row_stats = stats + 4 * static_cast<int64_t>(blockIdx.x);
+    row_stats[0] = max_t;
+    row_stats[1] = log_sum_t;
+    row_stats[2] = max_s;
+    row_stats[3] = log_sum_s;
+  }
+}
 
-  // Pass 3: d_teacher = p (log p - log q - kl) / T where p > 0, else 0.
-  for (int64_t p = row_begin + threadIdx.x; p < row_end; p += blockDim.x) {
+// d_student / d_teacher are nullptr when not requested (not both).
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(max_row_threads<scalar_t>(), 1)
+    kd_kl_backward_kernel(const acc_t<scalar_t>* __restrict__ grad_rows, const scalar_t* __restrict__ student,
+                          const scalar_t* __restrict__ teacher, const acc_t<scalar_t>* __restrict__ kl,
+                          const acc_t<scalar_t>* __restrict__ stats, scalar_t* __restrict__ d_student,
+                          scalar_t* __restrict__ d_teacher, int64_t packs, acc_t<scalar_t> inv_t) {
+  using acc = acc_t<scalar_t>;
+  using P = Pack<scalar_t, VEC>;
+  const int64_t row = blockIdx.x;
+  const acc* row_stats = stats + 4 * row;
+  const acc max_t = row_stats[0], log_sum_t = row_stats[1], max_s = row_stats[2], log_sum_s = row_stats[3];
+  const acc scale = grad_rows[row] * inv_t, row_kl = kl[row];
+  for (int64_t p = row * packs + threadIdx.x; p < (row + 1) * packs; p += blockDim.x) {
     const P tv = cuda_utils::load_pack<VEC>(teacher, p);
     const P sv = cuda_utils::load_pack<VEC>(student, p);
-    P dv;
+    P ds, dt;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const acc log_p = (static_cast<acc>(tv.v[j]) - max_t) * inv_t - log_sum_t;
       const acc log_q = (static_cast<acc>(sv.v[j]) - max_s) * inv_t - log_sum_s;
       const acc prob_p = cuda_utils::dev_exp(log_p);
-      dv.v[j] = static_cast<scalar_t>(prob_p > acc(0) ? prob_p * (log_p - log_q - row_kl) * inv_t : acc(0));
+      ds.v[j] = static_cast<scalar_t>((cuda_utils::dev_exp(log_q) - prob_p) * scale);
+      dt.v[j] = static_cast<scalar_t>(prob_p > acc(0) ? prob_p * (log_p - log_q - row_kl) * scale : acc(0));
     }
-    cuda_utils::store_pack<VEC>(d_teacher, p, dv);
+    if (d_student != nullptr) cuda_utils::store_pack<VEC>(d_student, p, ds);
+    if (d_teacher != nullptr) cuda_utils::store_pack<VEC>(d_teacher, p, dt);
   }
 }
 
@@ -138,59 +156,99 @@ int threads_for_row(int64_t packs, int max_threads) {
   return max_threads;
 }
 
+struct RowLaunch {
+  bool vectorise;
+  int64_t packs;
+  int threads;
+  unsigned grid;
+};
+
 template <typename scalar_t>
-void launch_kd_kl(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& kl,
-                  const at::Tensor& d_student, const at::Tensor& d_teacher, bool grad_student, bool grad_teacher,
-                  double temperature) {
-  using acc = acc_t<scalar_t>;
+RowLaunch row_launch(const at::Tensor& student, std::initializer_list<const void*> ptrs) {
   constexpr int V = cuda_utils::max_vec<scalar_t>();
   const int64_t rows = student.size(0);
   const int64_t cols = student.size(1);
-  scalar_t* ds_ptr = grad_student ? d_student.data_ptr<scalar_t>() : nullptr;
-  scalar_t* dt_ptr = grad_teacher ? d_teacher.data_ptr<scalar_t>() : nullptr;
-  const bool vectorise =
-      cols % V == 0 && cuda_utils::all_aligned16({student.data_ptr(), teacher.data_ptr(), ds_ptr, dt_ptr});
+  const bool vectorise = cols % V == 0 && cuda_utils::all_aligned16(ptrs);
   const int64_t packs = vectorise ? cols / V : cols;
   const int threads = threads_for_row(packs, max_row_threads<scalar_t>());
   TORCH_INTERNAL_ASSERT(threads % cuda_utils::kWarpSize == 0 && threads <= cuda_utils::kMaxThreads);
-  TORCH_INTERNAL_ASSERT(rows <= INT32_MAX, "kd_kl_forward: too many rows for one grid");
-  const auto grid = static_cast<unsigned>(rows);
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const acc inv_t = static_cast<acc>(1.0 / temperature);
-  cuda_utils::dispatch_vec<V>(vectorise, [&](auto vec) {
-    kd_kl_kernel<scalar_t, decltype(vec)::value><<<grid, threads, 0, stream>>>(
-        student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), kl.data_ptr<acc>(), ds_ptr, dt_ptr,
-        packs, inv_t);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  TORCH_CHECK(rows <= INT32_MAX, "urda_fast: kd_kl: too many rows (", rows, ") for one grid");
+  return {vectorise, packs, threads, static_cast<unsigned>(rows)};
+}
+
+void check_rows_cuda(const at::Tensor& v, const char* name, const at::Tensor& x, int64_t width) {
+  const bool shape_ok = width == 1 ? (v.dim() == 1 && v.size(0) == x.size(0))
+                                   : (v.dim() == 2 && v.size(0) == x.size(0) && v.size(1) == width);
+  TORCH_CHECK(shape_ok, "urda_fast: ", name, " has shape ", v.sizes(), ", expected (", x.size(0),
+              width == 1 ? ")" : ", 4)");
+  TORCH_CHECK(v.device() == x.device() && v.is_contiguous(), "urda_fast: ", name, " must be contiguous on ",
+              x.device());
+  TORCH_CHECK(v.scalar_type() == acc_scalar_type(x.scalar_type()), "urda_fast: ", name, " must have dtype ",
+              acc_scalar_type(x.scalar_type()), " for ", x.scalar_type(), " logits, got ", v.scalar_type());
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_kl_forward_cuda(const at::Tensor& student,
-                                                                  const at::Tensor& teacher, double temperature,
-                                                                  bool grad_student, bool grad_teacher) {
+std::tuple<at::Tensor, at::Tensor> kd_kl_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                      double temperature) {
   check_pair_2d(student, "student", teacher, "teacher", c10::DeviceType::CUDA);
   TORCH_CHECK(temperature > 0.0, "urda_fast: temperature must be > 0, got ", temperature);
-
   const at::cuda::OptionalCUDAGuard device_guard(at::device_of(student));
   const int64_t rows = student.size(0);
-  const int64_t cols = student.size(1);
-  const auto loss_options = student.options().dtype(acc_scalar_type(student.scalar_type()));
-  at::Tensor d_student = grad_student ? at::empty({rows, cols}, student.options()) : at::empty({0}, student.options());
-  at::Tensor d_teacher = grad_teacher ? at::empty({rows, cols}, student.options()) : at::empty({0}, student.options());
-  if (rows == 0 || cols == 0) {  // no classes: an empty sum, kl = 0 (the contract asks for C >= 1 anyway)
-    return {at::zeros({rows}, loss_options), d_student, d_teacher};
+  const auto acc_options = student.options().dtype(acc_scalar_type(student.scalar_type()));
+  at::Tensor stats = at::empty({rows, 4}, acc_options);
+  if (rows == 0 || student.size(1) == 0) {  // no classes: an empty sum, kl = 0 (the contract asks for C >= 1 anyway)
+    return {at::zeros({rows}, acc_options), stats.fill_(0)};
   }
-  at::Tensor kl = at::empty({rows}, loss_options);
+  at::Tensor kl = at::empty({rows}, acc_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_kl_forward_cuda", [&] {
-    launch_kd_kl<scalar_t>(student, teacher, kl, d_student, d_teacher, grad_student, grad_teacher, temperature);
+    using acc = acc_t<scalar_t>;
+    const RowLaunch l = row_launch<scalar_t>(student, {student.data_ptr(), teacher.data_ptr()});
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const acc inv_t = static_cast<acc>(1.0 / temperature);
+    cuda_utils::dispatch_vec<cuda_utils::max_vec<scalar_t>()>(l.vectorise, [&](auto vec) {
+      kd_kl_forward_kernel<scalar_t, decltype(vec)::value><<<l.grid, l.threads, 0, stream>>>(
+          student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), kl.data_ptr<acc>(),
+          stats.data_ptr<acc>(), l.packs, inv_t);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
-  return {kl, d_student, d_teacher};
+  return {kl, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_kl_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& student,
+                                                       const at::Tensor& teacher, const at::Tensor& kl,
+                                                       const at::Tensor& stats, double temperature,
+                                                       bool grad_student, bool grad_teacher) {
+  check_pair_2d(student, "student", teacher, "teacher", c10::DeviceType::CUDA);
+  TORCH_CHECK(temperature > 0.0, "urda_fast: temperature must be > 0, got ", temperature);
+  check_rows_cuda(grad_rows, "grad_rows", student, 1);
+  check_rows_cuda(kl, "kl", student, 1);
+  check_rows_cuda(stats, "stats", student, 4);
+  const at::cuda::OptionalCUDAGuard device_guard(at::device_of(student));
+  at::Tensor d_student = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor d_teacher = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  if (student.size(0) == 0 || student.size(1) == 0 || !(grad_student || grad_teacher)) return {d_student, d_teacher};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_kl_backward_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    scalar_t* ds_ptr = grad_student ? d_student.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dt_ptr = grad_teacher ? d_teacher.data_ptr<scalar_t>() : nullptr;
+    const RowLaunch l = row_launch<scalar_t>(student, {student.data_ptr(), teacher.data_ptr(), ds_ptr, dt_ptr});
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const acc inv_t = static_cast<acc>(1.0 / temperature);
+    cuda_utils::dispatch_vec<cuda_utils::max_vec<scalar_t>()>(l.vectorise, [&](auto vec) {
+      kd_kl_backward_kernel<scalar_t, decltype(vec)::value><<<l.grid, l.threads, 0, stream>>>(
+          grad_rows.const_data_ptr<acc>(), student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(),
+          kl.const_data_ptr<acc>(), stats.const_data_ptr<acc>(), ds_ptr, dt_ptr, l.packs, inv_t);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {d_student, d_teacher};
 }
 
 }  // namespace urda_fast
 
 TORCH_LIBRARY_IMPL(urda_fast, CUDA, m) {
   m.impl("kd_kl_forward", &urda_fast::kd_kl_forward_cuda);
+  m.impl("kd_kl_backward", &urda_fast::kd_kl_backward_cuda);
 }

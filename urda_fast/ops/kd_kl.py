@@ -1,4 +1,6 @@
-"""``kd_kl_loss``: temperature-scaled distillation KL with the gradient written in the forward pass."""
+"""``kd_kl_loss``: temperature-scaled distillation KL. The forward keeps each row's softmax statistics (B, 4); the
+backward recomputes the softmaxes from them in one pass, so forward + backward needs no logits-sized buffer beyond
+the gradients it returns."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ REDUCTIONS = ("batchmean", "sum", "none")
 
 def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, reduction="batchmean",
                t2_scale=False, backend=None):
-    r"""Knowledge-distillation KL, one fused pass per row.
+    r"""Knowledge-distillation KL, fused per row.
 
     Per row :math:`KL_i = \sum_c p_{ic} (\log p_{ic} - \log q_{ic})` with :math:`p = \mathrm{softmax}(t/T)` (teacher)
     and :math:`q = \mathrm{softmax}(s/T)` (student); :math:`w_i KL_i` when ``weight`` is given; ``"batchmean"`` is
@@ -58,53 +60,50 @@ def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, 
     dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     student = student_logits.to(dtype).contiguous()
     teacher = teacher_logits.to(dtype).contiguous()
-    grad_enabled = torch.is_grad_enabled()
     op = _backends.op_for(name, "kd_kl", "kd_kl_forward", register)
-    rows, _, _ = op(student, teacher, float(temperature), grad_enabled and student.requires_grad,
-                    grad_enabled and teacher.requires_grad)
+    rows, _ = op(student, teacher, float(temperature))
     return reference.reduce_kd_rows(rows, weight, reduction, t2_scale, temperature)
 
 
-def _fake_kd_kl_forward(student, teacher, temperature, grad_student, grad_teacher):
+def _fake_kd_kl_forward(student, teacher, temperature):
     torch._check(student.dim() == 2, lambda: "student must be 2-D")
     torch._check(teacher.shape == student.shape, lambda: "teacher must have the shape of student")
-    loss_dtype = torch.promote_types(student.dtype, torch.float32)
-    rows = student.new_empty((student.shape[0],), dtype=loss_dtype)
-    d_student = torch.empty_like(student) if grad_student else student.new_empty((0,))
-    d_teacher = torch.empty_like(teacher) if grad_teacher else teacher.new_empty((0,))
-    return rows, d_student, d_teacher
+    acc_dtype = torch.promote_types(student.dtype, torch.float32)
+    return (student.new_empty((student.shape[0],), dtype=acc_dtype),
+            student.new_empty((student.shape[0], 4), dtype=acc_dtype))
+
+
+def _fake_kd_kl_backward(grad_rows, student, teacher, kl, stats, temperature, grad_student, grad_teacher):
+    return (torch.empty_like(student) if grad_student else student.new_empty((0,)),
+            torch.empty_like(teacher) if grad_teacher else teacher.new_empty((0,)))
 
 
 def _setup_context_kd_kl_forward(ctx, inputs, output):
-    _, d_student, d_teacher = output
-    ctx.save_for_backward(d_student, d_teacher)
-    ctx.has_grads = (inputs[3], inputs[4])
-    # The stored derivatives are outputs only so backward can reuse them; no gradient ever flows into them, and
-    # not materialising zeros for them saves two logits-sized fills per backward.
-    ctx.mark_non_differentiable(d_student, d_teacher)
+    student, teacher, temperature = inputs
+    kl, stats = output
+    # The logits are saved by reference (no copy); the backward needs only them and the (B, 4) statistics.
+    ctx.save_for_backward(student, teacher, kl, stats)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(stats)
     ctx.set_materialize_grads(False)
 
 
-def _backward_kd_kl_forward(ctx, grad_rows, _grad_d_student, _grad_d_teacher):
-    # The forward already holds d KL_i / d logits; backward only scales each row by the incoming gradient.
-    d_student, d_teacher = ctx.saved_tensors
-    if grad_rows is None:  # the loss did not use the KL values
-        return None, None, None, None, None
-    grads = []
-    for needed, has, d in zip(ctx.needs_input_grad[:2], ctx.has_grads, (d_student, d_teacher)):
-        if not needed:
-            grads.append(None)
-            continue
-        if not has:
-            raise RuntimeError("urda_fast: kd_kl_forward was called without the gradient flag for an input that "
-                               "requires grad; call it through urda_fast.ops.kd_kl_loss")
-        grads.append((grad_rows.unsqueeze(1) * d).to(d.dtype))
-    return grads[0], grads[1], None, None, None
-
-
 def register(suffix: str, *, fake: bool) -> None:
-    """Fake kernel (native op) and autograd for ``urda_fast::kd_kl_forward{suffix}``."""
-    qualname = f"urda_fast::kd_kl_forward{suffix}"
+    """Fake kernels (native ops) and autograd for ``urda_fast::kd_kl_forward{suffix}``; backward runs the same
+    backend's ``kd_kl_backward{suffix}``."""
+    forward = f"urda_fast::kd_kl_forward{suffix}"
+    backward_op = getattr(torch.ops.urda_fast, f"kd_kl_backward{suffix}")
     if fake:
-        torch.library.register_fake(qualname)(_fake_kd_kl_forward)
-    torch.library.register_autograd(qualname, _backward_kd_kl_forward, setup_context=_setup_context_kd_kl_forward)
+        torch.library.register_fake(forward)(_fake_kd_kl_forward)
+        torch.library.register_fake(f"urda_fast::kd_kl_backward{suffix}")(_fake_kd_kl_backward)
+
+    def backward(ctx, grad_rows, _grad_stats):
+        need_student, need_teacher = ctx.needs_input_grad[:2]
+        if grad_rows is None or not (need_student or need_teacher):  # the loss did not use the KL values
+            return None, None, None
+        student, teacher, kl, stats = ctx.saved_tensors
+        d_student, d_teacher = backward_op(grad_rows.to(kl.dtype).contiguous(), student, teacher, kl, stats,
+                                           ctx.temperature, need_student, need_teacher)
+        return (d_student if need_student else None), (d_teacher if need_teacher else None), None
+
+    torch.library.register_autograd(forward, backward, setup_context=_setup_context_kd_kl_forward)

@@ -290,6 +290,38 @@ def test_visual_only_training_keeps_the_text_tower_and_clamps_logit_scale(world,
     assert float(after["logit_scale"]) <= 1.0  # clamped after every step
 
 
+def test_last_n_trains_only_the_last_visual_parameter_tensors(tiny_clip):
+    """trainable="last:N" is the code's --last_num_ft N: list(model.visual.parameters())[-N:]."""
+    from urda_fast.hpt import TrainConfig
+    from urda_fast.hpt.train import make_optimizer
+
+    model, _ = tiny_clip
+    expected = list(model.visual.parameters())[-3:]
+    optimizer = make_optimizer(model, TrainConfig(trainable="last:3"))
+    trained = optimizer.param_groups[0]["params"]
+    assert [id(p) for p in trained] == [id(p) for p in expected]
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in expected}
+    everything = make_optimizer(model, TrainConfig(trainable="all")).param_groups[0]["params"]
+    assert len(everything) == len(list(model.parameters()))
+    for bad in ("last:0", "last:x", "last", "text"):
+        with pytest.raises(ValueError, match="trainable must be 'all', 'visual' or 'last:N'"):
+            make_optimizer(model, TrainConfig(trainable=bad))
+    with pytest.raises(ValueError, match="more parameter tensors than the target's visual tower has"):
+        make_optimizer(model, TrainConfig(trainable="last:100000"))
+
+
+def test_last_n_training_changes_only_those_tensors(world, tmp_path):
+    from urda_fast.hpt import load_clip, train
+
+    train(train_cfg(world, tmp_path, trainable="last:2", iterations=2, warmup_steps=1, eval_every=2))
+    before, _ = load_clip(*parse_model_arg(world.model_arg("target")))
+    last_two = {name for name, _ in before.named_parameters() if name.startswith("visual.")}
+    last_two = [name for name, _ in before.named_parameters() if name in last_two][-2:]
+    after = torch.load(tmp_path / "last.pt", weights_only=False)["modules"]["target"]
+    changed = {k for k, v in before.state_dict().items() if not torch.equal(v, after[k])}
+    assert changed == set(last_two)
+
+
 def test_bad_configs_and_dataset_layouts_are_clear_errors(world, tmp_path):
     from urda_fast.hpt import train
     from urda_fast.hpt.data import open_dataset, tinyimagenet

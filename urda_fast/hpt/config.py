@@ -40,7 +40,9 @@ class TrainConfig(ModelsConfig, DataConfig):
     """One robust fine-tuning run: ``method`` picks the loss; GPD's two phases come from the lr schedule."""
 
     method: str = "hpt-gpd"  # "tecoa" | "pmg-aft" | "hpt" (HPT loss, plain warm-up) | "hpt-gpd"
-    trainable: str = "all"  # "all" parameters (code) | "visual" tower only (text features then cached)
+    # "all" parameters (code) | "visual" tower only | "last:N": the last N parameter tensors of the visual tower (the
+    # code's --last_num_ft N). With the text tower frozen its features are cached.
+    trainable: str = "all"
     out: str = "runs/hpt"
     epochs: int = 10
     iterations: int = 0  # 0 = epochs x batches per epoch
@@ -115,3 +117,19 @@ class ProxyCheckConfig(ModelsConfig):
     seed: int = 0
     out: str = ""
     progress: bool = True
+
+
+def parse_trainable(value: str) -> tuple[str, int]:
+    """``TrainConfig.trainable`` as ("all", 0), ("visual", 0) or ("last", N); a clear error for anything else."""
+    if value in ("all", "visual"):
+        return value, 0
+    kind, _, count = value.partition(":")
+    if kind == "last" and count.isdigit() and int(count) > 0:
+        return "last", int(count)
+    raise ValueError(f"hpt: trainable must be 'all', 'visual' or 'last:N' (N >= 1, the last N parameter tensors of "
+                     f"the visual tower), got {value!r}")
+
+
+def text_frozen(value: str) -> bool:
+    """Whether ``trainable`` leaves the text tower frozen (its class features can then be cached)."""
+    return parse_trainable(value)[0] != "all"

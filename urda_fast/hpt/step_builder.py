@@ -21,7 +21,7 @@ from urda_fast.distributed import pick_device
 from urda_fast.profiling import nvtx_range
 
 from .clip_models import load_clip, load_clip_arg
-from .config import TrainConfig
+from .config import TrainConfig, parse_trainable, text_frozen
 from .train import HptTask, build_schedule, make_optimizer
 from .zero_shot import ZeroShotClassifier
 
@@ -96,8 +96,7 @@ def step_config(*, attack_steps: int = 5, trainable: str = "all", attack_random_
     """The run configuration of the step: method ``hpt`` with the code's weights (proxy 1, anchor 0.001), PGD-5 at
     eps 2/255, step 1/255. No random start by default, so that two implementations of the step can be compared
     number for number."""
-    if trainable not in ("all", "visual"):
-        raise ValueError(f"hpt: trainable must be 'all' or 'visual', got {trainable!r}")
+    parse_trainable(trainable)
     return TrainConfig(method="hpt", attack_steps=attack_steps, trainable=trainable,
                        attack_random_start=attack_random_start, warmup_steps=0, **overrides)
 
@@ -113,7 +112,7 @@ def build_hpt_step(models: StepModels, cfg: TrainConfig, *, batch_size: int = 64
                    num_classes: int = 10, seed: int = 0) -> HptStep:
     """An ``HptTask`` (in the HPT phase, its scheduler set) and its SGD optimizer on a fixed random batch.
 
-    ``models.target`` is trained in place (with ``cfg.trainable == "visual"`` its non-visual parameters are frozen,
+    ``models.target`` is trained in place (with ``cfg.trainable`` other than "all" its text tower is frozen,
     and the target head caches its text features, as ``build_task`` does); the anchor is a copy of its weights now.
     ``image_size`` 0 = the target's input size. Raises ValueError for a config outside the HPT phase's methods."""
     if cfg.method not in ("hpt", "hpt-gpd"):
@@ -129,7 +128,7 @@ def build_hpt_step(models: StepModels, cfg: TrainConfig, *, batch_size: int = 64
         return ZeroShotClassifier(clip, tokenizer, names, cfg.templates, logits=cfg.logits,
                                   preprocess=cfg.preprocess, cache_text=cache_text)
 
-    target_head = head(target, models.target_tokenizer, cache_text=cfg.trainable == "visual")
+    target_head = head(target, models.target_tokenizer, cache_text=text_frozen(cfg.trainable))
     proxy_head, anchor_head = head(models.proxy, models.proxy_tokenizer), head(anchor, models.target_tokenizer)
     size = image_size or (target_head.image_size or (224, 224))[0]
     generator = torch.Generator().manual_seed(seed)

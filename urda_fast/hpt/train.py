@@ -27,7 +27,7 @@ from urda_fast.train import LoopSettings, fit
 
 from . import losses
 from .clip_models import load_clip_arg, parse_model_arg
-from .config import METHODS, TrainConfig
+from .config import METHODS, TrainConfig, parse_trainable, text_frozen
 from .data import ZeroShotSet, eval_transform, loader_workers, open_dataset, subset, tinyimagenet
 from .evaluate import zero_shot_robustness
 from .schedule import GPDSchedule
@@ -165,8 +165,7 @@ class HptTask:
 def check_config(cfg: TrainConfig) -> None:
     if cfg.method not in METHODS:
         raise ValueError(f"hpt: method must be one of {METHODS}, got {cfg.method!r}")
-    if cfg.trainable not in ("all", "visual"):
-        raise ValueError(f"hpt: trainable must be 'all' or 'visual', got {cfg.trainable!r}")
+    parse_trainable(cfg.trainable)
     if not cfg.target:
         raise ValueError("hpt: give the CLIP to robustify as --target ARCH:CHECKPOINT")
     if cfg.method in ("hpt", "hpt-gpd") and not cfg.proxy:
@@ -185,11 +184,17 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def make_optimizer(target, cfg: TrainConfig) -> torch.optim.SGD:
-    """The code's SGD over what ``cfg.trainable`` trains: every parameter, or the visual tower only (the rest is
-    frozen here, so its text features can be cached)."""
-    if cfg.trainable == "visual":
-        for name, param in target.named_parameters():
-            param.requires_grad_(name.startswith("visual."))
+    """The code's SGD over what ``cfg.trainable`` trains: every parameter, the visual tower, or its last N parameter
+    tensors (the rest is frozen here, so the text features can be cached)."""
+    kind, count = parse_trainable(cfg.trainable)
+    visual = [param for name, param in target.named_parameters() if name.startswith("visual.")]
+    if count > len(visual):
+        raise ValueError(f"hpt: trainable={cfg.trainable!r} asks for more parameter tensors than the target's "
+                         f"visual tower has ({len(visual)})")
+    chosen = {"all": list(target.parameters()), "visual": visual, "last": visual[-count:]}[kind]
+    chosen_ids = {id(param) for param in chosen}
+    for param in target.parameters():
+        param.requires_grad_(id(param) in chosen_ids)
     params = [p for p in target.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
@@ -223,7 +228,7 @@ def build_task(cfg: TrainConfig):
                                              preprocess=cfg.preprocess)
     optimizer = make_optimizer(target, cfg)
     head = ZeroShotClassifier(target, tokenizer, train_set.classnames, templates, logits=cfg.logits,
-                              preprocess=cfg.preprocess, cache_text=cfg.trainable == "visual")
+                              preprocess=cfg.preprocess, cache_text=text_frozen(cfg.trainable))
     workers = loader_workers(train_set.dataset, cfg.num_workers)
     stream = train_stream(train_set.dataset, cfg.batch_size, cfg.seed, device, num_workers=workers)
     total_steps = cfg.iterations or cfg.epochs * len(stream.loader)

@@ -123,3 +123,14 @@ def test_feature_losses_reject_bad_input(loss_name, a, b, error, match):
 def test_feature_cosine_rejects_bad_eps():
     with pytest.raises(ValueError, match="eps must be a positive finite"):
         ops.feature_cosine_loss(torch.randn(2, 3), torch.randn(2, 3), eps=-1.0)
+
+
+@pytest.mark.parametrize("loss_name", ["feature_mse_loss", "feature_cosine_loss"])
+def test_feature_losses_refuse_double_backward(backend, loss_name):
+    """A second-order backward through the fused kernel is a clear error, not a silently missing derivative."""
+    name, device = backend
+    a = torch.randn(3, 6, device=device, requires_grad=True)
+    b = torch.randn(3, 6, device=device)
+    (grad,) = torch.autograd.grad(getattr(ops, loss_name)(a, b, backend=name), a, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"{loss_name} has no second derivative on the fused backends"):
+        grad.square().sum().backward()

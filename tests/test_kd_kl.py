@@ -149,6 +149,17 @@ def test_kd_kl_keeps_no_logits_sized_buffer():
     torch.testing.assert_close(d_s, expected)
 
 
+def test_kd_kl_refuses_double_backward(backend):
+    """A second-order backward through the fused kernel is a clear error, not a silently missing derivative."""
+    name, device = backend
+    student = logits((3, 7), torch.float32, device).requires_grad_()
+    teacher = logits((3, 7), torch.float32, device)
+    (grad,) = torch.autograd.grad(ops.kd_kl_loss(student, teacher, temperature=2.0, backend=name), student,
+                                  create_graph=True)
+    with pytest.raises(RuntimeError, match="kd_kl_loss has no second derivative on the fused backends"):
+        grad.square().sum().backward()
+
+
 def test_kd_kl_backward_rejects_mismatched_statistics():
     s, t = torch.randn(3, 5), torch.randn(3, 5)
     rows, stats = torch.ops.urda_fast.kd_kl_forward(s, t, 1.0)

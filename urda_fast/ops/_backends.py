@@ -157,3 +157,14 @@ def op_for(backend: str, module: str, op_name: str, register):
     if backend in ("cpu", "cuda"):
         return getattr(torch.ops.urda_fast, op_name)
     return getattr(triton_ops(module, register), op_name.rstrip("_") + "_triton" + ("_" if op_name.endswith("_") else ""))
+
+
+def forbid_double_backward(qualname: str, loss_name: str) -> None:
+    """Register an autograd for a backward kernel that fails a second-order backward clearly: without one, torch
+    only warns and silently drops the second derivative."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"urda_fast: {loss_name} has no second derivative on the fused backends "
+                           f"(create_graph=True reached {qualname}); use backend='reference' for double backward")
+
+    torch.library.register_autograd(qualname, backward, setup_context=lambda ctx, inputs, output: None)

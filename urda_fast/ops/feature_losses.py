@@ -118,3 +118,5 @@ def register(suffix: str, *, fake: bool) -> None:
 
     torch.library.register_autograd(mse, backward_mse, setup_context=_setup_context_feature_mse)
     torch.library.register_autograd(cos, backward_cosine, setup_context=_setup_context_feature_cosine)
+    _backends.forbid_double_backward(f"urda_fast::feature_mse_backward{suffix}", "feature_mse_loss")
+    _backends.forbid_double_backward(f"urda_fast::feature_cosine_backward{suffix}", "feature_cosine_loss")

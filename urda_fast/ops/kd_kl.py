@@ -107,3 +107,4 @@ def register(suffix: str, *, fake: bool) -> None:
         return (d_student if need_student else None), (d_teacher if need_teacher else None), None
 
     torch.library.register_autograd(forward, backward, setup_context=_setup_context_kd_kl_forward)
+    _backends.forbid_double_backward(f"urda_fast::kd_kl_backward{suffix}", "kd_kl_loss")

@@ -5,6 +5,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <string>
 #include <string_view>
 
 namespace urda_fast {
@@ -38,6 +40,19 @@ inline void check_like(const at::Tensor& ref, const char* ref_name, const at::Te
               ref_name, " has ", ref.scalar_type());
   TORCH_CHECK(t.sizes() == ref.sizes(), "urda_fast: ", name, " has shape ", t.sizes(), " but ", ref_name, " has ",
               ref.sizes());
+}
+
+// Per-row values of a (B, ...) input `x`: (B,) when width == 1, else (B, width); contiguous, on x's device, in the
+// acc dtype of `x`.
+inline void check_rows(const at::Tensor& x, const at::Tensor& v, const char* name, int64_t width) {
+  const bool shape_ok = width == 1 ? (v.dim() == 1 && v.size(0) == x.size(0))
+                                   : (v.dim() == 2 && v.size(0) == x.size(0) && v.size(1) == width);
+  TORCH_CHECK(shape_ok, "urda_fast: ", name, " has shape ", v.sizes(), ", expected (", x.size(0),
+              width == 1 ? ")" : ", " + std::to_string(width) + ")");
+  TORCH_CHECK(v.device() == x.device() && v.is_contiguous(), "urda_fast: ", name, " must be contiguous on ",
+              x.device());
+  TORCH_CHECK(v.scalar_type() == acc_scalar_type(x.scalar_type()), "urda_fast: ", name, " must have dtype ",
+              acc_scalar_type(x.scalar_type()), " for ", x.scalar_type(), " logits, got ", v.scalar_type());
 }
 
 // A small parameter vector (per-sample step/eps, per-channel bounds): 1-D, `n` elements, acc dtype of `x`.

@@ -162,18 +162,6 @@ void check_temperature(double temperature) {
               temperature);
 }
 
-// (B,) or (B, 4) in the accumulation dtype of x, contiguous, on the CPU.
-void check_row_tensor(const at::Tensor& v, const char* name, const at::Tensor& x, int64_t width) {
-  const bool shape_ok = width == 1 ? (v.dim() == 1 && v.size(0) == x.size(0))
-                                   : (v.dim() == 2 && v.size(0) == x.size(0) && v.size(1) == width);
-  TORCH_CHECK(shape_ok, "urda_fast: ", name, " has shape ", v.sizes(), ", expected (", x.size(0),
-              width == 1 ? ")" : ", 4)");
-  TORCH_CHECK(v.device().type() == c10::DeviceType::CPU && v.is_contiguous(), "urda_fast: ", name,
-              " must be a contiguous CPU tensor");
-  TORCH_CHECK(v.scalar_type() == acc_scalar_type(x.scalar_type()), "urda_fast: ", name, " must have dtype ",
-              acc_scalar_type(x.scalar_type()), " for ", x.scalar_type(), " logits, got ", v.scalar_type());
-}
-
 std::tuple<at::Tensor, at::Tensor> kd_kl_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                      double temperature) {
   check_pair_2d(student, "student", teacher, "teacher", c10::DeviceType::CPU);
@@ -201,9 +189,9 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_backward_cpu(const at::Tensor& grad_row
                                                       bool grad_teacher) {
   check_pair_2d(student, "student", teacher, "teacher", c10::DeviceType::CPU);
   check_temperature(temperature);
-  check_row_tensor(grad_rows, "grad_rows", student, 1);
-  check_row_tensor(kl, "kl", student, 1);
-  check_row_tensor(stats, "stats", student, 4);
+  check_rows(student, grad_rows, "grad_rows", 1);
+  check_rows(student, kl, "kl", 1);
+  check_rows(student, stats, "stats", 4);
   const int64_t rows = student.size(0), cols = student.size(1);
   at::Tensor d_student = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
   at::Tensor d_teacher = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());

@@ -176,17 +176,6 @@ RowLaunch row_launch(const at::Tensor& student, std::initializer_list<const void
   return {vectorise, packs, threads, static_cast<unsigned>(rows)};
 }
 
-void check_rows_cuda(const at::Tensor& v, const char* name, const at::Tensor& x, int64_t width) {
-  const bool shape_ok = width == 1 ? (v.dim() == 1 && v.size(0) == x.size(0))
-                                   : (v.dim() == 2 && v.size(0) == x.size(0) && v.size(1) == width);
-  TORCH_CHECK(shape_ok, "urda_fast: ", name, " has shape ", v.sizes(), ", expected (", x.size(0),
-              width == 1 ? ")" : ", 4)");
-  TORCH_CHECK(v.device() == x.device() && v.is_contiguous(), "urda_fast: ", name, " must be contiguous on ",
-              x.device());
-  TORCH_CHECK(v.scalar_type() == acc_scalar_type(x.scalar_type()), "urda_fast: ", name, " must have dtype ",
-              acc_scalar_type(x.scalar_type()), " for ", x.scalar_type(), " logits, got ", v.scalar_type());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> kd_kl_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
@@ -222,9 +211,9 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_backward_cuda(const at::Tensor& grad_ro
                                                        bool grad_student, bool grad_teacher) {
   check_pair_2d(student, "student", teacher, "teacher", c10::DeviceType::CUDA);
   TORCH_CHECK(temperature > 0.0, "urda_fast: temperature must be > 0, got ", temperature);
-  check_rows_cuda(grad_rows, "grad_rows", student, 1);
-  check_rows_cuda(kl, "kl", student, 1);
-  check_rows_cuda(stats, "stats", student, 4);
+  check_rows(student, grad_rows, "grad_rows", 1);
+  check_rows(student, kl, "kl", 1);
+  check_rows(student, stats, "stats", 4);
   const at::cuda::OptionalCUDAGuard device_guard(at::device_of(student));
   at::Tensor d_student = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
   at::Tensor d_teacher = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());

@@ -24,9 +24,9 @@ from torch import nn
 
 from urda_fast.attacks.reference import textbook_attack
 
-STYLES = ("code", "lean")
-
 from .zero_shot import PREPROCESS
+
+STYLES = ("code", "lean")
 
 
 class EagerZeroShot(nn.Module):

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# GPU checks for a session lent a device machine (one H100/H200; ~15 min of device time in all, 10 min a call):
+# build with CUDA, run the CUDA/Triton tests, take the GPU benchmarks. Files land in $OUT and come back.
+#
+#   here, once:  bash scripts/gpu_wheels.sh            # open_clip, ftfy, wcwidth, torchattacks for the device's Python
+#   device:      run(command="bash scripts/gpu_check.sh build tests ops", carry=[".whl"], timeout_s=590)
+#                run(command="bash scripts/gpu_check.sh build steps", carry=[".whl"], timeout_s=590)
+#
+# The first call's limits add up to ~560 s; a warm machine keeps the build, so the second call's `build` is a quick
+# check and `steps` gets 540 s. Every phase has its own time limit (pytest is interrupted, not killed, so
+# pytest-benchmark still writes the JSON of what finished): build.log, tests.log, bench_*.json / .log, report_*.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu-check}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MAX_JOBS="${MAX_JOBS:-16}" URDA_FAST_BUILD_CUDA=1
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" URDA_FAST_BENCH_SECONDS="${URDA_FAST_BENCH_SECONDS:-0.5}"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+bench() {  # bench NAME SECONDS FILES...
+  local name=$1 seconds=$2
+  shift 2
+  timeout -s INT -k 30 "$seconds" python3 -m pytest "$@" -q -p no:cacheprovider --bench-size large \
+    --benchmark-json="$OUT/bench_$name.json" >"$OUT/bench_$name.log" 2>&1
+  echo "bench $name rc=$?" | tee -a "$OUT/bench_$name.log"
+  grep "^|" "$OUT/bench_$name.log"
+  if [ -s "$OUT/bench_$name.json" ]; then
+    python3 bench/report.py report "$OUT/bench_$name.json" --out "/tmp/report_$name" >/dev/null 2>&1 \
+      && cp "/tmp/report_$name/report.md" "$OUT/report_$name.md"
+  fi
+}
+
+for phase in "$@"; do
+  echo "== $phase $(date +%T)"
+  case "$phase" in
+    build)
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+      if ! python3 -c "import urda_fast._C_cuda" 2>/dev/null; then
+        timeout "${BUILD_SECONDS:-240}" python3 -m pip install -v -e . --no-build-isolation --no-deps >"$OUT/build.log" 2>&1
+        echo "build rc=$?" | tee -a "$OUT/build.log"
+      fi
+      python3 -c "import torch, urda_fast.ops as o; print(torch.__version__, o.available_backends())" \
+        | tee -a "$OUT/device.txt" ;;
+    tests)
+      timeout -s INT -k 30 "${TEST_SECONDS:-120}" python3 -m pytest -q -p no:cacheprovider -x tests/test_kd_kl.py \
+        tests/test_pgd_step.py tests/test_feature_losses.py tests/test_backends.py tests/test_dart_step.py \
+        >"$OUT/tests.log" 2>&1
+      echo "tests rc=$?" | tee -a "$OUT/tests.log"
+      tail -4 "$OUT/tests.log" ;;
+    ops) bench ops "${OPS_SECONDS:-200}" bench/bench_kd_kl.py bench/bench_pgd_step.py bench/bench_feature_losses.py ;;
+    steps) bench steps "${STEP_SECONDS:-540}" bench/bench_dart_step.py bench/bench_hpt_step.py bench/bench_attacks.py ;;
+    *) echo "unknown phase $phase (build, tests, ops, steps)" >&2; exit 2 ;;
+  esac
+done
+echo "== done $(date +%T)"

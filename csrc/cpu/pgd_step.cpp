@@ -78,23 +78,15 @@ URDA_FAST_CLONES void l2_sums_f32(const float* x, const float* g, const float* x
   l2_sums(x, g, x0, n, sums);
 }
 
+// One plane as the kernel runs it: float32 through its clones, other dtypes as compiled for the baseline ISA.
 template <typename scalar_t, typename acc_t>
-void run_linf_plane(const scalar_t* x, const scalar_t* g, const scalar_t* x0, scalar_t* out, int64_t n,
-                    PlaneArgs<scalar_t, acc_t> p) {
+void run_plane(PgdNorm norm, const scalar_t* x, const scalar_t* g, const scalar_t* x0, scalar_t* out, int64_t n,
+               PlaneArgs<scalar_t, acc_t> p) {
+  const bool linf = norm == PgdNorm::Linf;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    linf_plane_f32(x, g, x0, out, n, p);
+    linf ? linf_plane_f32(x, g, x0, out, n, p) : l2_plane_f32(x, g, x0, out, n, p);
   } else {
-    linf_plane<scalar_t, acc_t>(x, g, x0, out, n, p);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void run_l2_plane(const scalar_t* x, const scalar_t* g, const scalar_t* x0, scalar_t* out, int64_t n,
-                  PlaneArgs<scalar_t, acc_t> p) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    l2_plane_f32(x, g, x0, out, n, p);
-  } else {
-    l2_plane<scalar_t, acc_t>(x, g, x0, out, n, p);
+    linf ? linf_plane<scalar_t, acc_t>(x, g, x0, out, n, p) : l2_plane<scalar_t, acc_t>(x, g, x0, out, n, p);
   }
 }
 
@@ -145,13 +137,11 @@ void pgd_step_kernel(const at::Tensor& x_adv, const at::Tensor& grad, const at::
                    [&](int64_t begin, int64_t end) {
                      for (int64_t plane = begin; plane < end; ++plane) {
                        const int64_t b = plane / s.channels, c = plane % s.channels, off = plane * s.inner;
-                       if (norm == PgdNorm::Linf) {
-                         run_linf_plane<scalar_t, acc_t>(x + off, g + off, x0 + off, y + off, s.inner,
-                                                         {steps[b], budgets[b], lo[c], hi[c]});
-                       } else {
-                         run_l2_plane<scalar_t, acc_t>(x + off, g + off, x0 + off, y + off, s.inner,
-                                                       {scale[b], factor[b], lo[c], hi[c]});
-                       }
+                       // L-inf: (step, eps); L2: (step / |g|, projection factor), see PlaneArgs.
+                       const bool linf = norm == PgdNorm::Linf;
+                       run_plane<scalar_t, acc_t>(norm, x + off, g + off, x0 + off, y + off, s.inner,
+                                                  {linf ? steps[b] : scale[b], linf ? budgets[b] : factor[b], lo[c],
+                                                   hi[c]});
                      }
                    });
 }

@@ -26,6 +26,8 @@ template <typename acc_t>
 struct RowStats {
   acc_t max_t, log_sum_t, max_s, log_sum_s;
 };
+// The (B, 4) stats tensor is read and written through this struct.
+static_assert(sizeof(RowStats<float>) == 4 * sizeof(float) && sizeof(RowStats<double>) == 4 * sizeof(double));
 
 // always_inline: the body must be compiled inside each target clone below, or the vector clones would just call the
 // baseline (SSE2) code.

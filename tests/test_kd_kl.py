@@ -160,6 +160,21 @@ def test_kd_kl_refuses_double_backward(backend):
         grad.square().sum().backward()
 
 
+def test_kd_kl_saves_no_logits_sized_tensor_beyond_its_inputs(backend):
+    """What autograd keeps between forward and backward is the logits themselves (by reference) and per-row values:
+    forward + backward then allocates one (B, C) buffer, the gradient."""
+    name, device = backend
+    student = logits((8, 33), torch.float32, device).requires_grad_()
+    teacher = logits((8, 33), torch.float32, device)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        loss = ops.kd_kl_loss(student, teacher, temperature=2.0, weight=torch.rand(8, device=device), backend=name)
+    inputs = (student.data_ptr(), teacher.data_ptr())
+    assert saved and all(x.numel() <= 4 * 8 or x.data_ptr() in inputs for x in saved), [x.shape for x in saved]
+    (grad,) = torch.autograd.grad(loss, student)
+    assert grad.shape == student.shape
+
+
 def test_kd_kl_backward_rejects_mismatched_statistics():
     s, t = torch.randn(3, 5), torch.randn(3, 5)
     rows, stats = torch.ops.urda_fast.kd_kl_forward(s, t, 1.0)

@@ -7,9 +7,12 @@ is our attack with ``early_stop=True`` (samples already misclassified stop being
 work than the others, so its speed-up is the evaluation use case's, not a like-for-like one. The models have
 random weights: their BatchNorm statistics are set from the benchmark batch and the labels are the model's own clean
 predictions (clean accuracy 100%), and each budget is chosen so that roughly half the samples survive, which makes the
-accuracy check meaningful. Throughput does not depend on the budget.
+accuracy check meaningful. Throughput does not depend on the budget. ``ours_amp`` (CUDA only) is ``ours`` under bf16
+autocast with the model and images in channels_last, the GPU report the issue asks for; its accuracy is recorded,
+not asserted (bf16 rounding changes the attack).
 """
 
+import copy
 import functools
 import statistics
 import sys
@@ -40,7 +43,7 @@ CASES = {"small": [("digits_cnn", (64, 1, 16, 16)), ("resnet18", (16, 3, 32, 32)
 # alpha = eps / 4. A large image is broken by a far smaller L-inf budget than a small one.
 EPS = {("digits_cnn", 16): {"linf": 0.5 / 255, "l2": 0.03}, ("resnet18", 32): {"linf": 0.05 / 255, "l2": 0.01},
        ("resnet18", 224): {"linf": 0.005 / 255, "l2": 0.006}}
-PROVIDERS = ["eager", "ours", "ours_early_stop"] + (["torchattacks"] if torchattacks is not None else [])
+PROVIDERS = ["eager", "ours", "ours_early_stop", "ours_amp"] + (["torchattacks"] if torchattacks is not None else [])
 # Each call is 10 forward+backward passes (~0.5 s on 2 idle CPU cores) and every non-eager round is paired with an
 # eager one: a few rounds, not conftest's 10+.
 TARGET_SECONDS, MIN_ROUNDS, MAX_ROUNDS = 1.0, 3, 20
@@ -90,6 +93,17 @@ def _setup(backbone, shape, device):
 def _attack_fn(impl, model, images, labels, norm, eps, alpha):
     if impl == "eager":
         return lambda: textbook_attack(model, images, labels, eps=eps, alpha=alpha, steps=STEPS, norm=norm)
+    if impl == "ours_amp":
+        cls = PGD if norm == "linf" else PGDL2
+        attack = cls(copy.deepcopy(model).to(memory_format=torch.channels_last), eps=eps, alpha=alpha, steps=STEPS,
+                     random_start=False)
+        cl_images = images.contiguous(memory_format=torch.channels_last)
+
+        def run():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return attack(cl_images, labels)
+
+        return run
     if impl.startswith("ours"):
         cls = PGD if norm == "linf" else PGDL2
         attack = cls(model, eps=eps, alpha=alpha, steps=STEPS, random_start=False, early_stop=impl.endswith("stop"))
@@ -106,6 +120,8 @@ def _accuracy(model, images, labels):
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_attack(bench, benchmark, norm, case, impl):
+    if impl == "ours_amp" and bench.device.type != "cuda":
+        pytest.skip("ours_amp (bf16 autocast + channels_last) is timed on CUDA only")
     backbone, shape = case
     model, images, labels = _setup(backbone, shape, bench.device)
     eps = EPS[(backbone, shape[-1])][norm]
@@ -141,7 +157,7 @@ def test_attack(bench, benchmark, norm, case, impl):
     adv_acc = _accuracy(model, adversarial, labels)
     if impl == "eager":
         _EAGER_ACCURACY[(backbone, shape, norm)] = adv_acc
-    info = {"device": conftest.device_name(), "dtype": "float32", "op": "pgd_attack", "variant": norm,
+    info = {"device": conftest.device_name(), "dtype": "bfloat16 autocast" if impl == "ours_amp" else "float32", "op": "pgd_attack", "variant": norm,
             "mode": backbone, "shape": "x".join(map(str, shape)), "provider": impl, "steps": STEPS, "eps": eps,
             "alpha": eps / 4, "images": shape[0], "clean_acc": _accuracy(model, images, labels), "adv_acc": adv_acc,
             "peak_mem_mb": conftest.peak_memory_bytes(attack) / 2**20}

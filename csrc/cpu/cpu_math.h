@@ -5,13 +5,13 @@
 #include <cstdint>
 #include <cstring>
 
-// Hot row loops are compiled for AVX-512, for AVX2+FMA and for the baseline ISA; the loader picks one at run time, so
-// one wheel is fast on current CPUs and still runs on old ones. The ISA levels (x86-64-v3/v4) are chosen by CPU
-// features; "arch=haswell" would be chosen by CPU model, so AMD and post-Haswell Intel chips would fall back to SSE2.
+// Hot loops are compiled for AVX-512, for AVX2+FMA and for the baseline ISA; the loader picks one at run time, so
+// one wheel is fast on current CPUs and still runs on old ones. Put it on the function that holds the loop (templates
+// included: each instantiation gets its clones; the inline helpers below are inlined into each). The ISA levels
+// (x86-64-v3/v4) are chosen by CPU features; "arch=haswell" would be chosen by CPU model, so AMD and post-Haswell
+// Intel chips would fall back to SSE2. Older GCCs build the baseline only.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
 #define URDA_FAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define URDA_FAST_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define URDA_FAST_CLONES
 #endif
@@ -21,7 +21,8 @@ namespace urda_fast {
 // exp(x) for float: Cody-Waite range reduction and the Cephes degree-6 polynomial (max error ~2 ulp). Inputs below
 // ln(FLT_MIN) return exactly 0, so a masked logit (-inf) gives a probability of exactly 0. glibc's expf is a
 // library call that blocks vectorisation; this is plain arithmetic, so an 8-wide AVX2 loop comes out of it.
-inline float vexp(float x) {
+// always_inline: left to GCC's heuristics, a loop with two calls kept one as a call, and the loop went scalar.
+__attribute__((always_inline)) inline float vexp(float x) {
   constexpr float kHi = 88.3762626647949f;
   constexpr float kLo = -87.3365447504019f;
   float xc = x > kHi ? kHi : x;

@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 
 #include "../common.h"
 #include "cpu_math.h"
@@ -16,10 +15,10 @@ namespace {
 
 constexpr int64_t kGrainElems = 1 << 15;
 
-// `#pragma omp simd` cannot sit inside AT_DISPATCH's macro argument, so every loop lives in a function of its own;
-// always_inline so that float32's AVX-512 / AVX2 clones (below) compile the loop body for their ISA.
+// `#pragma omp simd` cannot sit inside AT_DISPATCH's macro argument, so every loop lives in a function of its own
+// (with its ISA clones).
 template <typename scalar_t>
-__attribute__((always_inline)) inline double squared_distance(const scalar_t* a, const scalar_t* b, int64_t begin, int64_t end) {
+URDA_FAST_CLONES double squared_distance(const scalar_t* a, const scalar_t* b, int64_t begin, int64_t end) {
   double acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t k = begin; k < end; ++k) {
@@ -30,7 +29,8 @@ __attribute__((always_inline)) inline double squared_distance(const scalar_t* a,
 }
 
 template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void scaled_difference(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t begin, int64_t end, acc_t c) {
+URDA_FAST_CLONES void scaled_difference(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t begin,
+                                        int64_t end, acc_t c) {
 #pragma omp simd
   for (int64_t k = begin; k < end; ++k) {
     out[k] = static_cast<scalar_t>(c * (static_cast<acc_t>(a[k]) - static_cast<acc_t>(b[k])));
@@ -39,7 +39,7 @@ __attribute__((always_inline)) inline void scaled_difference(const scalar_t* a, 
 
 // Row sums (a.b, a.a, b.b) in double.
 template <typename scalar_t>
-__attribute__((always_inline)) inline void dot_and_norms(const scalar_t* a, const scalar_t* b, int64_t n, double* out) {
+URDA_FAST_CLONES void dot_and_norms(const scalar_t* a, const scalar_t* b, int64_t n, double* out) {
   double dot = 0, aa = 0, bb = 0;
 #pragma omp simd reduction(+ : dot, aa, bb)
   for (int64_t k = 0; k < n; ++k) {
@@ -51,54 +51,6 @@ __attribute__((always_inline)) inline void dot_and_norms(const scalar_t* a, cons
   out[0] = dot, out[1] = aa, out[2] = bb;
 }
 
-// d cos / d a = b / (ca cb) - cos a / na^2, the second term only where |a| > eps (below it the norm is clamped).
-template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void cosine_grad_row(const scalar_t* x, const scalar_t* other, scalar_t* out, int64_t n, acc_t g, acc_t inv_denom,
-                     acc_t self_coef) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) {
-    out[k] = static_cast<scalar_t>(g * (static_cast<acc_t>(other[k]) * inv_denom - self_coef * static_cast<acc_t>(x[k])));
-  }
-}
-
-URDA_FAST_CLONES double squared_distance_f32(const float* a, const float* b, int64_t begin, int64_t end) {
-  return squared_distance(a, b, begin, end);
-}
-URDA_FAST_CLONES void scaled_difference_f32(const float* a, const float* b, float* out, int64_t begin, int64_t end,
-                                            float c) {
-  scaled_difference(a, b, out, begin, end, c);
-}
-URDA_FAST_CLONES void dot_and_norms_f32(const float* a, const float* b, int64_t n, double* out) {
-  dot_and_norms(a, b, n, out);
-}
-URDA_FAST_CLONES void cosine_grad_row_f32(const float* x, const float* other, float* out, int64_t n, float g,
-                                          float inv_denom, float self_coef) {
-  cosine_grad_row(x, other, out, n, g, inv_denom, self_coef);
-}
-
-// The loops as the kernels call them: float32 through its clones, other dtypes as compiled for the baseline ISA.
-template <typename scalar_t>
-double run_squared_distance(const scalar_t* a, const scalar_t* b, int64_t begin, int64_t end) {
-  if constexpr (std::is_same_v<scalar_t, float>) return squared_distance_f32(a, b, begin, end);
-  else return squared_distance(a, b, begin, end);
-}
-template <typename scalar_t, typename acc_t>
-void run_scaled_difference(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t begin, int64_t end, acc_t c) {
-  if constexpr (std::is_same_v<scalar_t, float>) scaled_difference_f32(a, b, out, begin, end, c);
-  else scaled_difference(a, b, out, begin, end, c);
-}
-template <typename scalar_t>
-void run_dot_and_norms(const scalar_t* a, const scalar_t* b, int64_t n, double* out) {
-  if constexpr (std::is_same_v<scalar_t, float>) dot_and_norms_f32(a, b, n, out);
-  else dot_and_norms(a, b, n, out);
-}
-template <typename scalar_t, typename acc_t>
-void run_cosine_grad_row(const scalar_t* x, const scalar_t* other, scalar_t* out, int64_t n, acc_t g, acc_t inv_denom,
-                         acc_t self_coef) {
-  if constexpr (std::is_same_v<scalar_t, float>) cosine_grad_row_f32(x, other, out, n, g, inv_denom, self_coef);
-  else cosine_grad_row(x, other, out, n, g, inv_denom, self_coef);
-}
-
 at::Tensor feature_mse_forward_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_pair_2d(a, "a", b, "b", c10::DeviceType::CPU);
   const int64_t n = a.numel();
@@ -108,7 +60,7 @@ at::Tensor feature_mse_forward_cpu(const at::Tensor& a, const at::Tensor& b) {
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
     total = at::parallel_reduce(
         0, n, kGrainElems, 0.0,
-        [&](int64_t begin, int64_t end, double acc) { return acc + run_squared_distance(pa, pb, begin, end); },
+        [&](int64_t begin, int64_t end, double acc) { return acc + squared_distance(pa, pb, begin, end); },
         std::plus<double>());
   });
   // 0 / 0 = NaN for an empty input, as torch's mean gives.
@@ -130,7 +82,7 @@ at::Tensor feature_mse_backward_cpu(const at::Tensor& grad, const at::Tensor& a,
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     const acc_t c = static_cast<acc_t>(coef);
     at::parallel_for(0, n, kGrainElems,
-                     [&](int64_t begin, int64_t end) { run_scaled_difference(pa, pb, po, begin, end, c); });
+                     [&](int64_t begin, int64_t end) { scaled_difference(pa, pb, po, begin, end, c); });
   });
   return out;
 }
@@ -153,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> feature_cosine_forward_cpu(const at::Tensor& 
         const scalar_t* ra = pa + i * cols;
         const scalar_t* rb = pb + i * cols;
         double sums[3];
-        run_dot_and_norms(ra, rb, cols, sums);
+        dot_and_norms(ra, rb, cols, sums);
         const double dot = sums[0], na = std::sqrt(sums[1]), nb = std::sqrt(sums[2]);
         pc[i] = static_cast<acc_t>(dot / (std::max(na, eps) * std::max(nb, eps)));
         ps[3 * i] = static_cast<acc_t>(dot), ps[3 * i + 1] = static_cast<acc_t>(na), ps[3 * i + 2] = static_cast<acc_t>(nb);
@@ -161,6 +113,16 @@ std::tuple<at::Tensor, at::Tensor> feature_cosine_forward_cpu(const at::Tensor& 
     });
   });
   return {cos, stats};
+}
+
+// d cos / d a = b / (ca cb) - cos a / na^2, the second term only where |a| > eps (below it the norm is clamped).
+template <typename scalar_t, typename acc_t>
+URDA_FAST_CLONES void cosine_grad_row(const scalar_t* x, const scalar_t* other, scalar_t* out, int64_t n, acc_t g,
+                                      acc_t inv_denom, acc_t self_coef) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    out[k] = static_cast<scalar_t>(g * (static_cast<acc_t>(other[k]) * inv_denom - self_coef * static_cast<acc_t>(x[k])));
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> feature_cosine_backward_cpu(const at::Tensor& grad_cos, const at::Tensor& a,
@@ -194,8 +156,8 @@ std::tuple<at::Tensor, at::Tensor> feature_cosine_backward_cpu(const at::Tensor&
         const acc_t inv_denom = acc_t(1) / (std::max(na, e) * std::max(nb, e));
         const acc_t cos = dot * inv_denom;
         const int64_t off = i * cols;
-        if (pda) run_cosine_grad_row(pa + off, pb + off, pda + off, cols, pg[i], inv_denom, na > e ? cos / (na * na) : acc_t(0));
-        if (pdb) run_cosine_grad_row(pb + off, pa + off, pdb + off, cols, pg[i], inv_denom, nb > e ? cos / (nb * nb) : acc_t(0));
+        if (pda) cosine_grad_row(pa + off, pb + off, pda + off, cols, pg[i], inv_denom, na > e ? cos / (na * na) : acc_t(0));
+        if (pdb) cosine_grad_row(pb + off, pa + off, pdb + off, cols, pg[i], inv_denom, nb > e ? cos / (nb * nb) : acc_t(0));
       }
     });
   });

@@ -29,10 +29,10 @@ struct RowStats {
 // The (B, 4) stats tensor is read and written through this struct.
 static_assert(sizeof(RowStats<float>) == 4 * sizeof(float) && sizeof(RowStats<double>) == 4 * sizeof(double));
 
-// always_inline: the body must be compiled inside each target clone below, or the vector clones would just call the
-// baseline (SSE2) code.
+// One row per call; each has ISA clones (vexp is the hot spot), picked once per process, so a row pays one indirect
+// call.
 template <typename scalar_t>
-__attribute__((always_inline)) inline typename AccType<scalar_t>::type kl_row_forward(
+URDA_FAST_CLONES typename AccType<scalar_t>::type kl_row_forward(
     const scalar_t* __restrict__ s, const scalar_t* __restrict__ t, int64_t n, typename AccType<scalar_t>::type inv_t,
     RowStats<typename AccType<scalar_t>::type>& stats) {
   using acc_t = typename AccType<scalar_t>::type;
@@ -65,7 +65,7 @@ __attribute__((always_inline)) inline typename AccType<scalar_t>::type kl_row_fo
 // d kl / d s_j = (q_j - p_j) / T and d kl / d t_j = p_j (log p_j - log q_j - kl) / T (0 where p_j == 0), each times
 // the row's incoming gradient g.
 template <typename scalar_t>
-__attribute__((always_inline)) inline void kl_row_backward(
+URDA_FAST_CLONES void kl_row_backward(
     const scalar_t* __restrict__ s, const scalar_t* __restrict__ t, scalar_t* __restrict__ grad_s,
     scalar_t* __restrict__ grad_t, int64_t n, typename AccType<scalar_t>::type inv_t,
     const RowStats<typename AccType<scalar_t>::type>& stats, typename AccType<scalar_t>::type kl,
@@ -94,71 +94,6 @@ __attribute__((always_inline)) inline void kl_row_backward(
   }
 }
 
-template <typename scalar_t>
-struct RowsForward {
-  using acc_t = typename AccType<scalar_t>::type;
-  const scalar_t* s;
-  const scalar_t* t;
-  acc_t* kl;
-  RowStats<acc_t>* stats;
-  int64_t cols;
-  acc_t inv_t;
-};
-
-template <typename scalar_t>
-struct RowsBackward {
-  using acc_t = typename AccType<scalar_t>::type;
-  const scalar_t* s;
-  const scalar_t* t;
-  scalar_t* grad_s;  // nullptr when not requested
-  scalar_t* grad_t;  // nullptr when not requested
-  const acc_t* kl;
-  const RowStats<acc_t>* stats;
-  const acc_t* grad_rows;
-  int64_t cols;
-  acc_t inv_t;
-};
-
-template <typename scalar_t>
-__attribute__((always_inline)) inline void rows_forward(const RowsForward<scalar_t>& r, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t off = i * r.cols;
-    r.kl[i] = kl_row_forward(r.s + off, r.t + off, r.cols, r.inv_t, r.stats[i]);
-  }
-}
-
-template <typename scalar_t>
-__attribute__((always_inline)) inline void rows_backward(const RowsBackward<scalar_t>& r, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t off = i * r.cols;
-    kl_row_backward(r.s + off, r.t + off, r.grad_s ? r.grad_s + off : nullptr, r.grad_t ? r.grad_t + off : nullptr,
-                    r.cols, r.inv_t, r.stats[i], r.kl[i], r.grad_rows[i]);
-  }
-}
-
-// The float-compute rows get AVX-512 and AVX2+FMA clones (vexp is the hot spot); double uses libm's exp and needs
-// none.
-URDA_FAST_CLONES void rows_forward_f32(const RowsForward<float>& r, int64_t b, int64_t e) { rows_forward(r, b, e); }
-URDA_FAST_CLONES void rows_forward_f16(const RowsForward<c10::Half>& r, int64_t b, int64_t e) { rows_forward(r, b, e); }
-URDA_FAST_CLONES void rows_forward_bf16(const RowsForward<c10::BFloat16>& r, int64_t b, int64_t e) {
-  rows_forward(r, b, e);
-}
-URDA_FAST_CLONES void rows_backward_f32(const RowsBackward<float>& r, int64_t b, int64_t e) { rows_backward(r, b, e); }
-URDA_FAST_CLONES void rows_backward_f16(const RowsBackward<c10::Half>& r, int64_t b, int64_t e) {
-  rows_backward(r, b, e);
-}
-URDA_FAST_CLONES void rows_backward_bf16(const RowsBackward<c10::BFloat16>& r, int64_t b, int64_t e) {
-  rows_backward(r, b, e);
-}
-void run_rows(const RowsForward<double>& r, int64_t b, int64_t e) { rows_forward(r, b, e); }
-void run_rows(const RowsForward<float>& r, int64_t b, int64_t e) { rows_forward_f32(r, b, e); }
-void run_rows(const RowsForward<c10::Half>& r, int64_t b, int64_t e) { rows_forward_f16(r, b, e); }
-void run_rows(const RowsForward<c10::BFloat16>& r, int64_t b, int64_t e) { rows_forward_bf16(r, b, e); }
-void run_rows(const RowsBackward<double>& r, int64_t b, int64_t e) { rows_backward(r, b, e); }
-void run_rows(const RowsBackward<float>& r, int64_t b, int64_t e) { rows_backward_f32(r, b, e); }
-void run_rows(const RowsBackward<c10::Half>& r, int64_t b, int64_t e) { rows_backward_f16(r, b, e); }
-void run_rows(const RowsBackward<c10::BFloat16>& r, int64_t b, int64_t e) { rows_backward_bf16(r, b, e); }
-
 void check_temperature(double temperature) {
   TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "urda_fast: temperature must be positive and finite, got ",
               temperature);
@@ -176,11 +111,16 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_forward_cpu(const at::Tensor& student, 
   if (rows == 0) return {kl, stats};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "urda_fast::kd_kl_forward_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
-    const RowsForward<scalar_t> r{student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(),
-                                  kl.mutable_data_ptr<acc_t>(),
-                                  reinterpret_cast<RowStats<acc_t>*>(stats.mutable_data_ptr<acc_t>()), cols,
-                                  static_cast<acc_t>(1.0 / temperature)};
-    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) { run_rows(r, begin, end); });
+    const scalar_t* s = student.const_data_ptr<scalar_t>();
+    const scalar_t* t = teacher.const_data_ptr<scalar_t>();
+    acc_t* out = kl.mutable_data_ptr<acc_t>();
+    auto* row_stats = reinterpret_cast<RowStats<acc_t>*>(stats.mutable_data_ptr<acc_t>());
+    const auto inv_t = static_cast<acc_t>(1.0 / temperature);
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        out[i] = kl_row_forward(s + i * cols, t + i * cols, cols, inv_t, row_stats[i]);
+      }
+    });
   });
   return {kl, stats};
 }
@@ -200,16 +140,21 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_backward_cpu(const at::Tensor& grad_row
   if (rows == 0 || cols == 0 || !(grad_student || grad_teacher)) return {d_student, d_teacher};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "urda_fast::kd_kl_backward_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
-    const RowsBackward<scalar_t> r{student.const_data_ptr<scalar_t>(),
-                                   teacher.const_data_ptr<scalar_t>(),
-                                   grad_student ? d_student.mutable_data_ptr<scalar_t>() : nullptr,
-                                   grad_teacher ? d_teacher.mutable_data_ptr<scalar_t>() : nullptr,
-                                   kl.const_data_ptr<acc_t>(),
-                                   reinterpret_cast<const RowStats<acc_t>*>(stats.const_data_ptr<acc_t>()),
-                                   grad_rows.const_data_ptr<acc_t>(),
-                                   cols,
-                                   static_cast<acc_t>(1.0 / temperature)};
-    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) { run_rows(r, begin, end); });
+    const scalar_t* s = student.const_data_ptr<scalar_t>();
+    const scalar_t* t = teacher.const_data_ptr<scalar_t>();
+    scalar_t* gs = grad_student ? d_student.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gt = grad_teacher ? d_teacher.mutable_data_ptr<scalar_t>() : nullptr;
+    const acc_t* row_kl = kl.const_data_ptr<acc_t>();
+    const auto* row_stats = reinterpret_cast<const RowStats<acc_t>*>(stats.const_data_ptr<acc_t>());
+    const acc_t* g = grad_rows.const_data_ptr<acc_t>();
+    const auto inv_t = static_cast<acc_t>(1.0 / temperature);
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t off = i * cols;
+        kl_row_backward(s + off, t + off, gs ? gs + off : nullptr, gt ? gt + off : nullptr, cols, inv_t, row_stats[i],
+                        row_kl[i], g[i]);
+      }
+    });
   });
   return {d_student, d_teacher};
 }

@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 #include "../common.h"
@@ -24,10 +23,9 @@ struct PlaneArgs {
 };
 
 // One (sample, channel) plane. `out` may alias `x` (in-place variant), so no __restrict__ on those two.
-// always_inline: the bodies are compiled inside the ISA clones below.
 template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void linf_plane(const scalar_t* x, const scalar_t* __restrict__ g, const scalar_t* __restrict__ x0, scalar_t* out,
-                int64_t n, PlaneArgs<scalar_t, acc_t> p) {
+URDA_FAST_CLONES void linf_plane(const scalar_t* x, const scalar_t* __restrict__ g, const scalar_t* __restrict__ x0,
+                                 scalar_t* out, int64_t n, PlaneArgs<scalar_t, acc_t> p) {
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) {
     const acc_t origin = static_cast<acc_t>(x0[k]);
@@ -38,8 +36,8 @@ __attribute__((always_inline)) inline void linf_plane(const scalar_t* x, const s
 }
 
 template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void l2_plane(const scalar_t* x, const scalar_t* __restrict__ g, const scalar_t* __restrict__ x0, scalar_t* out,
-              int64_t n, PlaneArgs<scalar_t, acc_t> p) {
+URDA_FAST_CLONES void l2_plane(const scalar_t* x, const scalar_t* __restrict__ g, const scalar_t* __restrict__ x0,
+                               scalar_t* out, int64_t n, PlaneArgs<scalar_t, acc_t> p) {
   const acc_t factor = p.eps;
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) {
@@ -52,7 +50,7 @@ __attribute__((always_inline)) inline void l2_plane(const scalar_t* x, const sca
 // Per-sample sums (g.g, d.g, d.d) with d = x - x0, in double: |d + s g|^2 = dd + 2 s dg + s^2 gg gives the
 // projected norm without a second read of the tensors.
 template <typename scalar_t>
-__attribute__((always_inline)) inline void l2_sums(const scalar_t* x, const scalar_t* g, const scalar_t* x0, int64_t n, double* sums) {
+URDA_FAST_CLONES void l2_sums(const scalar_t* x, const scalar_t* g, const scalar_t* x0, int64_t n, double* sums) {
   double gg = 0, dg = 0, dd = 0;
 #pragma omp simd reduction(+ : gg, dg, dd)
   for (int64_t k = 0; k < n; ++k) {
@@ -63,40 +61,6 @@ __attribute__((always_inline)) inline void l2_sums(const scalar_t* x, const scal
     dd += dv * dv;
   }
   sums[0] = gg, sums[1] = dg, sums[2] = dd;
-}
-
-// float32 (the common case) gets AVX-512 / AVX2 clones; L2's double-precision sums gain the most from them.
-URDA_FAST_CLONES void linf_plane_f32(const float* x, const float* g, const float* x0, float* out, int64_t n,
-                                     PlaneArgs<float, float> p) {
-  linf_plane<float, float>(x, g, x0, out, n, p);
-}
-URDA_FAST_CLONES void l2_plane_f32(const float* x, const float* g, const float* x0, float* out, int64_t n,
-                                   PlaneArgs<float, float> p) {
-  l2_plane<float, float>(x, g, x0, out, n, p);
-}
-URDA_FAST_CLONES void l2_sums_f32(const float* x, const float* g, const float* x0, int64_t n, double* sums) {
-  l2_sums(x, g, x0, n, sums);
-}
-
-// One plane as the kernel runs it: float32 through its clones, other dtypes as compiled for the baseline ISA.
-template <typename scalar_t, typename acc_t>
-void run_plane(PgdNorm norm, const scalar_t* x, const scalar_t* g, const scalar_t* x0, scalar_t* out, int64_t n,
-               PlaneArgs<scalar_t, acc_t> p) {
-  const bool linf = norm == PgdNorm::Linf;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    linf ? linf_plane_f32(x, g, x0, out, n, p) : l2_plane_f32(x, g, x0, out, n, p);
-  } else {
-    linf ? linf_plane<scalar_t, acc_t>(x, g, x0, out, n, p) : l2_plane<scalar_t, acc_t>(x, g, x0, out, n, p);
-  }
-}
-
-template <typename scalar_t>
-void run_l2_sums(const scalar_t* x, const scalar_t* g, const scalar_t* x0, int64_t n, double* sums) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    l2_sums_f32(x, g, x0, n, sums);
-  } else {
-    l2_sums(x, g, x0, n, sums);
-  }
 }
 
 template <typename scalar_t>
@@ -122,7 +86,7 @@ void pgd_step_kernel(const at::Tensor& x_adv, const at::Tensor& grad, const at::
                        for (int64_t b = begin; b < end; ++b) {
                          double sums[3];
                          const int64_t off = b * sample;
-                         run_l2_sums(x + off, g + off, x0 + off, sample, sums);
+                         l2_sums(x + off, g + off, x0 + off, sample, sums);
                          const double st = static_cast<double>(steps[b]) / std::max(std::sqrt(sums[0]), kNormFloor);
                          const double dn2 = std::max(0.0, sums[2] + 2.0 * st * sums[1] + st * st * sums[0]);
                          const double f = std::min(1.0, static_cast<double>(budgets[b]) /
@@ -137,11 +101,13 @@ void pgd_step_kernel(const at::Tensor& x_adv, const at::Tensor& grad, const at::
                    [&](int64_t begin, int64_t end) {
                      for (int64_t plane = begin; plane < end; ++plane) {
                        const int64_t b = plane / s.channels, c = plane % s.channels, off = plane * s.inner;
-                       // L-inf: (step, eps); L2: (step / |g|, projection factor), see PlaneArgs.
-                       const bool linf = norm == PgdNorm::Linf;
-                       run_plane<scalar_t, acc_t>(norm, x + off, g + off, x0 + off, y + off, s.inner,
-                                                  {linf ? steps[b] : scale[b], linf ? budgets[b] : factor[b], lo[c],
-                                                   hi[c]});
+                       if (norm == PgdNorm::Linf) {
+                         linf_plane<scalar_t, acc_t>(x + off, g + off, x0 + off, y + off, s.inner,
+                                                     {steps[b], budgets[b], lo[c], hi[c]});
+                       } else {
+                         l2_plane<scalar_t, acc_t>(x + off, g + off, x0 + off, y + off, s.inner,
+                                                   {scale[b], factor[b], lo[c], hi[c]});
+                       }
                      }
                    });
 }

@@ -62,6 +62,33 @@ def test_kd_kl_half_types(backend, dtype):
     check_against_reference(name, student, teacher, dtype, str(dtype), temperature=2.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kd_kl_cpu_half_gradients_round_like_torch(dtype):
+    """The CPU backward narrows its float gradients chunk by chunk (rows longer than a chunk here) with its own
+    branch-free conversions: they must round as torch's .to(dtype) does, overflow to inf, keep subnormals and NaN."""
+    if "cpu" not in ops.available_backends():
+        pytest.skip("the CPU extension is not built")
+    student, teacher = logits((3, 1100), dtype, "cpu"), logits((3, 1100), dtype, "cpu")
+    student[1, 5] = float("nan")  # one NaN row: its gradients are NaN
+    kl, stats = torch.ops.urda_fast.kd_kl_forward(student, teacher, 2.0)
+    kl32, stats32 = torch.ops.urda_fast.kd_kl_forward(student.float(), teacher.float(), 2.0)
+    torch.testing.assert_close(kl, kl32, equal_nan=True)
+    ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+    for scale in (1.0, 1e-3, 3e6):  # plain, half subnormals, half overflow
+        grad_rows = torch.full((3,), scale)
+        got = torch.ops.urda_fast.kd_kl_backward(grad_rows, student, teacher, kl, stats, 2.0, True, True)
+        want = torch.ops.urda_fast.kd_kl_backward(grad_rows, student.float(), teacher.float(), kl32, stats32, 2.0,
+                                                  True, True)
+        for a, b in zip(got, want):
+            b = b.to(dtype)
+            assert a.dtype == dtype
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+            finite = b.isfinite()
+            # The float math is the same; only a value within an ulp of a rounding boundary may round the other way.
+            torch.testing.assert_close(a[finite].float(), b[finite].float(), rtol=ulp, atol=1e-7 * scale)
+            assert (a[finite] == b[finite]).float().mean() > 0.99
+
+
 def test_kd_kl_extreme_logits_and_masks(backend):
     """Logits of size 1e4, and teacher classes masked with -inf (and masked on both sides): finite and exact."""
     name, device = backend

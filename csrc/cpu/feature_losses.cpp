@@ -31,10 +31,10 @@ URDA_FAST_CLONES double squared_distance(const scalar_t* a, const scalar_t* b, i
 template <typename scalar_t, typename acc_t>
 URDA_FAST_CLONES void scaled_difference(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t begin,
                                         int64_t end, acc_t c) {
-#pragma omp simd
-  for (int64_t k = begin; k < end; ++k) {
-    out[k] = static_cast<scalar_t>(c * (static_cast<acc_t>(a[k]) - static_cast<acc_t>(b[k])));
-  }
+  a += begin, b += begin;
+  write_row<scalar_t, acc_t>(out + begin, end - begin, [&](int64_t k) __attribute__((always_inline)) {
+    return c * (static_cast<acc_t>(a[k]) - static_cast<acc_t>(b[k]));
+  });
 }
 
 // Row sums (a.b, a.a, b.b) in double.
@@ -119,10 +119,9 @@ std::tuple<at::Tensor, at::Tensor> feature_cosine_forward_cpu(const at::Tensor& 
 template <typename scalar_t, typename acc_t>
 URDA_FAST_CLONES void cosine_grad_row(const scalar_t* x, const scalar_t* other, scalar_t* out, int64_t n, acc_t g,
                                       acc_t inv_denom, acc_t self_coef) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) {
-    out[k] = static_cast<scalar_t>(g * (static_cast<acc_t>(other[k]) * inv_denom - self_coef * static_cast<acc_t>(x[k])));
-  }
+  write_row<scalar_t, acc_t>(out, n, [&](int64_t k) __attribute__((always_inline)) {
+    return g * (static_cast<acc_t>(other[k]) * inv_denom - self_coef * static_cast<acc_t>(x[k]));
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> feature_cosine_backward_cpu(const at::Tensor& grad_cos, const at::Tensor& a,

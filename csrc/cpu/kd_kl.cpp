@@ -74,23 +74,21 @@ URDA_FAST_CLONES void kl_row_backward(
   const acc_t max_t = stats.max_t, max_s = stats.max_s, log_sum_t = stats.log_sum_t, log_sum_s = stats.log_sum_s;
   const acc_t scale = g * inv_t;
   if (grad_s) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
+    write_row<scalar_t, acc_t>(grad_s, n, [&](int64_t j) __attribute__((always_inline)) {
       const acc_t p = vexp((static_cast<acc_t>(t[j]) - max_t) * inv_t - log_sum_t);
       const acc_t q = vexp((static_cast<acc_t>(s[j]) - max_s) * inv_t - log_sum_s);
-      grad_s[j] = static_cast<scalar_t>((q - p) * scale);
-    }
+      return (q - p) * scale;
+    });
   }
   if (grad_t) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
+    write_row<scalar_t, acc_t>(grad_t, n, [&](int64_t j) __attribute__((always_inline)) {
       const acc_t log_p = (static_cast<acc_t>(t[j]) - max_t) * inv_t - log_sum_t;
       const acc_t log_q = (static_cast<acc_t>(s[j]) - max_s) * inv_t - log_sum_s;
       const acc_t p = vexp(log_p);
       // Both sides computed, then a select (a branch would block vectorisation): masked classes get exactly 0.
       const acc_t grad = p * (log_p - log_q - kl) * scale;
-      grad_t[j] = static_cast<scalar_t>(p > 0 ? grad : acc_t(0));
-    }
+      return p > 0 ? grad : acc_t(0);
+    });
   }
 }
 

@@ -26,25 +26,23 @@ struct PlaneArgs {
 template <typename scalar_t, typename acc_t>
 URDA_FAST_CLONES void linf_plane(const scalar_t* x, const scalar_t* __restrict__ g, const scalar_t* __restrict__ x0,
                                  scalar_t* out, int64_t n, PlaneArgs<scalar_t, acc_t> p) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) {
+  write_row<scalar_t, acc_t>(out, n, [&](int64_t k) __attribute__((always_inline)) {
     const acc_t origin = static_cast<acc_t>(x0[k]);
     acc_t y = static_cast<acc_t>(x[k]) + p.step * sign_of(static_cast<acc_t>(g[k]));
     y = clamp_to(y, origin - p.eps, origin + p.eps);
-    out[k] = static_cast<scalar_t>(clamp_to(y, p.lower, p.upper));
-  }
+    return clamp_to(y, p.lower, p.upper);
+  });
 }
 
 template <typename scalar_t, typename acc_t>
 URDA_FAST_CLONES void l2_plane(const scalar_t* x, const scalar_t* __restrict__ g, const scalar_t* __restrict__ x0,
                                scalar_t* out, int64_t n, PlaneArgs<scalar_t, acc_t> p) {
   const acc_t factor = p.eps;
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) {
+  write_row<scalar_t, acc_t>(out, n, [&](int64_t k) __attribute__((always_inline)) {
     const acc_t origin = static_cast<acc_t>(x0[k]);
     const acc_t delta = static_cast<acc_t>(x[k]) - origin + p.step * static_cast<acc_t>(g[k]);
-    out[k] = static_cast<scalar_t>(clamp_to(origin + delta * factor, p.lower, p.upper));
-  }
+    return clamp_to(origin + delta * factor, p.lower, p.upper);
+  });
 }
 
 // Per-sample sums (g.g, d.g, d.d) with d = x - x0, in double: |d + s g|^2 = dd + 2 s dg + s^2 gg gives the

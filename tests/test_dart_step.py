@@ -23,19 +23,30 @@ def _models(dtype):
     return teacher.eval(), student
 
 
+@pytest.mark.parametrize("fold", ["on", "off"])
 @pytest.mark.parametrize("style", ["code", "lean"])
 @pytest.mark.parametrize("forward", ["split-bn", "separate"])
-def test_fused_step_matches_the_eager_twin(forward, style):
-    cfg = RobustifyConfig(attack_eps=0.1, attack_alpha=0.025, attack_steps=5, kl_weight=1.0, forward=forward)
+def test_fused_step_matches_the_eager_twin(forward, style, fold):
+    cfg = RobustifyConfig(attack_eps=0.1, attack_alpha=0.025, attack_steps=5, kl_weight=1.0, forward=forward,
+                          fold_batchnorm=fold)
     teacher, student = _models(torch.float64)
     twin = _models(torch.float64)[1]
     x = torch.rand(12, 1, 16, 16, dtype=torch.float64)
     task = DartTask(cfg, teacher, student, itertools.repeat((x,)), None, (0.5,), (0.5,))
     ours = task.training_step()["loss"]
     ours.backward()
+    # The attack ran on the student with its 4 conv/linear -> BatchNorm pairs folded (or not, as asked).
+    assert len(task.attack._folded.layers) == 4 if fold == "on" else task.attack._folded is None
     reference = eager_dart_loss(teacher, twin, x, cfg, style=style)
     reference.backward()
     # The authors' entropy is log(p + 1e-12), ours the exact log-softmax: they differ by ~1e-10 in float64.
     torch.testing.assert_close(ours, reference, rtol=1e-8, atol=1e-12)
     for (name, p), q in zip(student.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_fold_batchnorm_option_is_checked():
+    teacher, student = _models(torch.float32)
+    cfg = RobustifyConfig(fold_batchnorm="maybe")
+    with pytest.raises(ValueError, match="fold_batchnorm must be one of"):
+        DartTask(cfg, teacher, student, itertools.repeat((torch.rand(2, 1, 16, 16),)), None, (0.5,), (0.5,))

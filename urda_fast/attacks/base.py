@@ -6,11 +6,14 @@ Subclasses only set their norm and defaults; every step goes through :func:`urda
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from urda_fast import ops
+
+from .fold import FoldedModel
 
 LOSSES = ("ce", "cw", "kl")
 SPACES = ("pixel", "normalized")
@@ -58,12 +61,18 @@ class Attack:
         early_stop: stop updating samples that are already misclassified (or at their target): cheaper evaluation.
         max_batch: largest batch run at once; restarts are batched together up to this size.
         seed: seed of the random start, for reproducible attacks (else the global RNG is used).
+        fold_batchnorm: run the attack on the model with every conv/linear -> BatchNorm pair folded into one layer
+            (the same function in eval mode, fewer passes; see :mod:`urda_fast.attacks.fold`). The model is traced
+            with torch.fx once and its folded weights recomputed at every call; a model torch.fx cannot trace, or
+            whose traced graph computes something else, gives a clear error. ``"auto"``: fold when that works,
+            else warn once and attack the model as it is.
     """
 
     norm = "linf"
 
     def __init__(self, model, *, eps, alpha, steps, random_start, restarts=1, loss="ce", kappa=0.0, temperature=1.0,
-                 space="pixel", mean=None, std=None, early_stop=False, max_batch=None, seed=None):
+                 space="pixel", mean=None, std=None, early_stop=False, max_batch=None, seed=None,
+                 fold_batchnorm=False):
         _positive(eps, "eps")
         _positive(alpha, "alpha")
         if not isinstance(steps, int) or steps < 1:
@@ -87,9 +96,14 @@ class Attack:
         if self.std is not None and bool((self.std <= 0).any()):
             raise ValueError("urda_fast.attacks: std must be > 0")
         self.early_stop, self.max_batch, self.seed = early_stop, max_batch, seed
+        if fold_batchnorm not in (False, True, "auto"):
+            raise ValueError(f"urda_fast.attacks: fold_batchnorm must be False, True or 'auto', got {fold_batchnorm!r}")
+        self.fold_batchnorm = fold_batchnorm
+        self._folded: FoldedModel | None = None
+        self._forward = model
 
     def __repr__(self):
-        keys = ("eps", "alpha", "steps", "random_start", "restarts", "loss", "space", "early_stop")
+        keys = ("eps", "alpha", "steps", "random_start", "restarts", "loss", "space", "early_stop", "fold_batchnorm")
         return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
 
     # ----------------------------------------------------------------------------------------------------------
@@ -128,7 +142,7 @@ class Attack:
                              "model normalise, or use space='normalized' with mean/std")
 
     def _logits(self, x):
-        out = self.model(x)
+        out = self._forward(x)
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def _objective(self, logits, labels, soft_targets, targeted):
@@ -176,9 +190,30 @@ class Attack:
         generator = generator if generator is not None else self._generator(images.device)
         lower, upper = self.bounds(images)
         with frozen_eval(self.model):
+            self._forward = self._folded_model(images) if self.fold_batchnorm else self.model
             if self.restarts == 1:
                 return self._attack_once(images, labels, soft_targets, targeted, lower, upper, generator)
             return self._attack_restarts(images, labels, soft_targets, targeted, lower, upper, generator)
+
+    def _folded_model(self, images):
+        """The folded model (built on the first call, rebuilt when the model or its modules were replaced), with
+        weights recomputed from the model as it is now."""
+        folded = self._folded
+        if folded is None or folded.model is not self.model or folded.stale():
+            try:
+                folded = FoldedModel(self.model)
+                folded.refresh()
+                folded.check(images)
+            except ValueError as err:
+                if self.fold_batchnorm is True:
+                    raise
+                warnings.warn(f"{err}; fold_batchnorm='auto' attacks the model unfolded", stacklevel=3)
+                self.fold_batchnorm = False
+                return self.model
+            self._folded = folded
+        else:
+            folded.refresh()
+        return folded
 
     def _attack_restarts(self, images, labels, soft_targets, targeted, lower, upper, generator):
         """Run the restarts as few large batches as ``max_batch`` allows; keep, per sample, the first restart that

@@ -13,6 +13,14 @@ from urda_fast.profiling import enable_nvtx
 from urda_fast.train import LoopSettings, fit
 
 
+def attack_folding(cfg):
+    """The attacks' ``fold_batchnorm`` argument for the config's ``fold_batchnorm`` ("auto" | "on" | "off")."""
+    choices = {"auto": "auto", "on": True, "off": False}
+    if cfg.fold_batchnorm not in choices:
+        raise ValueError(f"dart: fold_batchnorm must be one of {sorted(choices)}, got {cfg.fold_batchnorm!r}")
+    return choices[cfg.fold_batchnorm]
+
+
 def sgd(param_groups, cfg) -> torch.optim.Optimizer:
     """tllib's optimizer: SGD, momentum 0.9, nesterov, weight decay 1e-3."""
     return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,

@@ -20,6 +20,9 @@ class RunConfig:
     seed: int = 0
     amp: str = "none"  # "none" | "bf16" | "fp16"
     channels_last: bool = False
+    # Attacks run on the model with each conv/linear -> BatchNorm pair folded into one layer (eval mode: the same
+    # function, fewer passes; urda_fast.attacks.fold). "auto": when torch.fx can trace the model | "on" | "off".
+    fold_batchnorm: str = "auto"
     nvtx: bool = False
     resume: bool = False
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...

@@ -15,7 +15,7 @@ from urda_fast.distributed import pick_device
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import nvtx_range
 
-from .common import accuracy, lr_schedule, run_loop, sgd
+from .common import accuracy, attack_folding, lr_schedule, run_loop, sgd
 from .config import PretrainConfig
 from .data import task_data
 
@@ -38,7 +38,8 @@ class UdaTask:
         self.cfg, self.method, self.source, self.target, self.evaluate_fn = cfg, method, source_stream, \
             target_stream, evaluate_fn
         self.name = f"{method.name}{'+vat' if cfg.vat else ''}"
-        self.attack = PGD(method.model, eps=cfg.vat_eps, alpha=cfg.vat_alpha, steps=cfg.vat_steps) if cfg.vat else None
+        self.attack = PGD(method.model, eps=cfg.vat_eps, alpha=cfg.vat_alpha, steps=cfg.vat_steps,
+                          fold_batchnorm=attack_folding(cfg)) if cfg.vat else None
         self.step = method.training_step
 
     def wrap_ddp(self, wrap):

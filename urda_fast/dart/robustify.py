@@ -26,7 +26,7 @@ from urda_fast.models import ModelSpec
 from urda_fast.profiling import nvtx_range
 from urda_fast.split_bn import split_batchnorm
 
-from .common import accuracy, load_teacher, lr_schedule, run_loop, sgd
+from .common import accuracy, attack_folding, load_teacher, lr_schedule, run_loop, sgd
 from .config import RobustifyConfig
 from .data import task_data
 
@@ -81,10 +81,10 @@ class DartTask:
             # that takes normalised input.
             self.attack = PGD(FromNormalized(student), eps=cfg.attack_eps, alpha=cfg.attack_alpha,
                               steps=cfg.attack_steps, random_start=cfg.attack_random_start, space="normalized",
-                              mean=mean, std=std)
+                              mean=mean, std=std, fold_batchnorm=attack_folding(cfg))
         else:
             self.attack = PGD(student, eps=cfg.attack_eps, alpha=cfg.attack_alpha, steps=cfg.attack_steps,
-                              random_start=cfg.attack_random_start)
+                              random_start=cfg.attack_random_start, fold_batchnorm=attack_folding(cfg))
 
     def modules(self):
         return {"student": self.student}

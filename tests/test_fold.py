@@ -1,0 +1,188 @@
+"""BatchNorm folding for attacks: the folded model computes what the model computes (float64), follows the model as
+it trains, leaves its parameters alone, and an attack with it makes the same adversarial examples; models it cannot
+fold give clear errors (or, with "auto", a warning and the unfolded attack)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from urda_fast.attacks import PGD, PGDL2
+from urda_fast.attacks.fold import FoldedModel
+from urda_fast.models import ImageClassifier, create_backbone
+
+
+class Mixed(nn.Module):
+    """Every case the folding has to tell apart: conv+BN (with and without conv bias), BN without affine, BN with
+    batch statistics (not foldable), a conv whose output feeds two nodes (not foldable), linear+BN1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, affine=False)
+        self.conv3, self.bn3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)
+        self.conv4, self.bn4 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.fc, self.bn5 = nn.Linear(4 * 6 * 6, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x))
+        y = self.conv4(x)
+        x = self.bn4(y) + y
+        return self.bn5(self.fc(x.flatten(1)))
+
+
+def randomize_statistics(model, generator):
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator, dtype=m.running_mean.dtype))
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator, dtype=m.running_var.dtype) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.randn(m.weight.shape, generator=generator, dtype=m.weight.dtype))
+                m.bias.data.copy_(torch.randn(m.bias.shape, generator=generator, dtype=m.bias.dtype))
+
+
+@pytest.fixture
+def mixed():
+    torch.manual_seed(0)
+    model = Mixed().double().eval()
+    randomize_statistics(model, torch.Generator().manual_seed(1))
+    return model
+
+
+def test_folded_model_computes_what_the_model_computes(mixed):
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    folded = FoldedModel(mixed)
+    folded.refresh()
+    assert len(folded.layers) == 3  # conv1+bn1, conv2+bn2, fc+bn5; not bn3 (batch statistics) nor bn4 (y used twice)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), mixed(x), rtol=1e-12, atol=1e-12)
+    # The folded copy shares the model's other parameters and owns none: nothing to keep in sync but the folds.
+    own = {id(p) for p in mixed.parameters()}
+    assert all(id(p) in own for p in folded.graph_module.parameters())
+
+
+def test_input_gradient_matches(mixed):
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    folded = FoldedModel(mixed)
+    folded.refresh()
+    weights = torch.randn(5, 8, dtype=torch.float64)
+    (expected,) = torch.autograd.grad((mixed(x) * weights).sum(), x)
+    (got,) = torch.autograd.grad((folded(x) * weights).sum(), x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_refresh_follows_training(mixed):
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    folded = FoldedModel(mixed)
+    folded.refresh()
+    randomize_statistics(mixed, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        mixed.conv1.weight.mul_(-2.0)
+        mixed.fc.bias.add_(1.0)
+        stale = folded(x)
+        folded.refresh()
+        torch.testing.assert_close(folded(x), mixed(x), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(stale, mixed(x))
+
+
+def test_channels_last_and_half_weights_keep_their_format():
+    conv = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    model = nn.Sequential(conv, nn.BatchNorm2d(8)).eval()
+    folded = FoldedModel(model)
+    folded.refresh()
+    assert folded.layers[0].weight.is_contiguous(memory_format=torch.channels_last)
+    model = model.to(torch.bfloat16)
+    folded.refresh()
+    assert folded.layers[0].weight.dtype == torch.bfloat16
+    x = torch.rand(2, 3, 8, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=5e-2, atol=5e-2)
+
+
+def test_image_classifier_backbones_fold():
+    torch.manual_seed(0)
+    for backbone, shape in (("digits_cnn", (4, 1, 16, 16)), ("resnet18", (2, 3, 32, 32))):
+        in_channels = shape[1]
+        model = ImageClassifier(create_backbone(backbone, **({"in_channels": 1} if in_channels == 1 else {})), 10)
+        model = model.double().eval()
+        randomize_statistics(model, torch.Generator().manual_seed(2))
+        folded = FoldedModel(model)
+        folded.refresh()
+        batchnorms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        assert len(folded.layers) == batchnorms, backbone  # every BatchNorm there follows a conv or linear layer
+        x = torch.rand(shape, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls, eps, alpha", [(PGD, 0.05, 0.01), (PGDL2, 0.5, 0.1)])
+def test_attack_with_folding_gives_the_same_examples(mixed, cls, eps, alpha):
+    head = nn.Sequential(mixed, nn.Linear(8, 5)).double()
+    x = torch.rand(6, 2, 6, 6, dtype=torch.float64)
+    labels = torch.arange(6) % 5
+    plain = cls(head, eps=eps, alpha=alpha, steps=5, random_start=True, seed=3)
+    folding = cls(head, eps=eps, alpha=alpha, steps=5, random_start=True, seed=3, fold_batchnorm=True)
+    state = copy.deepcopy(head.state_dict())
+    head.train()
+    flags = [p.requires_grad for p in head.parameters()]
+    torch.testing.assert_close(folding(x, labels), plain(x, labels), rtol=0, atol=1e-12)
+    assert len(folding._folded.layers) == 3
+    assert head.training and flags == [p.requires_grad for p in head.parameters()]
+    for name, value in head.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    # The next call refolds from the model as it is now, and a replaced module is traced again.
+    with torch.no_grad():
+        mixed.conv1.weight.mul_(0.5)
+    torch.testing.assert_close(folding(x, labels), plain(x, labels), rtol=0, atol=1e-12)
+    first = folding._folded
+    mixed.conv2 = nn.Conv2d(4, 4, 3, padding=1).double()
+    torch.testing.assert_close(folding(x, labels), plain(x, labels), rtol=0, atol=1e-12)
+    assert folding._folded is not first
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Linear(3, 4)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x)).mean((2, 3))
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = -x
+        return self.fc(x)
+
+
+class Counting(Untraceable):
+    calls = 0
+
+    def forward(self, x):  # traces, but tracing fixes the Python counter: the graph computes something else
+        self.calls += 1
+        return self.fc(self.bn(self.conv(x)).mean((2, 3))) * self.calls
+
+
+@pytest.mark.parametrize("model_cls, match", [(Untraceable, "torch.fx can trace"), (Counting, "does not compute")])
+def test_models_that_cannot_be_folded(model_cls, match):
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    x, y = torch.rand(4, 1, 6, 6), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=match) as info:
+        PGD(model, eps=0.1, alpha=0.05, steps=2, random_start=False, fold_batchnorm=True)(x, y)
+    assert "fold_batchnorm=False" in str(info.value)
+    auto = PGD(model, eps=0.1, alpha=0.05, steps=2, random_start=False, fold_batchnorm="auto")
+    with pytest.warns(UserWarning, match="unfolded"):
+        auto(x, y)
+    assert auto.fold_batchnorm is False
+
+
+def test_models_without_batchnorm_are_used_as_they_are():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    folded = FoldedModel(model)
+    assert folded.graph_module is model and not folded.layers
+
+
+def test_bad_fold_argument():
+    with pytest.raises(ValueError, match="fold_batchnorm"):
+        PGD(nn.Linear(2, 2), fold_batchnorm="yes")

@@ -1,0 +1,143 @@
+"""Eval-mode BatchNorm folding for the attack's forward and backward passes.
+
+An attack runs the model in eval mode, where every BatchNorm is a fixed per-channel affine map, so a convolution or
+linear layer followed by one is a single layer with a rescaled weight and a shifted bias: the same function, one
+elementwise pass fewer forward and one fewer backward per BatchNorm. On this machine's CPU (2 cores) a PGD-10 attack
+is 1.3x faster on the digits CNN and 1.06-1.09x on ResNet-18 (``bench/bench_attacks.py``, ``ours_fold``).
+
+The model is traced once with ``torch.fx`` (the traced graph shares every module and parameter with the model); each
+attack call then recomputes the folded weights from the live layers and running statistics, so a model that trains
+between attacks (DART's student) is folded as it is now. What tracing cannot see is Python control flow that depends
+on state other than the inputs: a model whose forward changes with such state between calls must not be folded.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class _FoldedLayer(nn.Module):
+    """``norm(layer(x))`` in eval mode as one layer; :meth:`refresh` recomputes its weight and bias."""
+
+    def __init__(self, layer: nn.Module, norm: nn.Module):
+        super().__init__()
+        self._pair = (layer, norm)  # a tuple, so not registered: the folded copy owns no parameters
+        self.weight = self.bias = None
+
+    @torch.no_grad()
+    def refresh(self):
+        layer, norm = self._pair
+        weight = layer.weight
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # fold half-precision models in float32
+        scale = torch.rsqrt(norm.running_var.to(dtype) + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight.to(dtype)
+        shift = -norm.running_mean.to(dtype) * scale
+        if layer.bias is not None:
+            shift = shift + layer.bias.to(dtype) * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias.to(dtype)
+        self.weight = (weight.to(dtype) * scale.reshape((-1,) + (1,) * (weight.dim() - 1))).to(weight.dtype)
+        self.bias = shift.to(weight.dtype)
+
+    def forward(self, x):
+        layer = self._pair[0]
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, self.weight, self.bias)
+        return layer._conv_forward(x, self.weight, self.bias)
+
+
+def _foldable(norm: nn.Module, producer, modules: dict) -> bool:
+    if norm.running_mean is None:  # track_running_stats=False: batch statistics even in eval mode
+        return False
+    if not (isinstance(producer, fx.Node) and producer.op == "call_module" and len(producer.users) == 1):
+        return False
+    layer = modules[producer.target]
+    return isinstance(layer, _LAYERS) and layer.weight.shape[0] == norm.num_features
+
+
+def _defaults_after_input(model: nn.Module) -> dict:
+    """The attack calls ``model(x)``: every later argument takes its default, so tracing fixes them to it."""
+    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def _structure(model: nn.Module) -> tuple:
+    return tuple(id(m) for m in model.modules())
+
+
+class FoldedModel:
+    """``model`` in eval mode with each (conv | linear) -> BatchNorm pair folded into one layer.
+
+    Build it with the model in eval mode. Call :meth:`refresh` after the model's parameters or statistics change
+    (an attack does at every call); :meth:`stale` says whether the model's modules were replaced since tracing.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._structure = _structure(model)
+        self.layers: list[_FoldedLayer] = []
+        if not any(isinstance(m, _NORMS) and m.running_mean is not None for m in model.modules()):
+            self.graph_module = model  # nothing to fold
+            return
+        try:
+            graph_module = fx.symbolic_trace(model, concrete_args=_defaults_after_input(model))
+        except Exception as err:
+            raise ValueError(
+                f"urda_fast.attacks: fold_batchnorm=True needs a model torch.fx can trace, and tracing "
+                f"{type(model).__name__} failed ({type(err).__name__}: {err}); pass fold_batchnorm=False") from err
+        modules = dict(graph_module.named_modules())
+        graph = graph_module.graph
+        for node in list(graph.nodes):
+            if node.op != "call_module" or not isinstance(modules[node.target], _NORMS) or not node.args:
+                continue
+            producer = node.args[0]
+            if not _foldable(modules[node.target], producer, modules):
+                continue
+            folded = _FoldedLayer(modules[producer.target], modules[node.target])
+            name = f"urda_fast_folded_{len(self.layers)}"
+            graph_module.add_submodule(name, folded)
+            with graph.inserting_after(producer):
+                replacement = graph.call_module(name, producer.args, producer.kwargs)
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
+            graph.erase_node(producer)
+            self.layers.append(folded)
+        graph.lint()
+        graph_module.recompile()
+        self.graph_module = graph_module
+
+    def stale(self) -> bool:
+        return _structure(self.model) != self._structure
+
+    def refresh(self):
+        for layer in self.layers:
+            layer.refresh()
+
+    @torch.no_grad()
+    def check(self, x: torch.Tensor):
+        """Compare the folded model's output with the model's on ``x``: a graph that tracing got wrong (control
+        flow on other state than the inputs) fails here with a clear error instead of giving a different attack."""
+        if not self.layers:
+            return
+        with torch.autocast(x.device.type, enabled=False):
+            expected, got = self.model(x), self.graph_module(x)
+        expected = expected[0] if isinstance(expected, (tuple, list)) else expected
+        got = got[0] if isinstance(got, (tuple, list)) else got
+        low_precision = expected.dtype in (torch.float16, torch.bfloat16)
+        tolerance = (5e-2 if low_precision else 1e-3) * max(1.0, float(expected.abs().max()))
+        if got.shape != expected.shape or not bool(((got - expected).abs() <= tolerance).all()):
+            raise ValueError(
+                f"urda_fast.attacks: the BatchNorm-folded {type(self.model).__name__} does not compute what the "
+                "model computes (its forward depends on state torch.fx cannot trace); pass fold_batchnorm=False")
+
+    def __call__(self, x):
+        return self.graph_module(x)

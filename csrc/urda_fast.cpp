@@ -32,4 +32,8 @@ TORCH_LIBRARY(urda_fast, m) {
   m.def("feature_cosine_forward(Tensor a, Tensor b, float eps) -> (Tensor, Tensor)");
   m.def("feature_cosine_backward(Tensor grad_cos, Tensor a, Tensor b, Tensor stats, float eps, bool grad_a, "
         "bool grad_b) -> (Tensor, Tensor)");
+  // 2-D max pooling of a contiguous (N, C, H, W) tensor, no dilation, floor mode (torch's values and gradients; the
+  // backward finds each window's argmax again from x). CPU only: on GPUs torch's own pooling is already fast.
+  m.def("max_pool2d_forward(Tensor x, int[2] kernel, int[2] stride, int[2] padding) -> Tensor");
+  m.def("max_pool2d_backward(Tensor grad_out, Tensor x, int[2] kernel, int[2] stride, int[2] padding) -> Tensor");
 }

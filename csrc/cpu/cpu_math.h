@@ -15,10 +15,14 @@
 // included: each instantiation gets its clones; the inline helpers below are inlined into each). The ISA levels
 // (x86-64-v3/v4) are chosen by CPU features; "arch=haswell" would be chosen by CPU model, so AMD and post-Haswell
 // Intel chips would fall back to SSE2. Older GCCs build the baseline only.
+// URDA_FAST_CLONES_256 stops at AVX2: for loops over short rows (pooling's 4-16 outputs), where a 16-wide AVX-512
+// loop never runs its vector body.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
 #define URDA_FAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define URDA_FAST_CLONES_256 __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define URDA_FAST_CLONES
+#define URDA_FAST_CLONES_256
 #endif
 
 namespace urda_fast {

@@ -1,4 +1,6 @@
-"""Backbone registry: name -> nn.Module with ``out_features``. Weights only from local files, never downloaded."""
+"""Backbone registry: name -> nn.Module with ``out_features``. Weights only from local files, never downloaded.
+
+Their max pooling is :class:`urda_fast.models.MaxPool2d` (torch's values and gradients, a vectorised CPU kernel)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import os
 
 import torch
 import torch.nn as nn
+
+from .pooling import MaxPool2d, use_fast_pooling
 
 
 class DigitsCNN(nn.Module):
@@ -15,8 +19,8 @@ class DigitsCNN(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), MaxPool2d(2),
             nn.AdaptiveAvgPool2d(2), nn.Flatten(),
         )
         self.out_features = 2 * width * 4
@@ -42,7 +46,7 @@ def _torchvision_resnet(name: str, weights: str | None):
     out_features = model.fc.in_features
     model.fc = nn.Identity()
     model.out_features = out_features
-    return model
+    return use_fast_pooling(model)
 
 
 BACKBONES = {

@@ -3,20 +3,22 @@
     >>> import urda_fast.ops as ops
     >>> x = ops.pgd_step(x_adv, grad, x_orig, step_size=2/255, eps=8/255, norm="linf")
     >>> loss = ops.kd_kl_loss(student_logits, teacher_logits, temperature=2.0, weight=w)
+    >>> y = ops.max_pool2d(x, 2)     # torch's values and gradients; a vectorised kernel for NCHW CPU tensors
     >>> ops.available_backends()
     ['reference', 'cpu']
 
 Every op has a pure-PyTorch definition in :mod:`urda_fast.ops.reference`.
 """
 
-from . import _backends, feature_losses, kd_kl, pgd, reference
+from . import _backends, feature_losses, kd_kl, pgd, pooling, reference
 from ._backends import BACKENDS, available_backends
 from .feature_losses import feature_cosine_loss, feature_mse_loss
 from .kd_kl import kd_kl_loss
 from .pgd import pgd_step, pgd_step_
+from .pooling import max_pool2d
 
 __all__ = ["BACKENDS", "available_backends", "feature_cosine_loss", "feature_mse_loss", "kd_kl_loss", "load_triton",
-           "pgd_step", "pgd_step_", "reference"]
+           "max_pool2d", "pgd_step", "pgd_step_", "reference"]
 
 _REGISTRARS = {"pgd_step": pgd.register, "kd_kl": kd_kl.register,
                "feature_losses": feature_losses.register}
@@ -29,6 +31,7 @@ def _register_native() -> None:
         return
     for register in _REGISTRARS.values():
         register("", fake=True)
+    pooling.register()
 
 
 def load_triton() -> None:

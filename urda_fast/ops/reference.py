@@ -123,3 +123,9 @@ def feature_cosine_loss(a, b, *, eps=1e-8, upcast=False):
     loss_dtype = torch.promote_types(a.dtype, torch.float32)
     work = torch.float64 if upcast else loss_dtype
     return (1.0 - feature_cosine_rows(a.to(work), b.to(work), eps)).mean().to(loss_dtype)
+
+
+def max_pool2d(x, kernel_size, stride, padding):
+    """2-D max pooling, no dilation, floor mode: torch's definition (the first max of each window in row-major order
+    takes the gradient; a NaN wins)."""
+    return torch.nn.functional.max_pool2d(x, kernel_size, stride, padding)

@@ -1,0 +1,41 @@
+"""``MaxPool2d``: ``nn.MaxPool2d`` on :func:`urda_fast.ops.max_pool2d` (same values and gradients, a vectorised CPU
+kernel), and :func:`use_fast_pooling` to put it into any model."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from urda_fast import ops
+
+
+def fast_max_pool2d(x, kernel_size, stride, padding):
+    return ops.max_pool2d(x, kernel_size, stride, padding)
+
+
+# A leaf for torch.fx: tracing (the attacks' BatchNorm folding) records one call instead of entering the checks.
+torch.fx.wrap("fast_max_pool2d")
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """A drop-in ``nn.MaxPool2d`` (same arguments, no parameters). Dilation, ``ceil_mode`` and ``return_indices``
+    are left to torch's kernel; everything else goes through :func:`urda_fast.ops.max_pool2d`."""
+
+    def forward(self, x):
+        if self.dilation not in (1, (1, 1)) or self.ceil_mode or self.return_indices:
+            return super().forward(x)
+        return fast_max_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+
+def use_fast_pooling(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.MaxPool2d`` of ``model`` (in place) with :class:`MaxPool2d`; returns the model."""
+    for name, child in model.named_children():
+        if type(child) is nn.MaxPool2d:
+            fast = MaxPool2d(child.kernel_size, child.stride, child.padding, child.dilation, child.return_indices,
+                             child.ceil_mode)
+            fast.train(child.training)
+            setattr(model, name, fast)
+        else:
+            use_fast_pooling(child)
+    return model

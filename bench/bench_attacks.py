@@ -1,7 +1,8 @@
 """Attack throughput (images/s) of PGD-10 (L-inf) and PGD-L2-10: ours (``urda_fast.attacks``) against the textbook
 eager loop (``urda_fast.attacks.reference``) and torchattacks, in the same run, on the digits CNN and ResNet-18.
 
-No random start anywhere, so every provider runs the same deterministic attack and the adversarial accuracy of ours
+``eager`` and torchattacks run the model with torch's own max pooling, ours with urda_fast's pooling kernel (same
+values and gradients). No random start anywhere, so every provider runs the same deterministic attack and the adversarial accuracy of ours
 must equal the eager loop's (asserted; that is a correctness check, the speed is only recorded). ``ours_early_stop``
 is our attack with ``early_stop=True`` (samples already misclassified stop being attacked, as in evaluation): less
 work than the others, so its speed-up is the evaluation use case's, not a like-for-like one. ``ours_fold`` is our
@@ -27,7 +28,7 @@ import torch.nn as nn
 
 from urda_fast.attacks import PGD, PGDL2
 from urda_fast.attacks.reference import textbook_attack
-from urda_fast.models import ImageClassifier, create_backbone
+from urda_fast.models import ImageClassifier, create_backbone, use_torch_pooling
 
 pytestmark = pytest.mark.bench
 
@@ -93,9 +94,21 @@ def _setup(backbone, shape, device):
     return model, images, labels
 
 
+_PLAIN_TWINS = {}
+
+
+def _plain(model):
+    """The model with torch's own max pooling: what the plain-PyTorch baselines run (urda_fast's backbones use its
+    pooling kernel, which computes the same values and gradients)."""
+    if id(model) not in _PLAIN_TWINS:
+        _PLAIN_TWINS[id(model)] = use_torch_pooling(copy.deepcopy(model))
+    return _PLAIN_TWINS[id(model)]
+
+
 def _attack_fn(impl, model, images, labels, norm, eps, alpha):
     if impl == "eager":
-        return lambda: textbook_attack(model, images, labels, eps=eps, alpha=alpha, steps=STEPS, norm=norm)
+        plain = _plain(model)
+        return lambda: textbook_attack(plain, images, labels, eps=eps, alpha=alpha, steps=STEPS, norm=norm)
     if impl == "ours_amp":
         cls = PGD if norm == "linf" else PGDL2
         attack = cls(copy.deepcopy(model).to(memory_format=torch.channels_last), eps=eps, alpha=alpha, steps=STEPS,
@@ -113,7 +126,7 @@ def _attack_fn(impl, model, images, labels, norm, eps, alpha):
                      fold_batchnorm=impl == "ours_fold")
         return lambda: attack(images, labels)
     cls = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
-    attack = cls(model, eps=eps, alpha=alpha, steps=STEPS, random_start=False)
+    attack = cls(_plain(model), eps=eps, alpha=alpha, steps=STEPS, random_start=False)
     return lambda: attack(images, labels)
 
 

@@ -7,6 +7,9 @@ against two eager twins (urda_fast/dart/reference_step.py), same models, same ba
   adversarial forwards, ``F.kl_div`` / ``F.mse_loss``;
 - ``lean``: the same loss as a careful eager loop -- teacher under ``no_grad``, input gradients only.
 
+Both twins run the models with torch's own max pooling; ours with urda_fast's pooling kernel (same values and
+gradients) and, in the attack, each conv -> BatchNorm pair folded into one layer (``fold_batchnorm``, default auto).
+
 ``ours_cl`` is ``ours`` with ``channels_last=True`` (models and batch in NHWC memory format); ``ours_amp`` (CUDA only)
 is ``ours_cl`` under bf16 autocast, the GPU configuration the issue's GPU target names. Its first loss is compared
 with a loose tolerance: bf16 rounding moves it (and can flip attack steps' signs).
@@ -24,7 +27,7 @@ from conftest import autocast_bf16
 from urda_fast.dart.config import RobustifyConfig
 from urda_fast.dart.reference_step import eager_dart_loss
 from urda_fast.dart.robustify import DartTask
-from urda_fast.models import ModelSpec
+from urda_fast.models import ModelSpec, use_torch_pooling
 
 pytestmark = pytest.mark.bench
 
@@ -65,6 +68,7 @@ def test_dart_step(bench, shape, path):
             loss_fn = autocast_bf16(loss_fn)
     else:
         style = "code" if path == "eager" else "lean"
+        teacher, student = use_torch_pooling(teacher), use_torch_pooling(student)  # plain PyTorch: torch's pooling
         loss_fn = lambda: eager_dart_loss(teacher, student, x, cfg, style=style)  # noqa: E731
     twin_teacher, twin_student, _, _ = _setup(shape, bench.device)
     first = loss_fn()

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import urda_fast.ops as ops
-from urda_fast.models import MaxPool2d, use_fast_pooling
+from urda_fast.models import MaxPool2d, use_fast_pooling, use_torch_pooling
 
 pytestmark = pytest.mark.skipif("cpu" not in ops.available_backends(), reason="the CPU extension is not built")
 
@@ -120,3 +120,6 @@ def test_module_and_model_swap():
     torch.testing.assert_close(model(x), want, rtol=0, atol=0)  # ceil_mode: torch's kernel, through the subclass
     graph = torch.fx.symbolic_trace(model).graph
     assert sum(n.op == "call_function" and "fast_max_pool2d" in str(n.target) for n in graph.nodes) == 2
+    use_torch_pooling(model)
+    assert not any(isinstance(m, MaxPool2d) for m in model.modules())
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)

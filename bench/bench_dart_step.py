@@ -15,6 +15,8 @@ is ``ours_cl`` under bf16 autocast, the GPU configuration the issue's GPU target
 with a loose tolerance: bf16 rounding moves it (and can flip attack steps' signs).
 
 Every path starts from the same weights and batch, so its first loss is asserted equal to the twin's before timing.
+Every round of a non-eager path is paired with a round of the eager step just before it (on models of its own):
+``paired vs eager``, the median of the per-pair ratios, is the speed-up that survives a busy machine.
 """
 
 import copy
@@ -77,11 +79,24 @@ def test_dart_step(bench, shape, path):
     tolerance = dict(rtol=5e-2, atol=5e-3) if path == "ours_amp" else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(first.float(), expected, **tolerance)
 
+    backbone, batch, channels, size = shape
+    bench.run(_train_step(loss_fn, optimizer), op="dart_step", variant=backbone, mode="train",
+              shape=(batch, channels, size, size), provider=path, images=batch,
+              paired=None if path == "eager" else _eager_step(shape, bench.device))
+
+
+def _train_step(loss_fn, optimizer):
     def step():
         optimizer.zero_grad(set_to_none=True)
         loss_fn().backward()
         optimizer.step()
 
-    backbone, batch, channels, size = shape
-    bench.run(step, op="dart_step", variant=backbone, mode="train", shape=(batch, channels, size, size),
-              provider=path, images=batch)
+    return step
+
+
+def _eager_step(shape, device):
+    """The ``eager`` path's step on models of its own: run before every round of another path (paired ratios)."""
+    teacher, student, x, cfg = _setup(shape, device)
+    teacher, student = use_torch_pooling(teacher), use_torch_pooling(student)
+    optimizer = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
+    return _train_step(lambda: eager_dart_loss(teacher, student, x, cfg, style="code"), optimizer)

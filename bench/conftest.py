@@ -173,12 +173,16 @@ class Bench:
         return functools.partial(our_fn, backend=provider)
 
     def run(self, fn, *, op, mode, shape, provider, bytes_moved=None, copy_numel=None, images=None, variant="",
-            setup=None, memory=False):
+            setup=None, memory=False, paired=None):
         """Time ``fn`` (cold cache, CUDA synchronized inside the timed function) and record its numbers.
 
         ``bytes_moved``: the compulsory traffic (inputs read once, outputs written once), the same for every provider,
         so GB/s compares providers and ``copy_numel`` elements copied give the memory-bound limit to compare with.
-        Both only for the memory-bound ops; a training step gives ``images`` per call instead (images/s)."""
+        Both only for the memory-bound ops; a training step gives ``images`` per call instead (images/s).
+
+        ``paired``: the eager twin's call. One untimed-by-pytest-benchmark round of it runs just before every round of
+        ``fn`` and is timed here; the median of the per-pair ratios is ``paired_vs_eager``. This VM's neighbours slow
+        a 2-thread run by up to 10x for seconds at a time, so benchmarks minutes apart do not compare; pairs do."""
         for _ in range(2):  # outside the timed region: torch.compile compiles (forward and backward), Triton JITs
             fn()
         synchronize()
@@ -187,7 +191,14 @@ class Bench:
             fn()
             synchronize()
 
+        paired_seconds = []
+
         def before_round():
+            if paired is not None:
+                begin = time.perf_counter()
+                paired()
+                synchronize()
+                paired_seconds.append(time.perf_counter() - begin)
             if setup is not None:
                 setup()
             flush_cache()
@@ -210,6 +221,11 @@ class Bench:
                 info.update(bytes_moved=bytes_moved, gbs=bytes_moved / median / 1e9)
             if images is not None:
                 info["images_per_s"] = images / median
+            if paired is not None:
+                rounds = stats.stats.data  # the warm-up round had a paired round too: pair from the end
+                eager = paired_seconds[-len(rounds):]
+                info["paired_eager_ms"] = statistics.median(eager) * 1e3
+                info["paired_vs_eager"] = statistics.median(e / t for e, t in zip(eager, rounds))
             _RESULTS.append(info)
         self.benchmark.extra_info.update(info)
 

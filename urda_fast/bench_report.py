@@ -53,7 +53,7 @@ class Row:
     dtype: str | None = None
     vs_eager: float | None = None  # eager median / this median
     vs_compile: float | None = None  # torch.compile median / this median
-    paired_vs_eager: float | None = None  # median of per-round eager/provider ratios (bench_attacks.py)
+    paired_vs_eager: float | None = None  # median of per-round eager/provider ratios (attacks, steps)
 
     @property
     def copy_percent(self) -> float | None:
@@ -240,7 +240,7 @@ def markdown(rows: list[Row], machine_info: dict | None = None) -> str:
     """The report: a machine/device line, then one table per group."""
     lines = ["# Benchmark report", "", machine_line(machine_info, rows), "",
              "Times are medians (and means) over the timed rounds. \"vs X\" = X's median / this median (> 1x: faster "
-             "than X), for the same group and case. \"paired vs eager\" (attacks) = median over rounds of eager/this "
+             "than X), for the same group and case. \"paired vs eager\" (attacks, training steps) = median over rounds of eager/this "
              "for an eager round run just before each round: robust to a busy machine. \"% of copy GB/s\" = GB/s over "
              "the `copy_` bandwidth measured in the same session for the same size.", ""]
     for group, members in groups(rows).items():

@@ -191,9 +191,14 @@ class Attack:
         lower, upper = self.bounds(images)
         with frozen_eval(self.model):
             self._forward = self._folded_model(images) if self.fold_batchnorm else self.model
-            if self.restarts == 1:
-                return self._attack_once(images, labels, soft_targets, targeted, lower, upper, generator)
-            return self._attack_restarts(images, labels, soft_targets, targeted, lower, upper, generator)
+            try:
+                if self.restarts == 1:
+                    return self._attack_once(images, labels, soft_targets, targeted, lower, upper, generator)
+                return self._attack_restarts(images, labels, soft_targets, targeted, lower, upper, generator)
+            finally:
+                if self._forward is not self.model:
+                    self._forward.release()  # the folded weights live for the call only
+                self._forward = self.model
 
     def _folded_model(self, images):
         """The folded model (built on the first call, rebuilt when the model or its modules were replaced), with

@@ -9,6 +9,8 @@ The model is traced once with ``torch.fx`` (the traced graph shares every module
 attack call then recomputes the folded weights from the live layers and running statistics, so a model that trains
 between attacks (DART's student) is folded as it is now. What tracing cannot see is Python control flow that depends
 on state other than the inputs: a model whose forward changes with such state between calls must not be folded.
+During a call the folded weights are a second copy of the folded layers' weights (ResNet-18: 45 MB); they are
+dropped when the call returns.
 """
 
 from __future__ import annotations
@@ -121,6 +123,11 @@ class FoldedModel:
     def refresh(self):
         for layer in self.layers:
             layer.refresh()
+
+    def release(self):
+        """Drop the folded weights (a copy the size of the folded layers' weights) until the next refresh."""
+        for layer in self.layers:
+            layer.weight = layer.bias = None
 
     @torch.no_grad()
     def check(self, x: torch.Tensor):

@@ -32,8 +32,10 @@ TORCH_LIBRARY(urda_fast, m) {
   m.def("feature_cosine_forward(Tensor a, Tensor b, float eps) -> (Tensor, Tensor)");
   m.def("feature_cosine_backward(Tensor grad_cos, Tensor a, Tensor b, Tensor stats, float eps, bool grad_a, "
         "bool grad_b) -> (Tensor, Tensor)");
-  // 2-D max pooling of a contiguous (N, C, H, W) tensor, no dilation, floor mode (torch's values and gradients; the
-  // backward finds each window's argmax again from x). CPU only: on GPUs torch's own pooling is already fast.
-  m.def("max_pool2d_forward(Tensor x, int[2] kernel, int[2] stride, int[2] padding) -> Tensor");
-  m.def("max_pool2d_backward(Tensor grad_out, Tensor x, int[2] kernel, int[2] stride, int[2] padding) -> Tensor");
+  // 2-D max pooling of a contiguous (N, C, H, W) tensor, no dilation, floor mode, torch's values and gradients:
+  // (out, window_index) where window_index (uint8, out's shape) = kh * kernel_w + kw of the element each window kept.
+  // The backward puts grad_out there in a (N, C, input_size) tensor. CPU only: on GPUs torch's pooling is fast.
+  m.def("max_pool2d_forward(Tensor x, int[2] kernel, int[2] stride, int[2] padding) -> (Tensor, Tensor)");
+  m.def("max_pool2d_backward(Tensor grad_out, Tensor window_index, int[2] input_size, int[2] kernel, int[2] stride, "
+        "int[2] padding) -> Tensor");
 }

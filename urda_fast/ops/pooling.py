@@ -45,9 +45,13 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, *, backend=None):
                          f"for kernel {kernel}")
     if any(size + 2 * p < k for size, p, k in zip(x.shape[-2:], padding, kernel)):
         raise ValueError(f"urda_fast: max_pool2d's input {tuple(x.shape)} is smaller than its padded kernel {kernel}")
-    if _use_cpu_kernel(backend, x):
+    if kernel[0] * kernel[1] > 255 and backend == "cpu":
+        raise ValueError(f"urda_fast: max_pool2d's CPU kernel takes windows of at most 255 elements, got {kernel}; "
+                         "use backend='reference'")
+    if kernel[0] * kernel[1] <= 255 and _use_cpu_kernel(backend, x):
         batched = x if x.dim() == 4 else x.unsqueeze(0)
-        out = torch.ops.urda_fast.max_pool2d_forward(batched.contiguous(), list(kernel), list(stride), list(padding))
+        out, _ = torch.ops.urda_fast.max_pool2d_forward(batched.contiguous(), list(kernel), list(stride),
+                                                         list(padding))
         return out if x.dim() == 4 else out.squeeze(0)
     return reference.max_pool2d(x, kernel, stride, padding)
 
@@ -74,24 +78,25 @@ def _use_cpu_kernel(backend, x) -> bool:
 def _fake_forward(x, kernel, stride, padding):
     height = (x.shape[2] + 2 * padding[0] - kernel[0]) // stride[0] + 1
     width = (x.shape[3] + 2 * padding[1] - kernel[1]) // stride[1] + 1
-    return x.new_empty((x.shape[0], x.shape[1], height, width))
+    out = x.new_empty((x.shape[0], x.shape[1], height, width))
+    return out, out.new_empty(out.shape, dtype=torch.uint8)
 
 
-def _fake_backward(grad_out, x, kernel, stride, padding):
-    return torch.empty_like(x)
+def _fake_backward(grad_out, window_index, input_size, kernel, stride, padding):
+    return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], input_size[0], input_size[1]))
 
 
 def _setup_context(ctx, inputs, output):
     x, kernel, stride, padding = inputs
-    ctx.save_for_backward(x)
-    ctx.pool = (kernel, stride, padding)
+    ctx.save_for_backward(output[1])  # one byte per output: which window element won
+    ctx.pool = (list(x.shape[2:]), kernel, stride, padding)
 
 
-def _backward(ctx, grad):
-    (x,) = ctx.saved_tensors
+def _backward(ctx, grad, _grad_index):
+    (window_index,) = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
-    return torch.ops.urda_fast.max_pool2d_backward(grad.contiguous(), x, *ctx.pool), None, None, None
+    return torch.ops.urda_fast.max_pool2d_backward(grad.contiguous(), window_index, *ctx.pool), None, None, None
 
 
 def register() -> None:

@@ -78,6 +78,13 @@ def test_layouts_and_shapes():
     assert empty.grad.shape == empty.shape
 
 
+def test_windows_over_255_elements_take_torchs_kernel():
+    x = torch.randn(1, 2, 17, 17)
+    assert torch.equal(ops.max_pool2d(x, 16), F.max_pool2d(x, 16))  # 256 elements: a one-byte index cannot name them
+    with pytest.raises(ValueError, match="at most 255"):
+        ops.max_pool2d(x, 16, backend="cpu")
+
+
 def test_opcheck_and_compile():
     x = torch.randn(2, 3, 9, 10, requires_grad=True)
     for args in (([2, 2], [2, 2], [0, 0]), ([3, 3], [2, 2], [1, 1])):

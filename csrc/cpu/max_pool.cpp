@@ -139,6 +139,16 @@ URDA_FAST_CLONES_256 void unpool2x2_row(const int32_t* __restrict__ args, const 
   if (width > 2 * out_width) d[width - 1] = zero;  // odd width: the last column
 }
 
+URDA_FAST_CLONES_256 void narrow_indices(const int32_t* __restrict__ from, uint8_t* __restrict__ to, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) to[k] = static_cast<uint8_t>(from[k]);
+}
+
+URDA_FAST_CLONES_256 void widen_indices(const uint8_t* __restrict__ from, int32_t* __restrict__ to, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) to[k] = from[k];
+}
+
 template <typename scalar_t>
 URDA_FAST_CLONES_256 void store_row(scalar_t* out, const typename AccType<scalar_t>::type* row, int64_t n) {
   write_row<scalar_t, typename AccType<scalar_t>::type>(out, n, [&](int64_t j) __attribute__((always_inline)) {
@@ -183,21 +193,23 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cpu(const at::Tensor& x, a
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     uint8_t* idx = window_index.mutable_data_ptr<uint8_t>();
     at::parallel_for(0, p.planes, plane_grain(p), [&](int64_t begin, int64_t end) {
+      const int64_t plane_out = p.out_height * p.out_width;
       std::vector<acc_t> row_max(p.out_width);
-      std::vector<int32_t> row_arg(p.out_width);
+      std::vector<int32_t> plane_arg(plane_out);  // narrowed to bytes once per plane: short rows stay vectorised
       for (int64_t plane = begin; plane < end; ++plane) {
         const scalar_t* in_plane = in + plane * p.height * p.width;
         for (int64_t oh = 0; oh < p.out_height; ++oh) {
-          const int64_t row = (plane * p.out_height + oh) * p.out_width;
+          scalar_t* out_row = o + plane * plane_out + oh * p.out_width;
+          int32_t* arg_row = plane_arg.data() + oh * p.out_width;
           if (is_2x2(p)) {
             const scalar_t* r0 = in_plane + 2 * oh * p.width;
-            pool2x2_row<scalar_t>(r0, r0 + p.width, o + row, row_arg.data(), p.out_width);
+            pool2x2_row<scalar_t>(r0, r0 + p.width, out_row, arg_row, p.out_width);
           } else {
-            pool_row<scalar_t, acc_t>(in_plane, row_max.data(), row_arg.data(), oh, p);
-            store_row<scalar_t>(o + row, row_max.data(), p.out_width);
+            pool_row<scalar_t, acc_t>(in_plane, row_max.data(), arg_row, oh, p);
+            store_row<scalar_t>(out_row, row_max.data(), p.out_width);
           }
-          for (int64_t ow = 0; ow < p.out_width; ++ow) idx[row + ow] = static_cast<uint8_t>(row_arg[ow]);
         }
+        narrow_indices(plane_arg.data(), idx + plane * plane_out, plane_out);
       }
     });
   });
@@ -228,28 +240,32 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
     const uint8_t* idx = window_index.const_data_ptr<uint8_t>();
     scalar_t* dx = d_x.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, p.planes, plane_grain(p), [&](int64_t begin, int64_t end) {
-      std::vector<int32_t> args(p.out_width);
+      const int64_t plane_out = p.out_height * p.out_width;
+      std::vector<int32_t> plane_arg(plane_out);
       for (int64_t plane = begin; plane < end; ++plane) {
         scalar_t* dx_plane = dx + plane * p.height * p.width;
-        for (int64_t oh = 0; oh < p.out_height; ++oh) {
-          const int64_t row = (plane * p.out_height + oh) * p.out_width;
-          if (fills_all) {
-            for (int64_t ow = 0; ow < p.out_width; ++ow) args[ow] = idx[row + ow];
+        const scalar_t* g_plane = g + plane * plane_out;
+        if (fills_all) {
+          widen_indices(idx + plane * plane_out, plane_arg.data(), plane_out);
+          for (int64_t oh = 0; oh < p.out_height; ++oh) {
             for (int32_t r = 0; r < 2; ++r) {
-              unpool2x2_row<scalar_t>(args.data(), g + row, dx_plane + (2 * oh + r) * p.width, r, p.out_width,
-                                      p.width);
+              unpool2x2_row<scalar_t>(plane_arg.data() + oh * p.out_width, g_plane + oh * p.out_width,
+                                      dx_plane + (2 * oh + r) * p.width, r, p.out_width, p.width);
             }
-            continue;
           }
+          if (p.height > 2 * p.out_height) {  // odd height: the last row
+            std::fill_n(dx_plane + 2 * p.out_height * p.width, p.width, scalar_t(0));
+          }
+          continue;
+        }
+        const uint8_t* idx_plane = idx + plane * plane_out;
+        for (int64_t oh = 0; oh < p.out_height; ++oh) {
           const int64_t h0 = oh * p.stride_h - p.pad_h;
           for (int64_t ow = 0; ow < p.out_width; ++ow) {
-            const int64_t a = idx[row + ow];
+            const int64_t a = idx_plane[oh * p.out_width + ow];
             const int64_t ih = h0 + a / p.kernel_w, iw = ow * p.stride_w - p.pad_w + a % p.kernel_w;
-            dx_plane[ih * p.width + iw] += g[row + ow];
+            dx_plane[ih * p.width + iw] += g_plane[oh * p.out_width + ow];
           }
-        }
-        if (fills_all && p.height > 2 * p.out_height) {  // odd height: the last row
-          std::fill_n(dx_plane + 2 * p.out_height * p.width, p.width, scalar_t(0));
         }
       }
     });

@@ -1,8 +1,8 @@
 """Attack throughput (images/s) of PGD-10 (L-inf) and PGD-L2-10: ours (``urda_fast.attacks``) against the textbook
 eager loop (``urda_fast.attacks.reference``) and torchattacks, in the same run, on the digits CNN and ResNet-18.
 
-``eager`` and torchattacks run the model with torch's own max pooling, ours with urda_fast's pooling kernel (same
-values and gradients). No random start anywhere, so every provider runs the same deterministic attack and the adversarial accuracy of ours
+``eager`` and torchattacks run the model with torch's own pooling and convolution modules, ours with urda_fast's
+(``MaxPool2d``, ``FastConv2d``: same values and gradients, float rounding aside). No random start anywhere, so every provider runs the same deterministic attack and the adversarial accuracy of ours
 must equal the eager loop's (asserted; that is a correctness check, the speed is only recorded). ``ours_early_stop``
 is our attack with ``early_stop=True`` (samples already misclassified stop being attacked, as in evaluation): less
 work than the others, so its speed-up is the evaluation use case's, not a like-for-like one. ``ours_fold`` is our
@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from urda_fast.attacks import PGD, PGDL2
 from urda_fast.attacks.reference import textbook_attack
-from urda_fast.models import ImageClassifier, create_backbone, use_torch_pooling
+from urda_fast.models import ImageClassifier, create_backbone, plain_torch
 
 pytestmark = pytest.mark.bench
 
@@ -98,10 +98,10 @@ _PLAIN_TWINS = {}
 
 
 def _plain(model):
-    """The model with torch's own max pooling: what the plain-PyTorch baselines run (urda_fast's backbones use its
-    pooling kernel, which computes the same values and gradients)."""
+    """The model with torch's own pooling and convolution modules: what the plain-PyTorch baselines run (urda_fast's
+    backbones use its own, which compute the same values and gradients)."""
     if id(model) not in _PLAIN_TWINS:
-        _PLAIN_TWINS[id(model)] = use_torch_pooling(copy.deepcopy(model))
+        _PLAIN_TWINS[id(model)] = plain_torch(copy.deepcopy(model))
     return _PLAIN_TWINS[id(model)]
 
 

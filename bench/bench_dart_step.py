@@ -7,8 +7,9 @@ against two eager twins (urda_fast/dart/reference_step.py), same models, same ba
   adversarial forwards, ``F.kl_div`` / ``F.mse_loss``;
 - ``lean``: the same loss as a careful eager loop -- teacher under ``no_grad``, input gradients only.
 
-Both twins run the models with torch's own max pooling; ours with urda_fast's pooling kernel (same values and
-gradients) and, in the attack, each conv -> BatchNorm pair folded into one layer (``fold_batchnorm``, default auto).
+Both twins run the models with torch's own pooling and convolution modules; ours with urda_fast's (``MaxPool2d``,
+``FastConv2d``: same values and gradients) and, in the attack, each conv -> BatchNorm pair folded into one layer
+(``fold_batchnorm``, default auto).
 
 ``ours_cl`` is ``ours`` with ``channels_last=True`` (models and batch in NHWC memory format); ``ours_amp`` (CUDA only)
 is ``ours_cl`` under bf16 autocast, the GPU configuration the issue's GPU target names. Its first loss is compared
@@ -29,7 +30,7 @@ from conftest import autocast_bf16
 from urda_fast.dart.config import RobustifyConfig
 from urda_fast.dart.reference_step import eager_dart_loss
 from urda_fast.dart.robustify import DartTask
-from urda_fast.models import ModelSpec, use_torch_pooling
+from urda_fast.models import ModelSpec, plain_torch
 
 pytestmark = pytest.mark.bench
 
@@ -70,7 +71,7 @@ def test_dart_step(bench, shape, path):
             loss_fn = autocast_bf16(loss_fn)
     else:
         style = "code" if path == "eager" else "lean"
-        teacher, student = use_torch_pooling(teacher), use_torch_pooling(student)  # plain PyTorch: torch's pooling
+        teacher, student = plain_torch(teacher), plain_torch(student)  # plain PyTorch modules
         loss_fn = lambda: eager_dart_loss(teacher, student, x, cfg, style=style)  # noqa: E731
     twin_teacher, twin_student, _, _ = _setup(shape, bench.device)
     first = loss_fn()
@@ -97,6 +98,6 @@ def _train_step(loss_fn, optimizer):
 def _eager_step(shape, device):
     """The ``eager`` path's step on models of its own: run before every round of another path (paired ratios)."""
     teacher, student, x, cfg = _setup(shape, device)
-    teacher, student = use_torch_pooling(teacher), use_torch_pooling(student)
+    teacher, student = plain_torch(teacher), plain_torch(student)
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
     return _train_step(lambda: eager_dart_loss(teacher, student, x, cfg, style="code"), optimizer)

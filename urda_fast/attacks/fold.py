@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_LEAVES = _LAYERS + _NORMS + (nn.MaxPool2d,)
 
 
 class _FoldedLayer(nn.Module):
@@ -54,7 +55,7 @@ class _FoldedLayer(nn.Module):
         layer = self._pair[0]
         if isinstance(layer, nn.Linear):
             return F.linear(x, self.weight, self.bias)
-        return layer._conv_forward(x, self.weight, self.bias)
+        return layer._conv_forward(x, self.weight, self.bias)  # a FastConv2d's fast paths included
 
 
 def _foldable(norm: nn.Module, producer, modules: dict) -> bool:
@@ -64,6 +65,14 @@ def _foldable(norm: nn.Module, producer, modules: dict) -> bool:
         return False
     layer = modules[producer.target]
     return isinstance(layer, _LAYERS) and layer.weight.shape[0] == norm.num_features
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with subclasses of torch's layers (urda_fast's FastConv2d, MaxPool2d) kept as leaves: their
+    forwards branch on the input's shape and device, which tracing cannot follow."""
+
+    def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
+        return isinstance(module, _LEAVES) or super().is_leaf_module(module, qualname)
 
 
 def _defaults_after_input(model: nn.Module) -> dict:
@@ -91,7 +100,8 @@ class FoldedModel:
             self.graph_module = model  # nothing to fold
             return
         try:
-            graph_module = fx.symbolic_trace(model, concrete_args=_defaults_after_input(model))
+            graph = _Tracer().trace(model, concrete_args=_defaults_after_input(model))
+            graph_module = fx.GraphModule(model, graph, type(model).__name__)
         except Exception as err:
             raise ValueError(
                 f"urda_fast.attacks: fold_batchnorm=True needs a model torch.fx can trace, and tracing "

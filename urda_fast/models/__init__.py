@@ -2,9 +2,9 @@
 
 from .backbones import BACKBONES, DigitsCNN, create_backbone
 from .classifier import ImageClassifier, Normalize
-from .patchify import PatchConv2d, use_patch_matmul
+from .conv import FastConv2d, plain_torch, use_fast_conv, use_torch_conv
 from .pooling import MaxPool2d, use_fast_pooling, use_torch_pooling
 from .spec import ModelSpec
 
-__all__ = ["BACKBONES", "DigitsCNN", "ImageClassifier", "MaxPool2d", "ModelSpec", "Normalize", "PatchConv2d",
-           "create_backbone", "use_fast_pooling", "use_patch_matmul", "use_torch_pooling"]
+__all__ = ["BACKBONES", "DigitsCNN", "FastConv2d", "ImageClassifier", "MaxPool2d", "ModelSpec", "Normalize",
+           "create_backbone", "plain_torch", "use_fast_conv", "use_fast_pooling", "use_torch_conv", "use_torch_pooling"]

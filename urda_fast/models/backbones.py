@@ -1,6 +1,7 @@
 """Backbone registry: name -> nn.Module with ``out_features``. Weights only from local files, never downloaded.
 
-Their max pooling is :class:`urda_fast.models.MaxPool2d` (torch's values and gradients, a vectorised CPU kernel)."""
+Their max pooling is :class:`urda_fast.models.MaxPool2d` (torch's values and gradients, a vectorised CPU kernel) and
+the ResNets' convolutions :class:`urda_fast.models.FastConv2d` (CPU fast paths for 1x1 maps)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import torch
 import torch.nn as nn
 
+from .conv import use_fast_conv
 from .pooling import MaxPool2d, use_fast_pooling
 
 
@@ -46,7 +48,7 @@ def _torchvision_resnet(name: str, weights: str | None):
     out_features = model.fc.in_features
     model.fc = nn.Identity()
     model.out_features = out_features
-    return use_fast_pooling(model)
+    return use_fast_conv(use_fast_pooling(model))
 
 
 BACKBONES = {

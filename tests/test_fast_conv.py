@@ -1,0 +1,60 @@
+"""FastConv2d: its CPU fast paths (patch embedding as a matmul, centre tap of a 1x1 map) give the convolution's output
+and gradients (float64), keep the parameters and state dict, and every other case runs the convolution."""
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+from urda_fast.models import FastConv2d, plain_torch, use_fast_conv
+
+
+def outputs_and_grads(module, x):
+    xi = x.clone().requires_grad_(True)
+    out = module(xi)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return (out, *torch.autograd.grad(out, [xi] + list(module.parameters()), weights))
+
+
+@pytest.mark.parametrize("conv_args, size", [
+    (dict(kernel_size=8, stride=8, bias=False), (32, 32)),           # the tiny ViT's patch embedding
+    (dict(kernel_size=4, stride=4), (30, 33)),                       # floor mode crops
+    (dict(kernel_size=(2, 3), stride=(2, 3)), (9, 12)),
+    (dict(kernel_size=3, padding=1), (1, 1)),                        # ResNet's last stage at 32x32: centre tap
+    (dict(kernel_size=3, padding=1, stride=2), (1, 1)),
+    (dict(kernel_size=(3, 5), padding=(1, 2), bias=False), (1, 1)),
+    (dict(kernel_size=3, padding=1), (2, 2)),                        # no fast path: the convolution
+    (dict(kernel_size=3, padding=0, stride=3), (1, 1)),              # too small for its kernel: the convolution's error
+])
+def test_matches_the_convolution(conv_args, size):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, **conv_args).double()
+    fast = FastConv2d(3, 5, **conv_args).double()
+    fast.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    try:
+        want = outputs_and_grads(conv, x)
+    except RuntimeError as err:
+        with pytest.raises(RuntimeError, match=re.escape(str(err).split("\n")[0][:40])):
+            outputs_and_grads(fast, x)
+        return
+    got = outputs_and_grads(fast, x)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_swap_keeps_parameters_and_plain_torch_restores_the_modules():
+    model = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Conv2d(8, 8, 3, padding=1), nn.MaxPool2d(4),
+                          nn.Conv2d(8, 8, 3, padding=1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 16, 16)
+    want = model(x)
+    use_fast_conv(model)
+    assert [type(m).__name__ for m in model] == ["FastConv2d", "FastConv2d", "MaxPool2d", "FastConv2d"]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    plain_torch(model)
+    assert all(type(m) in (nn.Conv2d, nn.MaxPool2d) for m in model)
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)

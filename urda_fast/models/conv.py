@@ -1,0 +1,82 @@
+"""``FastConv2d``: ``nn.Conv2d`` with two exact CPU fast paths for shapes oneDNN's convolution handles slowly.
+
+- Patch embedding (stride = kernel, no padding, a ViT's first layer): a reshape and a matmul. Forward + input
+  gradient of the tiny CLIP target's 8x8/stride-8 embedding on a 64x3x32x32 batch: 4.1 ms as a convolution, 0.7 ms
+  as a matmul, and an HPT step runs it six times.
+- A 1x1 input map with an odd kernel padded by half of it (ResNet's last stage on 32x32 images): only the centre tap
+  meets the input, so the convolution is a linear layer on that tap. 16x512x1x1 through a 3x3 512->512 convolution:
+  1.16 ms forward and 0.84 ms backward in oneDNN, three times per ResNet-18 forward.
+
+Both compute the same sums as the convolution (the terms it adds on zero padding dropped); anything else, and every
+GPU tensor, runs the convolution."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .pooling import use_torch_pooling
+
+
+def _plain(conv: nn.Conv2d) -> bool:
+    return conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+
+
+def _is_patch_embedding(conv: nn.Conv2d) -> bool:
+    return (conv.stride == conv.kernel_size and conv.kernel_size != (1, 1) and conv.padding in ((0, 0), "valid")
+            and _plain(conv))
+
+
+def _centre_tap_only(conv: nn.Conv2d, x) -> bool:
+    kh, kw = conv.kernel_size
+    return (x.shape[-2:] == (1, 1) and kh % 2 == 1 and kw % 2 == 1 and (kh, kw) != (1, 1)
+            and conv.padding == (kh // 2, kw // 2) and _plain(conv))
+
+
+class FastConv2d(nn.Conv2d):
+    """A drop-in ``nn.Conv2d`` (same parameters and state dict) with the fast paths above for CPU tensors. They live in
+    ``_conv_forward``, so code that convolves with other weights through it (the attacks' BatchNorm folding) takes
+    them too."""
+
+    def _conv_forward(self, x, weight, bias):
+        if x.device.type == "cpu" and x.dim() == 4:
+            kh, kw = self.kernel_size
+            if _is_patch_embedding(self) and x.shape[-2] >= kh and x.shape[-1] >= kw:
+                return self._patch_embedding(x, weight, bias)
+            if _centre_tap_only(self, x):
+                out = F.linear(x.flatten(1), weight[:, :, kh // 2, kw // 2], bias)
+                return out.reshape(x.shape[0], self.out_channels, 1, 1)
+        return super()._conv_forward(x, weight, bias)
+
+    def _patch_embedding(self, x, weight, bias):
+        kh, kw = self.kernel_size
+        batch, channels, height, width = x.shape
+        rows, cols = height // kh, width // kw
+        x = x[:, :, :rows * kh, :cols * kw]  # floor mode, as the convolution
+        patches = x.reshape(batch, channels, rows, kh, cols, kw).permute(0, 2, 4, 1, 3, 5)
+        out = F.linear(patches.reshape(batch * rows * cols, channels * kh * kw), weight.reshape(self.out_channels, -1),
+                       bias)
+        return out.reshape(batch, rows, cols, self.out_channels).permute(0, 3, 1, 2)
+
+
+def use_fast_conv(model: nn.Module) -> nn.Module:
+    """Turn every ``nn.Conv2d`` of ``model`` into :class:`FastConv2d`, in place (the class changes, the parameters
+    stay); returns the model."""
+    for module in model.modules():
+        if type(module) is nn.Conv2d:
+            module.__class__ = FastConv2d
+    return model
+
+
+def use_torch_conv(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`use_fast_conv` (benchmarks' plain-PyTorch twins)."""
+    for module in model.modules():
+        if type(module) is FastConv2d:
+            module.__class__ = nn.Conv2d
+    return model
+
+
+def plain_torch(model: nn.Module) -> nn.Module:
+    """``model`` (in place) with torch's own convolution and pooling modules: the plain-PyTorch twin that the
+    benchmarks compare against."""
+    return use_torch_conv(use_torch_pooling(model))

@@ -4,8 +4,8 @@
   gradient of the tiny CLIP target's 8x8/stride-8 embedding on a 64x3x32x32 batch: 4.1 ms as a convolution, 0.7 ms
   as a matmul, and an HPT step runs it six times.
 - A 1x1 input map with an odd kernel padded by half of it (ResNet's last stage on 32x32 images): only the centre tap
-  meets the input, so the convolution is a linear layer on that tap. 16x512x1x1 through a 3x3 512->512 convolution:
-  1.16 ms forward and 0.84 ms backward in oneDNN, three times per ResNet-18 forward.
+  meets the input, so the convolution is a linear layer on that tap. 16x512x1x1 through a 3x3 512->512 convolution,
+  forward + input gradient: 2.0 ms in oneDNN, 0.33 ms as the linear layer; three times per ResNet-18 forward.
 
 Both compute the same sums as the convolution (the terms it adds on zero padding dropped); anything else, and every
 GPU tensor, runs the convolution."""
@@ -44,7 +44,8 @@ class FastConv2d(nn.Conv2d):
             if _is_patch_embedding(self) and x.shape[-2] >= kh and x.shape[-1] >= kw:
                 return self._patch_embedding(x, weight, bias)
             if _centre_tap_only(self, x):
-                out = F.linear(x.flatten(1), weight[:, :, kh // 2, kw // 2], bias)
+                # The tap as a contiguous matrix: a strided one costs the matmul twice its time.
+                out = F.linear(x.flatten(1), weight[:, :, kh // 2, kw // 2].contiguous(), bias)
                 return out.reshape(x.shape[0], self.out_channels, 1, 1)
         return super()._conv_forward(x, weight, bias)
 

@@ -58,3 +58,13 @@ def test_swap_keeps_parameters_and_plain_torch_restores_the_modules():
     plain_torch(model)
     assert all(type(m) in (nn.Conv2d, nn.MaxPool2d) for m in model)
     torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
+def test_compiles_fullgraph_with_both_fast_paths():
+    model = use_fast_conv(nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                                        nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 4, 3, padding=1), nn.Flatten()))
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True)
+    (grad,) = torch.autograd.grad(compiled(x).square().sum(), x)
+    (want,) = torch.autograd.grad(model(x).square().sum(), x)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)

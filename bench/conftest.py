@@ -204,6 +204,8 @@ class Bench:
             flush_cache()
 
         est = _median_seconds(timed, 1)
+        if paired is not None:  # a round costs both calls: budget the pair (this also warms the twin up)
+            est += _median_seconds(paired, 1)
         self.benchmark.pedantic(timed, setup=before_round, rounds=_rounds(est), warmup_rounds=1, iterations=1)
         info = {"device": device_name(), "dtype": str(self.dtype).removeprefix("torch."), "op": op, "variant": variant,
                 "mode": mode, "shape": shape_id(shape), "provider": provider}

@@ -18,7 +18,6 @@ not asserted (bf16 rounding changes the attack).
 
 import copy
 import functools
-import statistics
 import sys
 import time
 
@@ -143,48 +142,27 @@ def test_attack(bench, benchmark, norm, case, impl):
     model, images, labels = _setup(backbone, shape, bench.device)
     eps = EPS[(backbone, shape[-1])][norm]
     attack = _attack_fn(impl, model, images, labels, norm, eps, eps / 4)
-    conftest = sys.modules[type(bench).__module__]  # bench/conftest.py: device name, sync, peak memory
+    conftest = sys.modules[type(bench).__module__]  # bench/conftest.py: synchronize
     benchmark.group = f"pgd_attack {norm}"  # one report table per norm; the case is backbone-shape
 
-    def timed():
-        out = attack()
-        conftest.synchronize()
-        return out
-
-    # Warm-up outside the timed region (first-call allocations, oneDNN primitive caches). It also gives the rounds
-    # estimate (an overestimate, so at worst fewer rounds) and the adversarial images: the attack is deterministic.
+    # A first call (first-call allocations, oneDNN primitive caches) gives the rounds estimate (an overestimate, so at
+    # worst fewer rounds) and the adversarial images: the attack is deterministic.
     start = time.perf_counter()
-    adversarial = timed()
+    adversarial = attack()
+    conftest.synchronize()
     rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TARGET_SECONDS / (time.perf_counter() - start))))
-    # The CPU is shared and a busy neighbour slows a 2-thread run by up to 10x for seconds at a time, so separate
-    # benchmarks minutes apart do not compare. Every round of a non-eager provider is therefore paired with an eager
-    # round just before it (untimed by pytest-benchmark); the median of the per-pair ratios is the robust speed-up.
+    # Every round of a non-eager provider is paired with an eager round just before it (bench.run's paired ratio).
     eager = None if impl == "eager" else _attack_fn("eager", model, images, labels, norm, eps, eps / 4)
-    eager_times = []
-
-    def eager_round():
-        if eager is not None:
-            begin = time.perf_counter()
-            eager()
-            conftest.synchronize()
-            eager_times.append(time.perf_counter() - begin)
-
-    benchmark.pedantic(timed, setup=eager_round, rounds=rounds, iterations=1, warmup_rounds=0)
+    bench.run(attack, op="pgd_attack", variant=norm, mode=backbone, shape=shape, provider=impl, images=shape[0],
+              memory=True, paired=eager, rounds=rounds)
 
     adv_acc = _accuracy(model, adversarial, labels)
     if impl == "eager":
         _EAGER_ACCURACY[(backbone, shape, norm)] = adv_acc
-    info = {"device": conftest.device_name(), "dtype": "bfloat16 autocast" if impl == "ours_amp" else "float32", "op": "pgd_attack", "variant": norm,
-            "mode": backbone, "shape": "x".join(map(str, shape)), "provider": impl, "steps": STEPS, "eps": eps,
-            "alpha": eps / 4, "images": shape[0], "clean_acc": _accuracy(model, images, labels), "adv_acc": adv_acc,
-            "peak_mem_mb": conftest.peak_memory_bytes(attack) / 2**20}
-    stats = benchmark.stats  # None under --benchmark-disable
-    if stats is not None:
-        info.update(median_ms=stats.stats.median * 1e3, images_per_s=shape[0] / stats.stats.median)
-        if eager_times:
-            info["paired_eager_ms"] = statistics.median(eager_times) * 1e3
-            info["paired_vs_eager"] = statistics.median(e / t for e, t in zip(eager_times, stats.stats.data))
-    benchmark.extra_info.update(info)
+    benchmark.extra_info.update(steps=STEPS, eps=eps, alpha=eps / 4, images=shape[0],
+                                clean_acc=_accuracy(model, images, labels), adv_acc=adv_acc)
+    if impl == "ours_amp":
+        benchmark.extra_info["dtype"] = "bfloat16 autocast"
 
     if impl in ("ours", "ours_fold"):
         key = (backbone, shape, norm)

@@ -173,7 +173,7 @@ class Bench:
         return functools.partial(our_fn, backend=provider)
 
     def run(self, fn, *, op, mode, shape, provider, bytes_moved=None, copy_numel=None, images=None, variant="",
-            setup=None, memory=False, paired=None):
+            setup=None, memory=False, paired=None, rounds=None):
         """Time ``fn`` (cold cache, CUDA synchronized inside the timed function) and record its numbers.
 
         ``bytes_moved``: the compulsory traffic (inputs read once, outputs written once), the same for every provider,
@@ -182,7 +182,9 @@ class Bench:
 
         ``paired``: the eager twin's call. One untimed-by-pytest-benchmark round of it runs just before every round of
         ``fn`` and is timed here; the median of the per-pair ratios is ``paired_vs_eager``. This VM's neighbours slow
-        a 2-thread run by up to 10x for seconds at a time, so benchmarks minutes apart do not compare; pairs do."""
+        a 2-thread run by up to 10x for seconds at a time, so benchmarks minutes apart do not compare; pairs do.
+        ``rounds``: a fixed round count instead of one sized to TARGET_SECONDS (the twin then warms up in the warm-up
+        round)."""
         for _ in range(2):  # outside the timed region: torch.compile compiles (forward and backward), Triton JITs
             fn()
         synchronize()
@@ -203,10 +205,12 @@ class Bench:
                 setup()
             flush_cache()
 
-        est = _median_seconds(timed, 1)
-        if paired is not None:  # a round costs both calls: budget the pair (this also warms the twin up)
-            est += _median_seconds(paired, 1)
-        self.benchmark.pedantic(timed, setup=before_round, rounds=_rounds(est), warmup_rounds=1, iterations=1)
+        if rounds is None:
+            est = _median_seconds(timed, 1)
+            if paired is not None:  # a round costs both calls: budget the pair (this also warms the twin up)
+                est += _median_seconds(paired, 1)
+            rounds = _rounds(est)
+        self.benchmark.pedantic(timed, setup=before_round, rounds=rounds, warmup_rounds=1, iterations=1)
         info = {"device": device_name(), "dtype": str(self.dtype).removeprefix("torch."), "op": op, "variant": variant,
                 "mode": mode, "shape": shape_id(shape), "provider": provider}
         if copy_numel is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._retype import retype
 from .pooling import use_torch_pooling
 
 
@@ -63,18 +64,12 @@ class FastConv2d(nn.Conv2d):
 def use_fast_conv(model: nn.Module) -> nn.Module:
     """Turn every ``nn.Conv2d`` of ``model`` into :class:`FastConv2d`, in place (the class changes, the parameters
     stay); returns the model."""
-    for module in model.modules():
-        if type(module) is nn.Conv2d:
-            module.__class__ = FastConv2d
-    return model
+    return retype(model, nn.Conv2d, FastConv2d)
 
 
 def use_torch_conv(model: nn.Module) -> nn.Module:
     """The inverse of :func:`use_fast_conv` (benchmarks' plain-PyTorch twins)."""
-    for module in model.modules():
-        if type(module) is FastConv2d:
-            module.__class__ = nn.Conv2d
-    return model
+    return retype(model, FastConv2d, nn.Conv2d)
 
 
 def plain_torch(model: nn.Module) -> nn.Module:

@@ -9,6 +9,8 @@ import torch.nn as nn
 
 from urda_fast import ops
 
+from ._retype import retype
+
 
 def fast_max_pool2d(x, kernel_size, stride, padding):
     return ops.max_pool2d(x, kernel_size, stride, padding)
@@ -28,23 +30,11 @@ class MaxPool2d(nn.MaxPool2d):
         return fast_max_pool2d(x, self.kernel_size, self.stride, self.padding)
 
 
-def _swap_pooling(model: nn.Module, old: type, new: type) -> nn.Module:
-    for name, child in model.named_children():
-        if type(child) is old:
-            swapped = new(child.kernel_size, child.stride, child.padding, child.dilation, child.return_indices,
-                          child.ceil_mode)
-            swapped.train(child.training)
-            setattr(model, name, swapped)
-        else:
-            _swap_pooling(child, old, new)
-    return model
-
-
 def use_fast_pooling(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.MaxPool2d`` of ``model`` (in place) with :class:`MaxPool2d`; returns the model."""
-    return _swap_pooling(model, nn.MaxPool2d, MaxPool2d)
+    """Turn every ``nn.MaxPool2d`` of ``model`` into :class:`MaxPool2d`, in place; returns the model."""
+    return retype(model, nn.MaxPool2d, MaxPool2d)
 
 
 def use_torch_pooling(model: nn.Module) -> nn.Module:
     """The inverse of :func:`use_fast_pooling` (benchmarks' plain-PyTorch twins)."""
-    return _swap_pooling(model, MaxPool2d, nn.MaxPool2d)
+    return retype(model, MaxPool2d, nn.MaxPool2d)

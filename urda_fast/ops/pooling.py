@@ -46,10 +46,11 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, *, backend=None):
                          f"for kernel {kernel}")
     if any(size + 2 * p < k for size, p, k in zip(x.shape[-2:], padding, kernel)):
         raise ValueError(f"urda_fast: max_pool2d's input {tuple(x.shape)} is smaller than its padded kernel {kernel}")
-    if kernel[0] * kernel[1] > 255 and backend == "cpu":
+    fits_byte_index = kernel[0] * kernel[1] <= 255  # the CPU kernel saves the window index as one byte
+    if not fits_byte_index and backend == "cpu":
         raise ValueError(f"urda_fast: max_pool2d's CPU kernel takes windows of at most 255 elements, got {kernel}; "
                          "use backend='reference'")
-    if kernel[0] * kernel[1] <= 255 and _use_cpu_kernel(backend, x):
+    if fits_byte_index and _use_cpu_kernel(backend, x):
         batched = x if x.dim() == 4 else x.unsqueeze(0)
         out, _ = torch.ops.urda_fast.max_pool2d_forward(batched.contiguous(), list(kernel), list(stride),
                                                          list(padding))

@@ -1,5 +1,7 @@
 """kd_kl_loss: every backend against the float64 reference, values and both gradients, registration and errors."""
 
+import functools
+
 import pytest
 import torch
 from conftest import assert_close, is_triton
@@ -188,8 +190,8 @@ def test_kd_kl_refuses_double_backward(backend):
 
 
 def test_kd_kl_saves_no_logits_sized_tensor_beyond_its_inputs(backend):
-    """What autograd keeps between forward and backward is the logits themselves (by reference) and per-row values:
-    forward + backward then allocates one (B, C) buffer, the gradient."""
+    """What autograd saves between forward and backward is the logits themselves (by reference) and per-row values
+    (the CPU backend's gradient buffer is not a saved tensor: it becomes the gradient, see the allocation test)."""
     name, device = backend
     student = logits((8, 33), torch.float32, device).requires_grad_()
     teacher = logits((8, 33), torch.float32, device)
@@ -200,6 +202,103 @@ def test_kd_kl_saves_no_logits_sized_tensor_beyond_its_inputs(backend):
     assert saved and all(x.numel() <= 4 * 8 or x.data_ptr() in inputs for x in saved), [x.shape for x in saved]
     (grad,) = torch.autograd.grad(loss, student)
     assert grad.shape == student.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kd_kl_cpu_forward_only_matches_reference(dtype):
+    """Without gradients the CPU backend runs kd_kl_forward (the test above runs kd_kl_forward_with_grad)."""
+    for shape in SHAPES[:-1]:
+        student, teacher = logits(shape, dtype, "cpu"), logits(shape, dtype, "cpu")
+        teacher[:, 0] = float("-inf")
+        with torch.no_grad():
+            got = ops.kd_kl_loss(student, teacher, temperature=2.0, reduction="none", backend="cpu")
+        want = reference.kd_kl_loss(student.double(), teacher.double(), temperature=2.0, reduction="none")
+        assert_close(got, want, dtype, f"{shape} no_grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kd_kl_cpu_gradients_in_forward_equal_the_recomputing_backward(dtype):
+    """kd_kl_forward_with_grad's buffers = kd_kl_backward with unit row gradients, masked classes and large logits
+    included, and its kl / stats are kd_kl_forward's."""
+    student, teacher = logits((6, 1023), dtype, "cpu", scale=30.0), logits((6, 1023), dtype, "cpu", scale=30.0)
+    teacher[1, ::3] = float("-inf")
+    student[2, 5] = 1e4
+    kl, stats, d_s, d_t = torch.ops.urda_fast.kd_kl_forward_with_grad(student, teacher, 1.5, True, True)
+    kl_ref, stats_ref = torch.ops.urda_fast.kd_kl_forward(student, teacher, 1.5)
+    torch.testing.assert_close(kl, kl_ref, rtol=0, atol=0)
+    torch.testing.assert_close(stats, stats_ref, rtol=0, atol=0)
+    want_s, want_t = torch.ops.urda_fast.kd_kl_backward(torch.ones(6, dtype=dtype), student, teacher, kl, stats, 1.5,
+                                                        True, True)
+    tol = 2e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(d_s, want_s, rtol=tol, atol=tol)
+    torch.testing.assert_close(d_t, want_t, rtol=tol, atol=tol)
+    assert (d_t[1, ::3] == 0).all()
+    only_teacher = torch.ops.urda_fast.kd_kl_forward_with_grad(student, teacher, 1.5, False, True)
+    assert only_teacher[2].shape == (0,) and torch.equal(only_teacher[3], d_t)
+    # A student equal to its teacher gets exactly zero gradients (attacks on a KL loss rely on it).
+    same = torch.ops.urda_fast.kd_kl_forward_with_grad(teacher, teacher, 1.5, True, True)
+    assert not same[2].any() and not same[3].any()
+
+
+def test_kd_kl_backward_twice_gives_the_same_bits(backend):
+    """retain_graph=True: a second backward (the CPU backend's in-place buffers are spent by then) equals the first."""
+    name, device = backend
+    student = logits((5, 37), torch.float32, device).requires_grad_()
+    teacher = logits((5, 37), torch.float32, device).requires_grad_()
+    loss = ops.kd_kl_loss(student, teacher, temperature=2.0, weight=torch.rand(5, device=device), backend=name)
+    first = torch.autograd.grad(loss, (student, teacher), retain_graph=True)
+    second = torch.autograd.grad(loss, (student, teacher), retain_graph=True)
+    student_only = torch.autograd.grad(loss, student)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert torch.equal(first[0], student_only[0])
+
+
+def test_kd_kl_gradient_for_one_side_only(backend):
+    """Both logits require grad, autograd asks for one of them: that one is right, and nothing breaks."""
+    name, device = backend
+    student, teacher = logits((4, 9), torch.float64, device), logits((4, 9), torch.float64, device)
+    for index in (0, 1):
+        grads = []
+        for fn in (functools.partial(ops.kd_kl_loss, backend=name), reference.kd_kl_loss):
+            s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+            grads += torch.autograd.grad(fn(s, t, temperature=2.0), (s, t)[index])
+        torch.testing.assert_close(*grads)
+
+
+def test_kd_kl_cpu_with_grad_opcheck():
+    student, teacher = logits((3, 11), torch.float32, "cpu"), logits((3, 11), torch.float32, "cpu")
+    op = torch.ops.urda_fast.kd_kl_forward_with_grad
+    for flags in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(op, (student.clone().requires_grad_(flags[0]), teacher.clone().requires_grad_(flags[1]),
+                                   2.0, *flags))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        op(student.bfloat16(), teacher.bfloat16(), 2.0, True, False)
+
+
+def _allocations(fn):
+    """Sizes of the tensor storages c10's CPU allocator hands out during fn() (torch.profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kd_kl_cpu_forward_and_backward_allocate_one_logits_sized_buffer(dtype):
+    """float32: the gradient is written in the forward and scaled in place; bfloat16: recomputed in the backward.
+    Either way one (B, C) buffer, which becomes the gradient."""
+    student, teacher = logits((64, 500), dtype, "cpu").requires_grad_(), logits((64, 500), dtype, "cpu")
+    weight = torch.rand(64)
+    grads = []
+    sizes = _allocations(lambda: grads.extend(torch.autograd.grad(
+        ops.kd_kl_loss(student, teacher, temperature=2.0, weight=weight, backend="cpu"), student)))
+    logits_bytes = student.numel() * student.element_size()
+    assert sum(size >= logits_bytes for size in sizes) == 1, sizes
+    reference_student = student.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(reference.kd_kl_loss(reference_student, teacher.double(), temperature=2.0,
+                                                       weight=weight.double()), reference_student)
+    assert_close(grads[0], want, dtype, "gradient")
 
 
 def test_kd_kl_backward_rejects_mismatched_statistics():

@@ -1,14 +1,18 @@
 // Distillation KL on CPU (docs/kernel-contract.md). Forward: per row a max pass and one exp pass that gathers both
-// softmax sums and the KL numerator, so the KL needs no third pass and no row scratch; it returns the row's softmax
-// statistics. Backward: one pass per row that recomputes p and q from those statistics and writes only the
-// gradients asked for. Nothing logits-sized is kept between forward and backward, so forward + backward allocates
-// one (B, C) buffer per gradient, the least it can.
+// softmax sums and the KL numerator, so the KL needs no third pass; it returns the row's softmax statistics.
+// Backward: one pass per row that recomputes p and q from those statistics and writes only the gradients asked for.
+// Training calls (float32/float64) take kd_kl_forward_with_grad instead: the exp pass also keeps the row's
+// exponentials in a row scratch, and a third pass writes the gradients from them, so each exponential is computed
+// once (recomputing them in the backward cost as much as the forward: on a CPU this kernel is bound by its exps, not
+// by memory). Either way forward + backward allocates one (B, C) buffer per gradient, the least it can: the
+// autograd scales the forward's buffer in place (urda_fast/ops/kd_kl.py).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "../common.h"
 #include "cpu_math.h"
@@ -30,11 +34,14 @@ struct RowStats {
 static_assert(sizeof(RowStats<float>) == 4 * sizeof(float) && sizeof(RowStats<double>) == 4 * sizeof(double));
 
 // One row per call; each has ISA clones (vexp is the hot spot), picked once per process, so a row pays one indirect
-// call.
-template <typename scalar_t>
+// call. With kGrad (float32/float64 only) the row's gradients are written too, from the exponentials kept in
+// `scratch` (2n values): the backward is then a per-row scale, and the exponentials are computed once instead of
+// again in a recomputing backward (on a CPU the exps, not the memory traffic, bound this kernel).
+template <bool kGrad, typename scalar_t>
 URDA_FAST_CLONES typename AccType<scalar_t>::type kl_row_forward(
     const scalar_t* __restrict__ s, const scalar_t* __restrict__ t, int64_t n, typename AccType<scalar_t>::type inv_t,
-    RowStats<typename AccType<scalar_t>::type>& stats) {
+    RowStats<typename AccType<scalar_t>::type>& stats, typename AccType<scalar_t>::type* __restrict__ scratch,
+    scalar_t* __restrict__ grad_s, scalar_t* __restrict__ grad_t) {
   using acc_t = typename AccType<scalar_t>::type;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t max_t = kNegInf, max_s = kNegInf;
@@ -49,17 +56,50 @@ URDA_FAST_CLONES typename AccType<scalar_t>::type kl_row_forward(
   // kl = sum_j p_j (log p_j - log q_j) = (sum_j e_j (a_j - b_j)) / sum_t - log sum_t + log sum_s with
   // a = (t - max_t) / T, b = (s - max_s) / T and e = exp(a); classes with e == 0 (teacher-masked) add nothing.
   acc_t sum_t = 0, sum_s = 0, weighted = 0;
+  acc_t* __restrict__ exp_t = scratch;
+  acc_t* __restrict__ exp_s = kGrad ? scratch + n : nullptr;
 #pragma omp simd reduction(+ : sum_t, sum_s, weighted)
   for (int64_t j = 0; j < n; ++j) {
     const acc_t a = (static_cast<acc_t>(t[j]) - shift_t) * inv_t;
     const acc_t b = (static_cast<acc_t>(s[j]) - shift_s) * inv_t;
-    const acc_t ea = vexp(a);
+    const acc_t ea = vexp(a), eb = vexp(b);
+    if constexpr (kGrad) {
+      exp_t[j] = ea;
+      exp_s[j] = eb;
+    }
     sum_t += ea;
-    sum_s += vexp(b);
+    sum_s += eb;
     weighted += ea > 0 ? ea * (a - b) : acc_t(0);
   }
   stats = {max_t, std::log(sum_t), max_s, std::log(sum_s)};
-  return weighted / sum_t - stats.log_sum_t + stats.log_sum_s;
+  const acc_t kl = weighted / sum_t - stats.log_sum_t + stats.log_sum_s;
+  if constexpr (kGrad) {
+    // The backward's formulas (below), with p = e_t / sum_t and q = e_s / sum_s from the kept exponentials. p and q
+    // are rounded (stored) before q - p: contracted into an FMA, q - p would not be exactly 0 where they are equal
+    // (a student that equals its teacher must get a zero gradient, as from the recomputing backward).
+    const acc_t inv_sum_t = acc_t(1) / sum_t, inv_sum_s = acc_t(1) / sum_s;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      exp_t[j] *= inv_sum_t;
+      exp_s[j] *= inv_sum_s;
+    }
+    if (grad_s) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) grad_s[j] = (exp_s[j] - exp_t[j]) * inv_t;
+    }
+    if (grad_t) {
+      const acc_t log_sum_t = stats.log_sum_t, log_sum_s = stats.log_sum_s;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t p = exp_t[j];
+        const acc_t log_p = (static_cast<acc_t>(t[j]) - shift_t) * inv_t - log_sum_t;
+        const acc_t log_q = (static_cast<acc_t>(s[j]) - shift_s) * inv_t - log_sum_s;
+        const acc_t grad = p * (log_p - log_q - kl) * inv_t;
+        grad_t[j] = p > 0 ? grad : acc_t(0);
+      }
+    }
+  }
+  return kl;
 }
 
 // d kl / d s_j = (q_j - p_j) / T and d kl / d t_j = p_j (log p_j - log q_j - kl) / T (0 where p_j == 0), each times
@@ -116,11 +156,47 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_forward_cpu(const at::Tensor& student, 
     const auto inv_t = static_cast<acc_t>(1.0 / temperature);
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        out[i] = kl_row_forward(s + i * cols, t + i * cols, cols, inv_t, row_stats[i]);
+        out[i] = kl_row_forward<false, scalar_t>(s + i * cols, t + i * cols, cols, inv_t, row_stats[i], nullptr,
+                                                 nullptr, nullptr);
       }
     });
   });
   return {kl, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_forward_with_grad_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, double temperature, bool grad_student, bool grad_teacher) {
+  check_pair_2d(student, "student", teacher, "teacher", c10::DeviceType::CPU);
+  check_temperature(temperature);
+  TORCH_CHECK(student.scalar_type() == at::kFloat || student.scalar_type() == at::kDouble,
+              "urda_fast: kd_kl_forward_with_grad takes float32 or float64 logits, got ", student.scalar_type(),
+              "; use kd_kl_forward + kd_kl_backward for half types");
+  const int64_t rows = student.size(0), cols = student.size(1);
+  TORCH_CHECK(rows == 0 || cols > 0, "urda_fast: logits need at least one class, got shape ", student.sizes());
+  at::Tensor kl = at::empty({rows}, student.options());
+  at::Tensor stats = at::empty({rows, 4}, student.options());
+  at::Tensor d_student = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor d_teacher = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  if (rows == 0) return {kl, stats, d_student, d_teacher};
+  AT_DISPATCH_FLOATING_TYPES(student.scalar_type(), "urda_fast::kd_kl_forward_with_grad_cpu", [&] {
+    const scalar_t* s = student.const_data_ptr<scalar_t>();
+    const scalar_t* t = teacher.const_data_ptr<scalar_t>();
+    scalar_t* gs = grad_student ? d_student.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gt = grad_teacher ? d_teacher.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = kl.mutable_data_ptr<scalar_t>();
+    auto* row_stats = reinterpret_cast<RowStats<scalar_t>*>(stats.mutable_data_ptr<scalar_t>());
+    const auto inv_t = static_cast<scalar_t>(1.0 / temperature);
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+      // The row's exponentials: 8 KB for 1000 float32 classes, in L1 when the gradients are written from them.
+      std::vector<scalar_t> scratch(2 * cols);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t off = i * cols;
+        out[i] = kl_row_forward<true, scalar_t>(s + off, t + off, cols, inv_t, row_stats[i], scratch.data(),
+                                      gs ? gs + off : nullptr, gt ? gt + off : nullptr);
+      }
+    });
+  });
+  return {kl, stats, d_student, d_teacher};
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_kl_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& student,
@@ -161,6 +237,7 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_backward_cpu(const at::Tensor& grad_row
 
 TORCH_LIBRARY_IMPL(urda_fast, CPU, m) {
   m.impl("kd_kl_forward", &kd_kl_forward_cpu);
+  m.impl("kd_kl_forward_with_grad", &kd_kl_forward_with_grad_cpu);
   m.impl("kd_kl_backward", &kd_kl_backward_cpu);
 }
 

@@ -1,6 +1,8 @@
 """``kd_kl_loss``: temperature-scaled distillation KL. The forward keeps each row's softmax statistics (B, 4); the
 backward recomputes the softmaxes from them in one pass, so forward + backward needs no logits-sized buffer beyond
-the gradients it returns."""
+the gradients it returns. On the CPU backend a float32/float64 call that will need gradients writes them in the
+forward instead (``kd_kl_forward_with_grad``: the exps, which bound the CPU kernel, are computed once), and the
+backward scales that buffer in place: still one (B, C) buffer per gradient."""
 
 from __future__ import annotations
 
@@ -60,8 +62,14 @@ def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, 
     dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     student = student_logits.to(dtype).contiguous()
     teacher = teacher_logits.to(dtype).contiguous()
-    op = _backends.op_for(name, "kd_kl", "kd_kl_forward", register)
-    rows, _ = op(student, teacher, float(temperature))
+    grad_student = torch.is_grad_enabled() and student.requires_grad
+    grad_teacher = torch.is_grad_enabled() and teacher.requires_grad
+    if name == "cpu" and dtype in (torch.float32, torch.float64) and (grad_student or grad_teacher):
+        rows = torch.ops.urda_fast.kd_kl_forward_with_grad(student, teacher, float(temperature), grad_student,
+                                                           grad_teacher)[0]
+    else:
+        op = _backends.op_for(name, "kd_kl", "kd_kl_forward", register)
+        rows, _ = op(student, teacher, float(temperature))
     return reference.reduce_kd_rows(rows, weight, reduction, t2_scale, temperature)
 
 
@@ -78,6 +86,12 @@ def _fake_kd_kl_backward(grad_rows, student, teacher, kl, stats, temperature, gr
             torch.empty_like(teacher) if grad_teacher else teacher.new_empty((0,)))
 
 
+def _fake_kd_kl_forward_with_grad(student, teacher, temperature, grad_student, grad_teacher):
+    kl, stats = _fake_kd_kl_forward(student, teacher, temperature)
+    return (kl, stats, torch.empty_like(student) if grad_student else student.new_empty((0,)),
+            torch.empty_like(teacher) if grad_teacher else teacher.new_empty((0,)))
+
+
 def _setup_context_kd_kl_forward(ctx, inputs, output):
     student, teacher, temperature = inputs
     kl, stats = output
@@ -86,6 +100,51 @@ def _setup_context_kd_kl_forward(ctx, inputs, output):
     ctx.temperature = temperature
     ctx.mark_non_differentiable(stats)
     ctx.set_materialize_grads(False)
+
+
+def _setup_context_kd_kl_forward_with_grad(ctx, inputs, output):
+    student, teacher, temperature, grad_student, grad_teacher = inputs
+    kl, stats, d_student, d_teacher = output
+    _setup_context_kd_kl_forward(ctx, (student, teacher, temperature), (kl, stats))
+    ctx.mark_non_differentiable(d_student, d_teacher)
+    # Not saved tensors: the first backward scales them in place and hands them on (saved ones would be
+    # version-checked, and kept alive until the graph is freed).
+    ctx.row_gradients = (d_student if grad_student else None, d_teacher if grad_teacher else None)
+
+
+def _recomputing_backward(ctx, grad_rows, backward_op):
+    need_student, need_teacher = ctx.needs_input_grad[:2]
+    student, teacher, kl, stats = ctx.saved_tensors
+    d_student, d_teacher = backward_op(grad_rows.to(kl.dtype).contiguous(), student, teacher, kl, stats,
+                                       ctx.temperature, need_student, need_teacher)
+    return (d_student if need_student else None), (d_teacher if need_teacher else None)
+
+
+def _scale_rows(gradient, scale):
+    # In place on the real buffer the forward made (only this ctx holds it); out of place on the functional / fake
+    # tensors of torch.compile's and opcheck's tracing, which do not allow mutating a backward's input.
+    return gradient.mul_(scale) if type(gradient) is torch.Tensor else gradient * scale
+
+
+def _backward_kd_kl_forward_with_grad(ctx, grad_rows, _grad_stats, _grad_d_student, _grad_d_teacher):
+    need_student, need_teacher = ctx.needs_input_grad[:2]
+    row_gradients, ctx.row_gradients = ctx.row_gradients, None
+    if grad_rows is None or not (need_student or need_teacher):
+        return None, None, None, None, None
+    if torch.is_grad_enabled():
+        # create_graph=True: kd_kl_backward's autograd refuses a second derivative clearly, where a scaled buffer
+        # would silently have none.
+        return *_recomputing_backward(ctx, grad_rows, torch.ops.urda_fast.kd_kl_backward), None, None, None
+    if (row_gradients is None or (need_student and row_gradients[0] is None)
+            or (need_teacher and row_gradients[1] is None)):
+        # A second backward through the graph (retain_graph=True): the buffers are spent. The same kernel makes
+        # them again, so every backward gives the same bits.
+        student, teacher = ctx.saved_tensors[:2]
+        row_gradients = torch.ops.urda_fast.kd_kl_forward_with_grad(student, teacher, ctx.temperature, need_student,
+                                                                    need_teacher)[2:]
+    scale = grad_rows.to(ctx.saved_tensors[2].dtype).unsqueeze(1)
+    return (_scale_rows(row_gradients[0], scale) if need_student else None,
+            _scale_rows(row_gradients[1], scale) if need_teacher else None, None, None, None)
 
 
 def register(suffix: str, *, fake: bool) -> None:
@@ -98,13 +157,15 @@ def register(suffix: str, *, fake: bool) -> None:
         torch.library.register_fake(f"urda_fast::kd_kl_backward{suffix}")(_fake_kd_kl_backward)
 
     def backward(ctx, grad_rows, _grad_stats):
-        need_student, need_teacher = ctx.needs_input_grad[:2]
-        if grad_rows is None or not (need_student or need_teacher):  # the loss did not use the KL values
+        if grad_rows is None or not any(ctx.needs_input_grad[:2]):  # the loss did not use the KL values
             return None, None, None
-        student, teacher, kl, stats = ctx.saved_tensors
-        d_student, d_teacher = backward_op(grad_rows.to(kl.dtype).contiguous(), student, teacher, kl, stats,
-                                           ctx.temperature, need_student, need_teacher)
-        return (d_student if need_student else None), (d_teacher if need_teacher else None), None
+        return *_recomputing_backward(ctx, grad_rows, backward_op), None
 
     torch.library.register_autograd(forward, backward, setup_context=_setup_context_kd_kl_forward)
+    if suffix == "":  # the CPU-only op has no Triton twin
+        with_grad = "urda_fast::kd_kl_forward_with_grad"
+        if fake:
+            torch.library.register_fake(with_grad)(_fake_kd_kl_forward_with_grad)
+        torch.library.register_autograd(with_grad, _backward_kd_kl_forward_with_grad,
+                                        setup_context=_setup_context_kd_kl_forward_with_grad)
     _backends.forbid_double_backward(f"urda_fast::kd_kl_backward{suffix}", "kd_kl_loss")

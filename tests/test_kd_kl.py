@@ -216,27 +216,34 @@ def test_kd_kl_cpu_forward_only_matches_reference(dtype):
         assert_close(got, want, dtype, f"{shape} no_grad")
 
 
+@pytest.mark.parametrize("classes", [31, 1023], ids=["31-padded", "1023"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kd_kl_cpu_gradients_in_forward_equal_the_recomputing_backward(dtype):
+def test_kd_kl_cpu_gradients_in_forward_equal_the_recomputing_backward(dtype, classes):
     """kd_kl_forward_with_grad's buffers = kd_kl_backward with unit row gradients, masked classes and large logits
-    included, and its kl / stats are kd_kl_forward's."""
-    student, teacher = logits((6, 1023), dtype, "cpu", scale=30.0), logits((6, 1023), dtype, "cpu", scale=30.0)
+    included, and its kl / stats are kd_kl_forward's (31 classes: rows run on a -inf-padded copy)."""
+    student, teacher = logits((6, classes), dtype, "cpu", 30.0), logits((6, classes), dtype, "cpu", 30.0)
     teacher[1, ::3] = float("-inf")
     student[2, 5] = 1e4
+    teacher[3] = float("-inf")  # no teacher mass at all: NaN, as the reference
     kl, stats, d_s, d_t = torch.ops.urda_fast.kd_kl_forward_with_grad(student, teacher, 1.5, True, True)
     kl_ref, stats_ref = torch.ops.urda_fast.kd_kl_forward(student, teacher, 1.5)
-    torch.testing.assert_close(kl, kl_ref, rtol=0, atol=0)
-    torch.testing.assert_close(stats, stats_ref, rtol=0, atol=0)
+    torch.testing.assert_close(kl, kl_ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(stats, stats_ref, rtol=0, atol=0, equal_nan=True)
+    assert kl[3].isnan() and not kl[[0, 1, 2, 4, 5]].isnan().any()
     want_s, want_t = torch.ops.urda_fast.kd_kl_backward(torch.ones(6, dtype=dtype), student, teacher, kl, stats, 1.5,
                                                         True, True)
     tol = 2e-6 if dtype == torch.float32 else 1e-12
-    torch.testing.assert_close(d_s, want_s, rtol=tol, atol=tol)
-    torch.testing.assert_close(d_t, want_t, rtol=tol, atol=tol)
+    torch.testing.assert_close(d_s, want_s, rtol=tol, atol=tol, equal_nan=True)
+    torch.testing.assert_close(d_t, want_t, rtol=tol, atol=tol, equal_nan=True)
     assert (d_t[1, ::3] == 0).all()
+    with torch.no_grad():
+        want_kl = reference.kd_kl_loss(student.double(), teacher.double(), temperature=1.5, reduction="none")
+    keep = [0, 1, 2, 4, 5]
+    assert_close(kl[keep], want_kl[keep], dtype, "kl")
     only_teacher = torch.ops.urda_fast.kd_kl_forward_with_grad(student, teacher, 1.5, False, True)
-    assert only_teacher[2].shape == (0,) and torch.equal(only_teacher[3], d_t)
+    assert only_teacher[2].shape == (0,) and torch.equal(only_teacher[3].nan_to_num(), d_t.nan_to_num())
     # A student equal to its teacher gets exactly zero gradients (attacks on a KL loss rely on it).
-    same = torch.ops.urda_fast.kd_kl_forward_with_grad(teacher, teacher, 1.5, True, True)
+    same = torch.ops.urda_fast.kd_kl_forward_with_grad(teacher[keep], teacher[keep], 1.5, True, True)
     assert not same[2].any() and not same[3].any()
 
 

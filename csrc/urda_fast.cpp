@@ -36,6 +36,13 @@ TORCH_LIBRARY(urda_fast, m) {
   m.def("feature_cosine_forward(Tensor a, Tensor b, float eps) -> (Tensor, Tensor)");
   m.def("feature_cosine_backward(Tensor grad_cos, Tensor a, Tensor b, Tensor stats, float eps, bool grad_a, "
         "bool grad_b) -> (Tensor, Tensor)");
+  // F.conv2d(x, weight, bias, stride, padding) (no dilation, one group), whose input gradient (registered in Python)
+  // is conv2d_input_grad: the gradient w.r.t. the input of a convolution with 1-4 input channels (weight (O, C, kh,
+  // kw)), grad_out (N, O, Ho, Wo) contiguous, as a (N, C, input_size) tensor. CPU only: an image model's first layer,
+  // which attacks differentiate and oneDNN's transposed convolution handles slowly.
+  m.def("conv2d_image_forward(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding) -> Tensor");
+  m.def("conv2d_input_grad(Tensor grad_out, Tensor weight, int[2] input_size, int[2] stride, int[2] padding) "
+        "-> Tensor");
   // 2-D max pooling of a contiguous (N, C, H, W) tensor, no dilation, floor mode, torch's values and gradients:
   // (out, window_index) where window_index (uint8, out's shape) = kh * kernel_w + kw of the element each window kept.
   // The backward puts grad_out there in a (N, C, input_size) tensor. CPU only: on GPUs torch's pooling is fast.

@@ -4,21 +4,23 @@
     >>> x = ops.pgd_step(x_adv, grad, x_orig, step_size=2/255, eps=8/255, norm="linf")
     >>> loss = ops.kd_kl_loss(student_logits, teacher_logits, temperature=2.0, weight=w)
     >>> y = ops.max_pool2d(x, 2)     # torch's values and gradients; a vectorised kernel for NCHW CPU tensors
+    >>> y = ops.conv2d(x, w, b, stride=2, padding=3)   # F.conv2d; fast input gradient for 1-4 channels on CPU
     >>> ops.available_backends()
     ['reference', 'cpu']
 
 Every op has a pure-PyTorch definition in :mod:`urda_fast.ops.reference`.
 """
 
-from . import _backends, feature_losses, kd_kl, pgd, pooling, reference
+from . import _backends, conv, feature_losses, kd_kl, pgd, pooling, reference
 from ._backends import BACKENDS, available_backends
+from .conv import conv2d
 from .feature_losses import feature_cosine_loss, feature_mse_loss
 from .kd_kl import kd_kl_loss
 from .pgd import pgd_step, pgd_step_
 from .pooling import max_pool2d
 
-__all__ = ["BACKENDS", "available_backends", "feature_cosine_loss", "feature_mse_loss", "kd_kl_loss", "load_triton",
-           "max_pool2d", "pgd_step", "pgd_step_", "reference"]
+__all__ = ["BACKENDS", "available_backends", "conv2d", "feature_cosine_loss", "feature_mse_loss", "kd_kl_loss",
+           "load_triton", "max_pool2d", "pgd_step", "pgd_step_", "reference"]
 
 _REGISTRARS = {"pgd_step": pgd.register, "kd_kl": kd_kl.register,
                "feature_losses": feature_losses.register}
@@ -32,6 +34,7 @@ def _register_native() -> None:
     for register in _REGISTRARS.values():
         register("", fake=True)
     pooling.register()
+    conv.register()
 
 
 def load_triton() -> None:

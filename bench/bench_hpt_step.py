@@ -7,7 +7,9 @@ is the twin written like the reference code (``urda_fast/hpt/reference_step.py``
 prompts, the code's ``attack_pgd`` whose ``loss.backward()`` also computes the parameter gradients at every attack
 step, ``nn.KLDivLoss(sum)``); ``lean`` is that twin with input-only attack gradients (``torch.autograd.grad``). All
 train the same random-init open_clip target (the anchor is a copy of it, the proxy a CLIP of the other
-architecture) on the same fixed batch.
+architecture) on the same fixed batch. The twins run it with torch's own layers, as the reference code does
+(``urda_fast.models.plain_torch`` for the duration of their forward, as the DART twins: ours has ``FastConv2d``'s
+patch-embedding matmul; same values and gradients).
 
 ``trainable``: ``all`` trains every parameter (the code's setting); ``visual`` freezes the text tower -- ours then
 caches the class text features for the whole run, eager still re-encodes them in every forward (without gradients).
@@ -21,12 +23,15 @@ eager twin's (``ours_amp``: to bf16 rounding): the step does the same work, or t
 round of a non-eager path is paired with an eager step just before it: ``paired vs eager`` survives a busy machine.
 """
 
+import contextlib
+
 import pytest
 import torch
 from conftest import autocast_bf16
 
 from urda_fast.hpt.reference_step import EagerZeroShot, eager_hpt_loss
 from urda_fast.hpt.step_builder import build_hpt_step, load_step_models, step_config
+from urda_fast.models import plain_torch
 
 pytestmark = pytest.mark.bench
 
@@ -36,6 +41,20 @@ PAIRS = {"tiny": ("urda-tiny-vit", "urda-tiny-rn"), "b32-b16": ("ViT-B-32", "ViT
 # training set, where the prompts' text work per forward outweighs the tiny models' image work.
 SHAPES = {"small": [("tiny", 64, 32, 10), ("tiny", 64, 32, 200)],
           "large": [("tiny", 64, 32, 10), ("tiny", 64, 32, 200), ("b32-b16", 256, 224, 200)]}
+
+
+@contextlib.contextmanager
+def torch_layers(*models):
+    """The models with torch's own layer classes (``plain_torch``) inside the block, their own classes after it: the
+    twins record their autograd graphs with torch's layers, and ours keeps its modules."""
+    classes = [(module, module.__class__) for model in models for module in model.modules()]
+    for model in models:
+        plain_torch(model)
+    try:
+        yield
+    finally:
+        for module, cls in classes:
+            module.__class__ = cls
 
 
 @pytest.fixture(params=["eager", "lean", "ours", "ours_amp"])
@@ -60,7 +79,8 @@ def test_hpt_step(bench, shape, path, trainable):
                    for head in (task.head, task.proxy, task.anchor)]
 
     def eager_loss(style="code"):
-        return eager_hpt_loss(*eager_heads, x, y, cfg, proxy_weight, anchor_weight, style=style)
+        with torch_layers(*(head.clip for head in eager_heads)):
+            return eager_hpt_loss(*eager_heads, x, y, cfg, proxy_weight, anchor_weight, style=style)
 
     loss_fn = {"ours": built.loss, "ours_amp": autocast_bf16(built.loss), "eager": eager_loss,
                "lean": lambda: eager_loss("lean")}[path]

@@ -132,6 +132,14 @@ def test_conv2d_falls_back_to_torch(case):
             ops.conv2d(x, weight, bias, 1, padding, backend="cpu")
 
 
+def test_conv2d_backend_errors():
+    x, weight, bias = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="conv2d has no 'triton' kernel"):
+        ops.conv2d(x, weight, bias, backend="triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.conv2d(x, weight, bias, backend="gpu")
+
+
 @pytest.mark.parametrize("backbone,shape", [("digits_cnn", (4, 1, 16, 16)), ("resnet18", (2, 3, 32, 32))])
 def test_models_first_layer_input_gradient(backbone, shape):
     """The models' first layer is a FastConv2d that takes the kernel for an input that requires grad: the model's

@@ -40,8 +40,10 @@ def _pair(value):
 
 def _kernel_unusable(x, weight, padding, backend) -> str | None:
     if backend not in (None, "cpu", "reference"):
-        _backends.resolve_backend(backend, x.device)  # unknown name: the usual error
-        return f"there is no {backend!r} kernel for it (torch's GPU convolutions are fast)"
+        if backend in _backends.BACKENDS:
+            raise ValueError(f"urda_fast: conv2d has no {backend!r} kernel (torch's GPU convolutions are fast); use "
+                             "backend='reference' for GPU tensors")
+        _backends.resolve_backend(backend, x.device)  # the unknown-backend error
     if backend == "reference" or (backend is None and os.environ.get(_backends.ENV_VAR) == "reference"):
         return "the reference backend was asked for"
     if x.device.type != "cpu" or weight.device != x.device:

@@ -30,7 +30,7 @@ def test_conv2d_input_grad(bench, case, impl):
     shape, out_channels, kernel, stride, padding = case
     x = torch.rand(shape, dtype=bench.dtype, requires_grad=True)
     weight = torch.randn(out_channels, shape[1], kernel, kernel, dtype=bench.dtype) * 0.1
-    conv = bench.provider_fn(impl, F.conv2d, functools.partial(ops.conv2d, backend="cpu"))
+    conv = bench.provider_fn(impl, ops.reference.conv2d, functools.partial(ops.conv2d, backend="cpu"))
     grad = torch.randn(F.conv2d(x.detach(), weight, None, stride, padding).shape, dtype=bench.dtype)
 
     def fn():

@@ -129,3 +129,9 @@ def max_pool2d(x, kernel_size, stride, padding):
     """2-D max pooling, no dilation, floor mode: torch's definition (the first max of each window in row-major order
     takes the gradient; a NaN wins)."""
     return torch.nn.functional.max_pool2d(x, kernel_size, stride, padding)
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0):
+    """2-D convolution, no dilation, one group: torch's definition (``ops.conv2d`` changes only how the input gradient
+    is computed)."""
+    return torch.nn.functional.conv2d(x, weight, bias, stride, padding)

@@ -57,6 +57,22 @@ def test_input_grad_of_resnet_stem_in_float32(shape):
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("geometry", [((3, 5), (1, 2), (1, 2), (150, 299)), ((5, 3), (3, 1), (2, 1), (301, 160))],
+                         ids=["k3x5-s1x2", "k5x3-s3x1"])
+def test_input_grad_banded_path_in_float64(geometry):
+    """Maps whose padded grad_out is over 8 MB are staged band by band (16 input rows per task): other kernels and
+    strides than the stem's, in float64 against torch."""
+    kernel, stride, padding, size = geometry
+    torch.manual_seed(2)
+    weight = torch.randn(64, 2, *kernel, dtype=torch.float64)
+    out = [output_size(size[i], kernel[i], stride[i], padding[i]) for i in range(2)]
+    grad_out = torch.randn(2, 64, *out, dtype=torch.float64)
+    assert grad_out.numel() * 8 > 8 << 20
+    got = torch.ops.urda_fast.conv2d_input_grad(grad_out, weight, list(size), list(stride), list(padding))
+    want = torch_input_grad(grad_out, weight, list(size), list(stride), list(padding))
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
 def test_input_grad_empty_batch_and_bad_calls():
     weight = torch.randn(4, 3, 3, 3)
     assert torch.ops.urda_fast.conv2d_input_grad(torch.zeros(0, 4, 8, 8), weight, [8, 8], [1, 1], [1, 1]).shape == (

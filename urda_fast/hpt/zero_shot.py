@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.attention import image_tokens, short_sequence_attention
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 PREPROCESS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
@@ -34,7 +36,8 @@ def parse_templates(text) -> tuple:
 
 def class_embeddings(clip, tokens: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(C, D) unit class embeddings from the tokens of C x T prompts (class-major), averaged over templates."""
-    features = F.normalize(clip.encode_text(tokens).float(), dim=-1)
+    with short_sequence_attention(tokens.device, tokens.shape[1]):
+        features = F.normalize(clip.encode_text(tokens).float(), dim=-1)
     features = features.reshape(num_classes, -1, features.shape[-1]).mean(1)
     return F.normalize(features, dim=-1)
 
@@ -75,6 +78,7 @@ class ZeroShotClassifier(nn.Module):
         self.register_buffer("cached_text", None, persistent=False)
         size = getattr(clip.visual, "image_size", None)
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size) if size else None
+        self.image_tokens = image_tokens(clip.visual)
         self._pinned = None
 
     # -------------------------------------------------------------------------------------------------- text side
@@ -112,7 +116,8 @@ class ZeroShotClassifier(nn.Module):
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, D) unit image embeddings of [0, 1] images."""
-        return F.normalize(self.clip.encode_image(self.normalize(images)).float(), dim=-1)
+        with short_sequence_attention(images.device, self.image_tokens):
+            return F.normalize(self.clip.encode_image(self.normalize(images)).float(), dim=-1)
 
     def logits_from(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         logits = image_features @ text_features.t()

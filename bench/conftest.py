@@ -181,7 +181,8 @@ class Bench:
         Both only for the memory-bound ops; a training step gives ``images`` per call instead (images/s).
 
         ``paired``: the eager twin's call. One untimed-by-pytest-benchmark round of it runs just before every round of
-        ``fn`` and is timed here; the median of the per-pair ratios is ``paired_vs_eager``. This VM's neighbours slow
+        ``fn``, from a cold cache like that round, and is timed here; the median of the per-pair ratios is
+        ``paired_vs_eager``. This VM's neighbours slow
         a 2-thread run by up to 10x for seconds at a time, so benchmarks minutes apart do not compare; pairs do.
         ``rounds``: a fixed round count instead of one sized to TARGET_SECONDS (the twin then warms up in the warm-up
         round)."""
@@ -197,6 +198,7 @@ class Bench:
 
         def before_round():
             if paired is not None:
+                flush_cache()  # the twin from a cold cache too, as the timed round: otherwise it inherits a warm one
                 begin = time.perf_counter()
                 paired()
                 synchronize()

@@ -228,6 +228,7 @@ def test_autoattack_adapter_runs_or_says_how_to_install(digits, monkeypatch):
             AutoAttack(model, eps=EPS)
         return
     adv = AutoAttack(model, eps=EPS, num_classes=10)(x[:16], y[:16])
+    assert not adv.requires_grad
     assert float((adv - x[:16]).abs().max()) <= EPS + 1e-6
     assert accuracy(model, adv, y[:16]) <= accuracy(model, x[:16], y[:16])
     monkeypatch.setattr(autoattack, "autoattack_backend", lambda: None)

@@ -54,5 +54,7 @@ class AutoAttack:
     def __call__(self, images, labels):
         with frozen_eval(self.model):
             if self.backend == "autoattack":
-                return self._attack.run_standard_evaluation(images, labels, bs=images.shape[0])
-            return self._attack(images, labels)
+                adversarial = self._attack.run_standard_evaluation(images, labels, bs=images.shape[0])
+            else:
+                adversarial = self._attack(images, labels)
+        return adversarial.detach()  # like the other attacks (torchattacks' port hands back a tensor requiring grad)

@@ -206,7 +206,8 @@ def test_kd_kl_saves_no_logits_sized_tensor_beyond_its_inputs(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kd_kl_cpu_forward_only_matches_reference(dtype):
-    """Without gradients the CPU backend runs kd_kl_forward (the test above runs kd_kl_forward_with_grad)."""
+    """Without gradients the CPU backend runs kd_kl_forward (test_kd_kl_matches_reference, which takes gradients, runs
+    kd_kl_forward_with_grad)."""
     for shape in SHAPES[:-1]:
         student, teacher = logits(shape, dtype, "cpu"), logits(shape, dtype, "cpu")
         teacher[:, 0] = float("-inf")

@@ -4,8 +4,9 @@ torch's CPU ``scaled_dot_product_attention`` picks its flash kernel, which is bu
 tokens of a small ViT or of a CLIP at 224 with 32-pixel patches, the plain ``math`` kernel (matmuls and a softmax) is
 faster. Forward + backward on this 2-core CPU, flash vs math: 17 tokens (the embedded world's tiny ViT, batch 64,
 4 heads of 16) 2.7 vs 1.0 ms; 50 tokens (ViT-B-32 at 224, batch 32) 18.2 vs 13.6 ms; 65 tokens 9.2 vs 8.6 ms; but
-197 tokens (ViT-B-16) 35.6 vs 43.0 ms and 257 tokens 60 vs 156 ms. The HPT step on the tiny world: 157 -> 126 ms.
-GPUs keep torch's choice.
+197 tokens (ViT-B-16) 35.6 vs 43.0 ms and 257 tokens 60 vs 156 ms. On the whole HPT step of the tiny world the
+gain depends on the cache state around it: 1.17-1.26x between our own steps, 1.0-1.06x from a flushed cache after
+another model's step. GPUs keep torch's choice.
 """
 
 from __future__ import annotations

@@ -136,6 +136,21 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
     return name
 
 
+def cpu_only_choice(op_name: str, backend: str | None, gpu_note: str) -> str | None:
+    """The backend asked of an op that has a CPU kernel and the reference only (``max_pool2d``, ``conv2d``):
+    ``"cpu"`` or ``"reference"`` from ``backend=``, ``"reference"`` from the environment, None for the op's default.
+    ``backend="cuda"``/``"triton"`` is a clear error; the environment's GPU backends are a global preference, so
+    they leave the default."""
+    if backend is None:
+        return "reference" if os.environ.get(ENV_VAR) == "reference" else None
+    if backend in ("cpu", "reference"):
+        return backend
+    if backend in BACKENDS:
+        raise ValueError(f"urda_fast: {op_name} has no {backend!r} kernel ({gpu_note}); use backend='reference' for "
+                         "GPU tensors")
+    return resolve_backend(backend, torch.device("cpu"))  # an unknown name: raises resolve_backend's error
+
+
 _TRITON_READY: set[str] = set()
 
 

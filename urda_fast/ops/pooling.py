@@ -10,7 +10,6 @@ is bandwidth-bound already).
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -59,18 +58,13 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, *, backend=None):
 
 
 def _use_cpu_kernel(backend, x) -> bool:
-    if backend is not None and backend not in ("cpu", "reference"):
-        if backend in _backends.BACKENDS:
-            raise ValueError(f"urda_fast: max_pool2d has no {backend!r} kernel (torch's own GPU pooling is already "
-                             "fast); use backend='reference' for GPU tensors")
-        _backends.resolve_backend(backend, x.device)  # the unknown-backend error
-    if backend == "reference":
+    choice = _backends.cpu_only_choice("max_pool2d", backend, "torch's own GPU pooling is already fast")
+    if choice == "reference":
         return False
-    if backend == "cpu":
+    if choice == "cpu":
         _backends.resolve_backend("cpu", x.device)  # clear errors: a GPU tensor, or no extension built
         return True
-    # The environment's backend choice is a global preference: backends without pooling fall back to torch's.
-    if os.environ.get(_backends.ENV_VAR) == "reference" or x.device.type != "cpu":
+    if x.device.type != "cpu":
         return False
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return False  # torch's channels-last kernel is vectorised already

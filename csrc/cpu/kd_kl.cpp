@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "../common.h"
@@ -163,15 +164,23 @@ void check_temperature(double temperature) {
               temperature);
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_kl_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                     double temperature) {
+// Both forwards' argument checks, and their kl (B,) and stats (B, 4) outputs in the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor> checked_forward_outputs(const at::Tensor& student, const at::Tensor& teacher,
+                                                           double temperature) {
   check_pair_2d(student, "student", teacher, "teacher", c10::DeviceType::CPU);
   check_temperature(temperature);
-  const int64_t rows = student.size(0), cols = student.size(1);
-  TORCH_CHECK(rows == 0 || cols > 0, "urda_fast: logits need at least one class, got shape ", student.sizes());
+  const int64_t rows = student.size(0);
+  TORCH_CHECK(rows == 0 || student.size(1) > 0, "urda_fast: logits need at least one class, got shape ",
+              student.sizes());
   const auto acc_options = student.options().dtype(acc_scalar_type(student.scalar_type()));
-  at::Tensor kl = at::empty({rows}, acc_options);
-  at::Tensor stats = at::empty({rows, 4}, acc_options);
+  return {at::empty({rows}, acc_options), at::empty({rows, 4}, acc_options)};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_kl_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                     double temperature) {
+  at::Tensor kl, stats;  // not a structured binding: the kernels' lambdas capture them (C++20 before clang 16)
+  std::tie(kl, stats) = checked_forward_outputs(student, teacher, temperature);
+  const int64_t rows = student.size(0), cols = student.size(1);
   if (rows == 0) return {kl, stats};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "urda_fast::kd_kl_forward_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
@@ -192,15 +201,12 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_forward_cpu(const at::Tensor& student, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_forward_with_grad_cpu(
     const at::Tensor& student, const at::Tensor& teacher, double temperature, bool grad_student, bool grad_teacher) {
-  check_pair_2d(student, "student", teacher, "teacher", c10::DeviceType::CPU);
-  check_temperature(temperature);
+  at::Tensor kl, stats;  // not a structured binding: the kernels' lambdas capture them (C++20 before clang 16)
+  std::tie(kl, stats) = checked_forward_outputs(student, teacher, temperature);
   TORCH_CHECK(student.scalar_type() == at::kFloat || student.scalar_type() == at::kDouble,
               "urda_fast: kd_kl_forward_with_grad takes float32 or float64 logits, got ", student.scalar_type(),
               "; use kd_kl_forward + kd_kl_backward for half types");
   const int64_t rows = student.size(0), cols = student.size(1);
-  TORCH_CHECK(rows == 0 || cols > 0, "urda_fast: logits need at least one class, got shape ", student.sizes());
-  at::Tensor kl = at::empty({rows}, student.options());
-  at::Tensor stats = at::empty({rows, 4}, student.options());
   at::Tensor d_student = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
   at::Tensor d_teacher = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
   if (rows == 0) return {kl, stats, d_student, d_teacher};
@@ -218,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_forward_with_gr
       for (int64_t i = begin; i < end; ++i) {
         const int64_t off = i * cols;
         out[i] = kl_row_forward<true, scalar_t>(s + off, t + off, cols, inv_t, row_stats[i], scratch.data(),
-                                      gs ? gs + off : nullptr, gt ? gt + off : nullptr);
+                                                gs ? gs + off : nullptr, gt ? gt + off : nullptr);
       }
     });
   });

@@ -182,8 +182,8 @@ class Bench:
 
         ``paired``: the eager twin's call. One untimed-by-pytest-benchmark round of it runs just before every round of
         ``fn``, from a cold cache like that round, and is timed here; the median of the per-pair ratios is
-        ``paired_vs_eager``. This VM's neighbours slow
-        a 2-thread run by up to 10x for seconds at a time, so benchmarks minutes apart do not compare; pairs do.
+        ``paired_vs_eager``. This VM's neighbours slow a 2-thread run by up to 10x for seconds at a time, so
+        benchmarks minutes apart do not compare; pairs do.
         ``rounds``: a fixed round count instead of one sized to TARGET_SECONDS (the twin then warms up in the warm-up
         round)."""
         for _ in range(2):  # outside the timed region: torch.compile compiles (forward and backward), Triton JITs

@@ -6,7 +6,6 @@
 - A 1x1 input map with an odd kernel padded by half of it (ResNet's last stage on 32x32 images): only the centre tap
   meets the input, so the convolution is a linear layer on that tap. 16x512x1x1 through a 3x3 512->512 convolution,
   forward + input gradient: 2.0 ms in oneDNN, 0.33 ms as the linear layer; three times per ResNet-18 forward.
-
 - An input with 1-4 channels that requires grad (an image model's first layer under attack): the input gradient is
   :func:`urda_fast.ops.conv2d`'s kernel (ResNet's 7x7/2 stem on 16x3x32x32: 2.0 -> 0.9 ms per attack step).
 
@@ -19,7 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-
 from ._retype import retype
 from .pooling import use_torch_pooling
 
@@ -53,8 +51,7 @@ class FastConv2d(nn.Conv2d):
                 # The tap as a contiguous matrix: a strided one costs the matmul twice its time.
                 out = F.linear(x.flatten(1), weight[:, :, kh // 2, kw // 2].contiguous(), bias)
                 return out.reshape(x.shape[0], self.out_channels, 1, 1)
-            if self.in_channels <= ops.conv.MAX_CHANNELS and x.requires_grad and _plain(self) \
-                    and not isinstance(self.padding, str):
+            if self.in_channels <= ops.conv.MAX_CHANNELS and x.requires_grad and _plain(self):
                 return ops.conv2d(x, weight, bias, self.stride, self.padding)  # F.conv2d where the kernel cannot run
         return super()._conv_forward(x, weight, bias)
 

@@ -84,6 +84,37 @@ def want_cuda(torch_module, cuda_home):
     return True
 
 
+def cxx_compiler():
+    try:
+        from torch.utils.cpp_extension import get_cxx_compiler
+        return get_cxx_compiler()
+    except ImportError:
+        return os.environ.get("CXX", "c++")
+
+
+def shared_cxx_runtime_link_args(cxx):
+    """["-l:libstdc++.so.6"] where `cxx` would link the C++ runtime statically, else [].
+
+    A toolchain whose own library folders hold libstdc++.a but no libstdc++.so (the lent GPU machines' /opt/gcc g++)
+    links a private copy of the runtime into the extension. Beside the libstdc++.so.6 that torch loads, that copy
+    segfaults on its first number formatted into a stream, which is how a failed TORCH_CHECK builds its message: a bad
+    call crashed instead of raising. Naming the shared file binds every reference to the process's runtime, as for
+    torch itself; where the compiler finds libstdc++.so it links it dynamically already and nothing changes."""
+
+    def find(name):
+        try:
+            out = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        path = out.stdout.strip()
+        return path if os.path.isabs(path) and os.path.exists(path) else None
+
+    if find("libstdc++.so") or not find("libstdc++.so.6"):
+        return []
+    print(f"urda_fast: {cxx} would link libstdc++ statically; linking libstdc++.so.6 instead (see setup.py)")
+    return ["-l:libstdc++.so.6"]
+
+
 def extensions():
     cuda_home = find_cuda_home()
     if cuda_home:
@@ -96,13 +127,14 @@ def extensions():
     # -fno-trapping-math: we never read FP exception flags, and without it GCC will not if-convert (so will not
     # vectorise) loops that select between two computed values, such as the masked-class guard in the KL gradient.
     cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fno-trapping-math"]
+    link_cxx_runtime = shared_cxx_runtime_link_args(cxx_compiler())
     modules = [
         CppExtension(
             "urda_fast._C",
             sorted(["csrc/urda_fast.cpp"] + glob.glob("csrc/cpu/*.cpp")),
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp"] + link_cxx_runtime,
         )
     ]
     if want_cuda(torch, cuda_home):
@@ -117,6 +149,7 @@ def extensions():
                     "cxx": opt + ["-std=c++20"],
                     "nvcc": opt + ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
                 },
+                extra_link_args=link_cxx_runtime,
             )
         )
     return modules

@@ -79,8 +79,35 @@ def test_cli_info_reports_versions_and_backends():
 
 def test_cli_demo_runs_the_ops(tmp_path):
     out = subprocess.run([sys.executable, "-m", "urda_fast.cli", "demo", "--size", "small"], capture_output=True,
-                         text=True, check=True)
+                         text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
     assert "pgd_step" in out.stdout and "kd_kl_loss" in out.stdout and "max |ours - reference|" in out.stdout
+    backends = {line.split()[-5] for line in out.stdout.splitlines()[2:]}
+    want = {"cuda", "triton"} & set(ops.available_backends()) if torch.cuda.is_available() else {"cpu"}
+    assert backends == want, out.stdout
+
+
+_CHECK_WITH_NUMBERS = """
+import torch, urda_fast.ops as ops
+ops.available_backends()
+s, t = torch.randn(3, 5), torch.randn(3, 5)
+rows, stats = torch.ops.urda_fast.kd_kl_forward(s, t, 1.0)
+try:
+    torch.ops.urda_fast.kd_kl_backward(torch.ones(3), s, t, rows, stats[:2], 1.0, True, False)
+except RuntimeError as err:
+    print(str(err).splitlines()[0])
+"""
+
+
+def test_a_failed_kernel_check_raises_in_a_fresh_process():
+    """A C++ check whose message formats numbers must raise. With a private static libstdc++ in the extension (a
+    toolchain that links it statically: setup.py now prevents it) this segfaulted, in a fresh process after importing
+    torch; run in a subprocess so a crash fails this test with a reason instead of killing the test run."""
+    out = subprocess.run([sys.executable, "-c", _CHECK_WITH_NUMBERS], capture_output=True, text=True)
+    assert out.returncode == 0, (f"the extension crashed (exit {out.returncode}) formatting a TORCH_CHECK message; "
+                                 f"is libstdc++ linked into it statically? (setup.py: shared_cxx_runtime_link_args)\n"
+                                 + out.stderr[-2000:])
+    assert "stats has shape [2, 4], expected (3, 4)" in out.stdout
 
 
 @pytest.mark.skipif(os.environ.get("URDA_FAST_EXPECT_CUDA_BUILD") != "1",

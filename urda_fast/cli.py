@@ -102,7 +102,9 @@ def demo_cases(size: str, device: torch.device):
 def cmd_demo(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    fast = [b for b in ops.available_backends() if b != "reference" and (device.type == "cuda" or b == "cpu")]
+    # the backends that take this device's tensors (the cpu kernels refuse CUDA tensors; Triton on CPU is interpreted)
+    runs_here = {"cuda", "triton"} if device.type == "cuda" else {"cpu"}
+    fast = [b for b in ops.available_backends() if b in runs_here]
     print(f"urda_fast {urda_fast.__version__} on {device} ({torch.get_num_threads()} CPU threads); "
           f"backends: {', '.join(fast) or 'none built'}")
     print(f"{'op':<44} {'backend':<8} {'ms':>9} {'eager ms':>9} {'speed-up':>9} {'max |ours - reference|':>24}")

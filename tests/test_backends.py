@@ -53,6 +53,25 @@ def test_wrong_device_or_unavailable_backend_is_a_clear_error(monkeypatch):
         ops.feature_mse_loss(x, x, backend="triton")
 
 
+@pytest.mark.parametrize("versions, broken", [({"triton": (3, 6), "numpy": (2, 4)}, True),
+                                              ({"triton": (3, 5), "numpy": (2, 5)}, True),
+                                              ({"triton": (3, 6), "numpy": (2, 3)}, False),
+                                              ({"triton": (3, 8), "numpy": (2, 4)}, False),
+                                              ({"triton": None, "numpy": (2, 4)}, False)])
+def test_triton_interpreter_known_to_fail_is_unavailable_with_the_fix(monkeypatch, versions, broken):
+    """Triton <= 3.6's interpreter breaks on NumPy >= 2.4 (triton-lang/triton#9171): say so instead of failing in
+    every kernel."""
+    monkeypatch.setattr(_backends, "_major_minor", versions.get)
+    reason = _backends._triton_interpreter_error()
+    assert (reason is not None) == broken
+    if broken:
+        monkeypatch.setattr(_backends, "_TRITON_INTERPRETER_ERROR", reason)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        x = torch.randn(2, 3)
+        with pytest.raises(RuntimeError, match=r"install 'numpy<2.4' or Triton >= 3.8.*Available here: reference, cpu"):
+            ops.feature_mse_loss(x, x, backend="triton")
+
+
 def test_missing_extension_names_the_build_command(monkeypatch):
     monkeypatch.setitem(_backends._EXTENSIONS, "_C", ImportError("not built"))
     with pytest.raises(RuntimeError, match="pip install -e . --no-build-isolation"):

@@ -9,6 +9,7 @@ default (CPU tensors -> cpu; CUDA tensors -> cuda, else triton).
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import warnings
@@ -66,12 +67,37 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _major_minor(distribution: str) -> tuple[int, int] | None:
+    try:
+        parts = importlib.metadata.version(distribution).split(".")
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except (importlib.metadata.PackageNotFoundError, IndexError, ValueError):
+        return None
+
+
+def _triton_interpreter_error() -> str | None:
+    """Triton 3.6 and older convert a 1-element array to an int in their interpreter in a way that NumPy 2.4 refuses
+    (triton-lang/triton#9171, fixed upstream since): every kernel whose loop bound comes from the program id fails
+    with "only 0-dimensional arrays can be converted to Python scalars". Seen with torch 2.11's Triton 3.6."""
+    triton_version, numpy_version = _major_minor("triton"), _major_minor("numpy")
+    if triton_version is None or numpy_version is None or triton_version > (3, 6) or numpy_version < (2, 4):
+        return None
+    return (f"Triton {'.'.join(map(str, triton_version))}'s CPU interpreter fails with NumPy "
+            f"{'.'.join(map(str, numpy_version))} (triton-lang/triton#9171): install 'numpy<2.4' or Triton >= 3.8 to "
+            "run Triton kernels on CPU tensors (GPUs are not affected)")
+
+
+# Read once here (package metadata, ~5 ms): triton_error runs on every call that names a backend, traced ones too.
+_TRITON_INTERPRETER_ERROR = _triton_interpreter_error() if _TRITON_INSTALLED else None
+
+
 def triton_error(device_type: str | None = None) -> str | None:
     if not _TRITON_INSTALLED:
         return "Triton is not installed (`pip install triton`)"
     if device_type == "cpu" or (device_type is None and not torch.cuda.is_available()):
         if not triton_interpreting():
             return "Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before starting Python"
+        return _TRITON_INTERPRETER_ERROR
     return None
 
 

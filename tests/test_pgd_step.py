@@ -178,6 +178,9 @@ def test_pgd_step_is_not_differentiable():
         (dict(eps=torch.tensor([0.1, float("nan")])), ValueError, "eps contains NaN"),
         (dict(eps=torch.tensor([0.1, 0.2, 0.3])), ValueError, r"shape \(\) or \(2,\)"),
         (dict(lower=0.6, upper=0.5), ValueError, "lower must be <= upper"),
+        (dict(lower=float("nan")), ValueError, "lower/upper contain NaN"),
+        (dict(lower=torch.tensor(0.6), upper=0.5), ValueError, "lower must be <= upper"),
+        (dict(upper=torch.tensor([1.0, float("nan"), 1.0])), ValueError, "lower/upper contain NaN"),
         (dict(lower=torch.zeros(2)), ValueError, "lower must be a float or a tensor of 1 or 3 elements"),
         (dict(norm="l1"), ValueError, "norm must be one of"),
         (dict(x_adv=[[0.0]]), TypeError, "x_adv must be a torch.Tensor"),
@@ -189,3 +192,37 @@ def test_pgd_step_rejects_bad_input(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         ops.pgd_step(args.pop("x_adv"), args.pop("grad"), args.pop("x_orig"), backend="cpu", **args)
+
+
+def test_float_parameters_are_made_once_and_stay_unchanged():
+    """Float step/eps/bounds become (count,) tensors cached per value: the same tensor every step, still holding its
+    value after in-place steps, a normal tensor even when first made under inference_mode, and -0.0 apart from 0.0."""
+    from urda_fast.ops import pgd
+
+    x_orig = torch.rand(4, 3, 5, 5)
+    with torch.inference_mode():
+        first = pgd._param_vector(0.0625, 4, x_orig)
+    assert not first.is_inference()
+    assert pgd._param_vector(0.0625, 4, x_orig) is first
+    x = x_orig.clone()
+    for _ in range(3):
+        ops.pgd_step_(x, torch.randn_like(x), x_orig, step_size=0.0625, eps=0.0625, backend="cpu")
+    torch.testing.assert_close(first, torch.full((4,), 0.0625))
+    assert pgd._param_vector(0.0625, 3, x_orig).shape == (3,)
+    assert pgd._param_vector(0.0625, 4, x_orig.double()).dtype == torch.float64
+    assert torch.signbit(pgd._param_vector(-0.0, 4, x_orig)).all()
+    assert not torch.signbit(pgd._param_vector(0.0, 4, x_orig)).any()
+
+
+def test_bound_tensors_checked_once_are_checked_again_after_a_change():
+    """Bound tensors that passed are not read again (a host sync per attack step on a GPU) until they change."""
+    x_orig = torch.rand(2, 3, 4, 4)
+    lower, upper = torch.zeros(3), torch.ones(3)
+    step = dict(step_size=0.1, eps=0.2, lower=lower, upper=upper, backend="cpu")
+    ops.pgd_step(x_orig, torch.randn_like(x_orig), x_orig, **step)
+    upper[1] = float("nan")  # in place: a new version of the same tensor
+    with pytest.raises(ValueError, match="lower/upper contain NaN"):
+        ops.pgd_step(x_orig, torch.randn_like(x_orig), x_orig, **step)
+    with pytest.raises(ValueError, match="lower must be <= upper"):
+        ops.pgd_step(x_orig, torch.randn_like(x_orig), x_orig, step_size=0.1, eps=0.2, lower=torch.full((3,), 2.0),
+                     upper=torch.ones(3), backend="cpu")

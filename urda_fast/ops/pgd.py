@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _backends, _checks, reference
@@ -13,13 +15,29 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Float parameters as (count,) tensors, made once per (value, count, dtype, device): an attack passes the same floats
+# every step, and each torch.full is an allocation (and on a GPU a kernel launch). The kernels only read them.
+_FLOAT_PARAMS: dict[tuple, torch.Tensor] = {}
+_FLOAT_PARAMS_MAX = 256
+
+
 def _param_vector(value, count: int, like: torch.Tensor) -> torch.Tensor:
     """A float or a 1/``count``-element tensor as a contiguous (count,) tensor in the kernels' accumulation dtype."""
     dtype = _acc_dtype(like.dtype)
     if isinstance(value, torch.Tensor):
         t = value.detach().to(device=like.device, dtype=dtype).reshape(-1)
         return t.expand(count).contiguous() if t.numel() == 1 else t.contiguous()
-    return torch.full((count,), float(value), dtype=dtype, device=like.device)
+    value = float(value)
+    if torch.compiler.is_compiling():
+        return torch.full((count,), value, dtype=dtype, device=like.device)
+    key = (value, math.copysign(1.0, value), count, dtype, like.device)  # -0.0 and 0.0 are equal keys otherwise
+    cached = _FLOAT_PARAMS.get(key)
+    if cached is None:
+        if len(_FLOAT_PARAMS) >= _FLOAT_PARAMS_MAX:
+            _FLOAT_PARAMS.clear()
+        with torch.inference_mode(False):  # a normal tensor even if first asked for under inference_mode
+            cached = _FLOAT_PARAMS[key] = torch.full((count,), value, dtype=dtype, device=like.device)
+    return cached
 
 
 def _prepare(x_adv, grad, x_orig, step_size, eps, norm, lower, upper):

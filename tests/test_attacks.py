@@ -234,3 +234,40 @@ def test_autoattack_adapter_runs_or_says_how_to_install(digits, monkeypatch):
     monkeypatch.setattr(autoattack, "autoattack_backend", lambda: None)
     with pytest.raises(ImportError, match="pip install"):
         AutoAttack(model, eps=EPS)
+
+
+class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of tensor values into Python (bool(t), t.item(), int(t)): each one is a host sync on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("space", ["pixel", "normalized"])
+def test_attack_steps_read_no_tensor_values(digits, space):
+    """Input checks read values once per call; the steps themselves never do (no host sync per step on a GPU), so
+    the count does not grow with the number of steps."""
+    model, x, y = digits
+    stats = dict(space="normalized", mean=torch.tensor([0.3]), std=torch.tensor([0.4])) if space == "normalized" else {}
+    norm_model = nn.Sequential(nn.Identity(), model) if space == "pixel" else model
+    images = x[:32] if space == "pixel" else (x[:32] - 0.3) / 0.4
+    counts = []
+    for steps in (2, 8):
+        attack = PGD(norm_model, eps=EPS, alpha=0.02, steps=steps, seed=0, fold_batchnorm=False, **stats)
+        with _ScalarReads() as reads:
+            attack(images, y[:32])
+        counts.append(reads.count)
+    assert counts[0] == counts[1], counts
+
+
+def test_non_finite_loss_is_a_clear_error(digits):
+    model, x, y = digits
+    nan_model = nn.Sequential(model, nn.Threshold(float("inf"), float("nan")))  # every logit becomes NaN
+    with pytest.raises(FloatingPointError, match="not finite during the attack"):
+        PGD(nan_model, eps=EPS, alpha=0.02, steps=3)(x[:8], y[:8])

@@ -257,6 +257,7 @@ class Attack:
     def _attack_once(self, x0, labels, soft_targets, targeted, lower, upper, generator):
         x = self._random_start(x0, lower, upper, generator) if self.random_start else x0.clone()
         idx = None  # indices still being updated under early stop; None = the whole batch
+        finite = None  # all objectives finite so far, on the device: read once at the end, not a host sync per step
         for step in range(self.steps):
             x_in = (x if idx is None else x[idx]).detach().requires_grad_(True)
             y = labels if labels is None or idx is None else labels[idx]
@@ -267,9 +268,7 @@ class Attack:
                     self._check_labels(labels, logits.shape[1])
                 objective = self._objective(logits, y, soft, targeted)
                 (grad,) = torch.autograd.grad(objective, x_in)
-            if not bool(torch.isfinite(objective)):
-                raise FloatingPointError(f"urda_fast.attacks: the model's loss is not finite at step {step} "
-                                         "(NaN/Inf logits?); check the model and the inputs")
+            finite = torch.isfinite(objective.detach()) if finite is None else finite & torch.isfinite(objective)
             with torch.no_grad():
                 step_size, hit = self.alpha, None
                 if self.early_stop:
@@ -286,4 +285,7 @@ class Attack:
                     idx = keep if idx is None else idx[keep]
                     if idx.numel() == 0:
                         break
+        if finite is not None and not bool(finite):
+            raise FloatingPointError("urda_fast.attacks: the model's loss was not finite during the attack (NaN/Inf "
+                                     "logits?); check the model and the inputs")
         return x.detach()

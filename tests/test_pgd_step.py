@@ -226,3 +226,12 @@ def test_bound_tensors_checked_once_are_checked_again_after_a_change():
     with pytest.raises(ValueError, match="lower must be <= upper"):
         ops.pgd_step(x_orig, torch.randn_like(x_orig), x_orig, step_size=0.1, eps=0.2, lower=torch.full((3,), 2.0),
                      upper=torch.ones(3), backend="cpu")
+    with torch.inference_mode():  # inference tensors have no version counter: checked every call, and they work
+        lower, upper = torch.zeros(3), torch.ones(3)
+        for _ in range(2):
+            ops.pgd_step(x_orig, torch.randn_like(x_orig), x_orig, step_size=0.1, eps=0.2, lower=lower, upper=upper,
+                         backend="cpu")
+        upper[0] = -1.0
+        with pytest.raises(ValueError, match="lower must be <= upper"):
+            ops.pgd_step(x_orig, torch.randn_like(x_orig), x_orig, step_size=0.1, eps=0.2, lower=lower, upper=upper,
+                         backend="cpu")

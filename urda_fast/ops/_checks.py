@@ -92,12 +92,18 @@ def check_bounds(lower, upper, channels: int) -> None:
 
 # Bound tensors whose values passed, by identity and version counter: an attack in normalised space passes the same
 # (lower, upper) pair every step, and reading their values is a host sync on a GPU. A weak reference tells a live
-# tensor from a new one at a recycled id; an in-place change bumps the version, so it is checked again.
+# tensor from a new one at a recycled id; an in-place change bumps the version, so it is checked again. Inference
+# tensors have no version counter: they are checked every time.
 _CHECKED_BOUNDS: dict[tuple[int, int], tuple] = {}
 
 
+def _versioned_pair(lower, upper) -> bool:
+    return (isinstance(lower, torch.Tensor) and isinstance(upper, torch.Tensor)
+            and not lower.is_inference() and not upper.is_inference())
+
+
 def _bounds_checked_before(lower, upper) -> bool:
-    if not (isinstance(lower, torch.Tensor) and isinstance(upper, torch.Tensor)):
+    if not _versioned_pair(lower, upper):
         return False
     entry = _CHECKED_BOUNDS.get((id(lower), id(upper)))
     return (entry is not None and entry[0]() is lower and entry[1]() is upper
@@ -105,7 +111,7 @@ def _bounds_checked_before(lower, upper) -> bool:
 
 
 def _remember_checked_bounds(lower, upper) -> None:
-    if isinstance(lower, torch.Tensor) and isinstance(upper, torch.Tensor):
+    if _versioned_pair(lower, upper):
         if len(_CHECKED_BOUNDS) >= 64:
             _CHECKED_BOUNDS.clear()
         _CHECKED_BOUNDS[(id(lower), id(upper))] = (weakref.ref(lower), weakref.ref(upper),

@@ -36,7 +36,9 @@ def _param_vector(value, count: int, like: torch.Tensor) -> torch.Tensor:
         if len(_FLOAT_PARAMS) >= _FLOAT_PARAMS_MAX:
             _FLOAT_PARAMS.clear()
         with torch.inference_mode(False):  # a normal tensor even if first asked for under inference_mode
-            cached = _FLOAT_PARAMS[key] = torch.full((count,), value, dtype=dtype, device=like.device)
+            # made on the CPU and copied with a blocking copy: on a GPU its values are in place before any stream
+            # reads it (a fill queued on a busy stream could still be pending when another stream uses the tensor)
+            cached = _FLOAT_PARAMS[key] = torch.full((count,), value, dtype=dtype).to(like.device)
     return cached
 
 

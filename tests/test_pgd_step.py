@@ -214,6 +214,17 @@ def test_float_parameters_are_made_once_and_stay_unchanged():
     assert not torch.signbit(pgd._param_vector(0.0, 4, x_orig)).any()
 
 
+def test_a_call_under_fake_tensor_mode_leaves_no_fake_parameters_behind():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.rand(2, 3, 4, 4)
+        assert ops.pgd_step(x, torch.randn_like(x), x, step_size=0.1234, eps=0.2, backend="cpu").shape == x.shape
+    x = torch.rand(2, 3, 4, 4)
+    want = ops.pgd_step(x, torch.ones_like(x), x, step_size=0.1234, eps=0.2, backend="reference")
+    torch.testing.assert_close(ops.pgd_step(x, torch.ones_like(x), x, step_size=0.1234, eps=0.2, backend="cpu"), want)
+
+
 def test_bound_tensors_checked_once_are_checked_again_after_a_change():
     """Bound tensors that passed are not read again (a host sync per attack step on a GPU) until they change."""
     x_orig = torch.rand(2, 3, 4, 4)

@@ -28,7 +28,8 @@ def _param_vector(value, count: int, like: torch.Tensor) -> torch.Tensor:
         t = value.detach().to(device=like.device, dtype=dtype).reshape(-1)
         return t.expand(count).contiguous() if t.numel() == 1 else t.contiguous()
     value = float(value)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        # traced, or under a dispatch mode (FakeTensorMode, make_fx, ...): a fresh tensor of that mode, never cached
         return torch.full((count,), value, dtype=dtype, device=like.device)
     key = (value, math.copysign(1.0, value), count, dtype, like.device)  # -0.0 and 0.0 are equal keys otherwise
     cached = _FLOAT_PARAMS.get(key)

@@ -71,23 +71,25 @@ def check_bounds(lower, upper, channels: int) -> None:
                                  f"channel, dim 1 of x_adv), got shape {tuple(value.shape)}")
         elif not isinstance(value, Real) or isinstance(value, bool):
             raise TypeError(f"urda_fast: {name} must be a float or a tensor, got {type(value).__name__}")
-    if not isinstance(lower, torch.Tensor) and not isinstance(upper, torch.Tensor):
-        # plain floats, every attack step's case: checked in Python (the tensor path below cost ~30 us a call)
-        if math.isnan(lower) or math.isnan(upper):
-            raise ValueError("urda_fast: lower/upper contain NaN")
-        if lower > upper:
-            raise ValueError(f"urda_fast: lower must be <= upper, got lower=[{float(lower)}] upper=[{float(upper)}]")
+    if _bounds_checked_before(lower, upper):
         return
-    lo = lower.detach() if isinstance(lower, torch.Tensor) else torch.tensor(float(lower))
-    hi = upper.detach() if isinstance(upper, torch.Tensor) else torch.tensor(float(upper))
-    if not (_values_checkable(lo) and _values_checkable(hi)) or _bounds_checked_before(lower, upper):
+    lo, hi = _bound_values(lower), _bound_values(upper)
+    if lo is None or hi is None:
         return
-    lo, hi = lo.reshape(-1).double().cpu(), hi.reshape(-1).double().cpu()
-    if bool(torch.isnan(lo).any() or torch.isnan(hi).any()):
+    if any(math.isnan(v) for v in lo + hi):
         raise ValueError("urda_fast: lower/upper contain NaN")
-    if bool((lo > hi).any()):
-        raise ValueError(f"urda_fast: lower must be <= upper, got lower={lo.tolist()} upper={hi.tolist()}")
+    width = max(len(lo), len(hi))  # one of them may be a single value for every channel
+    if any(l > h for l, h in zip(lo * (width // len(lo)), hi * (width // len(hi)))):
+        raise ValueError(f"urda_fast: lower must be <= upper, got lower={lo} upper={hi}")
     _remember_checked_bounds(lower, upper)
+
+
+def _bound_values(value) -> list[float] | None:
+    """A bound's values as Python floats (a float stays in Python: every attack step passes floats), or None where
+    they cannot be read (under tracing, on meta tensors)."""
+    if not isinstance(value, torch.Tensor):
+        return [float(value)]
+    return value.detach().reshape(-1).double().cpu().tolist() if _values_checkable(value) else None
 
 
 # Bound tensors whose values passed, by identity and version counter: an attack in normalised space passes the same

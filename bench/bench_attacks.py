@@ -2,8 +2,8 @@
 eager loop (``urda_fast.attacks.reference``) and torchattacks, in the same run, on the digits CNN and ResNet-18.
 
 ``eager`` and torchattacks run the model with torch's own pooling and convolution modules, ours with urda_fast's
-(``MaxPool2d``, ``FastConv2d``: same values and gradients, float rounding aside). No random start anywhere, so every provider runs the same deterministic attack and the adversarial accuracy of ours
-must equal the eager loop's (asserted; that is a correctness check, the speed is only recorded). ``ours_early_stop``
+(``MaxPool2d``, ``FastConv2d``: same values and gradients, float rounding aside). No random start anywhere, so every
+provider runs the same deterministic attack and the adversarial accuracy of ours must equal the eager loop's (asserted; that is a correctness check, the speed is only recorded). ``ours_early_stop``
 is our attack with ``early_stop=True`` (samples already misclassified stop being attacked, as in evaluation): less
 work than the others, so its speed-up is the evaluation use case's, not a like-for-like one. ``ours_fold`` is our
 attack with ``fold_batchnorm=True`` (each conv -> BatchNorm pair run as one layer: the same function in eval mode;

@@ -10,7 +10,6 @@ is bandwidth-bound already).
 
 from __future__ import annotations
 
-
 import torch
 
 from . import _backends, _checks, reference

@@ -3,17 +3,17 @@ eager loop (``urda_fast.attacks.reference``) and torchattacks, in the same run, 
 
 ``eager`` and torchattacks run the model with torch's own pooling and convolution modules, ours with urda_fast's
 (``MaxPool2d``, ``FastConv2d``: same values and gradients, float rounding aside). No random start anywhere, so every
-provider runs the same deterministic attack and the adversarial accuracy of ours must equal the eager loop's (asserted; that is a correctness check, the speed is only recorded). ``ours_early_stop``
-is our attack with ``early_stop=True`` (samples already misclassified stop being attacked, as in evaluation): less
-work than the others, so its speed-up is the evaluation use case's, not a like-for-like one. ``ours_fold`` is our
-attack with ``fold_batchnorm=True`` (each conv -> BatchNorm pair run as one layer: the same function in eval mode;
-its adversarial accuracy may differ from the eager loop's by at most one sample, where float rounding flips the sign
-of a near-zero gradient component, and that is asserted). The models have
-random weights: their BatchNorm statistics are set from the benchmark batch and the labels are the model's own clean
-predictions (clean accuracy 100%), and each budget is chosen so that roughly half the samples survive, which makes the
-accuracy check meaningful. Throughput does not depend on the budget. ``ours_amp`` (CUDA only) is ``ours`` under bf16
-autocast with the model and images in channels_last, the GPU report the issue asks for; its accuracy is recorded,
-not asserted (bf16 rounding changes the attack).
+provider runs the same deterministic attack and the adversarial accuracy of ours must equal the eager loop's
+(asserted; that is a correctness check, the speed is only recorded). ``ours_early_stop`` is our attack with
+``early_stop=True`` (samples already misclassified stop being attacked, as in evaluation): less work than the others,
+so its speed-up is the evaluation use case's, not a like-for-like one. ``ours_fold`` is our attack with
+``fold_batchnorm=True`` (each conv -> BatchNorm pair run as one layer: the same function in eval mode; its adversarial
+accuracy may differ from the eager loop's by at most one sample, where float rounding flips the sign of a near-zero
+gradient component, and that is asserted). The models have random weights: their BatchNorm statistics are set from the
+benchmark batch and the labels are the model's own clean predictions (clean accuracy 100%), and each budget is chosen
+so that roughly half the samples survive, which makes the accuracy check meaningful. Throughput does not depend on the
+budget. ``ours_amp`` (CUDA only) is ``ours`` under bf16 autocast with the model and images in channels_last, the GPU
+report the issue asks for; its accuracy is recorded, not asserted (bf16 rounding changes the attack).
 """
 
 import copy

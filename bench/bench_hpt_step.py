@@ -9,7 +9,7 @@ step, ``nn.KLDivLoss(sum)``); ``lean`` is that twin with input-only attack gradi
 train the same random-init open_clip target (the anchor is a copy of it, the proxy a CLIP of the other
 architecture) on the same fixed batch. The twins run it with torch's own layers, as the reference code does
 (``urda_fast.models.plain_torch`` for the duration of their forward, as the DART twins: ours has ``FastConv2d``'s
-patch-embedding matmul; same values and gradients).
+patch-embedding matmul and ``FastMultiheadAttention``'s fused self-attention; same values and gradients).
 
 ``trainable``: ``all`` trains every parameter (the code's setting); ``visual`` freezes the text tower -- ours then
 caches the class text features for the whole run, eager still re-encodes them in every forward (without gradients).

@@ -49,4 +49,11 @@ TORCH_LIBRARY(urda_fast, m) {
   m.def("max_pool2d_forward(Tensor x, int[2] kernel, int[2] stride, int[2] padding) -> (Tensor, Tensor)");
   m.def("max_pool2d_backward(Tensor grad_out, Tensor window_index, int[2] input_size, int[2] kernel, int[2] stride, "
         "int[2] padding) -> Tensor");
+  // Multi-head self-attention from the packed input projection qkv (B, T, 3E) = [q | k | v], E = heads * head_dim (head
+  // h at columns h * head_dim of each third, as nn.MultiheadAttention): (out (B, T, E), probs (B, heads, T, T)), out
+  // = softmax(q k^T * scale + mask) v per head, heads side by side; mask: an additive (T, T) tensor; a row whose keys
+  // are all masked gives probabilities and output 0. The backward returns the gradient w.r.t. qkv (B, T, 3E). CPU
+  // only (float32 / float64): for short sequences, where torch's path around the two small matmuls dominates.
+  m.def("packed_attention_forward(Tensor qkv, Tensor? mask, int heads, float scale) -> (Tensor, Tensor)");
+  m.def("packed_attention_backward(Tensor grad_out, Tensor qkv, Tensor probs, int heads, float scale) -> Tensor");
 }

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import urda_fast.models.attention as attention
+from urda_fast.models import use_torch_attention
 from urda_fast.models.attention import image_tokens, short_sequence_attention
 
 open_clip = pytest.importorskip("open_clip")
@@ -45,7 +46,7 @@ def test_zero_shot_head_same_logits_and_gradients_with_either_kernel(monkeypatch
 
     torch.manual_seed(0)
     clip, tokenizer = load_clip("urda-tiny-vit", None, torch.device("cpu"))
-    clip = clip.double()
+    clip = use_torch_attention(clip.double())  # torch's attention module: the kernel choice applies to it
     head = ZeroShotClassifier(clip, tokenizer, ["zero", "one", "two"], cache_text=False)
     x = torch.rand(4, 3, 32, 32, dtype=torch.float64, requires_grad=True)
     results = []

@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 
-from urda_fast.models import use_fast_conv
+from urda_fast.models import use_fast_attention, use_fast_conv
 
 # Two small CLIPs of different architectures for the embedded world (32x32 images, 16-token captions): a ViT with
 # 8x8 patches (the target, as the code's ViT-B/32) and a ModifiedResNet (the heterogeneous proxy).
@@ -141,8 +141,9 @@ def load_clip(arch: str, checkpoint: str | None, device: str | torch.device = "c
             raise ValueError(f"hpt: {checkpoint!r} does not hold weights for architecture {arch} ({err}); check the "
                              "ARCH part of ARCH:CHECKPOINT") from err
     tokenizer = open_clip.get_tokenizer(arch)
-    # A ViT's patch embedding as a matmul on CPU (urda_fast.models.conv): same parameters, same function.
-    return use_fast_conv(model.float().to(device).eval()), tokenizer
+    # A ViT's patch embedding as a matmul and short-sequence self-attention as one fused op, on CPU
+    # (urda_fast.models.conv, .attention): same parameters, same function.
+    return use_fast_attention(use_fast_conv(model.float().to(device).eval())), tokenizer
 
 
 def load_clip_arg(text: str, what: str, device="cpu"):

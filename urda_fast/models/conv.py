@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ._retype import retype
+from .attention import use_torch_attention
 from .pooling import use_torch_pooling
 
 
@@ -78,6 +79,6 @@ def use_torch_conv(model: nn.Module) -> nn.Module:
 
 
 def plain_torch(model: nn.Module) -> nn.Module:
-    """``model`` (in place) with torch's own convolution and pooling modules: the plain-PyTorch twin that the
-    benchmarks compare against."""
-    return use_torch_conv(use_torch_pooling(model))
+    """``model`` (in place) with torch's own convolution, pooling and attention modules: the plain-PyTorch twin that
+    the benchmarks compare against."""
+    return use_torch_attention(use_torch_conv(use_torch_pooling(model)))

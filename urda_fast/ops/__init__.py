@@ -5,14 +5,16 @@
     >>> loss = ops.kd_kl_loss(student_logits, teacher_logits, temperature=2.0, weight=w)
     >>> y = ops.max_pool2d(x, 2)     # torch's values and gradients; a vectorised kernel for NCHW CPU tensors
     >>> y = ops.conv2d(x, w, b, stride=2, padding=3)   # F.conv2d; fast input gradient for 1-4 channels on CPU
+    >>> out = ops.packed_self_attention(qkv, heads=4)   # short-sequence multi-head attention; CPU kernel
     >>> ops.available_backends()
     ['reference', 'cpu']
 
 Every op has a pure-PyTorch definition in :mod:`urda_fast.ops.reference`.
 """
 
-from . import _backends, conv, feature_losses, kd_kl, pgd, pooling, reference
+from . import _backends, attention, conv, feature_losses, kd_kl, pgd, pooling, reference
 from ._backends import BACKENDS, available_backends
+from .attention import packed_self_attention
 from .conv import conv2d
 from .feature_losses import feature_cosine_loss, feature_mse_loss
 from .kd_kl import kd_kl_loss
@@ -20,7 +22,7 @@ from .pgd import pgd_step, pgd_step_
 from .pooling import max_pool2d
 
 __all__ = ["BACKENDS", "available_backends", "conv2d", "feature_cosine_loss", "feature_mse_loss", "kd_kl_loss",
-           "load_triton", "max_pool2d", "pgd_step", "pgd_step_", "reference"]
+           "load_triton", "max_pool2d", "packed_self_attention", "pgd_step", "pgd_step_", "reference"]
 
 _REGISTRARS = {"pgd_step": pgd.register, "kd_kl": kd_kl.register,
                "feature_losses": feature_losses.register}
@@ -35,6 +37,7 @@ def _register_native() -> None:
         register("", fake=True)
     pooling.register()
     conv.register()
+    attention.register()
 
 
 def load_triton() -> None:

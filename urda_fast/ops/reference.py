@@ -135,3 +135,22 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     """2-D convolution, no dilation, one group: torch's definition (``ops.conv2d`` changes only how the input gradient
     is computed)."""
     return torch.nn.functional.conv2d(x, weight, bias, stride, padding)
+
+
+def packed_self_attention(qkv, heads, mask=None, scale=None):
+    """Multi-head self-attention of a packed projection ``qkv`` (B, T, 3E) = [q | k | v], E = heads * head_dim (head h
+    at columns h * head_dim of each third, as ``nn.MultiheadAttention``): softmax(q k^T * scale + mask) v per head,
+    heads side by side, (B, T, E). ``scale`` defaults to head_dim ** -0.5; ``mask`` is additive (T, T). A query whose
+    keys are all masked gets probabilities 0 and output 0 (torch's safe softmax in ``scaled_dot_product_attention``)."""
+    batch, tokens, packed = qkv.shape
+    embed = packed // 3
+    head_dim = embed // heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    q, k, v = qkv.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask
+    # Fully masked rows: a finite stand-in before the softmax (its NaN would reach the gradients), 0 after it.
+    dead = torch.isneginf(scores).all(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    return (probs @ v).transpose(1, 2).reshape(batch, tokens, embed)

@@ -68,3 +68,36 @@ def test_compiles_fullgraph_with_both_fast_paths():
     (grad,) = torch.autograd.grad(compiled(x).square().sum(), x)
     (want,) = torch.autograd.grad(model(x).square().sum(), x)
     torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
+
+
+def test_centre_tap_of_a_frozen_weight_is_reused_until_the_weight_changes():
+    """The frozen weight's contiguous tap is copied once (attacks); an in-place update, a swapped weight or a weight
+    that needs its gradient always gets the current tap."""
+    import urda_fast.models.conv as conv_module
+
+    torch.manual_seed(1)
+    conv = nn.Conv2d(6, 4, 3, padding=1).double()
+    fast = FastConv2d(6, 4, 3, padding=1).double()
+    fast.load_state_dict(conv.state_dict())
+    x = torch.randn(3, 6, 1, 1, dtype=torch.float64)
+    for module in (conv, fast):
+        module.requires_grad_(False)
+    first = fast(x)
+    tap = conv_module._CENTRE_TAPS[id(fast.weight)][2]
+    torch.testing.assert_close(fast(x), conv(x), rtol=1e-12, atol=1e-12)
+    assert conv_module._CENTRE_TAPS[id(fast.weight)][2] is tap  # reused, not copied again
+    with torch.no_grad():
+        for module in (conv, fast):
+            module.weight.mul_(-2.0)  # in place: the version counter moves
+    torch.testing.assert_close(fast(x), conv(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast(x), -2.0 * first + 3.0 * fast.bias.view(1, -1, 1, 1), rtol=1e-12, atol=1e-12)
+    other = torch.randn_like(fast.weight)  # another weight through the same module (the attacks' BN folding)
+    torch.testing.assert_close(fast._conv_forward(x, other, None), conv._conv_forward(x, other, None), rtol=1e-12,
+                               atol=1e-12)
+    del other
+    fast._conv_forward(x, torch.randn_like(fast.weight), None)  # a temporary: dead after the call
+    # Dead weights' taps are dropped at the next insert: only the temporary's is left.
+    assert sum(ref() is None for ref, _, _ in conv_module._CENTRE_TAPS.values()) == 1
+    fast.requires_grad_(True)  # a weight that trains: no cached copy, its gradient flows
+    (grad,) = torch.autograd.grad(fast(x).sum(), fast.weight)
+    assert grad[:, :, 1, 1].abs().sum() > 0 and grad[:, :, 0].abs().sum() == 0

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import urda_fast.ops as ops
+from urda_fast.allocator import keep_freed_memory
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.float32
@@ -27,6 +28,12 @@ TARGET_SECONDS = float(os.environ.get("URDA_FAST_BENCH_SECONDS", "2.0"))
 MIN_ROUNDS, MAX_ROUNDS = 10, 200
 
 _RESULTS: list[dict] = []  # one entry per finished benchmark; read by the session-end table
+
+
+def pytest_configure(config):
+    # Every provider, eager twins included, runs with freed CPU memory kept (urda_fast/allocator.py): as urda-fast
+    # runs, and without the page faults that otherwise swamp a step's buffers on this VM.
+    keep_freed_memory()
 
 
 def pytest_addoption(parser):

@@ -20,7 +20,7 @@ import time
 import torch
 
 import urda_fast
-from urda_fast import ops
+from urda_fast import allocator, ops
 
 
 def environment_info() -> dict:
@@ -40,6 +40,7 @@ def environment_info() -> dict:
         "triton": triton_version,
         "cpu_threads": torch.get_num_threads(),
         "backends": ops.available_backends(),
+        "keep_freed_memory": allocator.keep_freed_memory(),
     }
 
 
@@ -293,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    allocator.keep_freed_memory()  # CPU steps stop page-faulting their buffers (urda_fast/allocator.py)
     return args.run(args)
 
 

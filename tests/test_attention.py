@@ -262,3 +262,17 @@ def test_clip_models_use_it_and_compute_the_same(arch):
         results.append((features, text, *torch.autograd.grad(features.square().sum(), x)))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_module_compiles_fullgraph():
+    _, fast = twins()
+    fast.float().requires_grad_(False)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    mask = torch.ones(9, 9, dtype=torch.bool).triu(1)
+
+    def loss(t):
+        return fast(t, t, t, need_weights=False, attn_mask=mask)[0].square().sum()
+
+    (want,) = torch.autograd.grad(loss(x), x)
+    (got,) = torch.autograd.grad(torch.compile(loss, fullgraph=True)(x), x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -192,22 +192,23 @@ URDA_FAST_CLONES void attend_head(const scalar_t* __restrict__ q, const scalar_t
   transpose_rows(k, k_t, tokens, head_dim, row_in, padded);
   for (int64_t i0 = 0; i0 < tokens; i0 += kRows) {
     const int64_t rows = std::min<int64_t>(kRows, tokens - i0);
-    for (int64_t r = 0; r < rows; r += (rows == kRows ? kRows : 1)) {
-      if (rows == kRows) {
-        rows_times_transposed<kRows>(q + i0 * row_in, row_in, k_t, scores, head_dim, padded);
-      } else {
-        rows_times_transposed<1>(q + (i0 + r) * row_in, row_in, k_t, scores + r * padded, head_dim, padded);
-      }
+    const scalar_t* q_rows = q + i0 * row_in;
+    const scalar_t* p_rows = probs + i0 * tokens;
+    scalar_t* out_rows = out + i0 * row_out;
+    if (rows == kRows) {
+      rows_times_transposed<kRows>(q_rows, row_in, k_t, scores, head_dim, padded);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        rows_times_transposed<1>(q_rows + r * row_in, row_in, k_t, scores + r * padded, head_dim, padded);
     }
     for (int64_t r = 0; r < rows; ++r)
       softmax_row(scores + r * padded, mask + (i0 + r) * mask_row, probs + (i0 + r) * tokens, tokens, padded, scale);
-    for (int64_t r = 0; r < rows; r += (rows == kRows ? kRows : 1)) {
-      const scalar_t* w = probs + (i0 + r) * tokens;
-      if (rows == kRows) {
-        weighted_rows<kRows, kDim>(w, tokens, v, row_in, out + i0 * row_out, row_out, tokens, head_dim);
-      } else {
-        weighted_rows<1, kDim>(w, tokens, v, row_in, out + (i0 + r) * row_out, row_out, tokens, head_dim);
-      }
+    if (rows == kRows) {
+      weighted_rows<kRows, kDim>(p_rows, tokens, v, row_in, out_rows, row_out, tokens, head_dim);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        weighted_rows<1, kDim>(p_rows + r * tokens, tokens, v, row_in, out_rows + r * row_out, row_out, tokens,
+                               head_dim);
     }
   }
 }
@@ -283,34 +284,34 @@ URDA_FAST_CLONES void attend_head_backward(const scalar_t* __restrict__ grad_out
   for (int64_t e = 0; e < tokens * head_dim; ++e) acc_k[e] = acc_v[e] = 0;
   for (int64_t i0 = 0; i0 < tokens; i0 += kRows) {
     const int64_t rows = std::min<int64_t>(kRows, tokens - i0);
-    const int64_t step = rows == kRows ? kRows : 1;
-    for (int64_t r = 0; r < rows; r += step) {
-      const scalar_t* p = probs + (i0 + r) * tokens;
-      const scalar_t* g = grad_out + (i0 + r) * row_out;
-      if (rows == kRows) {
-        add_outer_products<kRows, kDim>(acc_v, p, tokens, g, row_out, tokens, head_dim);
-        rows_times_transposed<kRows>(g, row_out, v_t, d_s, head_dim, padded);
-      } else {
-        add_outer_products<1, kDim>(acc_v, p, tokens, g, row_out, tokens, head_dim);
-        rows_times_transposed<1>(g, row_out, v_t, d_s + r * padded, head_dim, padded);
+    const scalar_t* p_rows = probs + i0 * tokens;
+    const scalar_t* g_rows = grad_out + i0 * row_out;
+    const scalar_t* q_rows = q + i0 * row_in;
+    if (rows == kRows) {
+      add_outer_products<kRows, kDim>(acc_v, p_rows, tokens, g_rows, row_out, tokens, head_dim);
+      rows_times_transposed<kRows>(g_rows, row_out, v_t, d_s, head_dim, padded);
+    } else {
+      for (int64_t r = 0; r < rows; ++r) {
+        add_outer_products<1, kDim>(acc_v, p_rows + r * tokens, tokens, g_rows + r * row_out, row_out, tokens,
+                                    head_dim);
+        rows_times_transposed<1>(g_rows + r * row_out, row_out, v_t, d_s + r * padded, head_dim, padded);
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* __restrict__ p = probs + (i0 + r) * tokens;
+      const scalar_t* __restrict__ p = p_rows + r * tokens;
       scalar_t* __restrict__ d = d_s + r * padded;
       scalar_t weighted = 0;
       for (int64_t j = 0; j < tokens; ++j) weighted += p[j] * d[j];
       for (int64_t j = 0; j < tokens; ++j) d[j] = p[j] * (d[j] - weighted) * scale;
     }
-    for (int64_t r = 0; r < rows; r += step) {
-      const scalar_t* q_r = q + (i0 + r) * row_in;
-      if (rows == kRows) {
-        weighted_rows<kRows, kDim>(d_s, padded, k, row_in, grad_q + i0 * row_in, row_in, tokens, head_dim);
-        add_outer_products<kRows, kDim>(acc_k, d_s, padded, q_r, row_in, tokens, head_dim);
-      } else {
-        weighted_rows<1, kDim>(d_s + r * padded, padded, k, row_in, grad_q + (i0 + r) * row_in, row_in, tokens,
-                               head_dim);
-        add_outer_products<1, kDim>(acc_k, d_s + r * padded, padded, q_r, row_in, tokens, head_dim);
+    scalar_t* gq_rows = grad_q + i0 * row_in;
+    if (rows == kRows) {
+      weighted_rows<kRows, kDim>(d_s, padded, k, row_in, gq_rows, row_in, tokens, head_dim);
+      add_outer_products<kRows, kDim>(acc_k, d_s, padded, q_rows, row_in, tokens, head_dim);
+    } else {
+      for (int64_t r = 0; r < rows; ++r) {
+        weighted_rows<1, kDim>(d_s + r * padded, padded, k, row_in, gq_rows + r * row_in, row_in, tokens, head_dim);
+        add_outer_products<1, kDim>(acc_k, d_s + r * padded, padded, q_rows + r * row_in, row_in, tokens, head_dim);
       }
     }
   }

@@ -57,7 +57,10 @@ def test_the_environment_switches_it_off():
 
 @glibc
 def test_idempotent_and_reported_by_info():
-    assert allocator.keep_freed_memory() and allocator.keep_freed_memory()
+    assert allocator.keep_freed_memory() and allocator.keep_freed_memory() and allocator.applied()
     out = subprocess.run([sys.executable, "-m", "urda_fast.cli", "info", "--json"], capture_output=True, text=True,
                          check=True).stdout
-    assert json.loads(out)["keep_freed_memory"] is True
+    assert json.loads(out)["keep_freed_memory"] is True  # urda-fast applies it at start
+    off = subprocess.run([sys.executable, "-m", "urda_fast.cli", "info", "--json"], capture_output=True, text=True,
+                         check=True, env={**os.environ, "URDA_FAST_KEEP_FREED_MEMORY": "0"}).stdout
+    assert json.loads(off)["keep_freed_memory"] is False

@@ -57,3 +57,8 @@ def keep_freed_memory() -> bool:
     _applied = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
                                                                                           TRIM_THRESHOLD))
     return _applied
+
+
+def applied() -> bool:
+    """Whether :func:`keep_freed_memory` has set the thresholds in this process."""
+    return _applied

@@ -40,7 +40,7 @@ def environment_info() -> dict:
         "triton": triton_version,
         "cpu_threads": torch.get_num_threads(),
         "backends": ops.available_backends(),
-        "keep_freed_memory": allocator.keep_freed_memory(),
+        "keep_freed_memory": allocator.applied(),
     }
 
 

@@ -3,6 +3,7 @@ counts across the padding blocks, one token, empty inputs, masks, fully masked r
 torch.compile; its errors; FastMultiheadAttention against nn.MultiheadAttention, its fallbacks, and the CLIP models
 that use it."""
 
+import contextlib
 import copy
 
 import pytest
@@ -200,7 +201,7 @@ def test_module_matches_torch(batch_first, mask):
 
 
 @pytest.mark.parametrize("case", ["need_weights", "key_padding_mask", "cross_attention", "dropout", "bfloat16",
-                                  "too_long", "is_causal"])
+                                  "autocast", "too_long", "is_causal"])
 def test_module_falls_back_to_torch(case, monkeypatch):
     torch_mha, fast = twins(dropout=0.5 if case == "dropout" else 0.0)
     x = torch.randn(2, 5, 32, dtype=torch.float64)
@@ -223,12 +224,17 @@ def test_module_falls_back_to_torch(case, monkeypatch):
             with pytest.raises(RuntimeError, match="attn_mask"):
                 module(query, x, x, **kwargs)
         return
-    torch.manual_seed(0)
-    want = torch_mha(query, x, x, **kwargs)
-    torch.manual_seed(0)
-    assert fused_calls(lambda: fast(query, x, x, **kwargs)) == 0
-    torch.manual_seed(0)
-    got = fast(query, x, x, **kwargs)
+    if case == "autocast":
+        torch_mha, fast, x = torch_mha.float(), fast.float(), x.float()
+        query = x
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if case == "autocast" else contextlib.nullcontext()
+    with context:
+        torch.manual_seed(0)
+        want = torch_mha(query, x, x, **kwargs)
+        torch.manual_seed(0)
+        assert fused_calls(lambda: fast(query, x, x, **kwargs)) == 0
+        torch.manual_seed(0)
+        got = fast(query, x, x, **kwargs)
     torch.testing.assert_close(got[0], want[0])
     assert (got[1] is None) == (want[1] is None)
 

@@ -63,8 +63,9 @@ MAX_FUSED_TOKENS = 200
 class FastMultiheadAttention(nn.MultiheadAttention):
     """A drop-in ``nn.MultiheadAttention`` (same parameters and state dict) whose self-attention on CPU runs
     :func:`urda_fast.ops.packed_self_attention`: query, key and value the same tensor, float32/float64, at most
-    ``MAX_FUSED_TOKENS`` tokens, no key padding mask, no attention weights asked for, no dropout in training, an
-    optional (T, T) float or bool ``attn_mask`` (bool: True = masked, as torch). Anything else runs torch's module."""
+    ``MAX_FUSED_TOKENS`` tokens, no key padding mask, no attention weights asked for, no dropout in training, no CPU
+    autocast, an optional (T, T) float or bool ``attn_mask`` (bool: True = masked, as torch). Anything else runs
+    torch's module."""
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -85,6 +86,8 @@ class FastMultiheadAttention(nn.MultiheadAttention):
                 and self.in_proj_weight.dtype == query.dtype):
             return False, None
         if need_weights or key_padding_mask is not None or (is_causal and attn_mask is None):
+            return False, None
+        if torch.is_autocast_enabled("cpu"):  # the projections would come out in bfloat16: torch's module
             return False, None
         if self.bias_k is not None or self.add_zero_attn or (self.training and self.dropout > 0):
             return False, None

@@ -28,34 +28,57 @@ _LEAVES = _LAYERS + _NORMS + (nn.MaxPool2d,)
 
 
 class _FoldedLayer(nn.Module):
-    """``norm(layer(x))`` in eval mode as one layer; :meth:`refresh` recomputes its weight and bias."""
+    """``norm(layer(x))`` in eval mode as one layer; ``FoldedModel.refresh`` sets its weight and bias."""
 
     def __init__(self, layer: nn.Module, norm: nn.Module):
         super().__init__()
         self._pair = (layer, norm)  # a tuple, so not registered: the folded copy owns no parameters
         self.weight = self.bias = None
 
-    @torch.no_grad()
-    def refresh(self):
-        layer, norm = self._pair
-        weight = layer.weight
-        dtype = torch.promote_types(weight.dtype, torch.float32)  # fold half-precision models in float32
-        scale = torch.rsqrt(norm.running_var.to(dtype) + norm.eps)
-        if norm.weight is not None:
-            scale = scale * norm.weight.to(dtype)
-        shift = -norm.running_mean.to(dtype) * scale
-        if layer.bias is not None:
-            shift = shift + layer.bias.to(dtype) * scale
-        if norm.bias is not None:
-            shift = shift + norm.bias.to(dtype)
-        self.weight = (weight.to(dtype) * scale.reshape((-1,) + (1,) * (weight.dim() - 1))).to(weight.dtype)
-        self.bias = shift.to(weight.dtype)
-
     def forward(self, x):
         layer = self._pair[0]
         if isinstance(layer, nn.Linear):
             return F.linear(x, self.weight, self.bias)
         return layer._conv_forward(x, self.weight, self.bias)  # a FastConv2d's fast paths included
+
+
+@torch.no_grad()
+def _refresh(folded: list) -> None:
+    """Every folded layer's weight and bias from its layer and BatchNorm as they are now, for layers of one weight
+    dtype and device: scale = weight_bn / sqrt(var + eps), shift = (bias - mean) * scale + bias_bn, weight * scale,
+    computed in float32 at least (half-precision models fold in float32). Batched with torch._foreach ops, so that a
+    ResNet-50's 53 folds cost a dozen dispatcher calls per attack instead of ~500: on a GPU, where DART's step is
+    bound by host time per op, each of those was a kernel launch."""
+    pairs = [layer._pair for layer in folded]
+    weight_dtype = pairs[0][0].weight.dtype
+    dtype = torch.promote_types(weight_dtype, torch.float32)
+
+    def cast(tensors):
+        return [t if t.dtype == dtype else t.to(dtype) for t in tensors]  # float32 models: no call at all
+
+    def where(has):
+        return [i for i, pair in enumerate(pairs) if has(*pair)]
+
+    scales = torch._foreach_add(cast([norm.running_var for _, norm in pairs]), [float(norm.eps) for _, norm in pairs])
+    torch._foreach_rsqrt_(scales)
+    affine = where(lambda layer, norm: norm.weight is not None)
+    if affine:
+        torch._foreach_mul_([scales[i] for i in affine], cast([pairs[i][1].weight for i in affine]))
+    shifts = torch._foreach_mul(torch._foreach_neg(cast([norm.running_mean for _, norm in pairs])), scales)
+    biased = where(lambda layer, norm: layer.bias is not None)
+    if biased:
+        torch._foreach_add_([shifts[i] for i in biased],
+                            torch._foreach_mul(cast([pairs[i][0].bias for i in biased]), [scales[i] for i in biased]))
+    shifted = where(lambda layer, norm: norm.bias is not None)
+    if shifted:
+        torch._foreach_add_([shifts[i] for i in shifted], cast([pairs[i][1].bias for i in shifted]))
+    weights = torch._foreach_mul(cast([layer.weight for layer, _ in pairs]),
+                                 [scale.reshape((-1,) + (1,) * (layer.weight.dim() - 1))
+                                  for scale, (layer, _) in zip(scales, pairs)])
+    if dtype != weight_dtype:
+        weights, shifts = [w.to(weight_dtype) for w in weights], [b.to(weight_dtype) for b in shifts]
+    for layer, weight, shift in zip(folded, weights, shifts):
+        layer.weight, layer.bias = weight, shift
 
 
 def _foldable(norm: nn.Module, producer, modules: dict) -> bool:
@@ -131,8 +154,13 @@ class FoldedModel:
         return _structure(self.model) != self._structure
 
     def refresh(self):
+        """Recompute the folded weights from the model's layers and statistics as they are now."""
+        groups: dict[tuple, list] = {}
         for layer in self.layers:
-            layer.refresh()
+            weight = layer._pair[0].weight
+            groups.setdefault((weight.dtype, weight.device), []).append(layer)
+        for folded in groups.values():
+            _refresh(folded)
 
     def release(self):
         """Drop the folded weights (a copy the size of the folded layers' weights) until the next refresh."""

@@ -72,40 +72,24 @@ __attribute__((always_inline)) inline void store(scalar_t* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// out[r, 0:padded] = sum_d a[r * row_a + d] * b_t[d * padded + 0:padded], r < kR: rows of `a` times a transposed,
-// zero-padded (head_dim, padded) matrix. out rows are `padded` apart.
-template <int kR, typename scalar_t>
-__attribute__((always_inline)) inline void rows_times_transposed(const scalar_t* __restrict__ a, int64_t row_a,
-                                                                 const scalar_t* __restrict__ b_t,
-                                                                 scalar_t* __restrict__ out, int64_t head_dim,
-                                                                 int64_t padded) {
-  using V = vec_t<scalar_t, kTokenBlock>;
-  for (int64_t jb = 0; jb < padded; jb += kTokenBlock) {
+// out[r * row_out + n] = sum_{k < depth} a[r * row_a + k] * b[k * row_b + n] for r < kR, n < width (a multiple of
+// kWidth): kR rows of a small matmul, kWidth output columns at a time in vector registers. Scores are q rows times the
+// transposed, zero-padded k (depth head_dim, width padded); outputs are probability rows times v rows (depth tokens,
+// width head_dim); the backward's dP and dQ are the same two products.
+template <int kR, int kWidth, typename scalar_t>
+__attribute__((always_inline)) inline void small_matmul(const scalar_t* __restrict__ a, int64_t row_a,
+                                                        const scalar_t* __restrict__ b, int64_t row_b,
+                                                        scalar_t* __restrict__ out, int64_t row_out, int64_t depth,
+                                                        int64_t width) {
+  using V = vec_t<scalar_t, kWidth>;
+  for (int64_t n0 = 0; n0 < width; n0 += kWidth) {
     V acc[kR] = {};
-    for (int64_t d = 0; d < head_dim; ++d) {
-      V b;
-      load(b, b_t + d * padded + jb);
-      for (int r = 0; r < kR; ++r) acc[r] += a[r * row_a + d] * b;
-    }
-    for (int r = 0; r < kR; ++r) store(out + r * padded + jb, acc[r]);
-  }
-}
-
-// out[r * row_out + 0:head_dim] = sum_{j < tokens} w[r * row_w + j] * rows[j * row + 0:head_dim], r < kR.
-template <int kR, int kDim, typename scalar_t>
-__attribute__((always_inline)) inline void weighted_rows(const scalar_t* __restrict__ w, int64_t row_w,
-                                                         const scalar_t* __restrict__ rows, int64_t row,
-                                                         scalar_t* __restrict__ out, int64_t row_out, int64_t tokens,
-                                                         int64_t head_dim) {
-  using V = vec_t<scalar_t, kDim>;
-  for (int64_t db = 0; db < head_dim; db += kDim) {
-    V acc[kR] = {};
-    for (int64_t j = 0; j < tokens; ++j) {
+    for (int64_t k = 0; k < depth; ++k) {
       V x;
-      load(x, rows + j * row + db);
-      for (int r = 0; r < kR; ++r) acc[r] += w[r * row_w + j] * x;
+      load(x, b + k * row_b + n0);
+      for (int r = 0; r < kR; ++r) acc[r] += a[r * row_a + k] * x;
     }
-    for (int r = 0; r < kR; ++r) store(out + r * row_out + db, acc[r]);
+    for (int r = 0; r < kR; ++r) store(out + r * row_out + n0, acc[r]);
   }
 }
 
@@ -196,19 +180,20 @@ URDA_FAST_CLONES void attend_head(const scalar_t* __restrict__ q, const scalar_t
     const scalar_t* p_rows = probs + i0 * tokens;
     scalar_t* out_rows = out + i0 * row_out;
     if (rows == kRows) {
-      rows_times_transposed<kRows>(q_rows, row_in, k_t, scores, head_dim, padded);
+      small_matmul<kRows, kTokenBlock>(q_rows, row_in, k_t, padded, scores, padded, head_dim, padded);
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        rows_times_transposed<1>(q_rows + r * row_in, row_in, k_t, scores + r * padded, head_dim, padded);
+        small_matmul<1, kTokenBlock>(q_rows + r * row_in, row_in, k_t, padded, scores + r * padded, padded, head_dim,
+                                     padded);
     }
     for (int64_t r = 0; r < rows; ++r)
       softmax_row(scores + r * padded, mask + (i0 + r) * mask_row, probs + (i0 + r) * tokens, tokens, padded, scale);
     if (rows == kRows) {
-      weighted_rows<kRows, kDim>(p_rows, tokens, v, row_in, out_rows, row_out, tokens, head_dim);
+      small_matmul<kRows, kDim>(p_rows, tokens, v, row_in, out_rows, row_out, tokens, head_dim);
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        weighted_rows<1, kDim>(p_rows + r * tokens, tokens, v, row_in, out_rows + r * row_out, row_out, tokens,
-                               head_dim);
+        small_matmul<1, kDim>(p_rows + r * tokens, tokens, v, row_in, out_rows + r * row_out, row_out, tokens,
+                              head_dim);
     }
   }
 }
@@ -289,12 +274,13 @@ URDA_FAST_CLONES void attend_head_backward(const scalar_t* __restrict__ grad_out
     const scalar_t* q_rows = q + i0 * row_in;
     if (rows == kRows) {
       add_outer_products<kRows, kDim>(acc_v, p_rows, tokens, g_rows, row_out, tokens, head_dim);
-      rows_times_transposed<kRows>(g_rows, row_out, v_t, d_s, head_dim, padded);
+      small_matmul<kRows, kTokenBlock>(g_rows, row_out, v_t, padded, d_s, padded, head_dim, padded);
     } else {
       for (int64_t r = 0; r < rows; ++r) {
         add_outer_products<1, kDim>(acc_v, p_rows + r * tokens, tokens, g_rows + r * row_out, row_out, tokens,
                                     head_dim);
-        rows_times_transposed<1>(g_rows + r * row_out, row_out, v_t, d_s + r * padded, head_dim, padded);
+        small_matmul<1, kTokenBlock>(g_rows + r * row_out, row_out, v_t, padded, d_s + r * padded, padded, head_dim,
+                                     padded);
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
@@ -306,11 +292,11 @@ URDA_FAST_CLONES void attend_head_backward(const scalar_t* __restrict__ grad_out
     }
     scalar_t* gq_rows = grad_q + i0 * row_in;
     if (rows == kRows) {
-      weighted_rows<kRows, kDim>(d_s, padded, k, row_in, gq_rows, row_in, tokens, head_dim);
+      small_matmul<kRows, kDim>(d_s, padded, k, row_in, gq_rows, row_in, tokens, head_dim);
       add_outer_products<kRows, kDim>(acc_k, d_s, padded, q_rows, row_in, tokens, head_dim);
     } else {
       for (int64_t r = 0; r < rows; ++r) {
-        weighted_rows<1, kDim>(d_s + r * padded, padded, k, row_in, gq_rows + r * row_in, row_in, tokens, head_dim);
+        small_matmul<1, kDim>(d_s + r * padded, padded, k, row_in, gq_rows + r * row_in, row_in, tokens, head_dim);
         add_outer_products<1, kDim>(acc_k, d_s + r * padded, padded, q_rows + r * row_in, row_in, tokens, head_dim);
       }
     }

@@ -113,6 +113,34 @@ __attribute__((always_inline)) inline void add_outer_products(scalar_t* __restri
   }
 }
 
+// small_matmul and add_outer_products over a block of `rows` query rows (at most kRows): the kRows-wide kernels for a
+// full block, one row at a time for the last, shorter one.
+template <int kWidth, typename scalar_t>
+__attribute__((always_inline)) inline void block_matmul(int64_t rows, const scalar_t* __restrict__ a, int64_t row_a,
+                                                        const scalar_t* __restrict__ b, int64_t row_b,
+                                                        scalar_t* __restrict__ out, int64_t row_out, int64_t depth,
+                                                        int64_t width) {
+  if (rows == kRows) {
+    small_matmul<kRows, kWidth>(a, row_a, b, row_b, out, row_out, depth, width);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    small_matmul<1, kWidth>(a + r * row_a, row_a, b, row_b, out + r * row_out, row_out, depth, width);
+}
+
+template <int kDim, typename scalar_t>
+__attribute__((always_inline)) inline void block_outer_products(int64_t rows, scalar_t* __restrict__ acc,
+                                                                const scalar_t* __restrict__ w, int64_t row_w,
+                                                                const scalar_t* __restrict__ x, int64_t row_x,
+                                                                int64_t tokens, int64_t head_dim) {
+  if (rows == kRows) {
+    add_outer_products<kRows, kDim>(acc, w, row_w, x, row_x, tokens, head_dim);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    add_outer_products<1, kDim>(acc, w + r * row_w, row_w, x + r * row_x, row_x, tokens, head_dim);
+}
+
 // (head_dim, padded) transposed copy of `tokens` rows (stride `row`); the padding columns stay as they are (zero).
 template <typename scalar_t>
 inline void transpose_rows(const scalar_t* __restrict__ rows, scalar_t* __restrict__ out, int64_t tokens,
@@ -179,22 +207,10 @@ URDA_FAST_CLONES void attend_head(const scalar_t* __restrict__ q, const scalar_t
     const scalar_t* q_rows = q + i0 * row_in;
     const scalar_t* p_rows = probs + i0 * tokens;
     scalar_t* out_rows = out + i0 * row_out;
-    if (rows == kRows) {
-      small_matmul<kRows, kTokenBlock>(q_rows, row_in, k_t, padded, scores, padded, head_dim, padded);
-    } else {
-      for (int64_t r = 0; r < rows; ++r)
-        small_matmul<1, kTokenBlock>(q_rows + r * row_in, row_in, k_t, padded, scores + r * padded, padded, head_dim,
-                                     padded);
-    }
+    block_matmul<kTokenBlock>(rows, q_rows, row_in, k_t, padded, scores, padded, head_dim, padded);
     for (int64_t r = 0; r < rows; ++r)
       softmax_row(scores + r * padded, mask + (i0 + r) * mask_row, probs + (i0 + r) * tokens, tokens, padded, scale);
-    if (rows == kRows) {
-      small_matmul<kRows, kDim>(p_rows, tokens, v, row_in, out_rows, row_out, tokens, head_dim);
-    } else {
-      for (int64_t r = 0; r < rows; ++r)
-        small_matmul<1, kDim>(p_rows + r * tokens, tokens, v, row_in, out_rows + r * row_out, row_out, tokens,
-                              head_dim);
-    }
+    block_matmul<kDim>(rows, p_rows, tokens, v, row_in, out_rows, row_out, tokens, head_dim);
   }
 }
 
@@ -272,17 +288,8 @@ URDA_FAST_CLONES void attend_head_backward(const scalar_t* __restrict__ grad_out
     const scalar_t* p_rows = probs + i0 * tokens;
     const scalar_t* g_rows = grad_out + i0 * row_out;
     const scalar_t* q_rows = q + i0 * row_in;
-    if (rows == kRows) {
-      add_outer_products<kRows, kDim>(acc_v, p_rows, tokens, g_rows, row_out, tokens, head_dim);
-      small_matmul<kRows, kTokenBlock>(g_rows, row_out, v_t, padded, d_s, padded, head_dim, padded);
-    } else {
-      for (int64_t r = 0; r < rows; ++r) {
-        add_outer_products<1, kDim>(acc_v, p_rows + r * tokens, tokens, g_rows + r * row_out, row_out, tokens,
-                                    head_dim);
-        small_matmul<1, kTokenBlock>(g_rows + r * row_out, row_out, v_t, padded, d_s + r * padded, padded, head_dim,
-                                     padded);
-      }
-    }
+    block_outer_products<kDim>(rows, acc_v, p_rows, tokens, g_rows, row_out, tokens, head_dim);
+    block_matmul<kTokenBlock>(rows, g_rows, row_out, v_t, padded, d_s, padded, head_dim, padded);
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* __restrict__ p = p_rows + r * tokens;
       scalar_t* __restrict__ d = d_s + r * padded;
@@ -290,16 +297,8 @@ URDA_FAST_CLONES void attend_head_backward(const scalar_t* __restrict__ grad_out
       for (int64_t j = 0; j < tokens; ++j) weighted += p[j] * d[j];
       for (int64_t j = 0; j < tokens; ++j) d[j] = p[j] * (d[j] - weighted) * scale;
     }
-    scalar_t* gq_rows = grad_q + i0 * row_in;
-    if (rows == kRows) {
-      small_matmul<kRows, kDim>(d_s, padded, k, row_in, gq_rows, row_in, tokens, head_dim);
-      add_outer_products<kRows, kDim>(acc_k, d_s, padded, q_rows, row_in, tokens, head_dim);
-    } else {
-      for (int64_t r = 0; r < rows; ++r) {
-        small_matmul<1, kDim>(d_s + r * padded, padded, k, row_in, gq_rows + r * row_in, row_in, tokens, head_dim);
-        add_outer_products<1, kDim>(acc_k, d_s + r * padded, padded, q_rows + r * row_in, row_in, tokens, head_dim);
-      }
-    }
+    block_matmul<kDim>(rows, d_s, padded, k, row_in, grad_q + i0 * row_in, row_in, tokens, head_dim);
+    block_outer_products<kDim>(rows, acc_k, d_s, padded, q_rows, row_in, tokens, head_dim);
   }
   for (int64_t j = 0; j < tokens; ++j)
     for (int64_t d = 0; d < head_dim; ++d) {

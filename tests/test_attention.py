@@ -282,3 +282,18 @@ def test_module_compiles_fullgraph():
     (want,) = torch.autograd.grad(loss(x), x)
     (got,) = torch.autograd.grad(torch.compile(loss, fullgraph=True)(x), x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_tensors_take_torch_attention():
+    """No GPU kernel: the op runs its reference on CUDA tensors (backend='cpu' says why not), and the module runs
+    torch's own attention there."""
+    torch.manual_seed(6)
+    qkv = torch.randn(2, 9, 3 * 32, device="cuda", dtype=torch.float64)
+    torch.testing.assert_close(ops.packed_self_attention(qkv, 4), reference.packed_self_attention(qkv, 4))
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        ops.packed_self_attention(qkv, 4, backend="cpu")
+    torch_mha, fast = (m.cuda() for m in twins())
+    x = torch.randn(3, 9, 32, dtype=torch.float64, device="cuda")
+    assert fused_calls(lambda: fast(x, x, x, need_weights=False)) == 0
+    torch.testing.assert_close(fast(x, x, x, need_weights=False)[0], torch_mha(x, x, x, need_weights=False)[0])

@@ -1,4 +1,5 @@
-// PGD step on CPU: one fused pass for L-inf; one reduction pass plus one fused pass for L2.
+// PGD step on CPU: one fused pass for L-inf; for L2 a reduction and a fused step per sample, back to back for samples
+// that fit in cache, else as two passes over the batch.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,6 +17,8 @@ namespace {
 // Elements per parallel task: large enough to amortise the task, small enough to balance two cores.
 constexpr int64_t kGrainElems = 1 << 15;
 constexpr double kNormFloor = 1e-12;
+// L2 samples whose three input tensors fit this (within a core's L2 cache) are reduced and stepped in one visit.
+constexpr int64_t kCachedSampleBytes = 256 << 10;
 
 template <typename scalar_t, typename acc_t>
 struct PlaneArgs {
@@ -76,22 +79,38 @@ void pgd_step_kernel(const at::Tensor& x_adv, const at::Tensor& grad, const at::
   const acc_t* hi = upper.const_data_ptr<acc_t>();
   const int64_t sample = s.channels * s.inner;
 
-  // For L2, turn each sample's (step, eps) into (step / |g|, projection factor) first.
+  // L2: each sample's (step, eps) become (step / |g|, projection factor) from one reduction over the sample.
+  const auto l2_args = [&](int64_t b, acc_t& scale, acc_t& factor) {
+    double sums[3];
+    const int64_t off = b * sample;
+    l2_sums(x + off, g + off, x0 + off, sample, sums);
+    const double st = static_cast<double>(steps[b]) / std::max(std::sqrt(sums[0]), kNormFloor);
+    const double dn2 = std::max(0.0, sums[2] + 2.0 * st * sums[1] + st * st * sums[0]);
+    scale = static_cast<acc_t>(st);
+    factor = static_cast<acc_t>(std::min(1.0, static_cast<double>(budgets[b]) / std::max(std::sqrt(dn2), kNormFloor)));
+  };
+  if (norm == PgdNorm::L2 && 3 * sample * static_cast<int64_t>(sizeof(scalar_t)) <= kCachedSampleBytes) {
+    // Small samples (CIFAR-sized images): reduce and step one sample at a time, so the step reads the three tensors
+    // from cache instead of a second time from memory.
+    at::parallel_for(0, s.batch, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(sample, 1)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t b = begin; b < end; ++b) {
+                         acc_t scale, factor;
+                         l2_args(b, scale, factor);
+                         for (int64_t c = 0; c < s.channels; ++c) {
+                           const int64_t off = b * sample + c * s.inner;
+                           l2_plane<scalar_t, acc_t>(x + off, g + off, x0 + off, y + off, s.inner,
+                                                     {scale, factor, lo[c], hi[c]});
+                         }
+                       }
+                     });
+    return;
+  }
   std::vector<acc_t> scale(s.batch), factor(s.batch);
   if (norm == PgdNorm::L2) {
     at::parallel_for(0, s.batch, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(sample, 1)),
                      [&](int64_t begin, int64_t end) {
-                       for (int64_t b = begin; b < end; ++b) {
-                         double sums[3];
-                         const int64_t off = b * sample;
-                         l2_sums(x + off, g + off, x0 + off, sample, sums);
-                         const double st = static_cast<double>(steps[b]) / std::max(std::sqrt(sums[0]), kNormFloor);
-                         const double dn2 = std::max(0.0, sums[2] + 2.0 * st * sums[1] + st * st * sums[0]);
-                         const double f = std::min(1.0, static_cast<double>(budgets[b]) /
-                                                            std::max(std::sqrt(dn2), kNormFloor));
-                         scale[b] = static_cast<acc_t>(st);
-                         factor[b] = static_cast<acc_t>(f);
-                       }
+                       for (int64_t b = begin; b < end; ++b) l2_args(b, scale[b], factor[b]);
                      });
   }
   const int64_t planes = s.batch * s.channels;

@@ -201,7 +201,7 @@ def test_module_matches_torch(batch_first, mask):
 
 
 @pytest.mark.parametrize("case", ["need_weights", "key_padding_mask", "cross_attention", "dropout", "bfloat16",
-                                  "autocast", "too_long", "is_causal"])
+                                  "autocast", "too_long", "too_much_memory", "is_causal"])
 def test_module_falls_back_to_torch(case, monkeypatch):
     torch_mha, fast = twins(dropout=0.5 if case == "dropout" else 0.0)
     x = torch.randn(2, 5, 32, dtype=torch.float64)
@@ -212,6 +212,8 @@ def test_module_falls_back_to_torch(case, monkeypatch):
         kwargs["is_causal"] = True
     if case == "too_long":
         monkeypatch.setattr("urda_fast.models.attention.MAX_FUSED_TOKENS", 4)
+    if case == "too_much_memory":  # 2 samples x 4 heads x 5 x 5 float64 probabilities: 1600 bytes
+        monkeypatch.setattr("urda_fast.models.attention.MAX_PROBS_BYTES", 1599)
     if case == "bfloat16":
         torch_mha, fast, x = torch_mha.bfloat16(), fast.bfloat16(), x.bfloat16()
         query = x

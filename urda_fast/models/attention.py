@@ -58,12 +58,16 @@ def image_tokens(visual) -> int | None:
 # 15.0; 197 (ViT-B-16, 8) 22.7 vs 40.0 vs 33.9; 257 (4 samples, width 1024) 33.7 vs 50.2 vs 33.1. Like the math
 # kernel, it keeps the (B, heads, T, T) probabilities for the backward; flash does not.
 MAX_FUSED_TOKENS = 200
+# ... and its memory guard: the probabilities it keeps for the backward, B x heads x T x T, at most this many bytes per
+# call (ViT-B-16 at batch 256 would keep 477 MB per layer); larger calls run torch's module, whose default kernel on
+# CPU (flash) keeps none.
+MAX_PROBS_BYTES = 256 << 20
 
 
 class FastMultiheadAttention(nn.MultiheadAttention):
     """A drop-in ``nn.MultiheadAttention`` (same parameters and state dict) whose self-attention on CPU runs
     :func:`urda_fast.ops.packed_self_attention`: query, key and value the same tensor, float32/float64, at most
-    ``MAX_FUSED_TOKENS`` tokens, no key padding mask, no attention weights asked for, no dropout in training, no CPU
+    ``MAX_FUSED_TOKENS`` tokens and ``MAX_PROBS_BYTES`` of probabilities, no key padding mask, no attention weights asked for, no dropout in training, no CPU
     autocast, an optional (T, T) float or bool ``attn_mask`` (bool: True = masked, as torch). Anything else runs
     torch's module."""
 
@@ -92,7 +96,8 @@ class FastMultiheadAttention(nn.MultiheadAttention):
         if self.bias_k is not None or self.add_zero_attn or (self.training and self.dropout > 0):
             return False, None
         tokens = query.shape[1] if self.batch_first else query.shape[0]
-        if tokens > MAX_FUSED_TOKENS or ops._backends.native_cpu_error() is not None:
+        probs_bytes = query.numel() // query.shape[-1] * self.num_heads * tokens * query.element_size()
+        if tokens > MAX_FUSED_TOKENS or probs_bytes > MAX_PROBS_BYTES or ops._backends.native_cpu_error() is not None:
             return False, None
         if attn_mask is None:
             return True, None

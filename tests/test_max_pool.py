@@ -130,3 +130,9 @@ def test_module_and_model_swap():
     use_torch_pooling(model)
     assert not any(isinstance(m, MaxPool2d) for m in model.modules())
     torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cpu_backend_with_a_gpu_tensor_names_the_way_out():
+    with pytest.raises(ValueError, match="CPU tensors only.*'reference'"):
+        ops.max_pool2d(torch.randn(1, 2, 4, 4, device="cuda"), 2, backend="cpu")

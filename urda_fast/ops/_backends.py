@@ -177,6 +177,15 @@ def cpu_only_choice(op_name: str, backend: str | None, gpu_note: str) -> str | N
     return resolve_backend(backend, torch.device("cpu"))  # an unknown name: raises resolve_backend's error
 
 
+def require_cpu_kernel(op_name: str, device: torch.device) -> None:
+    """``backend="cpu"`` asked of a CPU-only op: a clear error for a GPU tensor (its way out is the reference, not
+    another backend) or a missing extension."""
+    if device.type != "cpu":
+        raise ValueError(f"urda_fast: {op_name}'s CPU kernel runs CPU tensors only, got {device}; leave backend unset "
+                         "(or pass 'reference') for GPU tensors")
+    resolve_backend("cpu", device)
+
+
 _TRITON_READY: set[str] = set()
 
 

@@ -76,10 +76,7 @@ def _use_cpu_kernel(backend, qkv) -> bool:
         return False
     usable = qkv.dtype in (torch.float32, torch.float64)
     if choice == "cpu":
-        if qkv.device.type != "cpu":
-            raise ValueError(f"urda_fast: packed_self_attention's CPU kernel runs CPU tensors only, got {qkv.device}; "
-                             "leave backend unset (or pass 'reference') for GPU tensors")
-        _backends.resolve_backend("cpu", qkv.device)  # a clear error if the extension is not built
+        _backends.require_cpu_kernel("packed_self_attention", qkv.device)
         if not usable:
             raise TypeError(f"urda_fast: packed_self_attention's CPU kernel takes float32 or float64, got {qkv.dtype}; "
                             "use backend='reference'")

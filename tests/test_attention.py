@@ -63,16 +63,17 @@ def test_masks_and_scale(batch, tokens, embed, heads):
     compare(qkv, heads, mask=torch.randn(tokens, tokens, dtype=torch.float64), scale=0.3)
 
 
-def test_fully_masked_query_gets_zero_output_and_finite_gradients():
+@pytest.mark.parametrize("row", [2, 5])  # in a block of 4 query rows, and in the rows after the last block
+def test_fully_masked_query_gets_zero_output_and_finite_gradients(row):
     """torch's safe softmax: a query that may attend no key outputs 0 and passes no gradient (not NaN)."""
     tokens = 6
     mask = causal_mask(tokens, torch.float32)
-    mask[2] = float("-inf")
+    mask[row] = float("-inf")
     qkv = torch.randn(2, tokens, 3 * 8)
     out, grad = compare(qkv, 2, mask=mask)
-    assert torch.equal(out[:, 2], torch.zeros_like(out[:, 2]))
+    assert torch.equal(out[:, row], torch.zeros_like(out[:, row]))
     assert torch.isfinite(grad).all()
-    assert torch.equal(grad[:, 2, :8], torch.zeros_like(grad[:, 2, :8]))  # that query's q gets no gradient
+    assert torch.equal(grad[:, row, :8], torch.zeros_like(grad[:, row, :8]))  # that query's q gets no gradient
 
 
 def test_large_logits_are_stable_and_nan_propagates():
@@ -80,10 +81,17 @@ def test_large_logits_are_stable_and_nan_propagates():
     qkv = torch.randn(2, 9, 3 * 16) * 40  # scores of several hundred: exp would overflow without the max shift
     out, grad = compare(qkv, 2, tolerance=dict(rtol=1e-3, atol=1e-3))
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    for query in (3, 4):  # the last row of a block of 4 query rows; the row after it
+        qkv = torch.randn(1, 5, 3 * 8)
+        qkv[0, query, 0] = float("nan")  # a query of head 0
+        out = ops.packed_self_attention(qkv, 2, backend="cpu")
+        others = [t for t in range(5) if t != query]
+        assert torch.isnan(out[0, query, :4]).all() and torch.isfinite(out[0, others]).all()
+        assert torch.isfinite(out[0, query, 4:]).all()
     qkv = torch.randn(1, 5, 3 * 8)
-    qkv[0, 3, 0] = float("nan")  # query 3 of head 0
+    qkv[0, 1, 8 + 4] = float("nan")  # key 1 of head 1: every query of head 1 sees it
     out = ops.packed_self_attention(qkv, 2, backend="cpu")
-    assert torch.isnan(out[0, 3, :4]).all() and torch.isfinite(out[0, :3]).all() and torch.isfinite(out[0, 3, 4:]).all()
+    assert torch.isnan(out[0, :, 4:]).all() and torch.isfinite(out[0, :, :4]).all()
 
 
 def test_empty_and_non_contiguous_inputs():
@@ -115,6 +123,14 @@ def test_opcheck_and_compile():
     eager = torch.autograd.grad(loss(qkv), qkv)[0]
     compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(qkv), qkv)[0]
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_the_kept_probabilities_are_not_differentiable():
+    """The op's second output is the backward's: it carries no gradient (and autograd fills none for it)."""
+    qkv = torch.randn(2, 5, 3 * 8, requires_grad=True)
+    out, probs = torch.ops.urda_fast.packed_attention_forward(qkv, None, 2, 0.5)
+    assert out.requires_grad and not probs.requires_grad
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 5))
 
 
 def test_no_second_derivative_on_the_kernel_says_so():

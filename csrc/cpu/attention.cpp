@@ -149,46 +149,101 @@ inline void transpose_rows(const scalar_t* __restrict__ rows, scalar_t* __restri
     for (int64_t d = 0; d < head_dim; ++d) out[d * padded + j] = rows[j * row + d];
 }
 
-// max(m, x), NaN once either is NaN: a NaN score must make its row NaN (as torch's), not pass for a masked key.
-template <typename scalar_t>
-__attribute__((always_inline)) inline scalar_t max_or_nan(scalar_t m, scalar_t x) {
-  return (x > m || x != x) ? x : m;
+// In-place operations on vectors or scalars: acc = op(acc, x). Functors with an always-inlined call, vectors by
+// reference (a lambda taking vectors by value stayed a call, its arguments went through memory, -Wpsabi), one
+// comparison per select (GCC lowered a select on two ORed vector comparisons lane by lane, in scalar code).
+struct Max {
+  template <typename T>
+  __attribute__((always_inline)) void operator()(T& acc, const T& x) const {
+    acc = x > acc ? x : acc;
+  }
+};
+struct Or {
+  template <typename T>
+  __attribute__((always_inline)) void operator()(T& acc, const T& x) const {
+    acc |= x;
+  }
+};
+struct Plus {
+  template <typename T>
+  __attribute__((always_inline)) void operator()(T& acc, const T& x) const {
+    acc += x;
+  }
+};
+
+// op over the lanes of a vector of kWidth lanes, by halving (op of the two halves, repeated): log2(kWidth) dependent
+// steps instead of a chain of kWidth - 1.
+template <int kWidth, typename V, typename Op>
+__attribute__((always_inline)) inline auto reduce_lanes(const V& v, const Op& op) {
+  using Lane = std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>;
+  if constexpr (kWidth == 2) {
+    Lane acc = v[0];
+    op(acc, static_cast<Lane>(v[1]));
+    return acc;
+  } else {
+    typedef Lane Half __attribute__((vector_size(kWidth / 2 * sizeof(Lane))));
+    Half low, high;
+    std::memcpy(&low, &v, sizeof(Half));
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+    op(low, high);
+    return reduce_lanes<kWidth / 2>(low, op);
+  }
 }
 
-// p[0:tokens] = softmax(scores * scale + mask) over a padded row; mask holds -inf in the padding columns. Fixed-width
-// blocks throughout, with the max and the sum kept per lane, so that the exponentials vectorise (a running sum in the
-// same loop kept them scalar). A row whose keys are all masked gives 0, as torch's safe softmax in
-// scaled_dot_product_attention.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void softmax_row(scalar_t* __restrict__ scores, const scalar_t* __restrict__ mask,
-                                                       scalar_t* __restrict__ p, int64_t tokens, int64_t padded,
-                                                       scalar_t scale) {
+// p[r][0:tokens] = softmax(scores[r] * scale + mask[r]) for kR padded rows of scores (stride padded); mask rows
+// (stride mask_row, 0: one row for all) hold -inf in the padding columns. Fixed-width blocks throughout, with the max
+// and the sum kept per lane and reduced by halving, and kR rows side by side: a row's reductions are chains of
+// dependent operations, so one row at a time left the core waiting (the forward took 1.6x the backward's time). A
+// row whose keys are all masked gives 0, as torch's safe softmax in scaled_dot_product_attention; a NaN score makes
+// its row NaN.
+template <int kR, typename scalar_t>
+__attribute__((always_inline)) inline void softmax_rows(scalar_t* __restrict__ scores,
+                                                        const scalar_t* __restrict__ mask, int64_t mask_row,
+                                                        scalar_t* __restrict__ p, int64_t tokens, int64_t padded,
+                                                        scalar_t scale) {
+  using V = vec_t<scalar_t, kTokenBlock>;
+  using Mask = decltype(V{} != V{});
   constexpr scalar_t kMinusInf = -std::numeric_limits<scalar_t>::infinity();
-  scalar_t lane_max[kTokenBlock];
-  for (int64_t l = 0; l < kTokenBlock; ++l) lane_max[l] = kMinusInf;
-  for (int64_t jb = 0; jb < padded; jb += kTokenBlock)
-    for (int64_t l = 0; l < kTokenBlock; ++l) {
-      const scalar_t x = scores[jb + l] * scale + mask[jb + l];
-      scores[jb + l] = x;
-      lane_max[l] = max_or_nan(lane_max[l], x);
-    }
-  scalar_t row_max = kMinusInf;
-  for (int64_t l = 0; l < kTokenBlock; ++l) row_max = max_or_nan(row_max, lane_max[l]);
-  if (row_max == kMinusInf) {
-    for (int64_t j = 0; j < tokens; ++j) p[j] = 0;
-    return;
+  V lanes[kR];
+  Mask nan_lanes[kR];  // a NaN score must make its row NaN (as torch's), not pass for a masked key
+  for (int r = 0; r < kR; ++r) {
+    lanes[r] = V{} + kMinusInf;
+    nan_lanes[r] = Mask{};
   }
-  scalar_t lane_sum[kTokenBlock] = {};
   for (int64_t jb = 0; jb < padded; jb += kTokenBlock)
-    for (int64_t l = 0; l < kTokenBlock; ++l) {
-      const scalar_t e = vexp(scores[jb + l] - row_max);  // exactly 0 in the padding
-      scores[jb + l] = e;
-      lane_sum[l] += e;
+    for (int r = 0; r < kR; ++r) {
+      V x, m;
+      load(x, scores + r * padded + jb);
+      load(m, mask + r * mask_row + jb);
+      x = x * scale + m;
+      store(scores + r * padded + jb, x);
+      Max{}(lanes[r], x);
+      nan_lanes[r] |= x != x;
     }
-  scalar_t sum = 0;
-  for (int64_t l = 0; l < kTokenBlock; ++l) sum += lane_sum[l];
-  const scalar_t inv = scalar_t(1) / sum;
-  for (int64_t j = 0; j < tokens; ++j) p[j] = scores[j] * inv;
+  scalar_t shift[kR];
+  for (int r = 0; r < kR; ++r) {
+    const scalar_t row_max = reduce_lanes<kTokenBlock>(lanes[r], Max{});
+    const bool has_nan = reduce_lanes<kTokenBlock>(nan_lanes[r], Or{}) != 0;
+    // All masked: every exponential is exactly 0. NaN: every exponential is NaN.
+    shift[r] = has_nan ? std::numeric_limits<scalar_t>::quiet_NaN() : row_max == kMinusInf ? scalar_t(0) : row_max;
+  }
+  scalar_t sums[kR][kTokenBlock] = {};
+  for (int64_t jb = 0; jb < padded; jb += kTokenBlock)
+    for (int r = 0; r < kR; ++r)
+      for (int64_t l = 0; l < kTokenBlock; ++l) {
+        const scalar_t e = vexp(scores[r * padded + jb + l] - shift[r]);  // exactly 0 in the padding
+        scores[r * padded + jb + l] = e;
+        sums[r][l] += e;
+      }
+  for (int r = 0; r < kR; ++r) {
+    V lane_sums;
+    load(lane_sums, sums[r]);
+    const scalar_t sum = reduce_lanes<kTokenBlock>(lane_sums, Plus{});
+    // sum is at least 1 (the max's exponential) but for a fully masked row (0) or a NaN one (its exponentials are
+    // NaN, and stay so times 0).
+    const scalar_t inv = sum > 0 ? scalar_t(1) / sum : scalar_t(0);
+    for (int64_t j = 0; j < tokens; ++j) p[r * tokens + j] = scores[r * padded + j] * inv;
+  }
 }
 
 // One (sample, head): probs (T, T) and out rows (T, head_dim, stride `row_out`) from q, k, v rows (stride `row_in`).
@@ -208,8 +263,13 @@ URDA_FAST_CLONES void attend_head(const scalar_t* __restrict__ q, const scalar_t
     const scalar_t* p_rows = probs + i0 * tokens;
     scalar_t* out_rows = out + i0 * row_out;
     block_matmul<kTokenBlock>(rows, q_rows, row_in, k_t, padded, scores, padded, head_dim, padded);
-    for (int64_t r = 0; r < rows; ++r)
-      softmax_row(scores + r * padded, mask + (i0 + r) * mask_row, probs + (i0 + r) * tokens, tokens, padded, scale);
+    if (rows == kRows) {
+      softmax_rows<kRows>(scores, mask + i0 * mask_row, mask_row, probs + i0 * tokens, tokens, padded, scale);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        softmax_rows<1>(scores + r * padded, mask + (i0 + r) * mask_row, mask_row, probs + (i0 + r) * tokens, tokens,
+                        padded, scale);
+    }
     block_matmul<kDim>(rows, p_rows, tokens, v, row_in, out_rows, row_out, tokens, head_dim);
   }
 }

@@ -53,10 +53,11 @@ def image_tokens(visual) -> int | None:
 
 
 # The fused path's limit. Forward + input gradient of the attention op alone (packed projection in, merged heads out),
-# 2 CPU threads, fused vs torch's math vs its default (flash) kernel: 17 tokens (64 samples, width 64, 4 heads) 0.32
-# vs 0.94 vs 1.8 ms; 50 (ViT-B-32 at 224, 32 samples) 8.9 vs 18.6 vs 16.5; 77 (CLIP's text, 16) 6.4 vs 14.8 vs
-# 15.0; 197 (ViT-B-16, 8) 22.7 vs 40.0 vs 33.9; 257 (4 samples, width 1024) 33.7 vs 50.2 vs 33.1. Like the math
-# kernel, it keeps the (B, heads, T, T) probabilities for the backward; flash does not.
+# 2 CPU threads, median of 1.5 s, fused vs torch's math vs its default (flash) kernel, one run: 17 tokens (64
+# samples, width 64, 4 heads) 0.35 vs 0.92 vs 1.8 ms; 50 (ViT-B-32 at 224, 32 samples) 9.1 vs 17.8 vs 15.4; 77 (CLIP's
+# text, 16, causal mask) 5.0 vs 12.4 vs 10.5; 197 (ViT-B-16, 8) 22.3 vs 38.9 vs 29.0; 257 (4 samples, width 1024)
+# 31.5 vs 40.9 vs 32.0. Like the math kernel, it keeps the (B, heads, T, T) probabilities for the backward; flash
+# does not.
 MAX_FUSED_TOKENS = 200
 # ... and its memory guard: the probabilities it keeps for the backward, B x heads x T x T, at most this many bytes per
 # call (ViT-B-16 at batch 256 would keep 477 MB per layer); larger calls run torch's module, whose default kernel on

@@ -6,7 +6,7 @@ runs two batched matmuls of (T, head_dim) matrices per head around a masked soft
 the 17 tokens of a small ViT that bookkeeping costs more than the matmuls, forward and backward. The CPU kernel
 (csrc/cpu/attention.cpp) reads each head's rows in place from the packed projection and writes the merged output,
 and its backward the packed gradient, in one pass each (the tiny CLIP's 64x17x(3x64), 4 heads, forward + backward:
-0.32 ms vs 0.94 ms for torch's math kernel and 1.8 ms for its default, flash). It keeps the (B, heads, T, T)
+0.35 ms vs 0.92 ms for torch's math kernel and 1.8 ms for its default, flash). It keeps the (B, heads, T, T)
 probabilities for the backward, as the math kernel does: ``FastMultiheadAttention`` uses it up to 200 tokens, where
 it is still faster (``urda_fast/models/attention.py`` has the measurements). Backends: ``cpu`` and ``reference``
 (plain matmuls; every GPU tensor).
@@ -97,11 +97,15 @@ def _setup_context(ctx, inputs, output):
     qkv, _mask, heads, scale = inputs
     ctx.save_for_backward(qkv, output[1])  # the probabilities: the backward needs no softmax again
     ctx.attention = (heads, scale)
+    # The probabilities are the backward's, not a differentiable output; and an unused output gets no zero-filled
+    # gradient (a (B, heads, T, T) fill at every backward before).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad, _grad_probs):
     qkv, probs = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
+    if grad is None or not ctx.needs_input_grad[0]:
         return None, None, None, None
     grad_qkv = torch.ops.urda_fast.packed_attention_backward(grad.contiguous(), qkv, probs, *ctx.attention)
     return grad_qkv, None, None, None

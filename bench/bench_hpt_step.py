@@ -17,6 +17,9 @@ Both paths freeze it, so each ``trainable`` is a like-for-like comparison; the s
 variant name.
 
 ``ours_amp`` (CUDA only) is ``ours`` under bf16 autocast, the GPU configuration the issue's GPU target names.
+``ours_compile`` is ``ours`` with ``compile=True`` (``--compile``: the image towers through ``torch.compile``, in
+place); its compilation happens before timing, and the twins paired with it run eagerly
+(``torch.compiler.set_stance("force_eager")``), though they call the same, now compiled, modules.
 
 Before timing, the first loss of every path is computed on the same untouched weights and asserted equal to the
 eager twin's (``ours_amp``: to bf16 rounding): the step does the same work, or the ratio would mean nothing. Every
@@ -57,7 +60,7 @@ def torch_layers(*models):
             module.__class__ = cls
 
 
-@pytest.fixture(params=["eager", "lean", "ours", "ours_amp"])
+@pytest.fixture(params=["eager", "lean", "ours", "ours_compile", "ours_amp"])
 def path(request):
     return request.param
 
@@ -68,7 +71,7 @@ def test_hpt_step(bench, shape, path, trainable):
         pytest.skip("ours_amp (bf16 autocast) is timed on CUDA only")
     pair, batch, size, classes = shape
     target_arch, proxy_arch = PAIRS[pair]
-    cfg = step_config(attack_steps=5, trainable=trainable)
+    cfg = step_config(attack_steps=5, trainable=trainable, compile=path == "ours_compile")
     models = load_step_models(target_arch, proxy_arch, device=bench.device)
     built = build_hpt_step(models, cfg, batch_size=batch, image_size=size, num_classes=classes)
     task, x, y = built.task, built.x, built.y
@@ -79,11 +82,11 @@ def test_hpt_step(bench, shape, path, trainable):
                    for head in (task.head, task.proxy, task.anchor)]
 
     def eager_loss(style="code"):
-        with torch_layers(*(head.clip for head in eager_heads)):
+        with torch_layers(*(head.clip for head in eager_heads)), torch.compiler.set_stance("force_eager"):
             return eager_hpt_loss(*eager_heads, x, y, cfg, proxy_weight, anchor_weight, style=style)
 
-    loss_fn = {"ours": built.loss, "ours_amp": autocast_bf16(built.loss), "eager": eager_loss,
-               "lean": lambda: eager_loss("lean")}[path]
+    loss_fn = {"ours": built.loss, "ours_compile": built.loss, "ours_amp": autocast_bf16(built.loss),
+               "eager": eager_loss, "lean": lambda: eager_loss("lean")}[path]
     # KL summed over the batch of near-uniform distributions: a small total of large cancelling terms, so float32
     # round-off is a few 1e-6 absolute (x_adv comes out identical); atol as in bench_dart_step. bf16: to its rounding.
     tolerance = dict(rtol=5e-2, atol=5e-3) if path == "ours_amp" else dict(rtol=1e-4, atol=1e-5)

@@ -360,3 +360,24 @@ def test_demo_writes_the_documented_report(world, tmp_path):
         assert 0 <= row["robust"] <= row["clean"] <= 100 and set(row["per_dataset"]) == {
             "world:digits", "world:handwritten", "world:style"}
     assert (tmp_path / "demo" / "report.md").read_text().startswith("Zero-shot accuracy")
+
+
+def test_compiled_image_towers_train_as_the_eager_ones():
+    """compile=True: the towers run through torch.compile (in place: same modules, same state dict keys) and two
+    training steps give the eager run's losses and weights, up to float rounding."""
+    from urda_fast.hpt.step_builder import build_hpt_step, load_step_models, step_config
+
+    runs = []
+    for compiled in (False, True):
+        models = load_step_models("urda-tiny-vit", "urda-tiny-rn", device="cpu", seed=0)
+        keys = list(models.target.state_dict())
+        built = build_hpt_step(models, step_config(attack_steps=2, compile=compiled), batch_size=8, num_classes=4)
+        losses_ = [float(built.step()) for _ in range(2)]
+        towers = (built.task.head, built.task.proxy, built.task.anchor)
+        assert all((head.clip.visual._compiled_call_impl is not None) == compiled for head in towers)
+        assert list(models.target.state_dict()) == keys
+        runs.append((losses_, models.target.state_dict()))
+    (eager_losses, eager_state), (compiled_losses, compiled_state) = runs
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-4, atol=1e-6)
+    for name, value in eager_state.items():
+        torch.testing.assert_close(compiled_state[name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -102,6 +102,14 @@ def _state_dict_of(path: str) -> dict | None:
     return None
 
 
+def compile_image_tower(clip) -> None:
+    """``torch.compile`` the image tower of ``clip`` in place (``nn.Module.compile``: the same module, parameters and
+    state dict, so checkpoints and the optimizer are unaffected). The attack's steps and the training forwards all
+    run it; the text tower runs once per step at most and stays eager. The first calls compile (once per input shape
+    and per ``requires_grad`` pattern: the attack's frozen parameters, the training step's trained ones)."""
+    clip.visual.compile()
+
+
 def load_clip(arch: str, checkpoint: str | None, device: str | torch.device = "cpu"):
     """An open_clip model (float32, eval mode) and its tokenizer.
 

@@ -26,7 +26,7 @@ from urda_fast.profiling import enable_nvtx, nvtx_range
 from urda_fast.train import LoopSettings, fit
 
 from . import losses
-from .clip_models import load_clip_arg, parse_model_arg
+from .clip_models import compile_image_tower, load_clip_arg, parse_model_arg
 from .config import METHODS, TrainConfig, parse_trainable, text_frozen
 from .data import ZeroShotSet, eval_transform, loader_workers, open_dataset, subset, tinyimagenet
 from .evaluate import zero_shot_robustness
@@ -92,6 +92,10 @@ class HptTask:
         for frozen in (proxy, anchor):
             if frozen is not None:
                 frozen.eval().requires_grad_(False)
+        if cfg.compile:
+            for model in (head, proxy, anchor):
+                if model is not None:
+                    compile_image_tower(model.clip)
 
     def modules(self):
         return {"target": self.head.clip}

@@ -46,6 +46,11 @@ def test_profile_hpt_rejects_a_bad_model_argument(tmp_path):
               "--device", "cpu"])
 
 
+def test_profile_dart_says_compile_is_an_hpt_option(tmp_path):
+    with pytest.raises(SystemExit, match="--compile is an hpt option"):
+        main(["profile", "dart", "--compile", "--out", str(tmp_path), "--device", "cpu"])
+
+
 def _one_step_loss(nvtx: bool):
     enable_nvtx(nvtx)
     try:

@@ -103,17 +103,17 @@ def dart_step_fn(*, backbone: str = "digits_cnn", batch_size: int = 64, image_si
 
 def hpt_step_fn(*, target_arch: str = "urda-tiny-vit", proxy_arch: str = "urda-tiny-rn", batch_size: int = 64,
                 image_size: int = 0, attack_steps: int = 5, device: str = "auto", target: str = "", proxy: str = "",
-                num_classes: int = 10, trainable: str = "all", seed: int = 0):
+                num_classes: int = 10, trainable: str = "all", seed: int = 0, compile: bool = False):
     """One HPT step in GPD's HPT phase (text, attack, target / proxy / anchor forward, loss, backward, optimizer) on a
     fixed random batch of ``num_classes`` classes. The target and proxy are ``target`` / ``proxy``
     (``"ARCH:CHECKPOINT"``, real weights) or randomly initialised ``target_arch`` / ``proxy_arch``; the anchor is a
-    copy of the target.
+    copy of the target. ``compile``: the image towers through ``torch.compile``, as ``hpt train --compile``.
     ``image_size`` 0 = the target's input size. Returns ``(step, device)``."""
     from urda_fast.hpt.step_builder import build_hpt_step, load_step_models, step_config
 
     models = load_step_models(target_arch, proxy_arch, target=target, proxy=proxy, device=device, seed=seed)
     # Random start as in a real run: the profile should show the step train() takes.
-    cfg = step_config(attack_steps=attack_steps, trainable=trainable, attack_random_start=True)
+    cfg = step_config(attack_steps=attack_steps, trainable=trainable, attack_random_start=True, compile=compile)
     built = build_hpt_step(models, cfg, batch_size=batch_size, image_size=image_size, num_classes=num_classes,
                            seed=seed)
 

@@ -63,7 +63,8 @@ for phase in "$@"; do
       grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
       tail -3 "$OUT/tests.log" ;;
     ops) bench ops "${OPS_SECONDS:-200}" bench/bench_kd_kl.py bench/bench_pgd_step.py bench/bench_feature_losses.py ;;
-    # STEP_ARGS narrows it where time is short, e.g. STEP_ARGS='-k "resnet50 or b32 or 224"' for the paper-scale shapes
+    # STEP_ARGS narrows it where time is short, e.g. STEP_ARGS='-k "resnet50 or b32 or 224"' for the paper-scale shapes;
+    # add 'and not compile' to leave out ours_compile, whose ViT-B towers compile for minutes before the first round
     steps) eval bench steps "${STEP_SECONDS:-540}" bench/bench_dart_step.py bench/bench_hpt_step.py bench/bench_attacks.py \
              ${STEP_ARGS:-} ;;
     *) echo "unknown phase $phase (build, tests, ops, steps)" >&2; exit 2 ;;

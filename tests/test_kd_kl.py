@@ -167,6 +167,27 @@ def test_kd_kl_compiles_fullgraph(backend):
         torch.testing.assert_close(a, b)
 
 
+def test_kd_kl_prescaled_cpu_gradients_compile_fullgraph(monkeypatch):
+    """The CPU forward's prescaled gradients (forced on small logits) under torch.compile: the traced backward takes
+    the general scaling path, and loss weights other than 1 come out right."""
+    from urda_fast.ops import kd_kl as kd_kl_module
+
+    monkeypatch.setattr(kd_kl_module, "PRESCALE_FROM", 0)
+    student, teacher = logits((4, 10), torch.float32, "cpu"), logits((4, 10), torch.float32, "cpu")
+    weight = torch.rand(4)
+
+    def loss_fn(s, t):
+        return 0.3 * ops.kd_kl_loss(s, t, temperature=2.0, weight=weight, backend="cpu", t2_scale=True)
+
+    eager = loss_and_grads(loss_fn, student, teacher)
+    compiled = loss_and_grads(torch.compile(loss_fn, fullgraph=True), student, teacher)
+    reference_grads = loss_and_grads(lambda s, t: 0.3 * reference.kd_kl_loss(s, t, temperature=2.0, weight=weight,
+                                                                             t2_scale=True), student, teacher)
+    for a, b, c in zip(compiled, eager, reference_grads):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
+
+
 def test_kd_kl_keeps_no_logits_sized_buffer():
     """Forward saves only the (B, 4) softmax statistics besides its inputs; backward writes only what is asked for."""
     s, t = torch.randn(3, 5), torch.randn(3, 5)
@@ -248,12 +269,20 @@ def test_kd_kl_cpu_gradients_in_forward_equal_the_recomputing_backward(dtype, cl
     assert not same[2].any() and not same[3].any()
 
 
-def test_kd_kl_backward_twice_gives_the_same_bits(backend):
-    """retain_graph=True: a second backward (the CPU backend's in-place buffers are spent by then) equals the first."""
+@pytest.mark.parametrize("prescale_from", [None, 0], ids=["default", "prescaled"])
+@pytest.mark.parametrize("loss_weight", [1.0, 0.3])
+def test_kd_kl_backward_twice_gives_the_same_bits(backend, loss_weight, prescale_from, monkeypatch):
+    """retain_graph=True: a second backward (the CPU backend's in-place buffers are spent by then) equals the first,
+    with the CPU forward's gradients prescaled or not, and loss gradients of 1 and other."""
+    from urda_fast.ops import kd_kl as kd_kl_module
+
+    if prescale_from is not None:
+        monkeypatch.setattr(kd_kl_module, "PRESCALE_FROM", prescale_from)
     name, device = backend
     student = logits((5, 37), torch.float32, device).requires_grad_()
     teacher = logits((5, 37), torch.float32, device).requires_grad_()
-    loss = ops.kd_kl_loss(student, teacher, temperature=2.0, weight=torch.rand(5, device=device), backend=name)
+    loss = loss_weight * ops.kd_kl_loss(student, teacher, temperature=2.0, weight=torch.rand(5, device=device),
+                                        backend=name)
     first = torch.autograd.grad(loss, (student, teacher), retain_graph=True)
     second = torch.autograd.grad(loss, (student, teacher), retain_graph=True)
     student_only = torch.autograd.grad(loss, student)
@@ -281,6 +310,63 @@ def test_kd_kl_cpu_with_grad_opcheck():
                                    2.0, *flags))
     with pytest.raises(RuntimeError, match="float32 or float64"):
         op(student.bfloat16(), teacher.bfloat16(), 2.0, True, False)
+
+
+@pytest.mark.parametrize("reduction, t2_scale, weighted", [("batchmean", False, True), ("sum", True, True),
+                                                          ("batchmean", True, False)])
+@pytest.mark.parametrize("prescale_from", [0, None], ids=["prescaled", "default-size-rule"])
+def test_kd_kl_cpu_prescaled_gradients_match_a_scaled_buffer_bit_for_bit(reduction, t2_scale, weighted,
+                                                                          prescale_from, monkeypatch):
+    """The forward writes its gradients times the row gradients of a unit loss gradient (unit_row_gradients; for
+    logits of PRESCALE_FROM elements or more, 0 here to run it on small ones): loss.backward() then hands them on
+    untouched, bit for bit what scaling the unscaled buffer gives; any other loss gradient (a loss weight) and a
+    zero sample weight still give the reference's gradients."""
+    from urda_fast.ops import kd_kl as kd_kl_module
+    from urda_fast.ops.kd_kl import unit_row_gradients
+
+    if prescale_from is not None:
+        monkeypatch.setattr(kd_kl_module, "PRESCALE_FROM", prescale_from)
+
+    student, teacher = logits((7, 130), torch.float32, "cpu", 5.0), logits((7, 130), torch.float32, "cpu", 5.0)
+    weight = torch.rand(7) if weighted else None
+    if weighted:
+        weight[2] = 0.0
+    kwargs = dict(temperature=2.0, weight=weight, reduction=reduction, t2_scale=t2_scale)
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    loss = ops.kd_kl_loss(s, t, **kwargs, backend="cpu")
+    got = torch.autograd.grad(loss, (s, t))
+    # The row gradients autograd computes for a unit loss gradient, through the reference's reduction.
+    rows = torch.zeros(7, requires_grad=True)
+    (unit,) = torch.autograd.grad(reference.reduce_kd_rows(rows, weight, reduction, t2_scale, 2.0), rows)
+    assert torch.equal(unit_row_gradients(7, weight, reduction, t2_scale, 2.0, torch.float32), unit)
+    unscaled = torch.ops.urda_fast.kd_kl_forward_with_grad(student, teacher, 2.0, True, True)[2:]
+    for g, buffer in zip(got, unscaled):
+        assert torch.equal(g, buffer * unit.unsqueeze(1))
+    s64, t64 = student.double().requires_grad_(), teacher.double().requires_grad_()
+    want = torch.autograd.grad(0.37 * reference.kd_kl_loss(s64, t64, **{**kwargs, "weight": None if weight is None
+                                                                          else weight.double()}), (s64, t64))
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    got = torch.autograd.grad(0.37 * ops.kd_kl_loss(s, t, **kwargs, backend="cpu"), (s, t))  # loss gradient 0.37
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-7)
+    if weighted:
+        assert not got[0][2].any() and not got[1][2].any()
+
+
+def test_kd_kl_cpu_row_scale_scales_the_gradients_and_is_checked():
+    student, teacher = logits((3, 11), torch.float32, "cpu"), logits((3, 11), torch.float32, "cpu")
+    op = torch.ops.urda_fast.kd_kl_forward_with_grad
+    scale = torch.rand(3)
+    scaled, unscaled = op(student, teacher, 2.0, True, True, scale), op(student, teacher, 2.0, True, True)
+    for got, want in zip(scaled, unscaled[:2] + tuple(g * scale.unsqueeze(1) for g in unscaled[2:])):
+        assert torch.equal(got, want)
+    # Unit row gradients: opcheck's backward hands the buffers on as they are. (Any other scale makes the first
+    # backward scale them in place: they are the op's outputs too, and opcheck, which keeps and compares those,
+    # would see that; kd_kl_loss never returns them.)
+    torch.library.opcheck(op, (student.clone().requires_grad_(), teacher, 2.0, True, False, torch.ones(3)))
+    for bad in (torch.rand(4), torch.rand(3, dtype=torch.float64), torch.rand(6)[::2]):
+        with pytest.raises(RuntimeError, match="row_scale must be a contiguous"):
+            op(student, teacher, 2.0, True, False, bad)
 
 
 def _allocations(fn):

@@ -42,7 +42,7 @@ template <bool kGrad, typename in_t, typename acc_t>
 __attribute__((always_inline)) inline acc_t kl_row(const in_t* __restrict__ s, const in_t* __restrict__ t, int64_t n,
                                                    int64_t n_out, acc_t inv_t, RowStats<acc_t>& stats,
                                                    acc_t* __restrict__ scratch, acc_t* __restrict__ grad_s,
-                                                   acc_t* __restrict__ grad_t) {
+                                                   acc_t* __restrict__ grad_t, acc_t row_scale) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t max_t = kNegInf, max_s = kNegInf;
 #pragma omp simd reduction(max : max_t, max_s)
@@ -85,7 +85,10 @@ __attribute__((always_inline)) inline acc_t kl_row(const in_t* __restrict__ s, c
     }
     if (grad_s) {
 #pragma omp simd
-      for (int64_t j = 0; j < n_out; ++j) grad_s[j] = (exp_s[j] - exp_t[j]) * inv_t;
+      for (int64_t j = 0; j < n_out; ++j) {
+        const acc_t grad = (exp_s[j] - exp_t[j]) * inv_t;  // rounded, then scaled: the backward's mul_ bit for bit
+        grad_s[j] = grad * row_scale;
+      }
     }
     if (grad_t) {
       const acc_t log_sum_t = stats.log_sum_t, log_sum_s = stats.log_sum_s;
@@ -95,7 +98,7 @@ __attribute__((always_inline)) inline acc_t kl_row(const in_t* __restrict__ s, c
         const acc_t log_p = (static_cast<acc_t>(t[j]) - shift_t) * inv_t - log_sum_t;
         const acc_t log_q = (static_cast<acc_t>(s[j]) - shift_s) * inv_t - log_sum_s;
         const acc_t grad = p * (log_p - log_q - kl) * inv_t;
-        grad_t[j] = p > 0 ? grad : acc_t(0);
+        grad_t[j] = (p > 0 ? grad : acc_t(0)) * row_scale;
       }
     }
   }
@@ -116,17 +119,18 @@ template <bool kGrad, typename scalar_t>
 URDA_FAST_CLONES typename AccType<scalar_t>::type kl_row_forward(
     const scalar_t* __restrict__ s, const scalar_t* __restrict__ t, int64_t n, typename AccType<scalar_t>::type inv_t,
     RowStats<typename AccType<scalar_t>::type>& stats, typename AccType<scalar_t>::type* __restrict__ scratch,
-    typename AccType<scalar_t>::type* __restrict__ grad_s, typename AccType<scalar_t>::type* __restrict__ grad_t) {
+    typename AccType<scalar_t>::type* __restrict__ grad_s, typename AccType<scalar_t>::type* __restrict__ grad_t,
+    typename AccType<scalar_t>::type row_scale) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t padded = padded_length(n);
-  if (padded == n) return kl_row<kGrad>(s, t, n, n, inv_t, stats, scratch, grad_s, grad_t);
+  if (padded == n) return kl_row<kGrad>(s, t, n, n, inv_t, stats, scratch, grad_s, grad_t, row_scale);
   alignas(64) acc_t s_pad[kPadBelow], t_pad[kPadBelow];
   for (int64_t j = 0; j < n; ++j) {
     s_pad[j] = static_cast<acc_t>(s[j]);
     t_pad[j] = static_cast<acc_t>(t[j]);
   }
   for (int64_t j = n; j < padded; ++j) s_pad[j] = t_pad[j] = -std::numeric_limits<acc_t>::infinity();
-  return kl_row<kGrad>(s_pad, t_pad, padded, n, inv_t, stats, scratch, grad_s, grad_t);
+  return kl_row<kGrad>(s_pad, t_pad, padded, n, inv_t, stats, scratch, grad_s, grad_t, row_scale);
 }
 
 // d kl / d s_j = (q_j - p_j) / T and d kl / d t_j = p_j (log p_j - log q_j - kl) / T (0 where p_j == 0), each times
@@ -192,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_forward_cpu(const at::Tensor& student, 
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         out[i] = kl_row_forward<false, scalar_t>(s + i * cols, t + i * cols, cols, inv_t, row_stats[i], nullptr,
-                                                 nullptr, nullptr);
+                                                 nullptr, nullptr, 1);
       }
     });
   });
@@ -200,13 +204,22 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_forward_cpu(const at::Tensor& student, 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_forward_with_grad_cpu(
-    const at::Tensor& student, const at::Tensor& teacher, double temperature, bool grad_student, bool grad_teacher) {
+    const at::Tensor& student, const at::Tensor& teacher, double temperature, bool grad_student, bool grad_teacher,
+    const std::optional<at::Tensor>& row_scale) {
   at::Tensor kl, stats;  // not a structured binding: the kernels' lambdas capture them (C++20 before clang 16)
   std::tie(kl, stats) = checked_forward_outputs(student, teacher, temperature);
   TORCH_CHECK(student.scalar_type() == at::kFloat || student.scalar_type() == at::kDouble,
               "urda_fast: kd_kl_forward_with_grad takes float32 or float64 logits, got ", student.scalar_type(),
               "; use kd_kl_forward + kd_kl_backward for half types");
   const int64_t rows = student.size(0), cols = student.size(1);
+  const bool scaled = row_scale.has_value() && row_scale->defined();
+  if (scaled) {
+    TORCH_CHECK(row_scale->device().is_cpu() && row_scale->scalar_type() == student.scalar_type() &&
+                    row_scale->dim() == 1 && row_scale->size(0) == rows && row_scale->is_contiguous(),
+                "urda_fast: kd_kl_forward_with_grad's row_scale must be a contiguous (", rows, ",) CPU tensor of the "
+                "logits' dtype ", student.scalar_type(), ", got ", row_scale->sizes(), " ", row_scale->scalar_type(),
+                " on ", row_scale->device());
+  }
   at::Tensor d_student = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
   at::Tensor d_teacher = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
   if (rows == 0) return {kl, stats, d_student, d_teacher};
@@ -218,13 +231,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_forward_with_gr
     scalar_t* out = kl.mutable_data_ptr<scalar_t>();
     auto* row_stats = reinterpret_cast<RowStats<scalar_t>*>(stats.mutable_data_ptr<scalar_t>());
     const auto inv_t = static_cast<scalar_t>(1.0 / temperature);
+    const scalar_t* scale = scaled ? row_scale->const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
       // The row's exponentials: 8 KB for 1000 float32 classes, in L1 when the gradients are written from them.
       std::vector<scalar_t> scratch(2 * padded_length(cols));
       for (int64_t i = begin; i < end; ++i) {
         const int64_t off = i * cols;
         out[i] = kl_row_forward<true, scalar_t>(s + off, t + off, cols, inv_t, row_stats[i], scratch.data(),
-                                                gs ? gs + off : nullptr, gt ? gt + off : nullptr);
+                                                gs ? gs + off : nullptr, gt ? gt + off : nullptr,
+                                                scale ? scale[i] : scalar_t(1));
       }
     });
   });

@@ -1,8 +1,10 @@
 """``kd_kl_loss``: temperature-scaled distillation KL. The forward keeps each row's softmax statistics (B, 4); the
 backward recomputes the softmaxes from them in one pass, so forward + backward needs no logits-sized buffer beyond
 the gradients it returns. On the CPU backend a float32/float64 call that will need gradients writes them in the
-forward instead (``kd_kl_forward_with_grad``: the exps, which bound the CPU kernel, are computed once), and the
-backward scales that buffer in place: still one (B, C) buffer per gradient."""
+forward instead (``kd_kl_forward_with_grad``: the exps, which bound the CPU kernel, are computed once), already
+scaled by the row gradients a loss gradient of 1 gives (``unit_row_gradients``), so the usual backward hands the
+buffer on untouched and any other scales it in place: still one (B, C) buffer per gradient, and no second pass over
+it for large logits (``PRESCALE_FROM``)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,10 @@ import torch
 from . import _backends, _checks, reference
 
 REDUCTIONS = ("batchmean", "sum", "none")
+# Logits from which the CPU forward writes its gradients prescaled (unit_row_gradients): the backward's pass over the
+# (B, C) buffers it saves is 8-12% of forward + backward at 4096 x 1000 (from a cold cache), and the few (B,)-sized
+# operations that make the scale cost more than that pass below about this size (256 x 1000: 0.95-1.0x).
+PRESCALE_FROM = 1 << 18
 
 
 def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, reduction="batchmean",
@@ -65,12 +71,31 @@ def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, 
     grad_student = torch.is_grad_enabled() and student.requires_grad
     grad_teacher = torch.is_grad_enabled() and teacher.requires_grad
     if name == "cpu" and dtype in (torch.float32, torch.float64) and (grad_student or grad_teacher):
+        prescale = reduction != "none" and student.numel() >= PRESCALE_FROM
+        row_scale = unit_row_gradients(student.shape[0], weight, reduction, t2_scale, temperature, dtype) \
+            if prescale else None
         rows = torch.ops.urda_fast.kd_kl_forward_with_grad(student, teacher, float(temperature), grad_student,
-                                                           grad_teacher)[0]
+                                                           grad_teacher, row_scale)[0]
     else:
         op = _backends.op_for(name, "kd_kl", "kd_kl_forward", register)
         rows, _ = op(student, teacher, float(temperature))
     return reference.reduce_kd_rows(rows, weight, reduction, t2_scale, temperature)
+
+
+def unit_row_gradients(rows, weight, reduction, t2_scale, temperature, dtype):
+    """d loss / d rows_i of ``reference.reduce_kd_rows`` for a loss gradient of 1, computed with the operations
+    autograd runs backwards through it (div by B, expand, times T^2, times weight), so that a backward whose loss
+    gradient is 1 receives exactly these row gradients. The CPU forward writes its gradients scaled by them; the
+    backward then only compares (B values) instead of scaling the (B, C) buffers."""
+    grad = torch.ones((), dtype=dtype)
+    if reduction == "batchmean":
+        grad = grad / rows
+    grad = grad.expand(rows)
+    if t2_scale:
+        grad = grad * (temperature * temperature)
+    if weight is not None:
+        grad = grad * weight.detach().to(dtype)
+    return grad.contiguous()
 
 
 def _fake_kd_kl_forward(student, teacher, temperature):
@@ -86,7 +111,7 @@ def _fake_kd_kl_backward(grad_rows, student, teacher, kl, stats, temperature, gr
             torch.empty_like(teacher) if grad_teacher else teacher.new_empty((0,)))
 
 
-def _fake_kd_kl_forward_with_grad(student, teacher, temperature, grad_student, grad_teacher):
+def _fake_kd_kl_forward_with_grad(student, teacher, temperature, grad_student, grad_teacher, row_scale=None):
     kl, stats = _fake_kd_kl_forward(student, teacher, temperature)
     return (kl, stats, torch.empty_like(student) if grad_student else student.new_empty((0,)),
             torch.empty_like(teacher) if grad_teacher else teacher.new_empty((0,)))
@@ -103,13 +128,14 @@ def _setup_context_kd_kl_forward(ctx, inputs, output):
 
 
 def _setup_context_kd_kl_forward_with_grad(ctx, inputs, output):
-    student, teacher, temperature, grad_student, grad_teacher = inputs
+    student, teacher, temperature, grad_student, grad_teacher, row_scale = inputs
     kl, stats, d_student, d_teacher = output
     _setup_context_kd_kl_forward(ctx, (student, teacher, temperature), (kl, stats))
     ctx.mark_non_differentiable(d_student, d_teacher)
     # Not saved tensors: the first backward scales them in place and hands them on (saved ones would be
     # version-checked, and kept alive until the graph is freed).
     ctx.row_gradients = (d_student if grad_student else None, d_teacher if grad_teacher else None)
+    ctx.row_scale = row_scale  # what the buffers are already scaled by (None: 1)
 
 
 def _recomputing_backward(ctx, grad_rows, backward_op):
@@ -126,25 +152,39 @@ def _scale_rows(gradient, scale):
     return gradient.mul_(scale) if type(gradient) is torch.Tensor else gradient * scale
 
 
+def _remaining_scale(grad_rows, row_scale):
+    """What buffers written scaled by ``row_scale`` still need for row gradients ``grad_rows``: None when they are
+    equal (a loss gradient of 1, the usual case: nothing to do), else grad_rows / row_scale, 0 where row_scale is 0
+    (a zero weight: its rows are 0 and stay so)."""
+    if type(grad_rows) is torch.Tensor and torch.equal(grad_rows, row_scale):  # real tensors only: no data-dependent
+        return None                                                             # branch in compile's traced backward
+    return torch.where(row_scale != 0, grad_rows / row_scale, torch.zeros_like(grad_rows))
+
+
 def _backward_kd_kl_forward_with_grad(ctx, grad_rows, _grad_stats, _grad_d_student, _grad_d_teacher):
     need_student, need_teacher = ctx.needs_input_grad[:2]
     row_gradients, ctx.row_gradients = ctx.row_gradients, None
+    no_grads = (None,) * 4  # temperature, grad_student, grad_teacher, row_scale
     if grad_rows is None or not (need_student or need_teacher):
-        return None, None, None, None, None
+        return None, None, *no_grads
     if torch.is_grad_enabled():
         # create_graph=True: kd_kl_backward's autograd refuses a second derivative clearly, where a scaled buffer
         # would silently have none.
-        return *_recomputing_backward(ctx, grad_rows, torch.ops.urda_fast.kd_kl_backward), None, None, None
+        return *_recomputing_backward(ctx, grad_rows, torch.ops.urda_fast.kd_kl_backward), *no_grads
+    grad_rows = grad_rows.to(ctx.saved_tensors[2].dtype)
     if (row_gradients is None or (need_student and row_gradients[0] is None)
             or (need_teacher and row_gradients[1] is None)):
         # A second backward through the graph (retain_graph=True): the buffers are spent. The same kernel makes
         # them again, so every backward gives the same bits.
         student, teacher = ctx.saved_tensors[:2]
         row_gradients = torch.ops.urda_fast.kd_kl_forward_with_grad(student, teacher, ctx.temperature, need_student,
-                                                                    need_teacher)[2:]
-    scale = grad_rows.to(ctx.saved_tensors[2].dtype).unsqueeze(1)
+                                                                    need_teacher, ctx.row_scale)[2:]
+    scale = grad_rows if ctx.row_scale is None else _remaining_scale(grad_rows, ctx.row_scale)
+    if scale is None:
+        return (row_gradients[0] if need_student else None), (row_gradients[1] if need_teacher else None), *no_grads
+    scale = scale.unsqueeze(1)
     return (_scale_rows(row_gradients[0], scale) if need_student else None,
-            _scale_rows(row_gradients[1], scale) if need_teacher else None, None, None, None)
+            _scale_rows(row_gradients[1], scale) if need_teacher else None, *no_grads)
 
 
 def register(suffix: str, *, fake: bool) -> None:

@@ -260,14 +260,14 @@ URDA_FAST_CLONES void attend_head(const scalar_t* __restrict__ q, const scalar_t
   for (int64_t i0 = 0; i0 < tokens; i0 += kRows) {
     const int64_t rows = std::min<int64_t>(kRows, tokens - i0);
     const scalar_t* q_rows = q + i0 * row_in;
-    const scalar_t* p_rows = probs + i0 * tokens;
+    scalar_t* p_rows = probs + i0 * tokens;
     scalar_t* out_rows = out + i0 * row_out;
     block_matmul<kTokenBlock>(rows, q_rows, row_in, k_t, padded, scores, padded, head_dim, padded);
     if (rows == kRows) {
-      softmax_rows<kRows>(scores, mask + i0 * mask_row, mask_row, probs + i0 * tokens, tokens, padded, scale);
+      softmax_rows<kRows>(scores, mask + i0 * mask_row, mask_row, p_rows, tokens, padded, scale);
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        softmax_rows<1>(scores + r * padded, mask + (i0 + r) * mask_row, mask_row, probs + (i0 + r) * tokens, tokens,
+        softmax_rows<1>(scores + r * padded, mask + (i0 + r) * mask_row, mask_row, p_rows + r * tokens, tokens,
                         padded, scale);
     }
     block_matmul<kDim>(rows, p_rows, tokens, v, row_in, out_rows, row_out, tokens, head_dim);

@@ -68,9 +68,9 @@ MAX_PROBS_BYTES = 256 << 20
 class FastMultiheadAttention(nn.MultiheadAttention):
     """A drop-in ``nn.MultiheadAttention`` (same parameters and state dict) whose self-attention on CPU runs
     :func:`urda_fast.ops.packed_self_attention`: query, key and value the same tensor, float32/float64, at most
-    ``MAX_FUSED_TOKENS`` tokens and ``MAX_PROBS_BYTES`` of probabilities, no key padding mask, no attention weights asked for, no dropout in training, no CPU
-    autocast, an optional (T, T) float or bool ``attn_mask`` (bool: True = masked, as torch). Anything else runs
-    torch's module."""
+    ``MAX_FUSED_TOKENS`` tokens and ``MAX_PROBS_BYTES`` of probabilities, no key padding mask, no attention weights
+    asked for, no dropout in training, no CPU autocast, an optional (T, T) float or bool ``attn_mask`` (bool: True =
+    masked, as torch). Anything else runs torch's module."""
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):

@@ -156,8 +156,9 @@ def _remaining_scale(grad_rows, row_scale):
     """What buffers written scaled by ``row_scale`` still need for row gradients ``grad_rows``: None when they are
     equal (a loss gradient of 1, the usual case: nothing to do), else grad_rows / row_scale, 0 where row_scale is 0
     (a zero weight: its rows are 0 and stay so)."""
-    if type(grad_rows) is torch.Tensor and torch.equal(grad_rows, row_scale):  # real tensors only: no data-dependent
-        return None                                                             # branch in compile's traced backward
+    # Real tensors only: compile's traced backward must not branch on data.
+    if type(grad_rows) is torch.Tensor and torch.equal(grad_rows, row_scale):
+        return None
     return torch.where(row_scale != 0, grad_rows / row_scale, torch.zeros_like(grad_rows))
 
 

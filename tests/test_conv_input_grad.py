@@ -33,22 +33,26 @@ GEOMETRIES = [  # (C, O, (kh, kw), (sh, sw), (ph, pw), (H, W))
 ]
 
 
+@pytest.mark.parametrize("batch", ["few", "many"])
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
-def test_input_grad_matches_torch_in_float64(channels):
+def test_input_grad_matches_torch_in_float64(channels, batch):
+    """Fewer samples than twice the threads: bands of 16 input rows per task (33 rows: three bands, staged rows
+    shared); more: one task per sample, all its rows staged once."""
     torch.manual_seed(channels)
+    samples = 2 if batch == "few" else 2 * torch.get_num_threads() + 1
     for c, o, k, s, p, hw in (g for g in GEOMETRIES if g[0] == channels):
         out = [output_size(hw[i], k[i], s[i], p[i]) for i in range(2)]
         weight = torch.randn(o, c, *k, dtype=torch.float64)
-        grad_out = torch.randn(2, o, *out, dtype=torch.float64)
+        grad_out = torch.randn(samples, o, *out, dtype=torch.float64)
         got = torch.ops.urda_fast.conv2d_input_grad(grad_out, weight, list(hw), list(s), list(p))
         want = torch_input_grad(grad_out, weight, list(hw), list(s), list(p))
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{(c, o, k, s, p, hw)}")
 
 
-@pytest.mark.parametrize("shape", [(16, 3, 32, 32), (3, 3, 224, 224)], ids=["stem-32-padded", "stem-224-banded"])
+@pytest.mark.parametrize("shape", [(16, 3, 32, 32), (3, 3, 224, 224)], ids=["stem-32-whole", "stem-224-banded"])
 def test_input_grad_of_resnet_stem_in_float32(shape):
-    """ResNet's 7x7/2 stem with 64 output channels (o in blocks of 4): the small map is padded in one piece, the
-    224x224 one (over 8 MB padded) staged in row bands per task."""
+    """ResNet's 7x7/2 stem with 64 output channels (o in blocks of 4): a 32x32 sample is one task (on up to 8
+    threads), a 224x224 one (over 256 KiB staged) staged in bands of rows, a task each."""
     torch.manual_seed(0)
     weight = torch.randn(64, 3, 7, 7) * 0.1
     grad_out = torch.randn(shape[0], 64, shape[2] // 2, shape[3] // 2)
@@ -60,14 +64,14 @@ def test_input_grad_of_resnet_stem_in_float32(shape):
 @pytest.mark.parametrize("geometry", [((3, 5), (1, 2), (1, 2), (150, 299)), ((5, 3), (3, 1), (2, 1), (301, 160))],
                          ids=["k3x5-s1x2", "k5x3-s3x1"])
 def test_input_grad_banded_path_in_float64(geometry):
-    """Maps whose padded grad_out is over 8 MB are staged band by band (16 input rows per task): other kernels and
-    strides than the stem's, in float64 against torch."""
+    """Samples whose staged grad_out is over 256 KiB are staged band by band (16 input rows per task): other kernels
+    and strides than the stem's, in float64 against torch."""
     kernel, stride, padding, size = geometry
     torch.manual_seed(2)
     weight = torch.randn(64, 2, *kernel, dtype=torch.float64)
     out = [output_size(size[i], kernel[i], stride[i], padding[i]) for i in range(2)]
     grad_out = torch.randn(2, 64, *out, dtype=torch.float64)
-    assert grad_out.numel() * 8 > 8 << 20
+    assert grad_out[0].numel() * 8 > 256 << 10
     got = torch.ops.urda_fast.conv2d_input_grad(grad_out, weight, list(size), list(stride), list(padding))
     want = torch_input_grad(grad_out, weight, list(size), list(stride), list(padding))
     torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)

@@ -51,6 +51,12 @@ TORCH_LIBRARY(urda_fast, m) {
   m.def("max_pool2d_forward(Tensor x, int[2] kernel, int[2] stride, int[2] padding) -> (Tensor, Tensor)");
   m.def("max_pool2d_backward(Tensor grad_out, Tensor window_index, int[2] input_size, int[2] kernel, int[2] stride, "
         "int[2] padding) -> Tensor");
+  // Eval-mode BatchNorm of a contiguous (N, C, *) or channels-last tensor, optionally followed by ReLU: out =
+  // relu?(fma(x, scale[c], shift[c])), in x's layout. The backward returns (grad_out * grad_factors[0, c]) *
+  // grad_factors[1, c], zero where out <= 0 with ReLU (out, in grad_out's layout, is read only then). CPU only (float32 / float64): torch's eval backward makes two passes over the
+  // gradient and the input, and an attack runs it at every step.
+  m.def("batch_norm_eval_forward(Tensor x, Tensor scale, Tensor shift, Tensor grad_factors, bool relu) -> Tensor");
+  m.def("batch_norm_eval_backward(Tensor grad_out, Tensor out, Tensor grad_factors, bool relu) -> Tensor");
   // Multi-head self-attention from the packed input projection qkv (B, T, 3E) = [q | k | v], E = heads * head_dim (head
   // h at columns h * head_dim of each third, as nn.MultiheadAttention): (out (B, T, E), probs (B, heads, T, T)), out
   // = softmax(q k^T * scale + mask) v per head, heads side by side; mask: an additive (T, T) tensor; a row whose keys

@@ -1,7 +1,8 @@
 """Backbone registry: name -> nn.Module with ``out_features``. Weights only from local files, never downloaded.
 
-Their max pooling is :class:`urda_fast.models.MaxPool2d` (torch's values and gradients, a vectorised CPU kernel) and
-the ResNets' convolutions :class:`urda_fast.models.FastConv2d` (CPU fast paths for 1x1 maps)."""
+Their max pooling is :class:`urda_fast.models.MaxPool2d` (torch's values and gradients, a vectorised CPU kernel),
+their convolutions :class:`urda_fast.models.FastConv2d` (CPU fast paths for 1x1 maps and image inputs), and the
+digits CNN's eval-mode BatchNorm -> ReLU pairs one op each (:class:`urda_fast.models.FastSequential`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import torch
 import torch.nn as nn
 
+from .batch_norm import use_fast_batch_norm
 from .conv import use_fast_conv
 from .pooling import MaxPool2d, use_fast_pooling
 
@@ -27,6 +29,7 @@ class DigitsCNN(nn.Module):
         )
         self.out_features = 2 * width * 4
         use_fast_conv(self)  # the first layer's input gradient (attacks) through urda_fast's kernel
+        use_fast_batch_norm(self)  # eval-mode BatchNorm -> ReLU pairs (attacks) as one op
 
     def forward(self, x):
         return self.net(x)

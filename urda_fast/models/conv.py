@@ -22,6 +22,7 @@ from .. import ops
 from ..ops._memo import VersionedMemo
 from ._retype import retype
 from .attention import use_torch_attention
+from .batch_norm import use_torch_batch_norm
 from .pooling import use_torch_pooling
 
 
@@ -99,6 +100,6 @@ def use_torch_conv(model: nn.Module) -> nn.Module:
 
 
 def plain_torch(model: nn.Module) -> nn.Module:
-    """``model`` (in place) with torch's own convolution, pooling and attention modules: the plain-PyTorch twin that
-    the benchmarks compare against."""
-    return use_torch_attention(use_torch_conv(use_torch_pooling(model)))
+    """``model`` (in place) with torch's own convolution, pooling, attention and sequential modules: the plain-PyTorch
+    twin that the benchmarks compare against."""
+    return use_torch_batch_norm(use_torch_attention(use_torch_conv(use_torch_pooling(model))))

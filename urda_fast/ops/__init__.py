@@ -5,6 +5,7 @@
     >>> loss = ops.kd_kl_loss(student_logits, teacher_logits, temperature=2.0, weight=w)
     >>> y = ops.max_pool2d(x, 2)     # torch's values and gradients; a vectorised kernel for NCHW CPU tensors
     >>> y = ops.conv2d(x, w, b, stride=2, padding=3)   # F.conv2d; fast input gradient for 1-4 channels on CPU
+    >>> y = ops.batch_norm_eval(x, mean, var, w, b, relu=True)   # eval BatchNorm (+ ReLU), one pass each way
     >>> out = ops.packed_self_attention(qkv, heads=4)   # short-sequence multi-head attention; CPU kernel
     >>> ops.available_backends()
     ['reference', 'cpu']
@@ -12,17 +13,18 @@
 Every op has a pure-PyTorch definition in :mod:`urda_fast.ops.reference`.
 """
 
-from . import _backends, attention, conv, feature_losses, kd_kl, pgd, pooling, reference
+from . import _backends, attention, batch_norm, conv, feature_losses, kd_kl, pgd, pooling, reference
 from ._backends import BACKENDS, available_backends
 from .attention import packed_self_attention
+from .batch_norm import batch_norm_eval
 from .conv import conv2d
 from .feature_losses import feature_cosine_loss, feature_mse_loss
 from .kd_kl import kd_kl_loss
 from .pgd import pgd_step, pgd_step_
 from .pooling import max_pool2d
 
-__all__ = ["BACKENDS", "available_backends", "conv2d", "feature_cosine_loss", "feature_mse_loss", "kd_kl_loss",
-           "load_triton", "max_pool2d", "packed_self_attention", "pgd_step", "pgd_step_", "reference"]
+__all__ = ["BACKENDS", "available_backends", "batch_norm_eval", "conv2d", "feature_cosine_loss", "feature_mse_loss",
+           "kd_kl_loss", "load_triton", "max_pool2d", "packed_self_attention", "pgd_step", "pgd_step_", "reference"]
 
 _REGISTRARS = {"pgd_step": pgd.register, "kd_kl": kd_kl.register,
                "feature_losses": feature_losses.register}
@@ -38,6 +40,7 @@ def _register_native() -> None:
     pooling.register()
     conv.register()
     attention.register()
+    batch_norm.register()
 
 
 def load_triton() -> None:

@@ -154,3 +154,8 @@ def packed_self_attention(qkv, heads, mask=None, scale=None):
     dead = torch.isneginf(scores).all(-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
     return (probs @ v).transpose(1, 2).reshape(batch, tokens, embed)
+
+
+def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *, relu=False):
+    out = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)
+    return torch.relu(out) if relu else out

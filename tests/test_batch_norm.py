@@ -257,3 +257,16 @@ def test_attack_is_unchanged_by_the_fusion():
     if not vector_isa():
         pytest.skip("bit equality holds against torch's vectorised kernels (AVX2 / AVX-512) only")
     assert torch.equal(*adversarial)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_tensors_run_torch():
+    """On a GPU the op is torch's BatchNorm (+ ReLU), FastSequential does not fuse, and backend='cpu' says why."""
+    stats = tuple(t.cuda() for t in norm_stats(8, torch.float32))
+    x = torch.randn(4, 8, 64, 64, device="cuda")
+    torch.testing.assert_close(ops.batch_norm_eval(x, *stats, relu=True), torch_pair(stats, True)(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        ops.batch_norm_eval(x, *stats, backend="cpu")
+    model, twin = (m.cuda() for m in digits_pair())
+    images = torch.rand(64, 1, 16, 16, device="cuda")
+    torch.testing.assert_close(model(images), twin(images), rtol=0, atol=0)

@@ -126,7 +126,7 @@ def test_non_contiguous_runs_torch_and_cpu_backend_says_why():
     stats = norm_stats(4, torch.float32)
     x = torch.randn(3, 8, 5, 4)[:, ::2]
     torch.testing.assert_close(ops.batch_norm_eval(x, *stats, relu=True), torch_pair(stats, True)(x), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="not contiguous"):
+    with pytest.raises(ValueError, match="neither contiguous nor channels-last"):
         ops.batch_norm_eval(x, *stats, backend="cpu")
     with pytest.raises(ValueError, match="running_mean is None"):
         ops.batch_norm_eval(x.contiguous(), None, None, backend="cpu")

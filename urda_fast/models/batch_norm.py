@@ -4,8 +4,9 @@ An attack runs the model in eval mode, where such a pair is ``relu(x * scale + s
 differentiates it at every step: torch's BatchNorm and ReLU take two passes forward and three backward (its BatchNorm
 backward reduces the gradient and the input for weight and bias gradients an attack does not need), ours
 (:func:`urda_fast.ops.batch_norm_eval`) one each way, with torch's values and gradients. PGD-10 on the digits CNN
-(64x1x16x16), paired against the textbook eager loop: 1.17-1.18x -> 1.36-1.47x. Below ``MIN_NUMEL`` elements, on other devices, in training
-mode, with hooks on either module and under ``torch.fx`` tracing, the pair runs as the two modules it is.
+(64x1x16x16), paired against the textbook eager loop: 1.17-1.18x -> 1.36-1.47x. Below ``MIN_NUMEL`` elements, on
+other devices, in training mode, with hooks on either module and under ``torch.fx`` tracing, the pair runs as the two
+modules it is.
 """
 
 from __future__ import annotations

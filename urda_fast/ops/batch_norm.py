@@ -43,9 +43,10 @@ def _kernel_unusable(x, running_mean, running_var, weight, bias, backend) -> str
         return f"the input is on {x.device} (CPU tensors only)"
     if x.dtype not in (torch.float32, torch.float64):
         return f"dtype {x.dtype} (float32 or float64)"
-    if x.dim() < 2 or not (x.is_contiguous() or _channels_last(x)):
-        return (f"it takes contiguous (N, C, *) or channels-last inputs, got shape {tuple(x.shape)} and strides "
-                f"{x.stride()} (not contiguous)")
+    if x.dim() < 2:
+        return f"it takes (N, C, *) inputs, got shape {tuple(x.shape)}"
+    if not (x.is_contiguous() or _channels_last(x)):
+        return f"the input is neither contiguous nor channels-last (shape {tuple(x.shape)}, strides {x.stride()})"
     channels = x.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is None and name.startswith("running"):

@@ -1,5 +1,6 @@
-"""FastConv2d: its CPU fast paths (patch embedding as a matmul, centre tap of a 1x1 map) give the convolution's output
-and gradients (float64), keep the parameters and state dict, and every other case runs the convolution."""
+"""FastConv2d: its CPU fast paths (patch embedding as a matmul, a single output position as a linear layer on the
+window it reads) give the convolution's output and gradients (float64), keep the parameters and state dict, and
+every other case runs the convolution."""
 
 import re
 
@@ -24,7 +25,12 @@ def outputs_and_grads(module, x):
     (dict(kernel_size=3, padding=1), (1, 1)),                        # ResNet's last stage at 32x32: centre tap
     (dict(kernel_size=3, padding=1, stride=2), (1, 1)),
     (dict(kernel_size=(3, 5), padding=(1, 2), bias=False), (1, 1)),
+    (dict(kernel_size=3, padding=1, stride=2), (2, 2)),              # its first, 2x2 -> 1x1: a 2x2 block of taps
+    (dict(kernel_size=1, stride=2), (2, 2)),                         # its downsampling: reads the corner only
+    (dict(kernel_size=3, padding=2, stride=3), (1, 1)),              # one corner tap
+    (dict(kernel_size=(5, 3), padding=(2, 0), stride=(4, 2)), (3, 4)),  # a 3x3 window of a 5x3 kernel
     (dict(kernel_size=3, padding=1), (2, 2)),                        # no fast path: the convolution
+    (dict(kernel_size=(3, 5), padding=(1, 2), stride=2), (2, 3)),    # 1x2 outputs: the convolution
     (dict(kernel_size=3, padding=0, stride=3), (1, 1)),              # too small for its kernel: the convolution's error
 ])
 def test_matches_the_convolution(conv_args, size):
@@ -70,22 +76,25 @@ def test_compiles_fullgraph_with_both_fast_paths():
     torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
 
 
-def test_centre_tap_of_a_frozen_weight_is_reused_until_the_weight_changes():
-    """The frozen weight's contiguous tap is copied once (attacks); an in-place update, a swapped weight or a weight
-    that needs its gradient always gets the current tap."""
+def test_window_weight_of_a_frozen_weight_is_reused_until_the_weight_changes():
+    """The frozen weight's contiguous block of taps is copied once (attacks); an in-place update, another input size, a
+    swapped weight or a weight that needs its gradient always gets the current block."""
     import urda_fast.models.conv as conv_module
 
     torch.manual_seed(1)
-    conv = nn.Conv2d(6, 4, 3, padding=1).double()
-    fast = FastConv2d(6, 4, 3, padding=1).double()
+    conv = nn.Conv2d(6, 4, 3, padding=1, stride=2).double()
+    fast = FastConv2d(6, 4, 3, padding=1, stride=2).double()
     fast.load_state_dict(conv.state_dict())
     x = torch.randn(3, 6, 1, 1, dtype=torch.float64)
     for module in (conv, fast):
         module.requires_grad_(False)
     first = fast(x)
-    tap = conv_module._CENTRE_TAPS.get((fast.weight,))
+    entry = conv_module._WINDOW_WEIGHTS.get((fast.weight,))
     torch.testing.assert_close(fast(x), conv(x), rtol=1e-12, atol=1e-12)
-    assert tap is not None and conv_module._CENTRE_TAPS.get((fast.weight,)) is tap  # reused, not copied again
+    assert entry is not None and conv_module._WINDOW_WEIGHTS.get((fast.weight,)) is entry  # reused, not copied again
+    x2 = torch.randn(3, 6, 2, 2, dtype=torch.float64)  # the same weight on a 2x2 map: a 2x2 block, then back
+    torch.testing.assert_close(fast(x2), conv(x2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast(x), conv(x), rtol=1e-12, atol=1e-12)
     with torch.no_grad():
         for module in (conv, fast):
             module.weight.mul_(-2.0)  # in place: the version counter moves
@@ -96,8 +105,8 @@ def test_centre_tap_of_a_frozen_weight_is_reused_until_the_weight_changes():
                                atol=1e-12)
     del other
     fast._conv_forward(x, torch.randn_like(fast.weight), None)  # a temporary: dead after the call
-    # Dead weights' taps are dropped at the next insert: only the temporary's is left.
-    assert sum(refs[0]() is None for refs, _, _ in conv_module._CENTRE_TAPS.entries.values()) == 1
+    # Dead weights' blocks are dropped at the next insert: only the temporary's is left.
+    assert sum(refs[0]() is None for refs, _, _ in conv_module._WINDOW_WEIGHTS.entries.values()) == 1
     fast.requires_grad_(True)  # a weight that trains: no cached copy, its gradient flows
     (grad,) = torch.autograd.grad(fast(x).sum(), fast.weight)
     assert grad[:, :, 1, 1].abs().sum() > 0 and grad[:, :, 0].abs().sum() == 0

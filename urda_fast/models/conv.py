@@ -3,9 +3,12 @@
 - Patch embedding (stride = kernel, no padding, a ViT's first layer): a reshape and a matmul. Forward + input
   gradient of the tiny CLIP target's 8x8/stride-8 embedding on a 64x3x32x32 batch: 4.1 ms as a convolution, 0.7 ms
   as a matmul, and an HPT step runs it six times.
-- A 1x1 input map with an odd kernel padded by half of it (ResNet's last stage on 32x32 images): only the centre tap
-  meets the input, so the convolution is a linear layer on that tap. 16x512x1x1 through a 3x3 512->512 convolution,
-  forward + input gradient: 2.0 ms in oneDNN, 0.33 ms as the linear layer; three times per ResNet-18 forward.
+- A single output position (ResNet's last stage on 32x32 images: 3x3 convolutions of 1x1 maps, and its first,
+  stride 2 from a 2x2 map): the taps that meet the input form one block of the weight, so the convolution is a
+  linear layer on the input window it reads. 16x512x1x1 through a 3x3 512->512 convolution, forward + input
+  gradient: 2.0 ms in oneDNN, 0.33 ms as the linear layer (three per ResNet-18 forward); 16x256x2x2 through the 3x3
+  stride-2 256->512 one: 2.35 -> 0.59 ms. (Larger maps gain nothing: a 2x2 -> 2x2 convolution as one matrix reads
+  a weight 16/9 the size, and at 4x4 most of that matrix would be zeros.)
 - An input with 1-4 channels that requires grad (an image model's first layer under attack): the input gradient is
   :func:`urda_fast.ops.conv2d`'s kernel (ResNet's 7x7/2 stem on 16x3x32x32: 2.0 -> 0.9 ms per attack step).
 
@@ -35,29 +38,44 @@ def _is_patch_embedding(conv: nn.Conv2d) -> bool:
             and _plain(conv))
 
 
-def _centre_tap_only(conv: nn.Conv2d, x) -> bool:
-    kh, kw = conv.kernel_size
-    return (x.shape[-2:] == (1, 1) and kh % 2 == 1 and kw % 2 == 1 and (kh, kw) != (1, 1)
-            and conv.padding == (kh // 2, kw // 2) and _plain(conv))
+def _single_output_window(conv: nn.Conv2d, x) -> tuple[int, int] | None:
+    """(rows, columns) of the input that a convolution with a single output position reads (from the top left corner:
+    the taps from (padding_h, padding_w) on), or None for any other convolution. A 1x1 kernel on a 1x1 map is left
+    to the convolution, a matmul already."""
+    if isinstance(conv.padding, str) or not _plain(conv):
+        return None
+    (kh, kw), (ph, pw), (sh, sw) = conv.kernel_size, conv.padding, conv.stride
+    height, width = x.shape[-2:]
+    if (height + 2 * ph - kh) // sh != 0 or (width + 2 * pw - kw) // sw != 0:
+        return None  # several output positions, or an input smaller than the kernel (the convolution's error)
+    if (kh, kw) == (1, 1) and (height, width) == (1, 1):
+        return None
+    rows, cols = min(height, kh - ph), min(width, kw - pw)
+    return (rows, cols) if rows >= 1 and cols >= 1 else None
 
 
-# Contiguous centre taps of weights that did not change since (see ops/_memo.py).
-_CENTRE_TAPS = VersionedMemo()
+# Contiguous weight blocks of weights that did not change since (see ops/_memo.py).
+_WINDOW_WEIGHTS = VersionedMemo()
 
 
-def _centre_tap(weight):
-    """The centre tap of ``weight`` (O, I, kh, kw) as a contiguous (O, I) matrix: a strided one costs the matmul twice
-    its time, and the copy about as much again (0.4 ms for a 512x512 tap, three of them per ResNet-18 forward). An
-    attack runs many forwards with frozen weights, so the copy of a weight that needs no gradient is kept until the
-    weight changes (its version counter) or dies."""
-    kh, kw = weight.shape[-2:]
+def _window_weight(weight, padding, window):
+    """The taps ``weight[:, :, ph:ph + rows, pw:pw + cols]`` as a contiguous (O, I * rows * cols) matrix: a strided
+    one costs the matmul twice its time, and the copy about as much again (0.4 ms for a 512x512 centre tap, three of
+    them per ResNet-18 forward). An attack runs many forwards with frozen weights, so the copy of a weight that needs
+    no gradient is kept until the weight changes (its version counter) or dies."""
+    (ph, pw), (rows, cols) = padding, window
+
+    def block():
+        return weight[:, :, ph:ph + rows, pw:pw + cols].reshape(weight.shape[0], -1).contiguous()
+
     if weight.requires_grad or weight.is_inference() or torch.compiler.is_compiling():
-        return weight[:, :, kh // 2, kw // 2].contiguous()
-    tap = _CENTRE_TAPS.get((weight,))
-    if tap is None:
-        tap = weight[:, :, kh // 2, kw // 2].contiguous()
-        _CENTRE_TAPS.put((weight,), tap)
-    return tap
+        return block()
+    hit = _WINDOW_WEIGHTS.get((weight,))
+    if hit is not None and hit[0] == (padding, window):
+        return hit[1]
+    taps = block()
+    _WINDOW_WEIGHTS.put((weight,), ((padding, window), taps))
+    return taps
 
 
 class FastConv2d(nn.Conv2d):
@@ -70,8 +88,11 @@ class FastConv2d(nn.Conv2d):
             kh, kw = self.kernel_size
             if _is_patch_embedding(self) and x.shape[-2] >= kh and x.shape[-1] >= kw:
                 return self._patch_embedding(x, weight, bias)
-            if _centre_tap_only(self, x):
-                out = F.linear(x.flatten(1), _centre_tap(weight), bias)
+            window = _single_output_window(self, x)
+            if window is not None:
+                rows, cols = window
+                read = x if (rows, cols) == tuple(x.shape[-2:]) else x[:, :, :rows, :cols]
+                out = F.linear(read.flatten(1), _window_weight(weight, tuple(self.padding), window), bias)
                 return out.reshape(x.shape[0], self.out_channels, 1, 1)
             if self.in_channels <= ops.conv.MAX_CHANNELS and x.requires_grad and _plain(self):
                 return ops.conv2d(x, weight, bias, self.stride, self.padding)  # F.conv2d where the kernel cannot run

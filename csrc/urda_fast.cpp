@@ -53,8 +53,9 @@ TORCH_LIBRARY(urda_fast, m) {
         "int[2] padding) -> Tensor");
   // Eval-mode BatchNorm of a contiguous (N, C, *) or channels-last tensor, optionally followed by ReLU: out =
   // relu?(fma(x, scale[c], shift[c])), in x's layout. The backward returns (grad_out * grad_factors[0, c]) *
-  // grad_factors[1, c], zero where out <= 0 with ReLU (out, in grad_out's layout, is read only then). CPU only (float32 / float64): torch's eval backward makes two passes over the
-  // gradient and the input, and an attack runs it at every step.
+  // grad_factors[1, c], zero where out <= 0 with ReLU (out, in grad_out's layout, is read only then). CPU only
+  // (float32 / float64): torch's eval backward makes two passes over the gradient and the input, and an attack runs
+  // it at every step.
   m.def("batch_norm_eval_forward(Tensor x, Tensor scale, Tensor shift, Tensor grad_factors, bool relu) -> Tensor");
   m.def("batch_norm_eval_backward(Tensor grad_out, Tensor out, Tensor grad_factors, bool relu) -> Tensor");
   // Multi-head self-attention from the packed input projection qkv (B, T, 3E) = [q | k | v], E = heads * head_dim (head

@@ -1,8 +1,9 @@
 """Backbone registry: name -> nn.Module with ``out_features``. Weights only from local files, never downloaded.
 
 Their max pooling is :class:`urda_fast.models.MaxPool2d` (torch's values and gradients, a vectorised CPU kernel),
-their convolutions :class:`urda_fast.models.FastConv2d` (CPU fast paths for 1x1 maps and image inputs), and the
-digits CNN's eval-mode BatchNorm -> ReLU pairs one op each (:class:`urda_fast.models.FastSequential`)."""
+their convolutions :class:`urda_fast.models.FastConv2d` (CPU fast paths for a single output position and for
+image inputs), and the digits CNN's eval-mode BatchNorm -> ReLU pairs one op each
+(:class:`urda_fast.models.FastSequential`)."""
 
 from __future__ import annotations
 

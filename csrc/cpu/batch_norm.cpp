@@ -113,6 +113,21 @@ bool is_channels_last(const at::Tensor& x) {
   return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// How the kernels walk a tensor: `count` rows of C elements ((N, C) inputs and channels-last), else `count` = N * C
+// planes of `plane` elements; `grain` items per task at least.
+struct Walk {
+  bool rows;
+  int64_t count, plane, grain;
+};
+
+Walk walk_of(const at::Tensor& x) {
+  const int64_t channels = x.size(1), plane = x.numel() / (x.size(0) * channels);
+  if (plane == 1 || is_channels_last(x)) {
+    return {true, x.numel() / channels, 1, std::max<int64_t>(1, kGrain / channels)};
+  }
+  return {false, x.size(0) * channels, plane, std::max<int64_t>(1, kGrain / plane)};
+}
+
 void check_input(const at::Tensor& x, const at::Tensor& factors, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), "urda_fast: batch_norm_eval runs CPU tensors, got ", name, " on ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -135,22 +150,19 @@ at::Tensor batch_norm_eval_forward_cpu(const at::Tensor& x, const at::Tensor& sc
               " and ", shift.sizes());
   at::Tensor out = at::empty_like(x);  // x's layout
   if (x.numel() == 0) return out;
-  const bool rows = x.numel() == x.size(0) * channels || is_channels_last(x);
-  const int64_t plane = rows ? 1 : x.numel() / (x.size(0) * channels), row_count = x.numel() / channels;
+  const Walk walk = walk_of(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "urda_fast::batch_norm_eval_forward_cpu", [&] {
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const scalar_t* a = scale.const_data_ptr<scalar_t>();
     const scalar_t* b = shift.const_data_ptr<scalar_t>();
-    if (rows) {
-      at::parallel_for(0, row_count, std::max<int64_t>(1, kGrain / channels), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, walk.count, walk.grain, [&](int64_t begin, int64_t end) {
+      if (walk.rows) {
         forward_rows<scalar_t>(src, dst, a, b, channels, begin, end, relu);
-      });
-    } else {
-      at::parallel_for(0, x.size(0) * channels, std::max<int64_t>(1, kGrain / plane), [&](int64_t begin, int64_t end) {
-        forward_planes<scalar_t>(src, dst, a, b, channels, plane, begin, end, relu);
-      });
-    }
+      } else {
+        forward_planes<scalar_t>(src, dst, a, b, channels, walk.plane, begin, end, relu);
+      }
+    });
   });
   return out;
 }
@@ -167,25 +179,21 @@ at::Tensor batch_norm_eval_backward_cpu(const at::Tensor& grad_out, const at::Te
   }
   at::Tensor grad_in = at::empty_like(grad_out);
   if (grad_out.numel() == 0) return grad_in;
-  const int64_t channels = grad_out.size(1), row_count = grad_out.numel() / channels;
-  const bool rows = grad_out.numel() == grad_out.size(0) * channels || is_channels_last(grad_out);
-  const int64_t plane = rows ? 1 : grad_out.numel() / (grad_out.size(0) * channels);
+  const int64_t channels = grad_out.size(1);
+  const Walk walk = walk_of(grad_out);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "urda_fast::batch_norm_eval_backward_cpu", [&] {
     const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* y = relu ? out.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dst = grad_in.mutable_data_ptr<scalar_t>();
     const scalar_t* k0 = grad_factors.const_data_ptr<scalar_t>();
     const scalar_t* k1 = k0 + channels;
-    if (rows) {
-      at::parallel_for(0, row_count, std::max<int64_t>(1, kGrain / channels), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, walk.count, walk.grain, [&](int64_t begin, int64_t end) {
+      if (walk.rows) {
         backward_rows<scalar_t>(g, y, dst, k0, k1, channels, begin, end, relu);
-      });
-    } else {
-      at::parallel_for(0, grad_out.size(0) * channels, std::max<int64_t>(1, kGrain / plane),
-                       [&](int64_t begin, int64_t end) {
-                         backward_planes<scalar_t>(g, y, dst, k0, k1, channels, plane, begin, end, relu);
-                       });
-    }
+      } else {
+        backward_planes<scalar_t>(g, y, dst, k0, k1, channels, walk.plane, begin, end, relu);
+      }
+    });
   });
   return grad_in;
 }

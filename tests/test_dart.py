@@ -158,8 +158,13 @@ def test_checkpoint_of_another_model_is_rejected(tmp_path, teacher_checkpoint):
     state = torch.load(teacher_checkpoint, weights_only=False)
     state["spec"]["bottleneck_dim"] = 64
     torch.save(state, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="does not hold weights for this model spec"):
+    with pytest.raises(ValueError, match=r"does not hold weights for this model spec \(.*shape mismatch\(es\): "
+                                         r"bottleneck\.0\.weight \[\d+, \d+\] in the file vs \[64, \d+\] here"):
         robustify(_robustify_cfg(str(tmp_path / "other.pt"), tmp_path / "x"))
+    with open(teacher_checkpoint, "rb") as whole:
+        (tmp_path / "cut.pt").write_bytes(whole.read()[:5000])  # a copy that stopped half way
+    with pytest.raises(ValueError, match="cut.pt' is not a checkpoint torch can read.*copied whole"):
+        robustify(_robustify_cfg(str(tmp_path / "cut.pt"), tmp_path / "y"))
 
 
 def test_dart_raises_robust_accuracy_above_the_teacher_and_keeps_clean(teacher_checkpoint, tmp_path):

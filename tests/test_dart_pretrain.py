@@ -57,6 +57,10 @@ def test_dann_resumes_bit_for_bit(tmp_path):
     (dict(data="office31"), ValueError, "needs --root"),
     (dict(data="office31", root="/nonexistent", source="A", target="W"), FileNotFoundError, "/nonexistent"),
     (dict(batch_size=5000), ValueError, "cannot fill a batch"),
+    # flags meant for a benchmark from files must not fall back to the embedded digits silently
+    (dict(source="MNIST", target="USPS"), ValueError, "embedded printed -> handwritten.*-s 'MNIST', -t 'USPS'.*"
+                                                      "digits-files"),
+    (dict(root="/data"), ValueError, "takes no --root '/data'"),
 ])
 def test_pretrain_rejects_bad_configs(tmp_path, change, error, match):
     with pytest.raises(error, match=match):

@@ -3,6 +3,7 @@ every command on a tiny embedded world, and resume-after-kill."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -130,8 +131,14 @@ def test_missing_checkpoint_and_unknown_architecture_are_clear_errors(tmp_path):
     assert parse_model_arg("ViT-B-32:c:/x.pt") == ("ViT-B-32", "c:/x.pt")
     model, _ = load_clip("urda-tiny-rn", None)
     torch.save(model.state_dict(), tmp_path / "rn.pt")
-    with pytest.raises(ValueError, match="does not hold weights for architecture urda-tiny-vit"):
+    with pytest.raises(ValueError, match="does not hold weights for architecture urda-tiny-vit") as other:
         load_clip("urda-tiny-vit", str(tmp_path / "rn.pt"))
+    # counts and a few names, not torch's list of every key (hundreds for a real CLIP)
+    assert re.search(r"\d+ missing key\(s\): visual\.class_embedding, .*\d+ unexpected key\(s\): visual\.bn1",
+                     str(other.value)) and len(str(other.value)) < 600
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a CLIP checkpoint that torch or open_clip can read"):
+        load_clip("urda-tiny-vit", str(tmp_path / "notes.pt"))
     again, _ = load_clip("urda-tiny-rn", str(tmp_path / "rn.pt"))
     for key, value in model.state_dict().items():
         torch.testing.assert_close(again.state_dict()[key], value, rtol=0, atol=0)
@@ -334,8 +341,9 @@ def test_bad_configs_and_dataset_layouts_are_clear_errors(world, tmp_path):
     with pytest.raises(ValueError, match="warmup_steps"):
         train(train_cfg(world, tmp_path, warmup_steps=10, iterations=4))
     (tmp_path / "data").mkdir()
-    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py") as missing:
         open_dataset("cifar10", root=str(tmp_path / "data"))
+    assert "download=True" not in str(missing.value)  # torchvision's advice; nothing is downloaded here
     with pytest.raises(FileNotFoundError, match="tiny-imagenet-200"):
         tinyimagenet(str(tmp_path / "data"))
     with pytest.raises(FileNotFoundError, match="<class>"):

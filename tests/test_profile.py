@@ -38,9 +38,15 @@ def test_profile_hpt_writes_a_trace_with_the_hpt_phases(tmp_path, capsys):
     assert "ms/step" in capsys.readouterr().out
 
 
-def test_profile_hpt_rejects_a_bad_model_argument(tmp_path):
-    with pytest.raises(ValueError, match="ARCH:CHECKPOINT"):
+def test_profile_hpt_rejects_a_bad_model_argument(tmp_path, monkeypatch):
+    # The command line prints the library's message without a traceback (and with one when asked to).
+    with pytest.raises(SystemExit, match="urda-fast profile hpt: error: .*ARCH:CHECKPOINT") as exit_info:
         main(["profile", "hpt", "--target", "no-colon", "--out", str(tmp_path), "--device", "cpu"])
+    assert isinstance(exit_info.value.__cause__, ValueError) and "URDA_FAST_TRACEBACK=1" in str(exit_info.value)
+    with pytest.raises(SystemExit, match="not found"):
+        main(["profile", "hpt", "--proxy", f"urda-tiny-rn:{tmp_path / 'missing.pt'}", "--out", str(tmp_path),
+              "--device", "cpu"])
+    monkeypatch.setenv("URDA_FAST_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError, match="not found"):
         main(["profile", "hpt", "--proxy", f"urda-tiny-rn:{tmp_path / 'missing.pt'}", "--out", str(tmp_path),
               "--device", "cpu"])

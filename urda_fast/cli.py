@@ -298,10 +298,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the library raises for bad input (a missing file, a wrong flag value, an unavailable backend): the command
+# line prints its message, not a traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImportError,
+               FloatingPointError)
+TRACEBACK_ENV = "URDA_FAST_TRACEBACK"
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    return isinstance(exc, USER_ERRORS) or (isinstance(exc, RuntimeError) and str(exc).startswith("urda_fast:"))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     allocator.keep_freed_memory()  # CPU steps stop page-faulting their buffers (urda_fast/allocator.py)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except Exception as exc:
+        if not _is_user_error(exc) or os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        words = [args.command] + [getattr(args, name, None) for name in ("dart_command", "hpt_command", "loop",
+                                                                        "bench_command")]
+        command = " ".join(word for word in words if word)
+        raise SystemExit(f"urda-fast {command}: error: {exc}\n({TRACEBACK_ENV}=1 shows the traceback)") from exc
 
 
 if __name__ == "__main__":

@@ -3,13 +3,17 @@
     atomic_write_text("runs/x/report.md", text); atomic_write_json("runs/x/report.json", report)
     atomic_savefig(fig, "runs/x/report.png", dpi=120)
 
-(Checkpoints: ``urda_fast.train.atomic_save``.)
+(Checkpoints: ``urda_fast.train.atomic_save``.) And the reading side of checkpoints given on the command line:
+
+    state = load_torch_file(path, who="dart")            # a foreign or truncated file: a ValueError naming it
+    raise ValueError(f"... ({state_dict_mismatch(err)})")  # load_state_dict's error in one line
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -32,3 +36,40 @@ def atomic_savefig(fig, path: str, **kwargs) -> None:
     tmp = f"{root}.tmp{ext}"
     fig.savefig(tmp, **kwargs)
     os.replace(tmp, path)
+
+
+def load_torch_file(path: str, *, who: str, weights_only: bool = False):
+    """``torch.load(path)`` onto the CPU. A file torch cannot read -- truncated, or not a checkpoint at all -- fails
+    in the unpickler or the zip reader in many ways (UnpicklingError, RuntimeError, EOFError, even OSError "Invalid
+    argument" for a cut zip): one ValueError names it. A missing or unreadable path stays the OSError it is."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as err:  # noqa: BLE001 -- see the docstring
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{who}: {path!r} is not a checkpoint torch can read ({type(err).__name__}: {reason}); "
+                         "is it the right file, and was it copied whole?") from err
+
+
+_KEY_LIST = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: (.*?)\.?\s*$", re.M)
+_SIZE_MISMATCH = re.compile(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
+
+
+def state_dict_mismatch(err: Exception, shown: int = 3) -> str:
+    """``load_state_dict``'s error (every missing and unexpected key, one line per shape mismatch: hundreds of
+    names for a checkpoint of another model) as counts with the first ``shown`` names of each kind."""
+    text = str(err)
+    parts = []
+    for kind, keys in _KEY_LIST.findall(text):
+        names = re.findall(r'"([^"]+)"', keys)
+        more = ", ..." if len(names) > shown else ""
+        parts.append(f"{len(names)} {kind.lower()} key(s): {', '.join(names[:shown])}{more}")
+    sizes = _SIZE_MISMATCH.findall(text)
+    if sizes:
+        listed = ", ".join(f"{name} {got} in the file vs {want} here" for name, got, want in sizes[:shown])
+        parts.append(f"{len(sizes)} shape mismatch(es): {listed}{', ...' if len(sizes) > shown else ''}")
+    return "; ".join(parts) if parts else text.strip()[:300]

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from urda_fast import distributed
+from urda_fast.files import load_torch_file
 from urda_fast.profiling import nvtx_range
 
 CHECKPOINT_VERSION = 1
@@ -153,8 +154,8 @@ def _resume_state(path: str, ctx) -> dict | None:
                                 f"shares")
     if not exists:
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("version") != CHECKPOINT_VERSION:
+    state = load_torch_file(path, who="urda_fast resume")
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"urda_fast: {path} was written by another checkpoint version")
     return state
 

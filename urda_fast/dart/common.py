@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from urda_fast.distributed import pick_device
+from urda_fast.files import load_torch_file, state_dict_mismatch
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import enable_nvtx
 from urda_fast.train import LoopSettings, fit
@@ -55,8 +56,8 @@ def load_checkpoint_model(path: str, device_name: str = "auto"):
         path = os.path.join(path, "best.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dart: checkpoint {path!r} not found; run `urda-fast dart pretrain` first")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if "spec" not in state or "modules" not in state:
+    state = load_torch_file(path, who="dart")
+    if not isinstance(state, dict) or "spec" not in state or "modules" not in state:
         raise ValueError(f"dart: {path!r} is not a urda_fast DART checkpoint (no model spec inside)")
     spec = ModelSpec.from_dict(state["spec"])
     device = pick_device(device_name)
@@ -68,7 +69,8 @@ def load_checkpoint_model(path: str, device_name: str = "auto"):
             weights = {k[len("model."):]: v for k, v in state["modules"]["method"].items() if k.startswith("model.")}
         model.load_state_dict(weights)
     except (KeyError, RuntimeError) as err:
-        raise ValueError(f"dart: {path!r} does not hold weights for this model spec ({err})") from err
+        raise ValueError(f"dart: {path!r} does not hold weights for this model spec ({state_dict_mismatch(err)})") \
+            from err
     return model.to(device).eval(), spec, device
 
 

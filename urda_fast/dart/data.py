@@ -29,8 +29,9 @@ class TaskData:
 def task_data(cfg) -> TaskData:
     """The embedded printed->handwritten digits (``cfg.data == "digits"``), or a real benchmark from ``cfg.root``."""
     if cfg.data == "digits":
-        from urda_fast.data.digits import load_digits_shift
+        from urda_fast.data.digits import DOMAINS, load_digits_shift
 
+        _check_embedded_digits_flags(cfg, DOMAINS)
         shift = load_digits_shift(seed=0)
         return TaskData(shift.source_train, shift.target_train, shift.target_test, shift.num_classes, (0.5,), (0.5,),
                         shift.describe())
@@ -49,3 +50,16 @@ def task_data(cfg) -> TaskData:
     mean, std = ((0.5,), (0.5,)) if DATASETS[name].mode == "L" else (IMAGENET_MEAN, IMAGENET_STD)
     return TaskData(source, target, test, DATASETS[name].num_classes, mean, std,
                     f"{name}: {cfg.source} -> {cfg.target} from {cfg.root}")
+
+
+def _check_embedded_digits_flags(cfg, domains) -> None:
+    """The embedded task reads no files and has one fixed pair of domains: a --root, -s or -t meant for a real
+    benchmark (say MNIST -> USPS) must not fall back to it without a word."""
+    source, target = domains
+    wrong = [f"--root {cfg.root!r}"] if cfg.root else []
+    wrong += [f"-s {cfg.source!r}"] if cfg.source not in ("", source) else []
+    wrong += [f"-t {cfg.target!r}"] if cfg.target not in ("", target) else []
+    if wrong:
+        raise ValueError(f"dart: --data digits is the embedded {source} -> {target} task, which "
+                         f"takes no {', '.join(wrong)}; for digit benchmarks from files use --data digits-files "
+                         "--root DIR -s MNIST -t USPS (or SVHN), for the others --data office31|officehome|visda")

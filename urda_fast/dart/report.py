@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch.utils.data import DataLoader
 
 from urda_fast.attacks import FGSM, PGD
 from urda_fast.evaluate import robust_accuracy
-from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text
+from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, load_torch_file
 
 from .common import load_checkpoint_model
 from .config import RunConfig
@@ -20,7 +19,7 @@ ATTACKS = ("clean", "fgsm", "pgd10", "pgd20")
 
 def method_label(checkpoint_path: str) -> str:
     """'source-only' | 'uda' | 'uda+vat' | 'dart', read from the run's checkpoint."""
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    state = load_torch_file(checkpoint_path, who="dart eval")
     config = state.get("config", {})
     if state.get("kind") == "dart":
         return "dart"
@@ -49,13 +48,13 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
     """Evaluate each run directory (its best.pt) on the target test split under each attack and budget.
 
     Returns ``{"rows": [{"method", "run", "clean", "fgsm", "pgd", ...}], "eps": [...], "data": ...}`` with accuracies
-    in percent (``data_cfg`` defaults to the data of the first run); the first budget's figures are under plain keys ("fgsm", "pgd" = the strongest PGD), every budget's
-    under keys like "pgd20@0.0314". Writes report.md/.json/.png into ``out`` when given.
+    in percent (``data_cfg`` defaults to the data of the first run); the first budget's figures are under plain keys
+    ("fgsm", "pgd" = the strongest PGD), every budget's under keys like "pgd20@0.0314". Writes report.md/.json/.png
+    into ``out`` when given.
     """
     if data_cfg is None:  # the data the first run was trained on
         first = os.path.join(runs[0], "best.pt") if os.path.isdir(runs[0]) else runs[0]
-        saved = torch.load(first, map_location="cpu", weights_only=False).get("config", {}) if os.path.isfile(first) \
-            else {}
+        saved = load_torch_file(first, who="dart eval").get("config", {}) if os.path.isfile(first) else {}
         data_cfg = RunConfig(**{k: saved[k] for k in ("data", "root", "source", "target") if k in saved})
     data = task_data(data_cfg)
     loader = DataLoader(data.target_test, batch_size=256)

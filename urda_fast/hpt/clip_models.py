@@ -18,6 +18,7 @@ import tempfile
 
 import torch
 
+from urda_fast.files import state_dict_mismatch
 from urda_fast.models import use_fast_attention, use_fast_conv
 
 # Two small CLIPs of different architectures for the embedded world (32x32 images, 16-token captions): a ViT with
@@ -30,8 +31,8 @@ TINY_CONFIGS = {
                      "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 32}},
 }
 _REGISTERED = False
-LIST_HINT = "see the names with `python -c \"import open_clip; print(open_clip.list_models())\"` (plus urda-tiny-vit, " \
-            "urda-tiny-rn)"
+LIST_HINT = ("see the names with `python -c \"import open_clip; print(open_clip.list_models())\"` (plus "
+             "urda-tiny-vit, urda-tiny-rn)")
 
 
 def register_tiny_configs() -> None:
@@ -145,9 +146,14 @@ def load_clip(arch: str, checkpoint: str | None, device: str | torch.device = "c
                 model.load_state_dict(own)
             else:
                 open_clip.load_checkpoint(model, checkpoint)
-        except (RuntimeError, KeyError) as err:
-            raise ValueError(f"hpt: {checkpoint!r} does not hold weights for architecture {arch} ({err}); check the "
-                             "ARCH part of ARCH:CHECKPOINT") from err
+        except RuntimeError as err:
+            raise ValueError(f"hpt: {checkpoint!r} does not hold weights for architecture {arch} "
+                             f"({state_dict_mismatch(err)}); check the ARCH part of ARCH:CHECKPOINT") from err
+        except Exception as err:  # noqa: BLE001 -- open_clip's loader on foreign bytes: KeyError, UnpicklingError...
+            reason = (str(err).strip().splitlines() or [""])[0][:200]
+            raise ValueError(f"hpt: {checkpoint!r} is not a CLIP checkpoint that torch or open_clip can read "
+                             f"({type(err).__name__}: {reason}); is it the right file, and was it copied whole?") \
+                from err
     tokenizer = open_clip.get_tokenizer(arch)
     # A ViT's patch embedding as a matmul and short-sequence self-attention as one fused op, on CPU
     # (urda_fast.models.conv, .attention): same parameters, same function.

@@ -139,9 +139,11 @@ def open_dataset(name: str, root: str = "", image_size: int = 224, world=None) -
     try:
         dataset = make(root, transform)
     except (RuntimeError, FileNotFoundError, OSError) as err:
-        # torchvision says "Dataset not found or corrupted. You can use download=True": say where it looked instead.
+        # torchvision says "Dataset not found or corrupted. You can use download=True": say where it looked instead
+        # (and keep its own words only when they say something else).
+        detail = "" if "download=True" in str(err) else f": {err}"
         raise FileNotFoundError(f"hpt: {name} not found under {root!r} (expected {os.path.join(root, layout)}, the "
-                                f"layout torchvision's download creates; nothing is downloaded here): {err}") from err
+                                f"layout torchvision's download creates; nothing is downloaded here){detail}") from err
     return ZeroShotSet(name, dataset, _classnames_of(name, dataset))
 
 

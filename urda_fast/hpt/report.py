@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch.utils.data import DataLoader
 
 from urda_fast.distributed import pick_device
-from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text
+from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, load_torch_file
 
 from .clip_models import load_clip_arg
 from .config import EvalConfig, ProxyCheckConfig
@@ -30,7 +29,7 @@ def run_model(path: str) -> tuple[str, str]:
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"hpt eval: {path!r} is neither an `hpt train` run folder (with best.pt) nor a "
                                 "checkpoint file; for a plain CLIP use --target ARCH:CHECKPOINT")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_torch_file(checkpoint, who="hpt eval")
     if not isinstance(state, dict) or state.get("kind") != "hpt":
         raise ValueError(f"hpt eval: {checkpoint!r} was not written by `hpt train`; for a plain CLIP use "
                          "--target ARCH:CHECKPOINT")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 
-import torch
 import torch.nn as nn
+
+from urda_fast.files import load_torch_file
 
 from .batch_norm import use_fast_batch_norm
 from .conv import use_fast_conv
@@ -44,8 +45,8 @@ def _torchvision_resnet(name: str, weights: str | None):
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"urda_fast: backbone weights {weights!r} not found; pass a local .pth file of "
                                     f"torchvision's {name} (nothing is downloaded), or no weights for random init")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
+        state = load_torch_file(weights, who="urda_fast backbone", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
         missing, unexpected = model.load_state_dict(state, strict=False)
         if len([k for k in missing if not k.startswith("fc.")]) or unexpected:
             raise ValueError(f"urda_fast: {weights!r} is not a {name} checkpoint (missing {missing[:3]}..., "

@@ -57,6 +57,9 @@ def test_dann_resumes_bit_for_bit(tmp_path):
     (dict(data="office31"), ValueError, "needs --root"),
     (dict(data="office31", root="/nonexistent", source="A", target="W"), FileNotFoundError, "/nonexistent"),
     (dict(batch_size=5000), ValueError, "cannot fill a batch"),
+    (dict(batch_size=0), ValueError, "batch_size must be >= 1, got 0"),
+    (dict(trade_off=-1.0), ValueError, "trade_off must be >= 0, got -1.0"),
+    (dict(iterations=-3), ValueError, "iterations must be >= 1, got -3"),
     # flags meant for a benchmark from files must not fall back to the embedded digits silently
     (dict(source="MNIST", target="USPS"), ValueError, "embedded printed -> handwritten.*-s 'MNIST', -t 'USPS'.*"
                                                       "digits-files"),

@@ -338,6 +338,10 @@ def test_bad_configs_and_dataset_layouts_are_clear_errors(world, tmp_path):
         train(train_cfg(world, tmp_path, method="trades"))
     with pytest.raises(ValueError, match="attack_eps must be > 0"):
         train(train_cfg(world, tmp_path, attack_eps=-1 / 255))
+    with pytest.raises(ValueError, match="proxy_weight must be >= 0, got -1.0"):
+        train(train_cfg(world, tmp_path, proxy_weight=-1.0))
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+        train(train_cfg(world, tmp_path, momentum=1.5))
     with pytest.raises(ValueError, match="warmup_steps"):
         train(train_cfg(world, tmp_path, warmup_steps=10, iterations=4))
     (tmp_path / "data").mkdir()

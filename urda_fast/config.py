@@ -47,6 +47,17 @@ def _coerce(value, annotation, name):
     return value
 
 
+def check_ranges(cfg, who: str, *, positive=(), non_negative=(), fraction=()) -> None:
+    """A ValueError naming the first field of ``cfg`` out of its range: ``positive`` (> 0), ``non_negative`` (>= 0),
+    ``fraction`` (in [0, 1), as SGD's momentum). NaN is out of every range."""
+    for names, ok, wanted in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                              (fraction, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for name in names:
+            value = getattr(cfg, name)
+            if not ok(value):
+                raise ValueError(f"{who}: {name} must be {wanted}, got {value}")
+
+
 def load_config(cls, yaml_path: str | None = None, overrides: dict | None = None):
     """An instance of dataclass ``cls``: its defaults, then the YAML file's keys, then ``overrides`` (None = unset).
     Unknown keys are an error that lists the valid ones."""
@@ -57,7 +68,13 @@ def load_config(cls, yaml_path: str | None = None, overrides: dict | None = None
         import yaml
 
         with open(yaml_path) as f:
-            loaded = yaml.safe_load(f) or {}
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                where = getattr(err, "problem_mark", None)
+                at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+                raise ValueError(f"config: {yaml_path!r} is not valid YAML{at}: "
+                                 f"{getattr(err, 'problem', None) or err}") from err
         if not isinstance(loaded, dict):
             raise ValueError(f"config: {yaml_path!r} must hold a mapping of option: value")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})

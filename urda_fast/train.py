@@ -43,6 +43,9 @@ from urda_fast.profiling import nvtx_range
 CHECKPOINT_VERSION = 1
 
 
+AMP_MODES = ("none", "bf16", "fp16")
+
+
 @dataclass
 class LoopSettings:
     iterations: int
@@ -56,6 +59,15 @@ class LoopSettings:
     stop_after: int | None = None  # end the run after this iteration (as a kill would), for resume tests
     log_every: int = 10
     tensorboard: bool = True  # TensorBoard scalars in out_dir/tb beside log.csv
+
+    def __post_init__(self):
+        # Checked before any data is read or a progress bar drawn: `--iterations -3` would otherwise "finish" at once
+        # with nothing trained, and a bad --amp would fail only at the first step.
+        for name, least in (("iterations", 1), ("eval_every", 1), ("save_every", 0), ("log_every", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"urda_fast: {name} must be >= {least}, got {getattr(self, name)}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"urda_fast: amp must be one of {AMP_MODES}, got {self.amp!r}")
 
 
 def atomic_save(obj, path: str) -> None:
@@ -82,8 +94,8 @@ def set_rng_state(state: dict) -> None:
 def _autocast(amp: str, device_type: str):
     if amp == "none":
         return torch.autocast(device_type, enabled=False)
-    if amp not in ("bf16", "fp16"):
-        raise ValueError(f"urda_fast: amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
+    if amp not in AMP_MODES:
+        raise ValueError(f"urda_fast: amp must be one of {AMP_MODES}, got {amp!r}")
     return torch.autocast(device_type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from urda_fast.config import check_ranges
+
 
 @dataclass
 class RunConfig:
@@ -80,3 +82,15 @@ class RobustifyConfig(RunConfig):
     attack_steps: int = 10
     attack_random_start: bool = False  # I-FGSM, as the authors' code
     forward: str = "split-bn"  # "split-bn": clean+adversarial in one forward, BN stats per batch | "separate"
+
+
+def check_pretrain_config(cfg: PretrainConfig) -> None:
+    """Values no run can mean (a negative lr or loss weight trains *away* from the task without a word): errors
+    before any work. The loop checks its own settings (LoopSettings) and the attacks their budgets."""
+    check_ranges(cfg, "dart", positive=("lr", "margin"), fraction=("momentum",),
+                 non_negative=("weight_decay", "lr_gamma", "lr_decay", "trade_off", "vat_threshold"))
+
+
+def check_robustify_config(cfg: RobustifyConfig) -> None:
+    check_ranges(cfg, "dart", positive=("lr", "tau_robust", "tau_transfer"), fraction=("momentum",),
+                 non_negative=("weight_decay", "lr_gamma", "lr_decay", "kl_weight", "feature_weight"))

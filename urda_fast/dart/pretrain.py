@@ -16,7 +16,7 @@ from urda_fast.models import ModelSpec
 from urda_fast.profiling import nvtx_range
 
 from .common import accuracy, attack_folding, lr_schedule, run_loop, sgd
-from .config import PretrainConfig
+from .config import PretrainConfig, check_pretrain_config
 from .data import task_data
 
 
@@ -90,6 +90,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """Train the step-1 model; writes best.pt / last.pt / log.csv under ``cfg.out``."""
     from urda_fast.uda import create_method
 
+    check_pretrain_config(cfg)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     data = task_data(cfg)

@@ -27,7 +27,7 @@ from urda_fast.profiling import nvtx_range
 from urda_fast.split_bn import split_batchnorm
 
 from .common import accuracy, attack_folding, load_teacher, lr_schedule, run_loop, sgd
-from .config import RobustifyConfig
+from .config import RobustifyConfig, check_robustify_config
 from .data import task_data
 
 
@@ -139,6 +139,7 @@ def robustify(cfg: RobustifyConfig) -> dict:
     """Run DART step 2 from ``cfg.teacher``; writes best.pt / last.pt / log.csv under ``cfg.out``."""
     if cfg.forward not in ("split-bn", "separate"):
         raise ValueError(f"dart: forward must be 'split-bn' or 'separate', got {cfg.forward!r}")
+    check_robustify_config(cfg)
     torch.manual_seed(cfg.seed)
     teacher, spec, device = load_teacher(cfg.teacher, cfg.device)
     data = task_data(cfg)

@@ -434,6 +434,8 @@ def train_stream(dataset: Dataset, batch_size: int, seed: int, device, num_worke
 
     Under torchrun, this process's share of every epoch (``batch_size`` is per process)."""
     ctx = distributed.context()
+    if batch_size < 1:
+        raise ValueError(f"urda_fast: batch_size must be >= 1, got {batch_size}")
     if len(dataset) // ctx.world_size < batch_size:
         raise ValueError(f"urda_fast: a dataset of {len(dataset)} samples cannot fill a batch of {batch_size}"
                          + (f" on each of {ctx.world_size} processes" if ctx.enabled else ""))

@@ -20,6 +20,7 @@ from torch.utils.data import TensorDataset
 
 from urda_fast import distributed
 from urda_fast.attacks import PGD
+from urda_fast.config import check_ranges
 from urda_fast.data import train_stream
 from urda_fast.distributed import pick_device
 from urda_fast.profiling import enable_nvtx, nvtx_range
@@ -180,9 +181,14 @@ def check_config(cfg: TrainConfig) -> None:
 
         warnings.warn("hpt: the proxy has the target's architecture; HPT's proxy robustness needs a heterogeneous "
                       "proxy (e.g. ViT-B-16 for a ViT-B-32 target)", stacklevel=2)
-    for name in ("attack_eps", "attack_alpha", "eval_eps", "lr"):
-        if not getattr(cfg, name) > 0:
-            raise ValueError(f"hpt: {name} must be > 0, got {getattr(cfg, name)}")
+    # a negative loss weight or lr trains away from its term without a word: refused, as are NaNs
+    check_ranges(cfg, "hpt", positive=("attack_eps", "attack_alpha", "eval_eps", "lr", "logit_scale_max"),
+                 fraction=("momentum",),
+                 non_negative=("weight_decay", "warmup_lr", "proxy_weight", "anchor_weight", "warmup_proxy_weight",
+                               "warmup_anchor_weight", "pmg_original_weight", "pmg_clean_weight", "iterations",
+                               "warmup_steps", "eval_max_batches"))
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ValueError(f"hpt: epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
     if cfg.attack_steps < 1 or cfg.eval_steps < 1:
         raise ValueError("hpt: attack_steps and eval_steps must be >= 1")
 

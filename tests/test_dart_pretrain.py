@@ -43,7 +43,10 @@ def test_dann_resumes_bit_for_bit(tmp_path):
     """The GRL's warm-start counter, the discriminator and the optimizer all come back: same final weights."""
     pretrain(_cfg(tmp_path / "full", iterations=6))
     pretrain(_cfg(tmp_path / "killed", iterations=6, stop_after=3))
-    pretrain(_cfg(tmp_path / "killed", iterations=6, resume=True))
+    # resuming with other training settings would continue as another run: refused, the checkpoint left as it was
+    with pytest.raises(ValueError, match=r"written with other settings \(batch_size 16 -> 8, lr 0.01 -> 0.02\)"):
+        pretrain(_cfg(tmp_path / "killed", iterations=6, resume=True, lr=0.02, batch_size=8))
+    pretrain(_cfg(tmp_path / "killed", iterations=6, resume=True, progress=True, eval_every=3))  # reporting may
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["modules"]["method"]
     b = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["modules"]["method"]
     assert a.keys() == b.keys() and any("iter_num" in k for k in a)

@@ -172,6 +172,23 @@ def _resume_state(path: str, ctx) -> dict | None:
     return state
 
 
+# What a resumed run may change: where and how it runs and reports, and how far it goes. Any other setting (lr, batch
+# size, loss weights, attack, seed, data, model) would continue the checkpoint as a different run than it started.
+RESUMABLE_CHANGES = frozenset({"resume", "progress", "nvtx", "tensorboard", "device", "stop_after", "out", "iterations",
+                               "epochs", "eval_every", "eval_max_batches", "num_workers", "compile"})
+
+
+def _check_same_run(saved: dict | None, now: dict | None, path: str) -> None:
+    if not saved or not now:
+        return
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(set(saved) & set(now) - RESUMABLE_CHANGES)
+               if saved[k] != now[k]]
+    if changed:
+        raise ValueError(f"urda_fast: --resume from {path}, written with other settings ({', '.join(changed[:6])}"
+                         f"{', ...' if len(changed) > 6 else ''}); resume with the run's own settings, or start a "
+                         "new run in another --out folder")
+
+
 def _restore(state, task, optimizer, scheduler, scaler, ctx, path) -> None:
     modules = task.modules()
     if set(state["modules"]) != set(modules):
@@ -218,6 +235,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
     start, best, last_metrics = 0, None, {}
     state = _resume_state(last_path, ctx) if settings.resume else None
     if state is not None:
+        _check_same_run(state.get("config"), extra.get("config"), last_path)
         _restore(state, task, optimizer, scheduler, scaler, ctx, last_path)
         start, best, last_metrics = state["iteration"], state["best"], state["metrics"]
     elif ctx.enabled:

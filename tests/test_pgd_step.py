@@ -191,6 +191,8 @@ def test_pgd_step_is_not_differentiable():
         (dict(x_orig=torch.zeros(2, 3, device="meta")), ValueError, "x_orig is on meta"),
         (dict(eps=-0.1), ValueError, "eps must be >= 0"),
         (dict(step_size=float("nan")), ValueError, "step_size is NaN"),
+        (dict(step_size=float("inf")), ValueError, "step_size must be finite, got inf"),
+        (dict(step_size=torch.tensor([0.1, float("inf")])), ValueError, "step_size must be finite"),
         (dict(eps=torch.tensor([0.1, float("nan")])), ValueError, "eps contains NaN"),
         (dict(eps=torch.tensor([0.1, 0.2, 0.3])), ValueError, r"shape \(\) or \(2,\)"),
         (dict(lower=0.6, upper=0.5), ValueError, "lower must be <= upper"),

@@ -38,8 +38,14 @@ def _values_checkable(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and t.device.type != "meta"
 
 
-def check_nonneg(value, name: str, *, count: int, count_name: str) -> None:
-    """A float >= 0, or a tensor of shape () or (count,) whose values are >= 0 and not NaN."""
+def _infinite(name: str) -> str:
+    return (f"urda_fast: {name} must be finite, got inf (an infinite step makes NaN of every zero gradient entry "
+            "instead of stepping to the budget's edge)")
+
+
+def check_nonneg(value, name: str, *, count: int, count_name: str, finite: bool = False) -> None:
+    """A float >= 0, or a tensor of shape () or (count,) whose values are >= 0 and not NaN (and not inf if
+    ``finite``)."""
     if isinstance(value, torch.Tensor):
         if value.dtype not in FLOAT_DTYPES and value.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"urda_fast: {name} must be a float or a real tensor, got dtype {value.dtype}")
@@ -52,6 +58,8 @@ def check_nonneg(value, name: str, *, count: int, count_name: str) -> None:
                 raise ValueError(f"urda_fast: {name} contains NaN")
             if bool((v < 0).any()):
                 raise ValueError(f"urda_fast: {name} must be >= 0, got a minimum of {v.min().item()}")
+            if finite and bool(torch.isinf(v).any()):
+                raise ValueError(_infinite(name))
         return
     if not isinstance(value, Real) or isinstance(value, bool):
         raise TypeError(f"urda_fast: {name} must be a float or a tensor, got {type(value).__name__}")
@@ -59,6 +67,8 @@ def check_nonneg(value, name: str, *, count: int, count_name: str) -> None:
         raise ValueError(f"urda_fast: {name} is NaN")
     if value < 0:
         raise ValueError(f"urda_fast: {name} must be >= 0, got {value}")
+    if finite and math.isinf(value):
+        raise ValueError(_infinite(name))
 
 
 def check_bounds(lower, upper, channels: int) -> None:

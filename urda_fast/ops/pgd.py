@@ -52,7 +52,7 @@ def _prepare(x_adv, grad, x_orig, step_size, eps, norm, lower, upper):
     _checks.check_choice(norm, "norm", NORMS)
     batch = x_adv.shape[0]
     channels = x_adv.shape[1] if x_adv.dim() >= 2 else 1
-    _checks.check_nonneg(step_size, "step_size", count=batch, count_name="sample")
+    _checks.check_nonneg(step_size, "step_size", count=batch, count_name="sample", finite=True)
     _checks.check_nonneg(eps, "eps", count=batch, count_name="sample")
     _checks.check_bounds(lower, upper, channels)
     params = (_param_vector(step_size, batch, x_adv), _param_vector(eps, batch, x_adv),

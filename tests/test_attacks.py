@@ -204,6 +204,8 @@ def test_robust_accuracy_table(digits, tmp_path):
     assert table["clean"].count == len(y)
     assert table["clean"].accuracy == pytest.approx(100 * accuracy(model, x, y))
     assert table["PGD-10"].accuracy <= table["FGSM"].accuracy < table["clean"].accuracy
+    with pytest.raises(KeyError, match=r"'PGD-20': the table has \['clean', 'FGSM', 'PGD-10'"):
+        table["PGD-20"]
     saved = json.loads((tmp_path / "table.json").read_text())
     assert saved["rows"][2]["attack"] == "PGD-10"
     assert (tmp_path / "table.csv").read_text().startswith("attack,accuracy")

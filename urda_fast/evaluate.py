@@ -34,7 +34,7 @@ class RobustTable:
         for row in self.rows:
             if row.attack == attack:
                 return row
-        raise KeyError(attack)
+        raise KeyError(f"{attack!r}: the table has {[row.attack for row in self.rows]}")
 
     def to_markdown(self) -> str:
         lines = ["| attack | accuracy (%) | correct / count | seconds | images/s |", "|---|---:|---:|---:|---:|"]

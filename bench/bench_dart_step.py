@@ -1,11 +1,14 @@
 """Throughput of one DART robustify training step (teacher forward, 10-step I-FGSM on the student, student forward,
-loss, backward, SGD step): ours (fused attack steps, one split-BN forward of clean + adversarial, fused KL/MSE)
-against two eager twins (urda_fast/dart/reference_step.py), same models, same batch:
+loss, backward, SGD step): ours (fused attack steps, one split-BN forward of clean + adversarial, fused KL/MSE, the
+loop's fused SGD) against two eager twins (urda_fast/dart/reference_step.py), same models, same batch:
 
 - ``eager``: the authors' code's structure -- a teacher forward with an autograd graph (the backward runs through
   it), advertorch's I-FGSM (``loss.backward()`` at every step, parameter gradients included), separate clean and
   adversarial forwards, ``F.kl_div`` / ``F.mse_loss``;
 - ``lean``: the same loss as a careful eager loop -- teacher under ``no_grad``, input gradients only.
+
+The twins step torch's default SGD, ours the training loop's (``urda_fast.train.sgd``: torch's fused kernel); both
+with the authors' settings (momentum 0.9, nesterov, weight decay 1e-3).
 
 Both twins run the models with torch's own pooling and convolution modules; ours with urda_fast's (``MaxPool2d``,
 ``FastConv2d``: same values and gradients) and, in the attack, each conv -> BatchNorm pair folded into one layer
@@ -27,6 +30,7 @@ import pytest
 import torch
 from conftest import autocast_bf16
 
+from urda_fast.dart.common import sgd
 from urda_fast.dart.config import RobustifyConfig
 from urda_fast.dart.reference_step import eager_dart_loss
 from urda_fast.dart.robustify import DartTask
@@ -60,7 +64,7 @@ def test_dart_step(bench, shape, path):
     if path == "ours_amp" and bench.device.type != "cuda":
         pytest.skip("ours_amp (bf16 autocast + channels_last) is timed on CUDA only")
     teacher, student, x, cfg = _setup(shape, bench.device)
-    optimizer = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
+    optimizer = (sgd if path.startswith("ours") else reference_sgd)(student.parameters(), cfg)
     if path.startswith("ours"):
         if path in ("ours_cl", "ours_amp"):
             cfg.channels_last = True
@@ -86,6 +90,11 @@ def test_dart_step(bench, shape, path):
               paired=None if path == "eager" else _eager_step(shape, bench.device))
 
 
+def reference_sgd(params, cfg):
+    """The authors' optimizer (tllib's SGD: momentum, nesterov, weight decay), torch's default implementation."""
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+
+
 def _train_step(loss_fn, optimizer):
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -99,5 +108,5 @@ def _eager_step(shape, device):
     """The ``eager`` path's step on models of its own: run before every round of another path (paired ratios)."""
     teacher, student, x, cfg = _setup(shape, device)
     teacher, student = plain_torch(teacher), plain_torch(student)
-    optimizer = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
+    optimizer = reference_sgd(student.parameters(), cfg)
     return _train_step(lambda: eager_dart_loss(teacher, student, x, cfg, style="code"), optimizer)

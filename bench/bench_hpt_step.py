@@ -2,7 +2,8 @@
 PGD-L-inf on the target (eps 2/255, step 1/255, no random start), the target's forward on x_adv, the frozen proxy
 (x_adv) and anchor (x) forwards, the KL loss, backward and an SGD step.
 
-``ours`` is ``HptTask.training_step`` (text features once per step, cached frozen heads, fused PGD and KL); ``eager``
+``ours`` is ``HptTask.training_step`` (text features once per step, cached frozen heads, fused PGD and KL) and the
+training loop's SGD (``urda_fast.train.sgd``, torch's fused kernel; the twins step torch's default SGD); ``eager``
 is the twin written like the reference code (``urda_fast/hpt/reference_step.py``: every forward re-encodes the class
 prompts, the code's ``attack_pgd`` whose ``loss.backward()`` also computes the parameter gradients at every attack
 step, ``nn.KLDivLoss(sum)``); ``lean`` is that twin with input-only attack gradients (``torch.autograd.grad``). All
@@ -92,16 +93,22 @@ def test_hpt_step(bench, shape, path, trainable):
     tolerance = dict(rtol=5e-2, atol=5e-3) if path == "ours_amp" else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss_fn().float(), eager_loss(), **tolerance)
 
-    def step_of(loss):
+    # The code's optimizer, torch's default implementation, for the twins; ours is the training loop's (fused).
+    trained = [p for group in built.optimizer.param_groups for p in group["params"]]
+    reference_optimizer = torch.optim.SGD(trained, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def step_of(loss, optimizer):
         def step():
-            built.optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss().backward()
-            built.optimizer.step()
+            optimizer.step()
 
         return step
 
+    ours = path.startswith("ours")
     # Non-eager paths pair each timed round with an eager step just before it (the same modules, which just train a
     # step more): the paired ratio survives a busy machine.
-    bench.run(step_of(loss_fn), op="hpt_step", variant=f"{pair} {classes} classes trainable={trainable}",
-              mode="train", shape=(batch, 3, size, size), provider=path, images=batch,
-              paired=None if path == "eager" else step_of(eager_loss))
+    bench.run(step_of(loss_fn, built.optimizer if ours else reference_optimizer), op="hpt_step",
+              variant=f"{pair} {classes} classes trainable={trainable}", mode="train", shape=(batch, 3, size, size),
+              provider=path, images=batch,
+              paired=None if path == "eager" else step_of(eager_loss, reference_optimizer))

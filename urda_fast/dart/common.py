@@ -12,6 +12,7 @@ from urda_fast.files import load_torch_file, state_dict_mismatch
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import enable_nvtx
 from urda_fast.train import LoopSettings, fit
+from urda_fast.train import sgd as fused_sgd
 
 
 def attack_folding(cfg):
@@ -23,9 +24,8 @@ def attack_folding(cfg):
 
 
 def sgd(param_groups, cfg) -> torch.optim.Optimizer:
-    """tllib's optimizer: SGD, momentum 0.9, nesterov, weight decay 1e-3."""
-    return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=True)
+    """tllib's optimizer: SGD, momentum 0.9, nesterov, weight decay 1e-3 (fused: ``urda_fast.train.sgd``)."""
+    return fused_sgd(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
 
 
 def lr_schedule(optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:

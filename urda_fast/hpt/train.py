@@ -24,7 +24,7 @@ from urda_fast.config import check_ranges
 from urda_fast.data import train_stream
 from urda_fast.distributed import pick_device
 from urda_fast.profiling import enable_nvtx, nvtx_range
-from urda_fast.train import LoopSettings, fit
+from urda_fast.train import LoopSettings, fit, sgd
 
 from . import losses
 from .clip_models import compile_image_tower, load_clip_arg, parse_model_arg
@@ -206,7 +206,7 @@ def make_optimizer(target, cfg: TrainConfig) -> torch.optim.SGD:
     for param in target.parameters():
         param.requires_grad_(id(param) in chosen_ids)
     params = [p for p in target.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return sgd(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def build_schedule(cfg: TrainConfig, total_steps: int) -> GPDSchedule:

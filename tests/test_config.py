@@ -13,6 +13,9 @@ def test_yaml_then_flags_override_the_defaults(tmp_path):
     cfg = load_config(PretrainConfig, str(path), {"iterations": 50, "lr": None})
     assert (cfg.iterations, cfg.batch_size, cfg.vat, cfg.lr) == (50, 8, True, PretrainConfig().lr)
     assert cfg.vat_eps == pytest.approx(8 / 255) == parse_float("8/255")
+    for bad in ("1/0", "1/x", "eight"):
+        with pytest.raises(ValueError):  # argparse turns a ValueError into "invalid parse_float value"
+            parse_float(bad)
 
 
 @pytest.mark.parametrize("text, match", [

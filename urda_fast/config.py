@@ -20,6 +20,8 @@ def parse_float(value) -> float:
     """A float, also written as a fraction: ``"8/255"`` (how attack budgets are usually given)."""
     if isinstance(value, str) and "/" in value:
         num, den = value.split("/", 1)
+        if float(den) == 0:  # a ValueError, so that argparse reports it as a bad flag value
+            raise ValueError(f"{value!r} divides by zero")
         return float(num) / float(den)
     return float(value)
 

@@ -1,7 +1,9 @@
-"""The shared loop's TensorBoard log: scalars of every CSV column, and no step twice after a kill and a resume."""
+"""The shared loop's TensorBoard log: scalars of every CSV column, and no step twice after a kill and a resume; a
+SIGTERM or Ctrl-C saves the step it lands in."""
 
 import glob
 import os
+import signal
 
 import pytest
 import torch
@@ -22,11 +24,12 @@ class LinearTask:
 
     name = "linear"
 
-    def __init__(self, batch_size=8, fail_at=None, rank=0, world_size=1):
+    def __init__(self, batch_size=8, fail_at=None, rank=0, world_size=1, signal_at=None):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(64, 4, generator=g)
         y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(64, generator=g)
         self.x, self.y, self.fail_at, self.steps = x, y, fail_at, 0
+        self.signal_at = signal_at  # (step, signal): this process receives the signal in the middle of that step
         self.model = torch.nn.Linear(4, 1)
         self.stream = ForeverDataIterator(make_loader(TensorDataset(x, y), batch_size, train=True, seed=3, rank=rank,
                                                       world_size=world_size))
@@ -42,6 +45,8 @@ class LinearTask:
         if self.steps == self.fail_at:
             raise KeyboardInterrupt("killed")
         x, y = next(self.stream)
+        if self.signal_at is not None and self.steps == self.signal_at[0]:
+            os.kill(os.getpid(), self.signal_at[1])
         loss = F.mse_loss(self.model(x).squeeze(1), y)
         return {"loss": loss, "abs_err": (self.model(x).squeeze(1) - y).abs().mean().detach()}
 
@@ -101,6 +106,28 @@ def test_resume_after_kill_does_not_repeat_steps(tmp_path):
     resumed, reference = scalars(killed), scalars(full)
     assert resumed.keys() == reference.keys()
     for tag in reference:  # ... and shown once, with the uninterrupted run's values (bit-for-bit resume)
+        assert resumed[tag] == reference[tag], tag
+
+
+@pytest.mark.parametrize("signum, stops_with", [(signal.SIGTERM, SystemExit), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_saves_the_step_it_lands_in(tmp_path, signum, stops_with, capsys):
+    """A preemption's SIGTERM or a Ctrl-C in step 4 (checkpoints every 3 steps): step 4 ends, last.pt holds it, and a
+    resume continues from 5 -- nothing lost, nothing repeated, the uninterrupted run's values bit for bit."""
+    before = signal.getsignal(signum)
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    run(full)
+    with pytest.raises(stops_with) as stop:
+        run(stopped, signal_at=(4, signum))
+    if stops_with is SystemExit:
+        assert stop.value.code == 128 + signal.SIGTERM  # the status a process killed by SIGTERM reports
+    assert signal.getsignal(signum) is before  # the loop's handler is gone with the loop
+    assert torch.load(stopped / "last.pt", weights_only=False)["iteration"] == 4
+    assert "after iteration 4" in capsys.readouterr().err
+    run(stopped, resume=True)
+    assert raw_steps(stopped, "train/loss") == [1, 2, 3, 4, 5, 6]  # step 4 was saved: not run twice
+    resumed, reference = scalars(stopped), scalars(full)
+    assert resumed.keys() == reference.keys()
+    for tag in reference:
         assert resumed[tag] == reference[tag], tag
 
 

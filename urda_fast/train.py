@@ -10,6 +10,10 @@ A *task* supplies what differs between methods:
     task.after_step()                             # optional: after each optimizer step (e.g. clamp a parameter)
     task.wrap_ddp(wrap)                           # optional, see below
 
+A SIGTERM (a scheduler's preemption, ``kill``) or Ctrl-C during ``fit`` lets the current step finish, writes
+``last.pt`` at it and then stops (SystemExit(143) / KeyboardInterrupt): ``--resume`` continues bit for bit without
+redoing a step. A second signal stops at once. Under DDP, rank 0's signal decides, at the next logging step.
+
 Logs: ``log.csv`` and, unless ``LoopSettings.tensorboard`` is off, TensorBoard scalars in ``out_dir/tb`` (``train/*``
 every ``log_every`` steps, ``eval/*`` at every evaluation). A resumed run drops what a killed run logged past its last
 checkpoint from both, so no step appears twice.
@@ -30,6 +34,9 @@ from __future__ import annotations
 import csv
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -234,6 +241,44 @@ def _restore(state, task, optimizer, scheduler, scaler, ctx, path) -> None:
                               f"{ctx.world_size} processes: it continues, but not bit-for-bit")
 
 
+class _StopOnSignal:
+    """While active (main thread only), SIGTERM and SIGINT set ``signum`` instead of stopping the process; the loop
+    saves and stops at the end of the step. A second signal gets the previous handlers' behaviour at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum, self._previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        tqdm.write(f"urda_fast: {signal.Signals(signum).name} received: finishing this step to save last.pt (send "
+                   "it again to stop at once)", file=sys.stderr)
+
+    @staticmethod
+    def stop(signum: int, iteration: int, path: str):
+        message = (f"urda_fast: stopped by {signal.Signals(signum).name} after iteration {iteration}; {path} holds "
+                   "it: --resume continues")
+        tqdm.write(message, file=sys.stderr)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt(message)
+        raise SystemExit(128 + signum)
+
+
 def _distribute(task, optimizer, device, ctx):
     """Under DDP: route the task's training forward through DDP, or return the after-backward gradient averaging
     for a task that cannot (see the module docstring). None when DDP does the work or there is one process."""
@@ -294,8 +339,10 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
                disable=not (settings.progress and main), desc=getattr(task, "name", "train"))
     sync_gradients = _distribute(task, optimizer, device, ctx)
     after_step = getattr(task, "after_step", None)
+    stop_request = _StopOnSignal()
     tic = time.perf_counter()
     try:
+        stop_request.__enter__()
         for iteration in bar:
             with nvtx_range(f"step {iteration}"):
                 with _autocast(settings.amp, device.type):
@@ -332,9 +379,18 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
                                      "metrics": last_metrics,
                                      "modules": {name: m.state_dict() for name, m in task.modules().items()}},
                                     best_path)
-            if iteration % save_every == 0 or iteration == end:
+            saved = iteration % save_every == 0 or iteration == end
+            if saved:
                 checkpoint(iteration)
+            signum = stop_request.signum
+            if ctx.enabled:  # every rank must stop at the same step: rank 0 decides, where ranks meet anyway
+                signum = distributed.broadcast_object(signum) if iteration % settings.log_every == 0 else None
+            if signum is not None:
+                if not saved:
+                    checkpoint(iteration)
+                _StopOnSignal.stop(signum, iteration, last_path)
     finally:
+        stop_request.__exit__()
         bar.close()
         if tb is not None:
             tb.close()

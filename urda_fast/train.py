@@ -48,8 +48,6 @@ from urda_fast.files import load_torch_file
 from urda_fast.profiling import nvtx_range
 
 CHECKPOINT_VERSION = 1
-
-
 AMP_MODES = ("none", "bf16", "fp16")
 
 
@@ -201,10 +199,11 @@ def _resume_state(path: str, ctx) -> dict | None:
     return state
 
 
-# What a resumed run may change: where and how it runs and reports, and how far it goes. Any other setting (lr, batch
-# size, loss weights, attack, seed, data, model) would continue the checkpoint as a different run than it started.
+# What a resumed run may change: where and how it runs and reports, how far it goes, and where its dataset lies (a
+# moved copy of the same files). Any other setting (lr, batch size, loss weights, attack, seed, which data, model)
+# would continue the checkpoint as a different run than it started.
 RESUMABLE_CHANGES = frozenset({"resume", "progress", "nvtx", "tensorboard", "device", "stop_after", "out", "iterations",
-                               "epochs", "eval_every", "eval_max_batches", "num_workers", "compile"})
+                               "epochs", "eval_every", "eval_max_batches", "num_workers", "compile", "root", "world"})
 
 
 def _check_same_run(saved: dict | None, now: dict | None, path: str) -> None:

@@ -81,6 +81,14 @@ def worker(out):
     for forward in ("split-bn", "separate"):  # one student forward of clean+adversarial, or two before a backward
         robustify(robustify_cfg(f"{out}/pretrain/best.pt", f"{out}/dart-{forward}", forward=forward))
     test_train.run(f"{out}/linear", iterations=4, batch_size=BATCH // 2, rank=rank, world_size=WORLD)  # no wrap_ddp
+    # A SIGTERM to rank 0 alone in step 2 (no checkpoint due there): both ranks save step 2 and stop together.
+    try:
+        test_train.run(f"{out}/signalled", iterations=4, batch_size=BATCH // 2, rank=rank, world_size=WORLD,
+                       signal_at=(2, signal.SIGTERM) if rank == 0 else None)
+    except SystemExit as stop:
+        with open(f"{out}/signalled/stopped_rank{rank}", "w") as f:
+            f.write(f"{stop.code} {torch.load(f'{out}/signalled/last.pt', weights_only=False)['iteration']}")
+    test_train.run(f"{out}/signalled", iterations=4, batch_size=BATCH // 2, rank=rank, world_size=WORLD, resume=True)
     from urda_fast.hpt import World, train as hpt_train
 
     hpt_train(hpt_cfg(World(f"{out}/world"), f"{out}/hpt"))  # no wrap_ddp either: gradients averaged after backward
@@ -203,6 +211,14 @@ def test_task_without_ddp_hook_averages_gradients(ddp_runs, tmp_path):
     run_linear(tmp_path / "single", iterations=4, batch_size=BATCH)  # no BatchNorm: nothing to swap
     assert_states_close(checkpoint(ddp_runs / "linear")["modules"]["model"],
                         checkpoint(tmp_path / "single")["modules"]["model"])
+
+
+def test_ddp_signal_to_rank_0_stops_every_rank_at_one_saved_step(ddp_runs):
+    for rank in range(WORLD):
+        assert (ddp_runs / "signalled" / f"stopped_rank{rank}").read_text() == f"{128 + signal.SIGTERM} 2"
+    for rank in range(WORLD):  # resumed from step 2: the uninterrupted run's weights, bit for bit
+        signalled, linear = (torch.load(ddp_runs / run / f"params_rank{rank}.pt") for run in ("signalled", "linear"))
+        assert_states_close(signalled["model"], linear["model"], rtol=0, atol=0)
 
 
 def test_ddp_hpt_equals_one_process_with_twice_the_batch(ddp_runs, tmp_path):

@@ -159,6 +159,16 @@ def test_robustify_rejects_bad_configs(teacher_checkpoint, tmp_path, change, err
         robustify(cfg)
 
 
+def test_model_spec_builds_for_the_datas_channels():
+    """One mean per channel: the digits CNN takes RGB benchmarks too; a ResNet on grey digits is a clear error, not a
+    channel mismatch inside its first convolution."""
+    rgb = ModelSpec(backbone="digits_cnn", num_classes=31, mean=(0.5,) * 3, std=(0.5,) * 3).build()
+    assert rgb(torch.rand(2, 3, 24, 24)).shape == (2, 31)
+    assert ModelSpec(backbone="digits_cnn").build()(torch.rand(2, 1, 16, 16)).shape == (2, 10)
+    with pytest.raises(ValueError, match="resnet18 takes 3-channel .* has 1 channel.*--arch digits_cnn"):
+        ModelSpec(backbone="resnet18", mean=(0.5,), std=(0.5,)).build()
+
+
 def test_checkpoint_of_another_model_is_rejected(tmp_path, teacher_checkpoint):
     state = torch.load(teacher_checkpoint, weights_only=False)
     state["spec"]["bottleneck_dim"] = 64

@@ -37,9 +37,12 @@ class DigitsCNN(nn.Module):
         return self.net(x)
 
 
-def _torchvision_resnet(name: str, weights: str | None):
+def _torchvision_resnet(name: str, weights: str | None, in_channels: int = 3):
     import torchvision
 
+    if in_channels != 3:
+        raise ValueError(f"urda_fast: {name} takes 3-channel (RGB) images, and this data has {in_channels} "
+                         f"channel(s); for grey digits use the digits_cnn backbone (--arch digits_cnn)")
     model = getattr(torchvision.models, name)(weights=None)
     if weights:
         if not os.path.isfile(weights):
@@ -59,8 +62,8 @@ def _torchvision_resnet(name: str, weights: str | None):
 
 BACKBONES = {
     "digits_cnn": lambda weights=None, **kw: DigitsCNN(**kw),
-    "resnet18": lambda weights=None, **kw: _torchvision_resnet("resnet18", weights),
-    "resnet50": lambda weights=None, **kw: _torchvision_resnet("resnet50", weights),
+    "resnet18": lambda weights=None, in_channels=3: _torchvision_resnet("resnet18", weights, in_channels),
+    "resnet50": lambda weights=None, in_channels=3: _torchvision_resnet("resnet50", weights, in_channels),
 }
 
 

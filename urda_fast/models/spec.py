@@ -18,7 +18,9 @@ class ModelSpec:
     backbone_weights: str | None = None  # a local file; only used when building a fresh model
 
     def build(self, with_weights: bool = True) -> ImageClassifier:
-        backbone = create_backbone(self.backbone, weights=self.backbone_weights if with_weights else None)
+        # the data's channels (one mean per channel): the digits CNN takes any, a ResNet says it needs 3
+        backbone = create_backbone(self.backbone, weights=self.backbone_weights if with_weights else None,
+                                   in_channels=len(self.mean))
         return ImageClassifier(backbone, self.num_classes, bottleneck_dim=self.bottleneck_dim, mean=self.mean,
                                std=self.std)
 

@@ -24,12 +24,13 @@ class LinearTask:
 
     name = "linear"
 
-    def __init__(self, batch_size=8, fail_at=None, rank=0, world_size=1, signal_at=None):
+    def __init__(self, batch_size=8, fail_at=None, rank=0, world_size=1, signal_at=None, nan_at=None):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(64, 4, generator=g)
         y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(64, generator=g)
         self.x, self.y, self.fail_at, self.steps = x, y, fail_at, 0
         self.signal_at = signal_at  # (step, signal): this process receives the signal in the middle of that step
+        self.nan_at = nan_at  # from this step on, one input is NaN (bad data): the loss and the weights turn NaN
         self.model = torch.nn.Linear(4, 1)
         self.stream = ForeverDataIterator(make_loader(TensorDataset(x, y), batch_size, train=True, seed=3, rank=rank,
                                                       world_size=world_size))
@@ -47,6 +48,9 @@ class LinearTask:
         x, y = next(self.stream)
         if self.signal_at is not None and self.steps == self.signal_at[0]:
             os.kill(os.getpid(), self.signal_at[1])
+        if self.nan_at is not None and self.steps >= self.nan_at:
+            x = x.clone()
+            x[0, 0] = float("nan")
         loss = F.mse_loss(self.model(x).squeeze(1), y)
         return {"loss": loss, "abs_err": (self.model(x).squeeze(1) - y).abs().mean().detach()}
 
@@ -129,6 +133,14 @@ def test_a_signal_saves_the_step_it_lands_in(tmp_path, signum, stops_with, capsy
     assert resumed.keys() == reference.keys()
     for tag in reference:
         assert resumed[tag] == reference[tag], tag
+
+
+def test_a_nan_loss_stops_the_run_at_its_logging_step(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"loss is nan at iteration 5 \(.*last.pt holds iteration 3\); "
+                                                 "check the data"):
+        run(tmp_path, nan_at=5)  # logs every step, checkpoints every 3
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["iteration"] == 3 and all(torch.isfinite(v).all() for v in state["modules"]["model"].values())
 
 
 def test_fresh_run_hides_an_earlier_run_in_the_folder(tmp_path):

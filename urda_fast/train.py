@@ -12,7 +12,8 @@ A *task* supplies what differs between methods:
 
 A SIGTERM (a scheduler's preemption, ``kill``) or Ctrl-C during ``fit`` lets the current step finish, writes
 ``last.pt`` at it and then stops (SystemExit(143) / KeyboardInterrupt): ``--resume`` continues bit for bit without
-redoing a step. A second signal stops at once. Under DDP, rank 0's signal decides, at the next logging step.
+redoing a step. A second signal stops at once. Under DDP, rank 0's signal decides, at the next logging step. A
+non-finite training loss stops the run at the logging step that reads it (FloatingPointError), except under fp16.
 
 Logs: ``log.csv`` and, unless ``LoopSettings.tensorboard`` is off, TensorBoard scalars in ``out_dir/tb`` (``train/*``
 every ``log_every`` steps, ``eval/*`` at every evaluation). A resumed run drops what a killed run logged past its last
@@ -32,6 +33,7 @@ rank resumes from the same ``last.pt``, so ``out_dir`` must be on a filesystem a
 from __future__ import annotations
 
 import csv
+import math
 import os
 import random
 import signal
@@ -240,6 +242,17 @@ def _restore(state, task, optimizer, scheduler, scaler, ctx, path) -> None:
                               f"{ctx.world_size} processes: it continues, but not bit-for-bit")
 
 
+def _check_finite_loss(loss: float, iteration: int, settings: LoopSettings, last_path: str, saved_at: int) -> None:
+    """Read where the loop reads the loss anyway (its logging steps: no extra host sync). A NaN / inf loss poisons
+    the weights at its backward; stopping keeps hours of GPU time from training NaNs. fp16 is exempt: there the
+    GradScaler skips the steps whose gradients overflow, and an overflowing loss now and then is part of that."""
+    if math.isfinite(loss) or settings.amp == "fp16":
+        return
+    last = f"{last_path} holds iteration {saved_at}" if saved_at else "no checkpoint was written yet"
+    raise FloatingPointError(f"urda_fast: the training loss is {loss} at iteration {iteration} ({last}); check the "
+                             "data for NaN/inf, or run again with a lower learning rate or --amp none")
+
+
 class _StopOnSignal:
     """While active (main thread only), SIGTERM and SIGINT set ``signum`` instead of stopping the process; the loop
     saves and stops at the end of the step. A second signal gets the previous handlers' behaviour at once."""
@@ -339,6 +352,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
     sync_gradients = _distribute(task, optimizer, device, ctx)
     after_step = getattr(task, "after_step", None)
     stop_request = _StopOnSignal()
+    saved_at = start
     tic = time.perf_counter()
     try:
         stop_request.__enter__()
@@ -363,6 +377,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
                     values = distributed.mean_metrics(values)  # the metrics of the whole W*B batch
                 record("train", iteration, {"lr": optimizer.param_groups[0]["lr"], **values})
                 bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k.endswith("loss")})
+                _check_finite_loss(values["loss"], iteration, settings, last_path, saved_at)
             if iteration % settings.eval_every == 0 or iteration == settings.iterations:
                 with nvtx_range("evaluate"):
                     # rank 0's weights are every rank's; its buffers (BN statistics) are the checkpointed ones
@@ -381,6 +396,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
             saved = iteration % save_every == 0 or iteration == end
             if saved:
                 checkpoint(iteration)
+                saved_at = iteration
             signum = stop_request.signum
             if ctx.enabled:  # every rank must stop at the same step: rank 0 decides, where ranks meet anyway
                 signum = distributed.broadcast_object(signum) if iteration % settings.log_every == 0 else None

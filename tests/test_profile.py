@@ -77,3 +77,18 @@ def test_nvtx_on_or_off_gives_identical_results():
     loss_on, grads_on = _one_step_loss(True)
     assert torch.equal(loss_off, loss_on)
     assert all(torch.equal(a, b) for a, b in zip(grads_off, grads_on))
+
+
+def test_ctrl_c_ends_a_command_with_status_130_and_no_traceback(tmp_path, monkeypatch):
+    import urda_fast.profile as profile
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(profile, "profile_steps", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        main(["profile", "dart", "--steps", "1", "--batch-size", "4", "--out", str(tmp_path), "--device", "cpu"])
+    assert stop.value.code == 130 and stop.value.__cause__ is None
+    monkeypatch.setenv("URDA_FAST_TRACEBACK", "1")
+    with pytest.raises(KeyboardInterrupt):
+        main(["profile", "dart", "--steps", "1", "--batch-size", "4", "--out", str(tmp_path), "--device", "cpu"])

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 
@@ -314,6 +315,10 @@ def main(argv=None) -> int:
     allocator.keep_freed_memory()  # CPU steps stop page-faulting their buffers (urda_fast/allocator.py)
     try:
         return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C: the training loop has said where it stopped and saved; no traceback
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        raise SystemExit(128 + signal.SIGINT) from None
     except Exception as exc:
         if not _is_user_error(exc) or os.environ.get(TRACEBACK_ENV) == "1":
             raise

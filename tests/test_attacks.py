@@ -185,6 +185,8 @@ def test_autocast_and_channels_last_inputs(digits):
         (lambda m: PGD(m), lambda a, x, y: a(x, y + 10), r"labels must lie in \[0, 10\)"),
         (lambda m: PGD(m), lambda a, x, y: a(x, y.float()), "labels must be an integer tensor"),
         (lambda m: PGD(m, loss="kl"), lambda a, x, y: a(x, y), "needs soft_targets"),
+        (lambda m: PGD(m), lambda a, x, y: a(x.masked_fill(x > 0.5, float("nan")), y), "images contain NaN"),
+        (lambda m: PGD(lambda t: m(t)), None, "model must be a torch.nn.Module .* got function"),
     ],
 )
 def test_bad_input_is_rejected_before_any_work(digits, make, call, match):

@@ -73,6 +73,10 @@ class Attack:
     def __init__(self, model, *, eps, alpha, steps, random_start, restarts=1, loss="ce", kappa=0.0, temperature=1.0,
                  space="pixel", mean=None, std=None, early_stop=False, max_batch=None, seed=None,
                  fold_batchnorm=False):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"urda_fast.attacks: model must be a torch.nn.Module (its train/eval mode and parameter "
+                            f"flags are saved and restored around the attack), got {type(model).__name__}; wrap a "
+                            "function in an nn.Module whose forward calls it")
         _positive(eps, "eps")
         _positive(alpha, "alpha")
         if not isinstance(steps, int) or steps < 1:
@@ -135,6 +139,9 @@ class Attack:
         lo = torch.as_tensor(lower, device=images.device).reshape(shape) if self.space != "pixel" else lower
         hi = torch.as_tensor(upper, device=images.device).reshape(shape) if self.space != "pixel" else upper
         tol = 1e-5
+        if bool(torch.isnan(images).any()):  # NaN passes both range comparisons below
+            raise ValueError("urda_fast.attacks: images contain NaN; check the data pipeline (a division by zero in a "
+                             "normalisation, a corrupt file)")
         if bool((images < lo - tol).any()) or bool((images > hi + tol).any()):
             where = "[0, 1]" if self.space == "pixel" else "the range that mean/std give each channel"
             raise ValueError(f"urda_fast.attacks: images must lie in {where} (got min {images.min().item():.4g}, max "

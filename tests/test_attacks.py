@@ -214,6 +214,20 @@ def test_robust_accuracy_table(digits, tmp_path):
     assert "| PGD-10 |" in (tmp_path / "table.md").read_text()
 
 
+@pytest.mark.parametrize("batches, attacks, error, match", [
+    ("dicts", {"clean": None}, ValueError, r"\(images, labels\) pairs of tensors, got a dict with keys \['image'"),
+    ("triples", {"clean": None}, ValueError, "got a tuple of 3 items"),
+    ("none", {"clean": None}, ValueError, "yielded no images"),  # not a row of 0% accuracy
+    ("pairs", {"PGD": 10}, TypeError, r"attacks\['PGD'\] must be None .* got int"),
+])
+def test_robust_accuracy_names_bad_loaders_and_attacks(digits, batches, attacks, error, match):
+    model, x, y = digits
+    loader = {"dicts": [{"image": x[:8], "label": y[:8]}], "triples": [(x[:8], y[:8], y[:8])], "none": [],
+              "pairs": [(x[:8], y[:8])]}[batches]
+    with pytest.raises(error, match=match):
+        robust_accuracy(model, loader, attacks, progress=False)
+
+
 def test_pgd_matches_torchattacks(digits):
     """Same adversarial examples as torchattacks' PGD (no random start) for the same settings."""
     torchattacks = pytest.importorskip("torchattacks")

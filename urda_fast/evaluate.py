@@ -80,14 +80,19 @@ def robust_accuracy(model, loader, attacks, *, device=None, max_batches=None, pr
     """
     if not attacks:
         raise ValueError("urda_fast: give at least one attack, e.g. {'clean': None}")
+    for name, attack in attacks.items():
+        if attack is not None and not callable(attack):
+            raise TypeError(f"urda_fast: attacks[{name!r}] must be None (the clean images) or an attack called as "
+                            f"attack(images, labels), got {type(attack).__name__}")
     device = device or next(model.parameters()).device
     correct = {name: 0 for name in attacks}
     seconds = {name: 0.0 for name in attacks}
     count = 0
     bar = tqdm(loader, desc="robust accuracy", disable=not progress, total=_length(loader, max_batches))
-    for batch_index, (images, labels) in enumerate(bar):
+    for batch_index, batch in enumerate(bar):
         if max_batches is not None and batch_index >= max_batches:
             break
+        images, labels = _images_and_labels(batch)
         images, labels = images.to(device), labels.to(device)
         for name, attack in attacks.items():
             start = time.perf_counter()
@@ -101,12 +106,24 @@ def robust_accuracy(model, loader, attacks, *, device=None, max_batches=None, pr
             seconds[name] += time.perf_counter() - start
         count += labels.shape[0]
         bar.set_postfix({name: f"{100 * correct[name] / count:.1f}" for name in attacks})
+    if count == 0:  # a 0% row would read as a broken model
+        raise ValueError("urda_fast: the loader yielded no images to evaluate (an empty dataset or split?)")
     rows = [RobustRow(name, 100.0 * correct[name] / max(count, 1), correct[name], count, seconds[name],
                       count / seconds[name] if seconds[name] else 0.0) for name in attacks]
     table = RobustTable(rows)
     for path in save:
         table.save(path)
     return table
+
+
+def _images_and_labels(batch):
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(torch.is_tensor(t) for t in batch):
+        return batch
+    what = (f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else
+            f"a {type(batch).__name__} of {len(batch)} items" if isinstance(batch, (tuple, list)) else
+            type(batch).__name__)
+    raise ValueError(f"urda_fast: the loader must yield (images, labels) pairs of tensors, got {what}; map its "
+                     "batches to pairs first, e.g. ((b['image'], b['label']) for b in loader)")
 
 
 def _length(loader, max_batches):

@@ -59,7 +59,7 @@ for phase in "$@"; do
         -n "${TEST_WORKERS:-12}" ${TEST_FILES:-tests/test_kd_kl.py tests/test_pgd_step.py tests/test_feature_losses.py \
         tests/test_backends.py tests/test_max_pool.py tests/test_conv_input_grad.py tests/test_fast_conv.py \
         tests/test_attention_choice.py tests/test_attention.py tests/test_batch_norm.py tests/test_dart_step.py \
-        tests/test_attacks.py} >"$OUT/tests.log" 2>&1
+        tests/test_attacks.py tests/test_optim.py} >"$OUT/tests.log" 2>&1
       echo "tests rc=$?" | tee -a "$OUT/tests.log"
       grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
       tail -3 "$OUT/tests.log" ;;

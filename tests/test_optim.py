@@ -6,12 +6,15 @@ import torch
 from urda_fast.train import sgd
 
 
-def _trajectory(make, steps=6):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+
+
+def _trajectory(make, steps=6, device="cpu"):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3)).to(device)
     groups = [{"params": model[0].parameters(), "lr": 0.01}, {"params": model[2].parameters()}]  # as DART's 0.1x
     optimizer = make(groups)
-    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    x, y = torch.randn(16, 5, device=device), torch.randint(0, 3, (16,), device=device)
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -19,11 +22,12 @@ def _trajectory(make, steps=6):
     return model, optimizer
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("nesterov, weight_decay", [(True, 1e-3), (False, 0.0)])
-def test_fused_sgd_follows_torchs_default_sgd(nesterov, weight_decay):
+def test_fused_sgd_follows_torchs_default_sgd(nesterov, weight_decay, device):
     options = dict(lr=0.1, momentum=0.9, weight_decay=weight_decay, nesterov=nesterov)
-    ours, ours_opt = _trajectory(lambda groups: sgd(groups, **options))
-    ref, ref_opt = _trajectory(lambda groups: torch.optim.SGD(groups, **options, foreach=False))
+    ours, ours_opt = _trajectory(lambda groups: sgd(groups, **options), device=device)
+    ref, ref_opt = _trajectory(lambda groups: torch.optim.SGD(groups, **options, foreach=False), device=device)
     assert ours_opt.defaults["fused"] and not ref_opt.defaults.get("fused")
     assert [g["lr"] for g in ours_opt.param_groups] == [0.01, 0.1]
     for a, b in zip(ours.parameters(), ref.parameters()):

@@ -159,6 +159,18 @@ def test_robustify_rejects_bad_configs(teacher_checkpoint, tmp_path, change, err
         robustify(cfg)
 
 
+def test_robustify_refuses_to_overwrite_its_teacher(teacher_checkpoint, tmp_path):
+    """--out in the teacher's folder would replace the UDA teacher's best.pt by the student's (it did, silently)."""
+    folder = os.path.dirname(teacher_checkpoint)
+    with open(teacher_checkpoint, "rb") as f:
+        before = f.read()
+    for teacher in (teacher_checkpoint, folder):  # the file, or its folder (read as folder/best.pt)
+        with pytest.raises(ValueError, match="--teacher .* lies where this run writes its checkpoints"):
+            robustify(_robustify_cfg(teacher, os.path.join(folder, "..", os.path.basename(folder))))
+    with open(teacher_checkpoint, "rb") as f:
+        assert f.read() == before
+
+
 def test_model_spec_builds_for_the_datas_channels():
     """One mean per channel: the digits CNN takes RGB benchmarks too; a ResNet on grey digits is a clear error, not a
     channel mismatch inside its first convolution."""

@@ -342,6 +342,11 @@ def test_bad_configs_and_dataset_layouts_are_clear_errors(world, tmp_path):
         train(train_cfg(world, tmp_path, proxy_weight=-1.0))
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
         train(train_cfg(world, tmp_path, momentum=1.5))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"an earlier run's weights")
+    with pytest.raises(ValueError, match="--target .* lies where this run writes its checkpoints"):
+        train(train_cfg(world, tmp_path / "run", target=f"urda-tiny-vit:{tmp_path / 'run'}"))
+    assert (tmp_path / "run" / "best.pt").read_bytes() == b"an earlier run's weights"
     with pytest.raises(ValueError, match="warmup_steps"):
         train(train_cfg(world, tmp_path, warmup_steps=10, iterations=4))
     (tmp_path / "data").mkdir()

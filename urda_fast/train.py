@@ -99,6 +99,20 @@ def sgd(params, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                            fused=fused or None)
 
 
+def refuse_to_overwrite(out_dir: str, inputs: dict) -> None:
+    """A run writes ``out_dir``/best.pt and last.pt: an input checkpoint at one of those paths (``{flag: path}``; a
+    folder means its best.pt, as the loaders read it) would be replaced by the run's own, e.g. a DART teacher by its
+    student. A ValueError names the flag, before any work."""
+    written = {os.path.realpath(os.path.join(out_dir, name)) for name in ("best.pt", "last.pt")}
+    for flag, path in inputs.items():
+        if not path:
+            continue
+        read = os.path.join(path, "best.pt") if os.path.isdir(path) else path
+        if os.path.realpath(read) in written:
+            raise ValueError(f"urda_fast: {flag} {path!r} lies where this run writes its checkpoints ({out_dir}): "
+                             "the run would overwrite it; give another --out")
+
+
 def atomic_save(obj, path: str) -> None:
     """torch.save to a temporary file in the same folder, then rename: a kill never leaves a torn checkpoint."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -219,11 +233,12 @@ def _check_same_run(saved: dict | None, now: dict | None, path: str) -> None:
                          "new run in another --out folder")
 
 
-def _restore(state, task, optimizer, scheduler, scaler, ctx, path) -> None:
+def _restore(state, task, optimizer, scheduler, scaler, ctx, path, config=None) -> None:
     modules = task.modules()
     if set(state["modules"]) != set(modules):
         raise ValueError(f"urda_fast: {path} holds {sorted(state['modules'])}, this run has "
                          f"{sorted(modules)}: it is from another method")
+    _check_same_run(state.get("config"), config, path)
     for name, module in modules.items():
         module.load_state_dict(state["modules"][name])
     optimizer.load_state_dict(state["optimizer"])
@@ -314,8 +329,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
     start, best, last_metrics = 0, None, {}
     state = _resume_state(last_path, ctx) if settings.resume else None
     if state is not None:
-        _check_same_run(state.get("config"), extra.get("config"), last_path)
-        _restore(state, task, optimizer, scheduler, scaler, ctx, last_path)
+        _restore(state, task, optimizer, scheduler, scaler, ctx, last_path, extra.get("config"))
         start, best, last_metrics = state["iteration"], state["best"], state["metrics"]
     elif ctx.enabled:
         distributed.seed_rank(ctx.rank)

@@ -14,6 +14,7 @@ from urda_fast.data import train_stream
 from urda_fast.distributed import pick_device
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import nvtx_range
+from urda_fast.train import refuse_to_overwrite
 
 from .common import accuracy, attack_folding, lr_schedule, run_loop, sgd
 from .config import PretrainConfig, check_pretrain_config
@@ -91,6 +92,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     from urda_fast.uda import create_method
 
     check_pretrain_config(cfg)
+    refuse_to_overwrite(cfg.out, {"--backbone-weights": cfg.backbone_weights})
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     data = task_data(cfg)

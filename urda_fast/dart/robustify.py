@@ -25,6 +25,7 @@ from urda_fast.data import train_stream
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import nvtx_range
 from urda_fast.split_bn import split_batchnorm
+from urda_fast.train import refuse_to_overwrite
 
 from .common import accuracy, attack_folding, load_teacher, lr_schedule, run_loop, sgd
 from .config import RobustifyConfig, check_robustify_config
@@ -140,6 +141,7 @@ def robustify(cfg: RobustifyConfig) -> dict:
     if cfg.forward not in ("split-bn", "separate"):
         raise ValueError(f"dart: forward must be 'split-bn' or 'separate', got {cfg.forward!r}")
     check_robustify_config(cfg)
+    refuse_to_overwrite(cfg.out, {"--teacher": cfg.teacher, "--backbone-weights": cfg.backbone_weights})
     torch.manual_seed(cfg.seed)
     teacher, spec, device = load_teacher(cfg.teacher, cfg.device)
     data = task_data(cfg)

@@ -24,7 +24,7 @@ from urda_fast.config import check_ranges
 from urda_fast.data import train_stream
 from urda_fast.distributed import pick_device
 from urda_fast.profiling import enable_nvtx, nvtx_range
-from urda_fast.train import LoopSettings, fit, sgd
+from urda_fast.train import LoopSettings, fit, refuse_to_overwrite, sgd
 
 from . import losses
 from .clip_models import compile_image_tower, load_clip_arg, parse_model_arg
@@ -221,6 +221,8 @@ def build_task(cfg: TrainConfig):
     """Everything a run needs, before the loop: (task, optimizer, loop settings, device). The task's scheduler is
     ``task.scheduler``. Used by ``train`` and by the benchmark and profiler, which time ``task.training_step``."""
     check_config(cfg)
+    refuse_to_overwrite(cfg.out, {f"--{role}": parse_model_arg(arg, role)[1] for role, arg in
+                                  (("target", cfg.target), ("proxy", cfg.proxy)) if arg})
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     world = open_world(cfg.world) if cfg.train_data == "world" or "world:" in cfg.val_data else None

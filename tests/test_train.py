@@ -59,13 +59,13 @@ class LinearTask:
         return {"neg_mse": -float(F.mse_loss(self.model(self.x).squeeze(1), self.y))}
 
 
-def run(out, iterations=6, resume=False, **task_options):
+def run(out, iterations=6, resume=False, overwrite=False, **task_options):
     torch.manual_seed(0)
     task = LinearTask(**task_options)
     optimizer = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1 / (1 + it))
     settings = LoopSettings(iterations=iterations, out_dir=str(out), eval_every=3, log_every=1, resume=resume,
-                            progress=False, select_metric="neg_mse")
+                            overwrite=overwrite, progress=False, select_metric="neg_mse")
     return fit(task, optimizer, scheduler, settings, device=torch.device("cpu"))
 
 
@@ -145,7 +145,12 @@ def test_a_nan_loss_stops_the_run_at_its_logging_step(tmp_path):
 
 def test_fresh_run_hides_an_earlier_run_in_the_folder(tmp_path):
     run(tmp_path, iterations=6)
-    run(tmp_path, iterations=3)
+    # without --resume or --overwrite, a relaunch must not replace the earlier run's checkpoints
+    earlier = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(ValueError, match="holds an earlier run's last.pt and best.pt; pass --resume .* --overwrite"):
+        run(tmp_path, iterations=3)
+    assert (tmp_path / "last.pt").read_bytes() == earlier
+    run(tmp_path, iterations=3, overwrite=True)
     assert [s for s, _ in scalars(tmp_path)["train/loss"]] == [1, 2, 3]
 
 

@@ -14,6 +14,7 @@ A SIGTERM (a scheduler's preemption, ``kill``) or Ctrl-C during ``fit`` lets the
 ``last.pt`` at it and then stops (SystemExit(143) / KeyboardInterrupt): ``--resume`` continues bit for bit without
 redoing a step. A second signal stops at once. Under DDP, rank 0's signal decides, at the next logging step. A
 non-finite training loss stops the run at the logging step that reads it (FloatingPointError), except under fp16.
+A fresh run (no ``resume``) in a folder holding a run's checkpoints is an error unless ``overwrite``.
 
 Logs: ``log.csv`` and, unless ``LoopSettings.tensorboard`` is off, TensorBoard scalars in ``out_dir/tb`` (``train/*``
 every ``log_every`` steps, ``eval/*`` at every evaluation). A resumed run drops what a killed run logged past its last
@@ -61,6 +62,7 @@ class LoopSettings:
     save_every: int = 0  # 0: at every evaluation
     select_metric: str = "clean_acc"  # best.pt keeps the highest value of this evaluation metric
     resume: bool = False
+    overwrite: bool = False  # a fresh run may replace the checkpoints of an earlier run in out_dir
     amp: str = "none"  # "none" | "bf16" | "fp16"
     progress: bool = True
     stop_after: int | None = None  # end the run after this iteration (as a kill would), for resume tests
@@ -215,10 +217,22 @@ def _resume_state(path: str, ctx) -> dict | None:
     return state
 
 
+def _refuse_earlier_run(last_path: str, best_path: str, ctx) -> None:
+    """A fresh run in a folder that holds a run's checkpoints would replace them at its first evaluation: the
+    relaunch of a preempted job without --resume would lose it. Rank 0 looks; every rank raises alike."""
+    found = [path for path in (last_path, best_path) if os.path.isfile(path)]
+    if ctx.enabled:
+        found = distributed.broadcast_object(found)
+    if found:
+        where = os.path.dirname(found[0]) or "."
+        raise ValueError(f"urda_fast: {where} holds an earlier run's {' and '.join(map(os.path.basename, found))}; "
+                         "pass --resume to continue it, --overwrite to start over in its place, or another --out")
+
+
 # What a resumed run may change: where and how it runs and reports, how far it goes, and where its dataset lies (a
 # moved copy of the same files). Any other setting (lr, batch size, loss weights, attack, seed, which data, model)
 # would continue the checkpoint as a different run than it started.
-RESUMABLE_CHANGES = frozenset({"resume", "progress", "nvtx", "tensorboard", "device", "stop_after", "out", "iterations",
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "progress", "nvtx", "tensorboard", "device", "stop_after", "out", "iterations",
                                "epochs", "eval_every", "eval_max_batches", "num_workers", "compile", "root", "world"})
 
 
@@ -328,6 +342,8 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
     start, best, last_metrics = 0, None, {}
     state = _resume_state(last_path, ctx) if settings.resume else None
+    if state is None and not settings.overwrite:
+        _refuse_earlier_run(last_path, best_path, ctx)
     if state is not None:
         _restore(state, task, optimizer, scheduler, scaler, ctx, last_path, extra.get("config"))
         start, best, last_metrics = state["iteration"], state["best"], state["metrics"]

@@ -27,6 +27,7 @@ class RunConfig:
     fold_batchnorm: str = "auto"
     nvtx: bool = False
     resume: bool = False
+    overwrite: bool = False  # start over in an --out that holds a run's checkpoints (else: an error)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
     progress: bool = True
     tensorboard: bool = True  # TensorBoard scalars in <out>/tb beside log.csv

@@ -29,7 +29,9 @@ def demo(out: str = "runs/dart-demo", *, scale: float = 1.0, progress: bool = Tr
          eps: float = DEMO_EPS) -> dict:
     """Run the whole comparison; ``scale`` shrinks the iteration counts (tests use a small one)."""
     its = {k: max(1, int(v * scale)) for k, v in DEMO.items() if k.endswith("iterations")}
-    base = dict(data="digits", batch_size=DEMO["batch_size"], progress=progress, device=device, seed=0)
+    # a rerun starts over (the hpt demo continues instead: its runs take a fraction of the time)
+    base = dict(data="digits", batch_size=DEMO["batch_size"], progress=progress, device=device, seed=0,
+                overwrite=True)
     runs = {
         "source-only": PretrainConfig(**base, method="source-only", iterations=its["uda_iterations"],
                                       out=os.path.join(out, "source_only")),

@@ -82,6 +82,7 @@ class TrainConfig(ModelsConfig, DataConfig):
     nvtx: bool = False
     tensorboard: bool = True
     resume: bool = False
+    overwrite: bool = False  # start over in an --out that holds a run's checkpoints (else: an error)
     progress: bool = True
     stop_after: int = 0  # end the run after this iteration, as a kill would (resume tests); 0 = never
 

@@ -248,6 +248,7 @@ def build_task(cfg: TrainConfig):
                    validation_sets(cfg, world, train_set), tokenizer, workers)
     task.scheduler = task.schedule.scheduler(optimizer)
     settings = LoopSettings(iterations=total_steps, out_dir=cfg.out, eval_every=cfg.eval_every, resume=cfg.resume,
+                            overwrite=cfg.overwrite,
                             amp=resolve_amp(cfg.amp, device), progress=cfg.progress, stop_after=cfg.stop_after or None,
                             tensorboard=cfg.tensorboard, select_metric=cfg.select_metric)
     return task, optimizer, settings, device

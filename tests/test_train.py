@@ -150,6 +150,9 @@ def test_fresh_run_hides_an_earlier_run_in_the_folder(tmp_path):
     with pytest.raises(ValueError, match="holds an earlier run's last.pt and best.pt; pass --resume .* --overwrite"):
         run(tmp_path, iterations=3)
     assert (tmp_path / "last.pt").read_bytes() == earlier
+    (tmp_path / "last.pt").rename(tmp_path / "moved.pt")
+    with pytest.raises(ValueError, match="holds an earlier run's best.pt but no last.pt to resume from"):
+        run(tmp_path, iterations=3, resume=True)
     run(tmp_path, iterations=3, overwrite=True)
     assert [s for s, _ in scalars(tmp_path)["train/loss"]] == [1, 2, 3]
 

@@ -217,7 +217,7 @@ def _resume_state(path: str, ctx) -> dict | None:
     return state
 
 
-def _refuse_earlier_run(last_path: str, best_path: str, ctx) -> None:
+def _refuse_earlier_run(last_path: str, best_path: str, ctx, resume: bool) -> None:
     """A fresh run in a folder that holds a run's checkpoints would replace them at its first evaluation: the
     relaunch of a preempted job without --resume would lose it. Rank 0 looks; every rank raises alike."""
     found = [path for path in (last_path, best_path) if os.path.isfile(path)]
@@ -225,6 +225,9 @@ def _refuse_earlier_run(last_path: str, best_path: str, ctx) -> None:
         found = distributed.broadcast_object(found)
     if found:
         where = os.path.dirname(found[0]) or "."
+        if resume:  # only best.pt: nothing to continue from
+            raise ValueError(f"urda_fast: {where} holds an earlier run's best.pt but no last.pt to resume from; "
+                             "--overwrite starts over in its place, or give another --out")
         raise ValueError(f"urda_fast: {where} holds an earlier run's {' and '.join(map(os.path.basename, found))}; "
                          "pass --resume to continue it, --overwrite to start over in its place, or another --out")
 
@@ -343,7 +346,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
     start, best, last_metrics = 0, None, {}
     state = _resume_state(last_path, ctx) if settings.resume else None
     if state is None and not settings.overwrite:
-        _refuse_earlier_run(last_path, best_path, ctx)
+        _refuse_earlier_run(last_path, best_path, ctx, settings.resume)
     if state is not None:
         _restore(state, task, optimizer, scheduler, scaler, ctx, last_path, extra.get("config"))
         start, best, last_metrics = state["iteration"], state["best"], state["metrics"]

@@ -139,10 +139,11 @@ class Attack:
         lo = torch.as_tensor(lower, device=images.device).reshape(shape) if self.space != "pixel" else lower
         hi = torch.as_tensor(upper, device=images.device).reshape(shape) if self.space != "pixel" else upper
         tol = 1e-5
-        if bool(torch.isnan(images).any()):  # NaN passes both range comparisons below
-            raise ValueError("urda_fast.attacks: images contain NaN; check the data pipeline (a division by zero in a "
-                             "normalisation, a corrupt file)")
-        if bool((images < lo - tol).any()) or bool((images > hi + tol).any()):
+        # One reduction (one host sync on a GPU) for valid images; NaN fails both comparisons, so it lands here too.
+        if not bool(((images >= lo - tol) & (images <= hi + tol)).all()):
+            if bool(torch.isnan(images).any()):
+                raise ValueError("urda_fast.attacks: images contain NaN; check the data pipeline (a division by zero "
+                                 "in a normalisation, a corrupt file)")
             where = "[0, 1]" if self.space == "pixel" else "the range that mean/std give each channel"
             raise ValueError(f"urda_fast.attacks: images must lie in {where} (got min {images.min().item():.4g}, max "
                              f"{images.max().item():.4g}); in pixel space pass unnormalised images and let the "

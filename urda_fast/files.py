@@ -49,9 +49,13 @@ def load_torch_file(path: str, *, who: str, weights_only: bool = False):
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except Exception as err:  # noqa: BLE001 -- see the docstring
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{who}: {path!r} is not a checkpoint torch can read ({type(err).__name__}: {reason}); "
-                         "is it the right file, and was it copied whole?") from err
+        raise ValueError(f"{who}: {path!r} is not a checkpoint torch can read ({reading_error(err)}); is it the "
+                         "right file, and was it copied whole?") from err
+
+
+def reading_error(err: Exception) -> str:
+    """``Type: first line`` of an error from a file reader (unpicklers' messages run to many lines)."""
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
 
 
 _KEY_LIST = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: (.*?)\.?\s*$", re.M)

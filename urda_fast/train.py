@@ -286,27 +286,27 @@ def _check_finite_loss(loss: float, iteration: int, settings: LoopSettings, last
 
 
 class _StopOnSignal:
-    """While active (main thread only), SIGTERM and SIGINT set ``signum`` instead of stopping the process; the loop
-    saves and stops at the end of the step. A second signal gets the previous handlers' behaviour at once."""
+    """Between ``install()`` and ``restore()`` (main thread only), SIGTERM and SIGINT set ``signum`` instead of
+    stopping the process; the loop saves and stops at the end of the step. A second signal gets the previous
+    handlers' behaviour at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum, self._previous = None, {}
 
-    def __enter__(self):
+    def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
 
-    def __exit__(self, *exc):
+    def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            self.__exit__()
+            self.restore()
             signal.raise_signal(signum)
             return
         self.signum = signum
@@ -388,7 +388,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
     saved_at = start
     tic = time.perf_counter()
     try:
-        stop_request.__enter__()
+        stop_request.install()
         for iteration in bar:
             with nvtx_range(f"step {iteration}"):
                 with _autocast(settings.amp, device.type):
@@ -438,7 +438,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
                     checkpoint(iteration)
                 _StopOnSignal.stop(signum, iteration, last_path)
     finally:
-        stop_request.__exit__()
+        stop_request.restore()
         bar.close()
         if tb is not None:
             tb.close()

@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 
-from urda_fast.files import state_dict_mismatch
+from urda_fast.files import reading_error, state_dict_mismatch
 from urda_fast.models import use_fast_attention, use_fast_conv
 
 # Two small CLIPs of different architectures for the embedded world (32x32 images, 16-token captions): a ViT with
@@ -150,10 +150,8 @@ def load_clip(arch: str, checkpoint: str | None, device: str | torch.device = "c
             raise ValueError(f"hpt: {checkpoint!r} does not hold weights for architecture {arch} "
                              f"({state_dict_mismatch(err)}); check the ARCH part of ARCH:CHECKPOINT") from err
         except Exception as err:  # noqa: BLE001 -- open_clip's loader on foreign bytes: KeyError, UnpicklingError...
-            reason = (str(err).strip().splitlines() or [""])[0][:200]
             raise ValueError(f"hpt: {checkpoint!r} is not a CLIP checkpoint that torch or open_clip can read "
-                             f"({type(err).__name__}: {reason}); is it the right file, and was it copied whole?") \
-                from err
+                             f"({reading_error(err)}); is it the right file, and was it copied whole?") from err
     tokenizer = open_clip.get_tokenizer(arch)
     # A ViT's patch embedding as a matmul and short-sequence self-attention as one fused op, on CPU
     # (urda_fast.models.conv, .attention): same parameters, same function.

@@ -1,8 +1,9 @@
 """Values derived from tensors, kept while those very tensors live unchanged.
 
 Used where a hot loop passes the same tensors again and again: ``pgd_step``'s bound checks (an attack in normalised
-space passes one (lower, upper) pair every step, and reading their values is a host sync on a GPU) and
-``FastConv2d``'s contiguous centre taps of frozen weights (one copy per weight instead of one per forward).
+space passes one (lower, upper) pair every step, and reading their values is a host sync on a GPU),
+``FastConv2d``'s contiguous weight blocks of frozen weights (one copy per weight instead of one per forward) and
+``batch_norm_eval``'s per-channel constants (one computation per set of statistics).
 """
 
 from __future__ import annotations

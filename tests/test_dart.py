@@ -194,6 +194,26 @@ def test_checkpoint_of_another_model_is_rejected(tmp_path, teacher_checkpoint):
         robustify(_robustify_cfg(str(tmp_path / "cut.pt"), tmp_path / "y"))
 
 
+def test_eval_refuses_runs_it_cannot_evaluate_before_any_work(teacher_checkpoint, tmp_path):
+    from urda_fast.dart import RunConfig, evaluate_runs
+
+    torch.save({"kind": "hpt", "arch": "urda-tiny-vit", "config": {"target": "urda-tiny-vit:t.pt"}},
+               tmp_path / "clip.pt")
+    for runs in ([str(tmp_path / "clip.pt")], [teacher_checkpoint, str(tmp_path / "clip.pt")]):
+        with pytest.raises(ValueError, match="clip.pt' is an `hpt train` checkpoint .* `urda-fast hpt eval`"):
+            evaluate_runs(runs, attacks=("clean",), device="cpu", progress=False)
+    state = torch.load(teacher_checkpoint, weights_only=False)
+    state["spec"]["num_classes"] = 31
+    state["modules"]["method"]["model.head.weight"] = torch.zeros(31, 32)
+    state["modules"]["method"]["model.head.bias"] = torch.zeros(31)
+    torch.save(state, tmp_path / "office.pt")
+    with pytest.raises(ValueError, match="office.pt' has 31 classes but the evaluation data .* has 10.*separately"):
+        evaluate_runs([teacher_checkpoint, str(tmp_path / "office.pt")], attacks=("clean",),
+                      data_cfg=RunConfig(data="digits"), device="cpu", progress=False)
+    with pytest.raises(ValueError, match="at least one run"):
+        evaluate_runs([], attacks=("clean",), device="cpu", progress=False)
+
+
 def test_dart_raises_robust_accuracy_above_the_teacher_and_keeps_clean(teacher_checkpoint, tmp_path):
     """The demo's claim on a small budget: a short DART run (attacks at eps 0.1, as the demo) lifts PGD accuracy on
     the target above the teacher's, while clean target accuracy stays within a few points. Measured at 8/255: 120

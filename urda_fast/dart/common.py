@@ -48,17 +48,33 @@ def accuracy(model, dataset, device, batch_size: int = 256) -> float:
     return 100.0 * correct / max(total, 1)
 
 
-def load_checkpoint_model(path: str, device_name: str = "auto"):
-    """(model in eval mode, spec, device) from a `dart pretrain` / `dart robustify` checkpoint."""
+def checkpoint_file(run: str) -> str:
+    """The checkpoint a run argument names: ``RUN/best.pt`` for a run folder, else the file itself."""
+    return os.path.join(run, "best.pt") if os.path.isdir(run) else run
+
+
+def read_checkpoint(path: str) -> dict:
+    """The state of a `dart pretrain` / `dart robustify` checkpoint (a run folder means its best.pt), or a clear error
+    for a missing file, an `hpt train` checkpoint or any other file."""
     if not path:
         raise ValueError("dart: give the checkpoint to start from (e.g. --teacher runs/a2w/best.pt)")
-    if os.path.isdir(path):
-        path = os.path.join(path, "best.pt")
+    path = checkpoint_file(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dart: checkpoint {path!r} not found; run `urda-fast dart pretrain` first")
     state = load_torch_file(path, who="dart")
+    if isinstance(state, dict) and state.get("kind") == "hpt":
+        raise ValueError(f"dart: {path!r} is an `hpt train` checkpoint (a CLIP), not a DART one; evaluate it with "
+                         "`urda-fast hpt eval`")
     if not isinstance(state, dict) or "spec" not in state or "modules" not in state:
         raise ValueError(f"dart: {path!r} is not a urda_fast DART checkpoint (no model spec inside)")
+    return state
+
+
+def load_checkpoint_model(path: str, device_name: str = "auto", state: dict | None = None):
+    """(model in eval mode, spec, device) from a `dart pretrain` / `dart robustify` checkpoint (``state``: its
+    contents, when the caller has read them with :func:`read_checkpoint` already)."""
+    path = checkpoint_file(path)
+    state = read_checkpoint(path) if state is None else state
     spec = ModelSpec.from_dict(state["spec"])
     device = pick_device(device_name)
     model = spec.build(with_weights=False)

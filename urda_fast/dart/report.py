@@ -8,18 +8,17 @@ from torch.utils.data import DataLoader
 
 from urda_fast.attacks import FGSM, PGD
 from urda_fast.evaluate import robust_accuracy
-from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, load_torch_file
+from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text
 
-from .common import load_checkpoint_model
+from .common import checkpoint_file, load_checkpoint_model, read_checkpoint
 from .config import RunConfig
 from .data import task_data
 
 ATTACKS = ("clean", "fgsm", "pgd10", "pgd20")
 
 
-def method_label(checkpoint_path: str) -> str:
-    """'source-only' | 'uda' | 'uda+vat' | 'dart', read from the run's checkpoint."""
-    state = load_torch_file(checkpoint_path, who="dart eval")
+def method_label(state: dict) -> str:
+    """'source-only' | 'uda' | 'uda+vat' | 'dart', from a run's checkpoint state (:func:`read_checkpoint`)."""
     config = state.get("config", {})
     if state.get("kind") == "dart":
         return "dart"
@@ -52,17 +51,24 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
     ("fgsm", "pgd" = the strongest PGD), every budget's under keys like "pgd20@0.0314". Writes report.md/.json/.png
     into ``out`` when given.
     """
+    if not runs:
+        raise ValueError("dart eval: give at least one run folder or checkpoint")
+    # Every run checked before any evaluation; of each checkpoint only what evaluation reads is kept (no optimizer)
+    states = [{k: state[k] for k in ("kind", "spec", "config", "modules") if k in state}
+              for state in map(read_checkpoint, runs)]
     if data_cfg is None:  # the data the first run was trained on
-        first = os.path.join(runs[0], "best.pt") if os.path.isdir(runs[0]) else runs[0]
-        saved = load_torch_file(first, who="dart eval").get("config", {}) if os.path.isfile(first) else {}
+        saved = states[0].get("config", {})
         data_cfg = RunConfig(**{k: saved[k] for k in ("data", "root", "source", "target") if k in saved})
     data = task_data(data_cfg)
     loader = DataLoader(data.target_test, batch_size=256)
     rows = []
-    for run in runs:
-        path = os.path.join(run, "best.pt") if os.path.isdir(run) else run
-        model, _, dev = load_checkpoint_model(path, device)
-        row = {"method": (labels or {}).get(run) or method_label(path), "run": run}
+    for run, state in zip(runs, states):
+        model, spec, dev = load_checkpoint_model(run, device, state)
+        if spec.num_classes != data.num_classes:
+            raise ValueError(f"dart eval: {checkpoint_file(run)!r} has {spec.num_classes} classes but the evaluation "
+                             f"data ({data.description}) has {data.num_classes}: runs of different tasks cannot "
+                             "share one report; evaluate them separately")
+        row = {"method": (labels or {}).get(run) or method_label(state), "run": run}
         for budget_index, budget in enumerate(eps):
             table = robust_accuracy(model, [(x.to(dev), y.to(dev)) for x, y in loader],
                                     make_attacks(model, attacks, budget), max_batches=max_batches, progress=progress)

@@ -1,5 +1,6 @@
 """DART step 1 (UDA pre-training, UDA+VAT) and the `urda-fast dart` commands, end to end on the embedded digits."""
 
+import importlib
 import json
 import os
 
@@ -101,3 +102,13 @@ def test_cli_demo_writes_the_report(tmp_path, capsys):
     for row in report["rows"]:
         assert {"clean", "fgsm", "pgd"} <= row.keys()
     assert (tmp_path / "report.md").is_file() and any(p.suffix == ".png" for p in tmp_path.iterdir())
+
+
+def test_cli_demo_seed_reaches_every_run(tmp_path, monkeypatch):
+    demo_module = importlib.import_module("urda_fast.dart.demo")  # the package's `demo` is the function
+    seen = []
+    monkeypatch.setattr(demo_module, "pretrain", seen.append)
+    monkeypatch.setattr(demo_module, "robustify", seen.append)
+    monkeypatch.setattr(demo_module, "evaluate_runs", lambda *a, **k: {"rows": [], "data": "digits"})
+    assert main(["dart", "demo", "--out", str(tmp_path), "--device", "cpu", "--seed", "3"]) == 0
+    assert [cfg.seed for cfg in seen] == [3, 3, 3, 3]

@@ -1,6 +1,7 @@
 """HPT-GPD: losses against methods.md written out in float64, the GPD schedule, zero-shot text caching, clear errors,
 every command on a tiny embedded world, and resume-after-kill."""
 
+import importlib
 import json
 import math
 import re
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from urda_fast.cli import main
 from urda_fast.hpt import losses
 from urda_fast.hpt.clip_models import load_clip, parse_model_arg
 from urda_fast.hpt.schedule import GPDSchedule
@@ -223,7 +225,6 @@ def test_training_step_equals_the_eager_reference_step(world, tmp_path, method, 
 
 
 def test_every_method_trains_and_the_cli_commands_run(world, tmp_path, capsys):
-    from urda_fast.cli import main
 
     target, proxy = world.model_arg("target"), world.model_arg("proxy")
     common = ["--world", world.folder, "--device", "cpu", "--progress", "false"]
@@ -377,6 +378,21 @@ def test_demo_writes_the_documented_report(world, tmp_path):
         assert 0 <= row["robust"] <= row["clean"] <= 100 and set(row["per_dataset"]) == {
             "world:digits", "world:handwritten", "world:style"}
     assert (tmp_path / "demo" / "report.md").read_text().startswith("Zero-shot accuracy")
+
+
+def test_cli_demo_seed_reaches_every_fine_tuning_run(world, tmp_path, monkeypatch):
+    demo_module = importlib.import_module("urda_fast.hpt.demo")  # the package's `demo` is the function
+    seen = []
+    monkeypatch.setattr(demo_module, "proxy_check", lambda *a, **k: dict.fromkeys(
+        ("target_whitebox", "proxy_on_target_adv", "target_clean", "proxy_clean"), 0.0))
+    monkeypatch.setattr(demo_module, "train", lambda cfg: seen.append(cfg) or {"last": {}})
+    monkeypatch.setattr(demo_module, "run_model", lambda out: ("hpt", "urda-tiny-vit:x.pt"))
+    monkeypatch.setattr(demo_module, "evaluate_models", lambda *a, **k: {"rows": []})
+    monkeypatch.setattr(demo_module, "write_report", lambda *a: None)
+    monkeypatch.setattr(demo_module, "to_markdown", lambda report: "")
+    assert main(["hpt", "demo", "--out", str(tmp_path), "--world", world.folder, "--device", "cpu",
+                 "--seed", "5"]) == 0
+    assert [(cfg.method, cfg.seed) for cfg in seen] == [(m, 5) for m in ("tecoa", "pmg-aft", "hpt", "hpt-gpd")]
 
 
 def test_compiled_image_towers_train_as_the_eager_ones():

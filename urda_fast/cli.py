@@ -132,7 +132,7 @@ def cmd_dart(args) -> int:
     from urda_fast.config import parse_float
 
     if args.dart_command == "demo":
-        dart.demo(args.out, scale=args.scale, device=args.device)
+        dart.demo(args.out, scale=args.scale, device=args.device, seed=args.seed)
     elif args.dart_command == "pretrain":
         cfg = _load_config(args, dart.PretrainConfig)
         print(json.dumps(dart.pretrain(cfg)["best"]))
@@ -162,6 +162,7 @@ def _add_dart(sub) -> None:
     demo.add_argument("--out", default="runs/dart-demo")
     demo.add_argument("--scale", type=float, default=1.0, help="multiply every iteration count (quick tries)")
     demo.add_argument("--device", default="auto")
+    demo.add_argument("--seed", type=int, default=0, help="seed of every run (other seeds: the spread of the table)")
     for name, cls, text in (("pretrain", PretrainConfig, "step 1: a UDA model (--vat: the UDA+VAT baseline)"),
                             ("robustify", RobustifyConfig, "step 2: DART post-training from --teacher")):
         cmd = commands.add_parser(name, help=text)
@@ -185,7 +186,7 @@ def cmd_hpt(args) -> int:
     from urda_fast import hpt
 
     if args.hpt_command == "demo":
-        hpt.demo(args.out, scale=args.scale, device=args.device, world_dir=args.world)
+        hpt.demo(args.out, scale=args.scale, device=args.device, world_dir=args.world, seed=args.seed)
         return 0
     cls = {"proxy-check": hpt.ProxyCheckConfig, "train": hpt.TrainConfig, "eval": hpt.EvalConfig}[args.hpt_command]
     cfg = _load_config(args, cls)
@@ -225,6 +226,8 @@ def _add_hpt(sub) -> None:
     demo.add_argument("--scale", type=float, default=1.0, help="multiply the world's sizes and every iteration count")
     demo.add_argument("--device", default="auto")
     demo.add_argument("--world", default="", help="folder of the world (default: a cache folder)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning runs (other seeds: the spread of "
+                      "the table; in another --out, as a demo resumes the runs it finds)")
     for name, cls, text in (
             ("proxy-check", ProxyCheckConfig, "the target's white-box PGD accuracy vs. the proxy's on those images"),
             ("train", TrainConfig, "robust fine-tuning: tecoa | pmg-aft | hpt | hpt-gpd"),

@@ -26,11 +26,12 @@ DEMO = {
 
 
 def demo(out: str = "runs/dart-demo", *, scale: float = 1.0, progress: bool = True, device: str = "auto",
-         eps: float = DEMO_EPS) -> dict:
-    """Run the whole comparison; ``scale`` shrinks the iteration counts (tests use a small one)."""
+         eps: float = DEMO_EPS, seed: int = 0) -> dict:
+    """Run the whole comparison; ``scale`` shrinks the iteration counts (tests use a small one); ``seed`` seeds every
+    run (initialisation, batches, attacks' random starts): other seeds show the spread of one run's figures."""
     its = {k: max(1, int(v * scale)) for k, v in DEMO.items() if k.endswith("iterations")}
     # a rerun starts over (the hpt demo continues instead: its runs take a fraction of the time)
-    base = dict(data="digits", batch_size=DEMO["batch_size"], progress=progress, device=device, seed=0,
+    base = dict(data="digits", batch_size=DEMO["batch_size"], progress=progress, device=device, seed=seed,
                 overwrite=True)
     runs = {
         "source-only": PretrainConfig(**base, method="source-only", iterations=its["uda_iterations"],

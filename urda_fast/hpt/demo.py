@@ -28,8 +28,9 @@ DEMO_TRAIN = dict(iterations=300, batch_size=32, lr=1e-4, warmup_steps=60, logit
 
 
 def demo(out: str = "runs/hpt-demo", *, scale: float = 1.0, device: str = "auto", world_dir: str = "",
-         methods=METHOD_ROWS, progress: bool = True) -> dict:
-    """Run the demo into ``out``; ``scale`` multiplies the world's sizes and every iteration count (quick tries)."""
+         methods=METHOD_ROWS, progress: bool = True, seed: int = 0) -> dict:
+    """Run the demo into ``out``; ``scale`` multiplies the world's sizes and every iteration count (quick tries);
+    ``seed`` seeds every fine-tuning run (the world is the recipe's, the same for every seed)."""
     if scale <= 0:
         raise ValueError(f"hpt demo: scale must be > 0, got {scale}")
     recipe = WorldRecipe() if scale == 1 else WorldRecipe().scaled(scale)
@@ -41,7 +42,7 @@ def demo(out: str = "runs/hpt-demo", *, scale: float = 1.0, device: str = "auto"
     print(f"proxy check: target white-box {check['target_whitebox']:.1f}%, proxy on the target's adversarial images "
           f"{check['proxy_on_target_adv']:.1f}% (clean {check['target_clean']:.1f}% / {check['proxy_clean']:.1f}%)")
     base = TrainConfig(target=target, proxy=proxy, train_data="world", world=world.folder, device=device,
-                       progress=progress, resume=True, **DEMO_TRAIN)
+                       progress=progress, resume=True, seed=seed, **DEMO_TRAIN)
     iterations = max(10, int(base.iterations * scale))
     base = replace(base, iterations=iterations, warmup_steps=max(1, int(base.warmup_steps * scale)),
                    eval_every=max(5, int(base.eval_every * scale)),

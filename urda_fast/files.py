@@ -5,7 +5,7 @@
 
 (Checkpoints: ``urda_fast.train.atomic_save``.) And the reading side of checkpoints given on the command line:
 
-    state = load_torch_file(path, who="dart")            # a foreign or truncated file: a ValueError naming it
+    state = load_torch_file(run_checkpoint(path), who="dart")  # a foreign or truncated file: a ValueError naming it
     raise ValueError(f"... ({state_dict_mismatch(err)})")  # load_state_dict's error in one line
 """
 
@@ -51,6 +51,11 @@ def load_torch_file(path: str, *, who: str, weights_only: bool = False):
     except Exception as err:  # noqa: BLE001 -- see the docstring
         raise ValueError(f"{who}: {path!r} is not a checkpoint torch can read ({reading_error(err)}); is it the "
                          "right file, and was it copied whole?") from err
+
+
+def run_checkpoint(path: str) -> str:
+    """The checkpoint a command-line argument names: a run folder means its ``best.pt``, anything else itself."""
+    return os.path.join(path, "best.pt") if os.path.isdir(path) else path
 
 
 def reading_error(err: Exception) -> str:

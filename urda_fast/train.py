@@ -47,7 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from urda_fast import distributed
-from urda_fast.files import load_torch_file
+from urda_fast.files import load_torch_file, run_checkpoint
 from urda_fast.profiling import nvtx_range
 
 CHECKPOINT_VERSION = 1
@@ -109,8 +109,7 @@ def refuse_to_overwrite(out_dir: str, inputs: dict) -> None:
     for flag, path in inputs.items():
         if not path:
             continue
-        read = os.path.join(path, "best.pt") if os.path.isdir(path) else path
-        if os.path.realpath(read) in written:
+        if os.path.realpath(run_checkpoint(path)) in written:
             raise ValueError(f"urda_fast: {flag} {path!r} lies where this run writes its checkpoints ({out_dir}): "
                              "the run would overwrite it; give another --out")
 

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from urda_fast.distributed import pick_device
-from urda_fast.files import load_torch_file, state_dict_mismatch
+from urda_fast.files import load_torch_file, run_checkpoint, state_dict_mismatch
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import enable_nvtx
 from urda_fast.train import LoopSettings, fit
@@ -48,17 +48,12 @@ def accuracy(model, dataset, device, batch_size: int = 256) -> float:
     return 100.0 * correct / max(total, 1)
 
 
-def checkpoint_file(run: str) -> str:
-    """The checkpoint a run argument names: ``RUN/best.pt`` for a run folder, else the file itself."""
-    return os.path.join(run, "best.pt") if os.path.isdir(run) else run
-
-
 def read_checkpoint(path: str) -> dict:
     """The state of a `dart pretrain` / `dart robustify` checkpoint (a run folder means its best.pt), or a clear error
     for a missing file, an `hpt train` checkpoint or any other file."""
     if not path:
         raise ValueError("dart: give the checkpoint to start from (e.g. --teacher runs/a2w/best.pt)")
-    path = checkpoint_file(path)
+    path = run_checkpoint(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dart: checkpoint {path!r} not found; run `urda-fast dart pretrain` first")
     state = load_torch_file(path, who="dart")
@@ -73,7 +68,7 @@ def read_checkpoint(path: str) -> dict:
 def load_checkpoint_model(path: str, device_name: str = "auto", state: dict | None = None):
     """(model in eval mode, spec, device) from a `dart pretrain` / `dart robustify` checkpoint (``state``: its
     contents, when the caller has read them with :func:`read_checkpoint` already)."""
-    path = checkpoint_file(path)
+    path = run_checkpoint(path)
     state = read_checkpoint(path) if state is None else state
     spec = ModelSpec.from_dict(state["spec"])
     device = pick_device(device_name)

@@ -8,9 +8,9 @@ from torch.utils.data import DataLoader
 
 from urda_fast.attacks import FGSM, PGD
 from urda_fast.evaluate import robust_accuracy
-from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text
+from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, run_checkpoint
 
-from .common import checkpoint_file, load_checkpoint_model, read_checkpoint
+from .common import load_checkpoint_model, read_checkpoint
 from .config import RunConfig
 from .data import task_data
 
@@ -65,7 +65,7 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
     for run, state in zip(runs, states):
         model, spec, dev = load_checkpoint_model(run, device, state)
         if spec.num_classes != data.num_classes:
-            raise ValueError(f"dart eval: {checkpoint_file(run)!r} has {spec.num_classes} classes but the evaluation "
+            raise ValueError(f"dart eval: {run_checkpoint(run)!r} has {spec.num_classes} classes but the evaluation "
                              f"data ({data.description}) has {data.num_classes}: runs of different tasks cannot "
                              "share one report; evaluate them separately")
         row = {"method": (labels or {}).get(run) or method_label(state), "run": run}

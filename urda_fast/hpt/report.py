@@ -14,7 +14,7 @@ import os
 from torch.utils.data import DataLoader
 
 from urda_fast.distributed import pick_device
-from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, load_torch_file
+from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, load_torch_file, run_checkpoint
 
 from .clip_models import load_clip_arg
 from .config import EvalConfig, ProxyCheckConfig
@@ -25,7 +25,7 @@ from .zero_shot import ZeroShotClassifier, parse_templates
 
 def run_model(path: str) -> tuple[str, str]:
     """(method label, "ARCH:CHECKPOINT") of a run folder or a checkpoint written by ``hpt train``."""
-    checkpoint = os.path.join(path, "best.pt") if os.path.isdir(path) else path
+    checkpoint = run_checkpoint(path)
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"hpt eval: {path!r} is neither an `hpt train` run folder (with best.pt) nor a "
                                 "checkpoint file; for a plain CLIP use --target ARCH:CHECKPOINT")

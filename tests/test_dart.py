@@ -1,6 +1,7 @@
 """DART step 2: the loss against methods.md written out with plain torch, split-BN forwards, and a robustify run
 that resumes bit-for-bit after a kill."""
 
+import importlib
 import math
 import os
 
@@ -194,8 +195,11 @@ def test_checkpoint_of_another_model_is_rejected(tmp_path, teacher_checkpoint):
         robustify(_robustify_cfg(str(tmp_path / "cut.pt"), tmp_path / "y"))
 
 
-def test_eval_refuses_runs_it_cannot_evaluate_before_any_work(teacher_checkpoint, tmp_path):
+def test_eval_refuses_runs_it_cannot_evaluate_before_any_work(teacher_checkpoint, tmp_path, monkeypatch):
     from urda_fast.dart import RunConfig, evaluate_runs
+
+    report_module = importlib.import_module("urda_fast.dart.report")
+    monkeypatch.setattr(report_module, "robust_accuracy", lambda *a, **k: pytest.fail("evaluated before refusing"))
 
     torch.save({"kind": "hpt", "arch": "urda-tiny-vit", "config": {"target": "urda-tiny-vit:t.pt"}},
                tmp_path / "clip.pt")

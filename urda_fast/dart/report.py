@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from urda_fast.attacks import FGSM, PGD
 from urda_fast.evaluate import robust_accuracy
 from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, run_checkpoint
+from urda_fast.models import ModelSpec
 
 from .common import load_checkpoint_model, read_checkpoint
 from .config import RunConfig
@@ -60,14 +61,16 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
         saved = states[0].get("config", {})
         data_cfg = RunConfig(**{k: saved[k] for k in ("data", "root", "source", "target") if k in saved})
     data = task_data(data_cfg)
+    for run, state in zip(runs, states):
+        classes = ModelSpec.from_dict(state["spec"]).num_classes
+        if classes != data.num_classes:
+            raise ValueError(f"dart eval: {run_checkpoint(run)!r} has {classes} classes but the evaluation data "
+                             f"({data.description}) has {data.num_classes}: runs of different tasks cannot share one "
+                             "report; evaluate them separately")
     loader = DataLoader(data.target_test, batch_size=256)
     rows = []
     for run, state in zip(runs, states):
-        model, spec, dev = load_checkpoint_model(run, device, state)
-        if spec.num_classes != data.num_classes:
-            raise ValueError(f"dart eval: {run_checkpoint(run)!r} has {spec.num_classes} classes but the evaluation "
-                             f"data ({data.description}) has {data.num_classes}: runs of different tasks cannot "
-                             "share one report; evaluate them separately")
+        model, _, dev = load_checkpoint_model(run, device, state)
         row = {"method": (labels or {}).get(run) or method_label(state), "run": run}
         for budget_index, budget in enumerate(eps):
             table = robust_accuracy(model, [(x.to(dev), y.to(dev)) for x, y in loader],

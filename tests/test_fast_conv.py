@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from urda_fast.models import FastConv2d, plain_torch, use_fast_conv
+from urda_fast.ops._memo import memo_scope
 
 
 def outputs_and_grads(module, x):
@@ -77,8 +78,8 @@ def test_compiles_fullgraph_with_both_fast_paths():
 
 
 def test_window_weight_of_a_frozen_weight_is_reused_until_the_weight_changes():
-    """The frozen weight's contiguous block of taps is copied once (attacks); an in-place update, another input size, a
-    swapped weight or a weight that needs its gradient always gets the current block."""
+    """The frozen weight's contiguous block of taps is copied once inside a memo scope (attacks); an in-place update,
+    another input size, a swapped weight or a weight that needs its gradient always gets the current block."""
     import urda_fast.models.conv as conv_module
 
     torch.manual_seed(1)
@@ -88,25 +89,26 @@ def test_window_weight_of_a_frozen_weight_is_reused_until_the_weight_changes():
     x = torch.randn(3, 6, 1, 1, dtype=torch.float64)
     for module in (conv, fast):
         module.requires_grad_(False)
-    first = fast(x)
-    entry = conv_module._WINDOW_WEIGHTS.get((fast.weight,))
-    torch.testing.assert_close(fast(x), conv(x), rtol=1e-12, atol=1e-12)
-    assert entry is not None and conv_module._WINDOW_WEIGHTS.get((fast.weight,)) is entry  # reused, not copied again
-    x2 = torch.randn(3, 6, 2, 2, dtype=torch.float64)  # the same weight on a 2x2 map: a 2x2 block, then back
-    torch.testing.assert_close(fast(x2), conv(x2), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(fast(x), conv(x), rtol=1e-12, atol=1e-12)
-    with torch.no_grad():
-        for module in (conv, fast):
-            module.weight.mul_(-2.0)  # in place: the version counter moves
-    torch.testing.assert_close(fast(x), conv(x), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(fast(x), -2.0 * first + 3.0 * fast.bias.view(1, -1, 1, 1), rtol=1e-12, atol=1e-12)
-    other = torch.randn_like(fast.weight)  # another weight through the same module (the attacks' BN folding)
-    torch.testing.assert_close(fast._conv_forward(x, other, None), conv._conv_forward(x, other, None), rtol=1e-12,
-                               atol=1e-12)
-    del other
-    fast._conv_forward(x, torch.randn_like(fast.weight), None)  # a temporary: dead after the call
-    # Dead weights' blocks are dropped at the next insert: only the temporary's is left.
-    assert sum(refs[0]() is None for refs, _, _ in conv_module._WINDOW_WEIGHTS.entries.values()) == 1
+    with memo_scope():  # as inside an attack
+        first = fast(x)
+        entry = conv_module._WINDOW_WEIGHTS.get((fast.weight,))
+        torch.testing.assert_close(fast(x), conv(x), rtol=1e-12, atol=1e-12)
+        assert entry is not None and conv_module._WINDOW_WEIGHTS.get((fast.weight,)) is entry  # reused, no new copy
+        x2 = torch.randn(3, 6, 2, 2, dtype=torch.float64)  # the same weight on a 2x2 map: a 2x2 block, then back
+        torch.testing.assert_close(fast(x2), conv(x2), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fast(x), conv(x), rtol=1e-12, atol=1e-12)
+        with torch.no_grad():
+            for module in (conv, fast):
+                module.weight.mul_(-2.0)  # in place: the version counter moves
+        torch.testing.assert_close(fast(x), conv(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fast(x), -2.0 * first + 3.0 * fast.bias.view(1, -1, 1, 1), rtol=1e-12, atol=1e-12)
+        other = torch.randn_like(fast.weight)  # another weight through the same module (the attacks' BN folding)
+        torch.testing.assert_close(fast._conv_forward(x, other, None), conv._conv_forward(x, other, None), rtol=1e-12,
+                                   atol=1e-12)
+        del other
+        fast._conv_forward(x, torch.randn_like(fast.weight), None)  # a temporary: dead after the call
+        # Dead weights' blocks are dropped at the next insert: only the temporary's is left.
+        assert sum(refs[0]() is None for _, refs, _, _ in conv_module._WINDOW_WEIGHTS.entries.values()) == 1
     fast.requires_grad_(True)  # a weight that trains: no cached copy, its gradient flows
     (grad,) = torch.autograd.grad(fast(x).sum(), fast.weight)
     assert grad[:, :, 1, 1].abs().sum() > 0 and grad[:, :, 0].abs().sum() == 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 
+from urda_fast.ops._memo import memo_scope
+
 from .base import frozen_eval
 
 INSTALL_HINT = ("AutoAttack is not installed: `pip install git+https://github.com/fra31/auto-attack` (the authors' "
@@ -52,7 +54,7 @@ class AutoAttack:
         return f"AutoAttack(eps={self.eps}, norm={self.norm!r}, version={self.version!r}, backend={self.backend!r})"
 
     def __call__(self, images, labels):
-        with frozen_eval(self.model):
+        with frozen_eval(self.model), memo_scope():  # the model is frozen for the suite's many forwards
             if self.backend == "autoattack":
                 adversarial = self._attack.run_standard_evaluation(images, labels, bs=images.shape[0])
             else:

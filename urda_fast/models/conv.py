@@ -61,14 +61,14 @@ _WINDOW_WEIGHTS = VersionedMemo()
 def _window_weight(weight, padding, window):
     """The taps ``weight[:, :, ph:ph + rows, pw:pw + cols]`` as a contiguous (O, I * rows * cols) matrix: a strided
     one costs the matmul twice its time, and the copy about as much again (0.4 ms for a 512x512 centre tap, three of
-    them per ResNet-18 forward). An attack runs many forwards with frozen weights, so the copy of a weight that needs
-    no gradient is kept until the weight changes (its version counter) or dies."""
+    them per ResNet-18 forward). An attack runs many forwards with frozen weights, so inside its ``memo_scope`` the copy
+    of a weight that needs no gradient is kept until the weight changes (its version counter) or dies."""
     (ph, pw), (rows, cols) = padding, window
 
     def block():
         return weight[:, :, ph:ph + rows, pw:pw + cols].reshape(weight.shape[0], -1).contiguous()
 
-    if weight.requires_grad or weight.is_inference() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or weight.requires_grad or weight.is_inference():  # is_inference breaks tracing
         return block()
     hit = _WINDOW_WEIGHTS.get((weight,))
     if hit is not None and hit[0] == (padding, window):

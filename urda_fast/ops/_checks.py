@@ -103,13 +103,13 @@ def _bound_values(value) -> list[float] | None:
     return value.detach().reshape(-1).double().cpu().tolist() if _values_checkable(value) else None
 
 
-# Bound tensor pairs whose values passed (see _memo.py); inference tensors, which have no version counter, are
-# checked every time.
+# Bound tensor pairs whose values passed, inside an attack's memo scope (see _memo.py); inference tensors, which have
+# no version counter, are checked every time.
 _CHECKED_BOUNDS = VersionedMemo()
 
 
 def _versioned_pair(lower, upper) -> bool:
-    return (isinstance(lower, torch.Tensor) and isinstance(upper, torch.Tensor)
+    return (not torch.compiler.is_compiling() and isinstance(lower, torch.Tensor) and isinstance(upper, torch.Tensor)
             and not lower.is_inference() and not upper.is_inference())
 
 

@@ -14,6 +14,13 @@ from tqdm.auto import tqdm
 from urda_fast.attacks.base import frozen_eval
 
 
+def _table_format(path) -> str:
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in (".csv", ".json", ".md"):
+        raise ValueError(f"urda_fast: unknown table format {ext!r} ({path}); use .csv, .json or .md")
+    return ext
+
+
 @dataclass
 class RobustRow:
     attack: str
@@ -45,9 +52,9 @@ class RobustTable:
     def __str__(self):
         return self.to_markdown()
 
-    def save(self, path: str) -> None:
+    def save(self, path) -> None:
         """Write the table; the format follows the extension (.csv, .json or .md). Written atomically."""
-        ext = os.path.splitext(path)[1].lower()
+        ext = _table_format(path)
         tmp = f"{path}.tmp"
         with open(tmp, "w", newline="") as f:
             if ext == ".csv":
@@ -57,10 +64,8 @@ class RobustTable:
                     writer.writerows(asdict(r) for r in self.rows)
             elif ext == ".json":
                 json.dump({"rows": [asdict(r) for r in self.rows]}, f, indent=2)
-            elif ext == ".md":
-                f.write(self.to_markdown() + "\n")
             else:
-                raise ValueError(f"urda_fast: unknown table format {ext!r}; use .csv, .json or .md")
+                f.write(self.to_markdown() + "\n")
         os.replace(tmp, path)
 
 
@@ -84,7 +89,10 @@ def robust_accuracy(model, loader, attacks, *, device=None, max_batches=None, pr
         if attack is not None and not callable(attack):
             raise TypeError(f"urda_fast: attacks[{name!r}] must be None (the clean images) or an attack called as "
                             f"attack(images, labels), got {type(attack).__name__}")
-    device = device or next(model.parameters()).device
+    save = (save,) if isinstance(save, (str, os.PathLike)) else tuple(save)
+    for path in save:  # before any work, not after the last attack
+        _table_format(path)
+    device = torch.device(device) if device is not None else _model_device(model)
     correct = {name: 0 for name in attacks}
     seconds = {name: 0.0 for name in attacks}
     count = 0
@@ -94,6 +102,7 @@ def robust_accuracy(model, loader, attacks, *, device=None, max_batches=None, pr
             break
         images, labels = _images_and_labels(batch)
         images, labels = images.to(device), labels.to(device)
+        _check_labels(images, labels)
         for name, attack in attacks.items():
             start = time.perf_counter()
             inputs = images if attack is None else attack(images, labels)
@@ -114,6 +123,24 @@ def robust_accuracy(model, loader, attacks, *, device=None, max_batches=None, pr
     for path in save:
         table.save(path)
     return table
+
+
+def _model_device(model):
+    tensor = next(model.parameters(), None)
+    tensor = tensor if tensor is not None else next(model.buffers(), None)
+    if tensor is None:
+        raise ValueError("urda_fast: the model has no parameters or buffers to take a device from; pass "
+                         "robust_accuracy(..., device='cpu' or 'cuda')")
+    return tensor.device
+
+
+def _check_labels(images, labels):
+    # (B, 1) labels would broadcast against (B,) predictions and count B * B pairs: accuracies above 100%.
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"urda_fast: labels must have shape (batch,) = ({images.shape[0]},), got "
+                         f"{tuple(labels.shape)}; squeeze or flatten them (labels.view(-1))")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"urda_fast: labels must be integer class indices, got {labels.dtype}")
 
 
 def _images_and_labels(batch):

@@ -43,6 +43,15 @@ def digits():
     return model, images[test][:256], labels[test][:256]
 
 
+class DictModel(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return {"logits": self.model(x)}
+
+
 def accuracy(model, x, y):
     with torch.no_grad():
         return (model(x).argmax(1) == y).float().mean().item()
@@ -127,6 +136,25 @@ def test_kl_attack_moves_the_student_away_from_soft_targets(digits):
     assert accuracy(model, adv, teacher_logits.argmax(1)) < 0.5
 
 
+def test_targeted_kl_attack_pulls_the_student_to_the_soft_targets(digits):
+    """Targeted, the KL attack descends the KL: towards other soft targets, and early stop counts reaching them."""
+    model, x, y = digits
+    targets = (y + 1) % 10
+    soft = F.one_hot(targets, 10).float() * 20  # confident teachers for the next class
+    for early_stop in (False, True):
+        adv = PGD(model, eps=0.2, alpha=0.02, steps=20, loss="kl", seed=0, early_stop=early_stop)(
+            x, soft_targets=soft, targeted=True)
+        assert accuracy(model, adv, targets) > 0.5  # chance is 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_narrow_integer_labels_give_the_int64_result(digits, dtype):
+    model, x, y = digits
+    for loss in ("ce", "cw"):
+        want = PGD(model, eps=EPS, steps=3, loss=loss, seed=0)(x[:16], y[:16])
+        torch.testing.assert_close(PGD(model, eps=EPS, steps=3, loss=loss, seed=0)(x[:16], y[:16].to(dtype)), want)
+
+
 def test_cw_loss_attack_breaks_the_model(digits):
     model, x, y = digits
     adv = PGD(model, eps=EPS, alpha=EPS / 4, steps=10, loss="cw", kappa=5.0, seed=0)(x, y)
@@ -187,6 +215,10 @@ def test_autocast_and_channels_last_inputs(digits):
         (lambda m: PGD(m, loss="kl"), lambda a, x, y: a(x, y), "needs soft_targets"),
         (lambda m: PGD(m), lambda a, x, y: a(x.masked_fill(x > 0.5, float("nan")), y), "images contain NaN"),
         (lambda m: PGD(lambda t: m(t)), None, "model must be a torch.nn.Module .* got function"),
+        (lambda m: PGD(m, random_start="yes"), None, "random_start must be True or False"),
+        (lambda m: PGD(m, max_batch=0), None, "max_batch must be None or an integer >= 1"),
+        (lambda m: PGD(m, seed="a"), None, "seed must be None or an integer"),
+        (lambda m: PGD(DictModel(m)), lambda a, x, y: a(x, y), "must return logits .* got dict"),
     ],
 )
 def test_bad_input_is_rejected_before_any_work(digits, make, call, match):
@@ -206,6 +238,9 @@ def test_robust_accuracy_table(digits, tmp_path):
     assert table["clean"].count == len(y)
     assert table["clean"].accuracy == pytest.approx(100 * accuracy(model, x, y))
     assert table["PGD-10"].accuracy <= table["FGSM"].accuracy < table["clean"].accuracy
+    assert robust_accuracy(model, loader, {"clean": None}, device="cpu", progress=False, save=str(tmp_path / "c.md"))[
+        "clean"].accuracy == table["clean"].accuracy  # a device name, one path
+    assert (tmp_path / "c.md").exists()
     with pytest.raises(KeyError, match=r"'PGD-20': the table has \['clean', 'FGSM', 'PGD-10'"):
         table["PGD-20"]
     saved = json.loads((tmp_path / "table.json").read_text())
@@ -219,13 +254,30 @@ def test_robust_accuracy_table(digits, tmp_path):
     ("triples", {"clean": None}, ValueError, "got a tuple of 3 items"),
     ("none", {"clean": None}, ValueError, "yielded no images"),  # not a row of 0% accuracy
     ("pairs", {"PGD": 10}, TypeError, r"attacks\['PGD'\] must be None .* got int"),
+    ("column labels", {"clean": None}, ValueError, r"labels must have shape \(batch,\) = \(8,\), got \(8, 1\)"),
+    ("float labels", {"clean": None}, TypeError, "labels must be integer class indices"),
 ])
 def test_robust_accuracy_names_bad_loaders_and_attacks(digits, batches, attacks, error, match):
     model, x, y = digits
     loader = {"dicts": [{"image": x[:8], "label": y[:8]}], "triples": [(x[:8], y[:8], y[:8])], "none": [],
-              "pairs": [(x[:8], y[:8])]}[batches]
+              "pairs": [(x[:8], y[:8])], "column labels": [(x[:8], y[:8, None])],
+              "float labels": [(x[:8], y[:8].float())]}[batches]
     with pytest.raises(error, match=match):
         robust_accuracy(model, loader, attacks, progress=False)
+
+
+def test_robust_accuracy_refuses_an_unknown_table_format_before_any_work(digits, tmp_path):
+    model, x, y = digits
+    with pytest.raises(ValueError, match=r"unknown table format '.txt'"):
+        robust_accuracy(model, [(x[:8], y[:8])], {"boom": lambda *a: pytest.fail("evaluated first")}, progress=False,
+                        save=(str(tmp_path / "t.md"), str(tmp_path / "t.txt")))
+    assert not list(tmp_path.iterdir())
+
+
+def test_robust_accuracy_of_a_model_without_parameters_needs_a_device():
+    with pytest.raises(ValueError, match="no parameters or buffers .* device="):
+        robust_accuracy(nn.Flatten(), [(torch.rand(2, 4), torch.zeros(2, dtype=torch.long))], {"clean": None},
+                        progress=False)
 
 
 def test_pgd_matches_torchattacks(digits):

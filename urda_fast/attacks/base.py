@@ -6,21 +6,24 @@ Subclasses only set their norm and defaults; every step goes through :func:`urda
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from urda_fast import ops
+from urda_fast.ops._memo import memo_scope
 
 from .fold import FoldedModel
 
 LOSSES = ("ce", "cw", "kl")
 SPACES = ("pixel", "normalized")
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)  # converted to int64, which torch's losses take
 
 
 def _positive(value, name, allow_zero=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"urda_fast.attacks: {name} must be a number, got {type(value).__name__}")
     if value != value or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"urda_fast.attacks: {name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
@@ -55,11 +58,13 @@ class Attack:
         restarts: random restarts; a sample counts as broken if any restart breaks it.
         loss: ``"ce"`` (cross-entropy), ``"cw"`` (CW margin, confidence ``kappa``), ``"kl"`` (KL to soft targets,
             ``temperature``), for attacks on distillation students. At soft targets equal to the model's own
-            output the KL gradient is exactly 0, so the KL attack needs ``random_start``.
+            output the KL gradient is exactly 0, so the KL attack needs ``random_start``. Targeted, the KL attack
+            descends the KL: it pulls the model's output towards the soft targets.
         space: ``"pixel"`` (images in [0, 1]; the model normalises) or ``"normalized"`` (images already normalised
             with ``mean``/``std``; bounds become per-channel and eps is in normalised units).
         early_stop: stop updating samples that are already misclassified (or at their target): cheaper evaluation.
-        max_batch: largest batch run at once; restarts are batched together up to this size.
+        max_batch: largest batch run at once when batching restarts together (restarts of one batch never split
+            a batch; ``None``: all restarts at once).
         seed: seed of the random start, for reproducible attacks (else the global RNG is used).
         fold_batchnorm: run the attack on the model with every conv/linear -> BatchNorm pair folded into one layer
             (the same function in eval mode, fewer passes; see :mod:`urda_fast.attacks.fold`). The model is traced
@@ -91,6 +96,13 @@ class Attack:
             raise ValueError("urda_fast.attacks: space='normalized' needs the mean and std the images were "
                              "normalised with, to know the valid range of each channel")
         _positive(kappa, "kappa", allow_zero=True)
+        for flag, value in (("random_start", random_start), ("early_stop", early_stop)):
+            if not isinstance(value, bool):
+                raise TypeError(f"urda_fast.attacks: {flag} must be True or False, got {value!r}")
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"urda_fast.attacks: max_batch must be None or an integer >= 1, got {max_batch!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"urda_fast.attacks: seed must be None or an integer, got {seed!r}")
         _positive(temperature, "temperature")
         self.model, self.eps, self.alpha, self.steps = model, float(eps), float(alpha), steps
         self.random_start, self.restarts, self.loss = random_start, restarts, loss
@@ -127,8 +139,9 @@ class Attack:
         if self.loss == "kl":
             if soft_targets is None or soft_targets.shape[0] != images.shape[0]:
                 raise ValueError("urda_fast.attacks: loss='kl' needs soft_targets (B, K) logits, one row per image")
-        elif labels is None or not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
-            raise TypeError("urda_fast.attacks: labels must be an integer tensor of shape (B,)")
+        elif labels is None or not isinstance(labels, torch.Tensor) or labels.dtype not in INDEX_DTYPES:
+            got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise TypeError(f"urda_fast.attacks: labels must be an integer tensor of shape (B,), got {got}")
         if labels is not None and labels.shape != (images.shape[0],):
             raise ValueError(f"urda_fast.attacks: {images.shape[0]} images but labels have shape "
                              f"{tuple(labels.shape)}")
@@ -151,13 +164,18 @@ class Attack:
 
     def _logits(self, x):
         out = self._forward(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"urda_fast.attacks: the model must return logits (B, K) or a tuple whose first element "
+                            f"they are, got {type(out).__name__}; wrap it in an nn.Module whose forward returns them")
+        return out
 
     def _objective(self, logits, labels, soft_targets, targeted):
         """The quantity to ascend (summed over the batch, so each sample's gradient is independent of B)."""
         logits = logits.float()
         if self.loss == "kl":
-            return ops.kd_kl_loss(logits, soft_targets, temperature=self.temperature, reduction="sum")
+            kl = ops.kd_kl_loss(logits, soft_targets, temperature=self.temperature, reduction="sum")
+            return -kl if targeted else kl
         if self.loss == "ce":
             ce = F.cross_entropy(logits, labels, reduction="sum")
             return -ce if targeted else ce
@@ -191,13 +209,16 @@ class Attack:
         teacher logits for ``loss="kl"``. ``generator`` overrides ``seed`` for the random start.
         """
         self._check(images, labels, soft_targets)
+        labels = labels if labels is None else labels.long()
         if images.shape[0] == 0:
             return images.clone()
         images = images.detach()
         soft_targets = None if soft_targets is None else soft_targets.detach()
         generator = generator if generator is not None else self._generator(images.device)
         lower, upper = self.bounds(images)
-        with frozen_eval(self.model):
+        # memo_scope: the frozen model's derived constants (BatchNorm, conv weight blocks, bound checks) are kept
+        # across the attack's forwards; the model cannot change between them.
+        with frozen_eval(self.model), memo_scope():
             self._forward = self._folded_model(images) if self.fold_batchnorm else self.model
             try:
                 if self.restarts == 1:

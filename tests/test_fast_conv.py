@@ -67,9 +67,11 @@ def test_swap_keeps_parameters_and_plain_torch_restores_the_modules():
     torch.testing.assert_close(model(x), want, rtol=0, atol=0)
 
 
-def test_compiles_fullgraph_with_both_fast_paths():
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])  # frozen: HPT's proxy and anchor
+def test_compiles_fullgraph_with_both_fast_paths(frozen):
     model = use_fast_conv(nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                                         nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 4, 3, padding=1), nn.Flatten()))
+    model.requires_grad_(not frozen)
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     compiled = torch.compile(model, fullgraph=True)
     (grad,) = torch.autograd.grad(compiled(x).square().sum(), x)

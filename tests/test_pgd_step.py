@@ -164,12 +164,15 @@ def test_pgd_step_compiles_fullgraph(backend):
     name, device = backend
     x_adv, grad, x_orig = make_batch((2, 3, 4, 5), torch.float32, device)
 
-    def attack_step(xa, g, xo):
+    lower, upper = torch.full((3,), -0.5, device=device), torch.full((3,), 0.9, device=device)  # normalised space
+
+    def attack_step(xa, g, xo, lo, hi):
         out = ops.pgd_step(xa, g, xo, step_size=0.01, eps=0.03, norm="linf", backend=name)
+        out = ops.pgd_step(out, g, xo, step_size=0.01, eps=0.03, norm="linf", lower=lo, upper=hi, backend=name)
         return ops.pgd_step_(out, g, xo, step_size=0.01, eps=0.5, norm="l2", backend=name)
 
-    eager = attack_step(x_adv, grad, x_orig)
-    compiled = torch.compile(attack_step, fullgraph=True)(x_adv, grad, x_orig)
+    eager = attack_step(x_adv, grad, x_orig, lower, upper)
+    compiled = torch.compile(attack_step, fullgraph=True)(x_adv, grad, x_orig, lower, upper)
     torch.testing.assert_close(compiled, eager)
 
 

@@ -69,8 +69,9 @@ def _kd_kl_fwd_kernel(s_ptr, t_ptr, kl_ptr, stats_ptr, C, temperature: tl.float6
         log_p = (_load(t_row, cols, mask, acc_t) - m_t) * inv_t - log_z_t
         log_q = (_load(s_row, cols, mask, acc_t) - m_s) * inv_t - log_z_s
         p = tl.exp(log_p)
-        # Teacher-masked (-inf) classes and the tail have p == 0 and contribute 0 (not 0 * inf = NaN).
-        kl_acc += tl.where(p > 0, p * (log_p - log_q), 0.0)
+        # Teacher-masked (-inf) classes and the tail have p == 0 and contribute 0 (not 0 * inf = NaN); a NaN p (a NaN
+        # or +inf logit in the row) keeps its NaN.
+        kl_acc += tl.where(p <= 0, 0.0, p * (log_p - log_q))
     tl.store(kl_ptr + row, tl.sum(kl_acc, 0))
     tl.store(stats_ptr + row * 4, m_t)
     tl.store(stats_ptr + row * 4 + 1, log_z_t)
@@ -100,7 +101,7 @@ def _kd_kl_bwd_kernel(g_ptr, s_ptr, t_ptr, kl_ptr, stats_ptr, ds_ptr, dt_ptr, C,
             ds = (tl.exp(log_q) - p) * scale
             tl.store(ds_ptr + row * C + cols, ds.to(ds_ptr.dtype.element_ty), mask=mask)
         if GRAD_T:
-            dt = tl.where(p > 0, p * (log_p - log_q - kl) * scale, 0.0)
+            dt = tl.where(p <= 0, 0.0, p * (log_p - log_q - kl) * scale)
             tl.store(dt_ptr + row * C + cols, dt.to(dt_ptr.dtype.element_ty), mask=mask)
 
 

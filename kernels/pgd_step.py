@@ -42,7 +42,10 @@ def _l2_coef(sgg, sdg, sdd, step, eps, FLOOR: tl.constexpr):
     sg = s * gn
     dn = tl.sqrt(tl.maximum(sdd + 2.0 * s * sdg + sg * sg, 0.0))
     f = tl.minimum(eps / tl.maximum(dn, FLOOR), 1.0)
-    return s, f
+    # A NaN/inf in the sample makes it all NaN, as the reference (min/max above may drop NaN: hardware semantics).
+    total = sgg + sdg + sdd
+    finite = (total == total) & (tl.abs(total) < float("inf"))
+    return tl.where(finite, s, float("nan")), tl.where(finite, f, float("nan"))
 
 
 @triton.jit
@@ -65,9 +68,10 @@ def _pgd_step_fwd_kernel(x_ptr, g_ptr, x0_ptr, step_ptr, eps_ptr, coef_ptr, lo_p
         eps = tl.load(eps_ptr + b, mask=mask, other=0.0)
         sign = (g > 0).to(acc_t) - (g < 0).to(acc_t)
         y = tl.minimum(tl.maximum(x + step * sign, x0 - eps), x0 + eps)
+        y = tl.where((x == x) & (x0 == x0), y, x + x0)  # a NaN x or x0 gives NaN, whatever min/max do with it
     lo = tl.load(lo_ptr + c, mask=mask, other=0.0)
     hi = tl.load(hi_ptr + c, mask=mask, other=0.0)
-    y = tl.minimum(tl.maximum(y, lo), hi)
+    y = tl.where(y == y, tl.minimum(tl.maximum(y, lo), hi), y)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

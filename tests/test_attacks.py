@@ -341,3 +341,28 @@ def test_non_finite_loss_is_a_clear_error(digits):
     nan_model = nn.Sequential(model, nn.Threshold(float("inf"), float("nan")))  # every logit becomes NaN
     with pytest.raises(FloatingPointError, match="not finite during the attack"):
         PGD(nan_model, eps=EPS, alpha=0.02, steps=3)(x[:8], y[:8])
+
+
+class _NanGradientAt(torch.autograd.Function):
+    """Identity forward; a NaN input gradient for sample 0 in backward (finite logits and loss throughout)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        grad[0] = float("nan")
+        return grad
+
+
+def test_non_finite_input_gradient_at_the_last_l2_step_is_a_clear_error(digits):
+    model, x, y = digits
+
+    class NanGradient(nn.Module):
+        def forward(self, t):
+            return model(_NanGradientAt.apply(t))
+
+    with pytest.raises(FloatingPointError, match="loss or input gradient was not finite"):
+        PGDL2(NanGradient(), eps=1.0, alpha=0.25, steps=1, random_start=False)(x[:8], y[:8])

@@ -116,6 +116,29 @@ def test_kd_kl_student_mask_under_teacher_mass_is_inf(backend):
     assert rows[0] == float("inf") and torch.isfinite(rows[1])
 
 
+@pytest.mark.parametrize("prescale_from", [None, 0], ids=["default", "prescaled"])
+def test_kd_kl_nan_in_a_row_makes_the_row_and_both_its_gradients_nan(backend, prescale_from, monkeypatch):
+    """A NaN logit on either side, or a +inf teacher logit, poisons its row on every backend alike (a finite loss
+    would hide it from the training loop's NaN check); the other rows are untouched."""
+    from urda_fast.ops import kd_kl as kd_kl_module
+
+    name, device = backend
+    if prescale_from is not None:
+        if name != "cpu":
+            pytest.skip("the prescaled-gradient path is the cpu backend's")
+        monkeypatch.setattr(kd_kl_module, "PRESCALE_FROM", prescale_from)
+    student, teacher = logits((4, 7), torch.float32, device), logits((4, 7), torch.float32, device)
+    teacher[0, 1], student[1, 3], teacher[2, 5] = float("nan"), float("nan"), float("inf")
+    for backend_name in ("reference", name):
+        s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+        rows = ops.kd_kl_loss(s, t, reduction="none", backend=backend_name)
+        d_s, d_t = torch.autograd.grad(rows.sum(), (s, t))
+        assert rows[:3].isnan().all() and torch.isfinite(rows[3]), backend_name
+        assert d_s[:3].isnan().all() and d_t[:3].isnan().all(), backend_name
+        assert torch.isfinite(d_s[3]).all() and torch.isfinite(d_t[3]).all(), backend_name
+    assert ops.kd_kl_loss(student, teacher, backend=name).isnan()
+
+
 def test_kd_kl_non_contiguous_broadcast_and_mixed_dtypes(backend):
     name, device = backend
     student = logits((9, 6), torch.float32, device).t()  # (6, 9), transposed view

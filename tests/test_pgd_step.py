@@ -122,6 +122,28 @@ def test_pgd_step_extremes(backend):
         assert_close(far, expected(x_adv, grad, x_orig, norm, dict(step_size=1e6, eps=0.1)), torch.float32, norm)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_pgd_step_non_finite_inputs_give_nan_as_the_reference(backend, dtype):
+    """NaN in, NaN out, on every backend alike: L-inf per element from x_adv or x_orig (a NaN gradient is no step,
+    as sign(NaN) = 0); L2 for the whole sample from any NaN/inf in it. Never a finite point outside the budget."""
+    name, device = backend
+    x_adv, grad, x_orig = make_batch((6, 2, 3, 3), torch.float32, device, zero_grad_rows=False)
+    x_adv, grad, x_orig = x_adv.to(dtype), grad.to(dtype), x_orig.to(dtype)
+    x_adv[0, 0, 0, 0] = grad[1, 1, 2, 2] = x_orig[2, 0, 1, 1] = float("nan")
+    grad[3, 0, 0, 1], x_adv[4, 1, 0, 0] = float("inf"), float("-inf")  # sample 5 stays finite
+    for norm in ("linf", "l2"):
+        kwargs = dict(step_size=0.5, eps=0.03, norm=norm)
+        want = reference.pgd_step(x_adv, grad, x_orig, upcast=True, **kwargs)
+        got = ops.pgd_step(x_adv, grad, x_orig, backend=name, **kwargs)
+        assert torch.equal(got.isnan(), want.isnan()), norm
+        finite = ~want.isnan()
+        assert_close(got[finite], want[finite], dtype, norm)
+        if norm == "l2":
+            assert want[:5].isnan().all() and not want[5].isnan().any()
+        else:
+            assert want[0, 0, 0, 0].isnan() and want[2, 0, 1, 1].isnan() and want.isnan().sum() == 2
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     batch=st.integers(1, 4), channels=st.integers(1, 3), inner=st.integers(1, 40),

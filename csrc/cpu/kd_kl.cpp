@@ -69,7 +69,7 @@ __attribute__((always_inline)) inline acc_t kl_row(const in_t* __restrict__ s, c
     }
     sum_t += ea;
     sum_s += eb;
-    weighted += ea > 0 ? ea * (a - b) : acc_t(0);
+    weighted += ea <= 0 ? acc_t(0) : ea * (a - b);  // NaN kept
   }
   stats = {max_t, std::log(sum_t), max_s, std::log(sum_s)};
   const acc_t kl = weighted / sum_t - stats.log_sum_t + stats.log_sum_s;
@@ -98,7 +98,7 @@ __attribute__((always_inline)) inline acc_t kl_row(const in_t* __restrict__ s, c
         const acc_t log_p = (static_cast<acc_t>(t[j]) - shift_t) * inv_t - log_sum_t;
         const acc_t log_q = (static_cast<acc_t>(s[j]) - shift_s) * inv_t - log_sum_s;
         const acc_t grad = p * (log_p - log_q - kl) * inv_t;
-        grad_t[j] = (p > 0 ? grad : acc_t(0)) * row_scale;
+        grad_t[j] = (p <= 0 ? acc_t(0) : grad) * row_scale;
       }
     }
   }
@@ -158,7 +158,7 @@ URDA_FAST_CLONES void kl_row_backward(
       const acc_t p = vexp(log_p);
       // Both sides computed, then a select (a branch would block vectorisation): masked classes get exactly 0.
       const acc_t grad = p * (log_p - log_q - kl) * scale;
-      return p > 0 ? grad : acc_t(0);
+      return p <= 0 ? acc_t(0) : grad;  // p <= 0, not !(p > 0): a NaN p keeps its NaN
     });
   }
 }

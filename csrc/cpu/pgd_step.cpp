@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../common.h"
@@ -32,7 +33,8 @@ URDA_FAST_CLONES void linf_plane(const scalar_t* x, const scalar_t* __restrict__
   write_row<scalar_t, acc_t>(out, n, [&](int64_t k) __attribute__((always_inline)) {
     const acc_t origin = static_cast<acc_t>(x0[k]);
     acc_t y = static_cast<acc_t>(x[k]) + p.step * sign_of(static_cast<acc_t>(g[k]));
-    y = clamp_to(y, origin - p.eps, origin + p.eps);
+    y = clamp_to(y, origin - p.eps, origin + p.eps);  // lets a NaN y through, not a NaN origin's bounds: ...
+    y = origin != origin ? origin : y;                  // ... a NaN x_orig gives NaN, as the reference
     return clamp_to(y, p.lower, p.upper);
   });
 }
@@ -84,6 +86,10 @@ void pgd_step_kernel(const at::Tensor& x_adv, const at::Tensor& grad, const at::
     double sums[3];
     const int64_t off = b * sample;
     l2_sums(x + off, g + off, x0 + off, sample, sums);
+    if (!std::isfinite(sums[0] + sums[1] + sums[2])) {  // a NaN/inf in the sample: all NaN, as the reference
+      scale = factor = std::numeric_limits<acc_t>::quiet_NaN();
+      return;
+    }
     const double st = static_cast<double>(steps[b]) / std::max(std::sqrt(sums[0]), kNormFloor);
     const double dn2 = std::max(0.0, sums[2] + 2.0 * st * sums[1] + st * st * sums[0]);
     scale = static_cast<acc_t>(st);

@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(max_row_threads<scalar_t>(), 1)
       const acc log_q = (static_cast<acc>(sv.v[j]) - max_s) * inv_t - log_sum_s;
       const acc prob_p = cuda_utils::dev_exp(log_p);
       // p_j == 0 (teacher masked with -inf, or underflow) contributes 0, never 0 * (-inf - x) = NaN.
-      if (prob_p > acc(0)) kl_sum.v[0] += prob_p * (log_p - log_q);
+      if (!(prob_p <= acc(0))) kl_sum.v[0] += prob_p * (log_p - log_q);  // a NaN p keeps its NaN
     }
   }
   kl_sum = cuda_utils::block_sum(kl_sum, shared_kl);
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(max_row_threads<scalar_t>(), 1)
       const acc log_q = (static_cast<acc>(sv.v[j]) - max_s) * inv_t - log_sum_s;
       const acc prob_p = cuda_utils::dev_exp(log_p);
       ds.v[j] = static_cast<scalar_t>((cuda_utils::dev_exp(log_q) - prob_p) * scale);
-      dt.v[j] = static_cast<scalar_t>(prob_p > acc(0) ? prob_p * (log_p - log_q - row_kl) * scale : acc(0));
+      dt.v[j] = static_cast<scalar_t>(prob_p <= acc(0) ? acc(0) : prob_p * (log_p - log_q - row_kl) * scale);
     }
     if (d_student != nullptr) cuda_utils::store_pack<VEC>(d_student, p, ds);
     if (d_teacher != nullptr) cuda_utils::store_pack<VEC>(d_teacher, p, dt);

@@ -29,6 +29,7 @@ __device__ __forceinline__ T pgd_element(T x, T g, T x0, T p0, T p1, T lo, T hi)
     // sign(0) = 0 (and sign(NaN) = 0, as torch.sign).
     const T sign = static_cast<T>((g > T(0)) - (g < T(0)));
     y = cuda_utils::clamp_nan(x + p0 * sign, x0 - p1, x0 + p1);
+    y = x0 != x0 ? x0 : y;  // clamp_nan lets a NaN y through, not NaN bounds: a NaN x0 gives NaN, as the reference
   }
   return cuda_utils::clamp_nan(y, lo, hi);
 }
@@ -123,6 +124,10 @@ __global__ void pgd_l2_coef_kernel(const acc* __restrict__ partial, const acc* _
     gg += part[0];
     dd += part[1];
     dg += part[2];
+  }
+  if (!isfinite(gg + dd + dg)) {  // a NaN/inf in the sample: all NaN, as the reference
+    coef[b] = coef[batch + b] = acc(NAN);
+    return;
   }
   const acc kFloor = acc(1e-12);  // reference.L2_NORM_FLOOR
   const acc gn = cuda_utils::dev_sqrt(gg);

@@ -314,7 +314,8 @@ class Attack:
                     idx = keep if idx is None else idx[keep]
                     if idx.numel() == 0:
                         break
-        if finite is not None and not bool(finite):
-            raise FloatingPointError("urda_fast.attacks: the model's loss was not finite during the attack (NaN/Inf "
-                                     "logits?); check the model and the inputs")
+        # The images too, once: an L2 step makes a sample NaN where its input gradient was not finite.
+        if finite is not None and not bool(finite & torch.isfinite(x).all()):
+            raise FloatingPointError("urda_fast.attacks: the model's loss or input gradient was not finite during the "
+                                     "attack (NaN/Inf logits?); check the model and the inputs")
         return x.detach()

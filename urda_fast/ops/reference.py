@@ -56,6 +56,9 @@ def pgd_step(x_adv, grad, x_orig, *, step_size, eps, norm="linf", lower=0.0, upp
         delta_norm = flat_per_sample(delta).norm(dim=1).reshape(shape)
         factor = torch.clamp(budget / delta_norm.clamp_min(L2_NORM_FLOOR), max=1.0)
         projected = x_orig + delta * factor
+        # A sample with a non-finite value (or sums overflowing) is all NaN: no finite point outside the budget.
+        sums = flat_per_sample(grad).square().sum(1) + flat_per_sample(x_adv - x_orig).square().sum(1)
+        projected = torch.where(torch.isfinite(sums).reshape(shape), projected, float("nan"))
     else:
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     return torch.minimum(torch.maximum(projected, lo), hi).to(out_dtype)
@@ -70,8 +73,9 @@ def kd_kl_rows(student_logits, teacher_logits, temperature=1.0):
     log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
     log_q = torch.log_softmax(student_logits / temperature, dim=-1)
     p = log_p.exp()
-    # Mask the logs, not the product: where() of a NaN branch still sends NaN gradients through 0 * -inf.
-    kept = p > 0
+    # Mask the logs, not the product: where() of a NaN branch still sends NaN gradients through 0 * -inf. A NaN p (a
+    # NaN or +inf logit in the row) is kept: the row and both its gradients are NaN.
+    kept = ~(p <= 0)
     zero = torch.zeros((), dtype=p.dtype, device=p.device)
     return (p * (torch.where(kept, log_p, zero) - torch.where(kept, log_q, zero))).sum(dim=-1)
 

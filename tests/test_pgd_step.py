@@ -289,3 +289,22 @@ def test_bound_tensors_checked_once_are_checked_again_after_a_change():
         with pytest.raises(ValueError, match="lower must be <= upper"):
             ops.pgd_step(x_orig, torch.randn_like(x_orig), x_orig, step_size=0.1, eps=0.2, lower=lower, upper=upper,
                          backend="cpu")
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_in_place_step_on_x_adv_that_partly_overlaps_x_orig_or_grad(backend, norm):
+    """x_adv sharing memory with x_orig or grad at other offsets: the kernels would read elements already written,
+    so the step runs out of place and is copied back. The very same view (x_adv is x_orig) stays in place."""
+    name, device = backend
+    x_adv, grad, x_orig = make_batch((4, 2, 3, 3), torch.float32, device)
+    kwargs = dict(step_size=0.01, eps=0.03, norm=norm)
+    for shared in ("x_orig", "grad"):
+        buf = torch.cat([x_orig, x_orig[-1:]]) if shared == "x_orig" else torch.cat([grad, grad[-1:]])
+        target, other = buf[1:], buf[:-1]
+        args = (target, grad, other) if shared == "x_orig" else (target, other, x_orig)
+        want = reference.pgd_step(*(a.clone() for a in args), upcast=True, **kwargs)
+        ops.pgd_step_(*args, backend=name, **kwargs)
+        assert_close(target, want, torch.float32, shared)
+    same = x_orig.clone()
+    want = reference.pgd_step(same.clone(), grad, same.clone(), upcast=True, **kwargs)
+    assert_close(ops.pgd_step_(same, grad, same, backend=name, **kwargs), want, torch.float32, "x_adv is x_orig")

@@ -100,14 +100,33 @@ def pgd_step_(x_adv, grad, x_orig, *, step_size, eps, norm="linf", lower=0.0, up
         raise RuntimeError("urda_fast: pgd_step_ writes into x_adv, which requires grad; call it on x_adv.detach() or "
                            "under torch.no_grad() (the step itself is not differentiable)")
     name = _backends.resolve_backend(backend, x_adv.device)
-    if name == "reference" or not x_adv.is_contiguous():
-        # The kernels write contiguous memory; a strided x_adv gets the result copied back into its own layout.
+    overlap = _partly_overlaps(x_adv, grad) or _partly_overlaps(x_adv, x_orig)
+    if name == "reference" or not x_adv.is_contiguous() or overlap:
+        # The kernels write contiguous memory, element by element: a strided x_adv, or one that shares memory with
+        # grad or x_orig at other offsets (they would read elements already written), gets the out-of-place result
+        # copied back into its own layout.
         out = pgd_step(x_adv, grad, x_orig, step_size=step_size, eps=eps, norm=norm, lower=lower, upper=upper,
                        backend=name)
         return x_adv.copy_(out)
     op = _backends.op_for(name, "pgd_step", "pgd_step_", register)
     op(x_adv, grad.contiguous(), x_orig.contiguous(), *params, norm)
     return x_adv
+
+
+def _partly_overlaps(written, read) -> bool:
+    """Whether ``read`` shares memory with ``written`` other than as the very same view (which the kernels allow)."""
+    if torch.compiler.is_compiling() or written.device.type == "meta" or written.numel() == 0 or read.numel() == 0:
+        return False
+    if written.untyped_storage().data_ptr() != read.untyped_storage().data_ptr():
+        return False
+    if (written.data_ptr(), written.shape, written.stride()) == (read.data_ptr(), read.shape, read.stride()):
+        return False
+    (a0, a1), (b0, b1) = _byte_span(written), _byte_span(read)
+    return a0 < b1 and b0 < a1
+
+
+def _byte_span(t):
+    return t.data_ptr(), t.data_ptr() + t.element_size() * (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())))
 
 
 def _fake_pgd_step(x_adv, grad, x_orig, step_size, eps, lower, upper, norm):

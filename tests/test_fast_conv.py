@@ -2,10 +2,12 @@
 window it reads) give the convolution's output and gradients (float64), keep the parameters and state dict, and
 every other case runs the convolution."""
 
+import copy
 import re
 
 import pytest
 import torch
+import torch.fx
 import torch.nn as nn
 
 from urda_fast.models import FastConv2d, plain_torch, use_fast_conv
@@ -114,3 +116,13 @@ def test_window_weight_of_a_frozen_weight_is_reused_until_the_weight_changes():
     fast.requires_grad_(True)  # a weight that trains: no cached copy, its gradient flows
     (grad,) = torch.autograd.grad(fast(x).sum(), fast.weight)
     assert grad[:, :, 1, 1].abs().sum() > 0 and grad[:, :, 0].abs().sum() == 0
+
+
+def test_torch_fx_traces_through_fast_conv():
+    """torch.fx (feature extractors, quantisation) traces a model with FastConv2d as it traces torch's layers; the
+    traced graph runs torch's convolution."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Conv2d(8, 4, 2), nn.Flatten()).eval()
+    x = torch.rand(2, 3, 8, 8)
+    traced = torch.fx.symbolic_trace(use_fast_conv(copy.deepcopy(model)))
+    torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-6)

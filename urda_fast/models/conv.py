@@ -84,7 +84,8 @@ class FastConv2d(nn.Conv2d):
     them too."""
 
     def _conv_forward(self, x, weight, bias):
-        if x.device.type == "cpu" and x.dim() == 4:
+        # isinstance first: under torch.fx tracing x is a Proxy (traced as torch's convolution, no fast path).
+        if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dim() == 4:
             kh, kw = self.kernel_size
             if _is_patch_embedding(self) and x.shape[-2] >= kh and x.shape[-1] >= kw:
                 return self._patch_embedding(x, weight, bias)

@@ -35,6 +35,12 @@ def test_environment_variable_forces_a_backend(monkeypatch):
     monkeypatch.setenv("URDA_FAST_BACKEND", "tpu")
     with pytest.raises(ValueError, match="unknown backend URDA_FAST_BACKEND='tpu'"):
         ops.kd_kl_loss(torch.randn(2, 3), torch.randn(2, 3))
+    monkeypatch.setenv("URDA_FAST_BACKEND", "CPU")  # a typo is an error in the CPU-only model ops too
+    for call in (lambda: ops.max_pool2d(torch.rand(1, 2, 4, 4), 2),
+                 lambda: ops.packed_self_attention(torch.rand(1, 3, 12), 2),
+                 lambda: ops.batch_norm_eval(torch.rand(2, 3), torch.zeros(3), torch.ones(3))):
+        with pytest.raises(ValueError, match="unknown backend URDA_FAST_BACKEND='CPU'"):
+            call()
 
 
 def test_argument_beats_environment(monkeypatch):

@@ -168,7 +168,10 @@ def cpu_only_choice(op_name: str, backend: str | None, gpu_note: str) -> str | N
     ``backend="cuda"``/``"triton"`` is a clear error; the environment's GPU backends are a global preference, so
     they leave the default."""
     if backend is None:
-        return "reference" if os.environ.get(ENV_VAR) == "reference" else None
+        env = os.environ.get(ENV_VAR) or None
+        if env is not None and env not in BACKENDS:  # a typo is the same error here as in the other ops
+            raise ValueError(f"urda_fast: unknown backend {ENV_VAR}={env!r}; choose one of {', '.join(BACKENDS)}")
+        return "reference" if env == "reference" else None
     if backend in ("cpu", "reference"):
         return backend
     if backend in BACKENDS:

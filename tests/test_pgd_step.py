@@ -198,13 +198,18 @@ def test_pgd_step_compiles_fullgraph(backend):
     torch.testing.assert_close(compiled, eager)
 
 
-def test_pgd_step_is_not_differentiable():
+@pytest.mark.parametrize("name", ["cpu", "reference"])
+def test_pgd_step_is_not_differentiable(name):
     x_adv, grad, x_orig = make_batch((2, 3), torch.float32, "cpu")
-    out = ops.pgd_step(x_adv.requires_grad_(), grad, x_orig, step_size=0.1, eps=0.2, backend="cpu")
-    with pytest.raises(RuntimeError, match="optimizer step and is not differentiable"):
-        out.sum().backward()
+    for requires_grad in (x_adv, grad):
+        out = ops.pgd_step(x_adv, grad, x_orig, step_size=0.1, eps=0.2, backend=name)
+        assert not out.requires_grad  # nothing asks for a gradient: a plain tensor
+        out = ops.pgd_step(requires_grad.requires_grad_(), grad, x_orig, step_size=0.1, eps=0.2, backend=name)
+        with pytest.raises(RuntimeError, match="optimizer step and is not differentiable"):
+            out.sum().backward()
+        requires_grad.requires_grad_(False)
     with pytest.raises(RuntimeError, match="x_adv.detach"):
-        ops.pgd_step_(x_adv, grad, x_orig, step_size=0.1, eps=0.2, backend="cpu")
+        ops.pgd_step_(x_adv.requires_grad_(), grad, x_orig, step_size=0.1, eps=0.2, backend=name)
 
 
 @pytest.mark.parametrize(

@@ -87,8 +87,12 @@ def pgd_step(x_adv, grad, x_orig, *, step_size, eps, norm="linf", lower=0.0, upp
     params = _prepare(x_adv, grad, x_orig, step_size, eps, norm, lower, upper)
     name = _backends.resolve_backend(backend, x_adv.device)
     if name == "reference":
-        return reference.pgd_step(x_adv, grad, x_orig, step_size=params[0], eps=params[1], norm=norm,
-                                  lower=params[2], upper=params[3])
+        with torch.no_grad():
+            out = reference.pgd_step(x_adv, grad, x_orig, step_size=params[0], eps=params[1], norm=norm,
+                                     lower=params[2], upper=params[3])
+        inputs = [t for t in (x_adv, grad, x_orig) if t.requires_grad]
+        # Not differentiable on any backend: a backward through the reference raises the same error.
+        return _NotDifferentiable.apply(out, *inputs) if inputs and torch.is_grad_enabled() else out
     op = _backends.op_for(name, "pgd_step", "pgd_step", register)
     return op(x_adv.contiguous(), grad.contiguous(), x_orig.contiguous(), *params, norm)
 
@@ -146,6 +150,16 @@ def _setup_context_pgd_step(ctx, inputs, output):
 def _backward_pgd_step(ctx, grad_output):
     raise RuntimeError("urda_fast.ops.pgd_step is an optimizer step and is not differentiable: compute the attack "
                        "under torch.no_grad() or pass detached tensors (x_adv.detach(), grad.detach()).")
+
+
+class _NotDifferentiable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, *inputs):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _backward_pgd_step(ctx, None)
 
 
 def register(suffix: str, *, fake: bool) -> None:

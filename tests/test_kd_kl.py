@@ -146,6 +146,8 @@ def test_kd_kl_non_contiguous_broadcast_and_mixed_dtypes(backend):
     check_against_reference(name, student, teacher, torch.float32, "strided", temperature=2.0)
     got = ops.kd_kl_loss(student.double(), teacher, temperature=2.0, backend=name)
     assert got.dtype == torch.float64
+    for backend_name in (name, "reference"):  # the promoted dtype whichever side is the wider one
+        assert ops.kd_kl_loss(student, teacher.double(), backend=backend_name).dtype == torch.float64
     assert_close(got, reference.kd_kl_loss(student.double(), teacher.double(), temperature=2.0), torch.float32,
                  "mixed dtypes")
 

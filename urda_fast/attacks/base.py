@@ -172,7 +172,7 @@ class Attack:
 
     def _objective(self, logits, labels, soft_targets, targeted):
         """The quantity to ascend (summed over the batch, so each sample's gradient is independent of B)."""
-        logits = logits.float()
+        logits = logits if logits.dtype == torch.float64 else logits.float()  # half logits: float32 losses
         if self.loss == "kl":
             kl = ops.kd_kl_loss(logits, soft_targets, temperature=self.temperature, reduction="sum")
             return -kl if targeted else kl

@@ -83,7 +83,8 @@ def kd_kl_rows(student_logits, teacher_logits, temperature=1.0):
 def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, reduction="batchmean",
                t2_scale=False, upcast=False):
     """Temperature-scaled distillation KL. See :func:`urda_fast.ops.kd_kl_loss` for the semantics."""
-    loss_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    # Mixed dtypes are promoted (as the fused backends do), then at least float32.
+    loss_dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
     if upcast:
         student_logits, teacher_logits = student_logits.double(), teacher_logits.double()
     else:

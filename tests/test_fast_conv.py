@@ -126,3 +126,19 @@ def test_torch_fx_traces_through_fast_conv():
     x = torch.rand(2, 3, 8, 8)
     traced = torch.fx.symbolic_trace(use_fast_conv(copy.deepcopy(model)))
     torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_takes_torchs_convolution_for_the_input_gradient(dtype):
+    """Under CPU autocast (``--amp bf16|fp16``) the first layer's input gradient is torch's: our kernel takes
+    float32/float64 only, and autocast runs the convolution in its own dtype (an attack crashed there)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 4, stride=4), nn.Flatten())
+    fast = use_fast_conv(copy.deepcopy(model))
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    grads = []
+    for net in (model, fast):
+        with torch.autocast("cpu", dtype=dtype):
+            out = net(x)
+        grads.append(torch.autograd.grad(out.float().square().sum(), x)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)

@@ -44,6 +44,8 @@ def _kernel_unusable(x, weight, padding, backend) -> str | None:
         return f"it takes (N, C, H, W) inputs with 1-{MAX_CHANNELS} channels, got {tuple(x.shape)}"
     if isinstance(padding, str):
         return f"padding={padding!r} (give ints)"
+    if torch.is_autocast_enabled(x.device.type):
+        return "autocast is on (torch's convolution runs in the autocast dtype)"
     if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
         return f"dtypes {x.dtype} / {weight.dtype} (float32 or float64, one dtype)"
     if not x.is_contiguous():

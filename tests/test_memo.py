@@ -80,3 +80,26 @@ def test_an_attack_copies_a_frozen_weight_once_for_all_its_steps(monkeypatch):
     assert len(puts) == 2  # one copy of each conv's taps, reused by the other five steps
     PGD(model, eps=8 / 255, alpha=2 / 255, steps=6, random_start=False)(x, y)
     assert len(puts) == 4  # a new attack, a new scope: copied again (the weights may have changed in between)
+
+
+def test_eval_after_a_fused_sgd_step_and_a_train_forward_sees_the_new_model():
+    """The training loop's updates move no version counter: torch's fused SGD and a train-mode BatchNorm's running
+    statistics. An attack or evaluation after them must see the new model (it saw the first one's constants)."""
+    from urda_fast.train import sgd
+
+    torch.manual_seed(0)
+    net = use_fast_batch_norm(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                            nn.Flatten(), nn.Linear(16 * 32 * 32, 4)))
+    plain = nn.Sequential(*net)  # the same modules through torch's layers
+    optimizer = sgd(net.parameters(), lr=0.5, momentum=0.9)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    attack = PGD(net, eps=8 / 255, alpha=2 / 255, steps=2, random_start=False)
+    for _ in range(3):
+        net.eval()
+        torch.testing.assert_close(net(x), plain(x))
+        x_adv = attack(x, y)
+        torch.testing.assert_close(x_adv, PGD(plain, eps=8 / 255, alpha=2 / 255, steps=2, random_start=False)(x, y))
+        net.train()
+        optimizer.zero_grad()
+        F.cross_entropy(net(x_adv * 3), y).backward()  # a shifted batch: the running statistics move
+        optimizer.step()

@@ -190,6 +190,49 @@ def test_error_unknown_dataset_and_domain(tmp_path):
         M.open_domain("VisDA2017", str(tmp_path), "A")
 
 
+def test_relative_root_reads_image_lists(tmp_path, monkeypatch):
+    """A relative root works as an absolute one: the list's path was joined to the root twice
+    ('office31/office31/image_list/amazon.txt')."""
+    _office_amazon(str(tmp_path / "office31"))
+    monkeypatch.chdir(tmp_path)
+    ds = M.open_domain("Office31", "office31", "A", "train", transform=M.val_transform(8, None))
+    assert len(ds) == 3 and ds[2][1] == 30 and ds[0][0].shape == (3, 8, 8)
+    assert ds.list_file == os.path.join("office31", "image_list", "amazon.txt")
+
+
+def test_unreadable_image_names_the_file_and_the_list(tmp_path):
+    """A corrupt image is one line naming the file (and the list and line that point at it), of a type the command
+    line reports as bad input: not PIL's UnidentifiedImageError traceback at the first batch that holds it."""
+    from urda_fast.cli import _is_user_error
+
+    _office_amazon(str(tmp_path))
+    (tmp_path / "amazon/images/class1/frame_0001.jpg").write_bytes(b"not an image")
+    ds = M.open_domain("Office31", str(tmp_path), "A", "train", transform=M.val_transform(8, None))
+    ds[0]
+    with pytest.raises(M.ImageReadError, match=r"class1/frame_0001\.jpg' \(line 2 of image list .*amazon\.txt\) "
+                                               r"\(PIL does not recognise it") as err:
+        ds[1]
+    assert _is_user_error(err.value) and "\n" not in str(err.value)
+    for digit in range(10):
+        _png(str(tmp_path / "USPS" / "train" / str(digit) / "0.png"), 0, mode="L")
+    (tmp_path / "USPS" / "train" / "3" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    folder = M.open_domain("Digits", str(tmp_path), "USPS", "train")
+    with pytest.raises(M.ImageReadError, match=r"cannot read image '.*USPS/train/3/0\.png'"):
+        folder[3]
+
+
+def test_empty_list_or_class_folder_names_it(tmp_path):
+    os.makedirs(tmp_path / "image_list")
+    (tmp_path / "image_list" / "webcam.txt").write_text("\n")
+    with pytest.raises(ValueError, match=r"image list .*image_list/webcam\.txt holds no images"):
+        M.open_domain("Office31", str(tmp_path), "W")
+    for digit in range(9):
+        _png(str(tmp_path / "MNIST" / "test" / str(digit) / "0.png"), 0, mode="L")
+    os.makedirs(tmp_path / "MNIST" / "test" / "9")  # a class folder without images
+    with pytest.raises(FileNotFoundError, match=r"image folder '.*MNIST/test': Found no valid file for the classes 9"):
+        M.open_domain("Digits", str(tmp_path), "MNIST", "test")
+
+
 # ------------------------------------------------------------------------------------------------------------ loaders
 
 

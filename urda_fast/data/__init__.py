@@ -12,6 +12,7 @@ from .domains import (
     DatasetSpec,
     ForeverDataIterator,
     ImageList,
+    ImageReadError,
     ResizeImage,
     ResumableSampler,
     SeededItems,
@@ -25,7 +26,7 @@ from .domains import (
 )
 
 __all__ = [
-    "DATASETS", "DatasetSpec", "DigitsShift", "ForeverDataIterator", "ImageList", "ResizeImage", "ResumableSampler",
-    "SeededItems", "default_transforms", "image_folder", "load_digits_shift", "make_loader", "open_domain",
-    "train_stream", "train_transform", "val_transform",
+    "DATASETS", "DatasetSpec", "DigitsShift", "ForeverDataIterator", "ImageList", "ImageReadError", "ResizeImage",
+    "ResumableSampler", "SeededItems", "default_transforms", "image_folder", "load_digits_shift", "make_loader",
+    "open_domain", "train_stream", "train_transform", "val_transform",
 ]

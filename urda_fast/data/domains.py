@@ -31,15 +31,29 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from urda_fast import distributed
+from urda_fast.files import reading_error
 
 # ----------------------------------------------------------------------------------------------------------- datasets
 
 
-def pil_loader(path: str, mode: str = "RGB"):
+class ImageReadError(ValueError):
+    """An image file that PIL cannot read (corrupt, truncated, not an image): one line naming the file (and, for an
+    image list, the list and line). A ValueError, so the command line reports it as bad input, not as a bug."""
+
+
+def pil_loader(path: str, mode: str = "RGB", where: str = ""):
+    """The image at ``path`` in PIL ``mode``; an unreadable file is an :class:`ImageReadError` naming it (``where``:
+    e.g. the image list that points at it), not PIL's traceback at the first batch that happens to hold it."""
     from PIL import Image
 
-    with open(path, "rb") as f:
-        return Image.open(f).convert(mode)
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert(mode)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # UnidentifiedImageError: OSError
+        why = "PIL does not recognise it as an image: corrupt, or another kind of file" if isinstance(
+            err, Image.UnidentifiedImageError) else reading_error(err)
+        raise ImageReadError(f"urda_fast: cannot read image {path!r}{where} ({why}); replace or remove the file") \
+            from err
 
 
 class ImageList(Dataset):
@@ -62,7 +76,7 @@ class ImageList(Dataset):
         self.list_file = list_file if os.path.isabs(list_file) else os.path.join(root, list_file)
         if not os.path.isfile(self.list_file):
             raise FileNotFoundError(f"urda_fast: image list {self.list_file!r} not found")
-        self.samples = []
+        self.samples, self.lines = [], []  # lines: each sample's line number in the list (error messages)
         with open(self.list_file) as f:
             for lineno, line in enumerate(f, 1):
                 parts = line.split()
@@ -80,6 +94,10 @@ class ImageList(Dataset):
                                      f"[0, {num_classes})")
                 path = " ".join(parts[:-1])
                 self.samples.append((path if os.path.isabs(path) else os.path.join(root, path), label))
+                self.lines.append(lineno)
+        if not self.samples:
+            raise ValueError(f"urda_fast: image list {self.list_file} holds no images (expected lines like "
+                             "'relative/path.jpg <label>')")
         if check_files:
             for lineno, (path, _) in enumerate(self.samples, 1):
                 if not os.path.isfile(path):
@@ -92,7 +110,7 @@ class ImageList(Dataset):
 
     def __getitem__(self, index):
         path, label = self.samples[index]
-        img = pil_loader(path, self.mode)
+        img = pil_loader(path, self.mode, where=f" (line {self.lines[index]} of image list {self.list_file})")
         return (self.transform(img) if self.transform is not None else img), label
 
 
@@ -102,7 +120,10 @@ def image_folder(root: str, transform=None, mode: str = "RGB", num_classes: int 
 
     if not os.path.isdir(root):
         raise FileNotFoundError(f"urda_fast: image folder {root!r} not found (expected {root}/<class>/<image>)")
-    dataset = ImageFolder(root, transform=transform, loader=functools.partial(pil_loader, mode=mode))  # picklable
+    try:
+        dataset = ImageFolder(root, transform=transform, loader=functools.partial(pil_loader, mode=mode))  # picklable
+    except FileNotFoundError as err:  # no class folder, or a class folder without images: torchvision names no path
+        raise FileNotFoundError(f"urda_fast: image folder {root!r}: {err}") from err
     if num_classes is not None and len(dataset.classes) != num_classes:
         raise ValueError(f"urda_fast: {root!r} has {len(dataset.classes)} class folders, expected {num_classes}")
     return dataset
@@ -194,8 +215,8 @@ def open_domain(dataset: str, root: str, domain: str, split: str = "train", tran
     if not os.path.isdir(root):
         raise FileNotFoundError(f"urda_fast: {dataset} root {root!r} does not exist; "
                                 f"{_layout(spec, root, domain, split)}")
-    list_file = os.path.join(root, spec.lists[domain][split])
-    if os.path.isfile(list_file):
+    list_file = spec.lists[domain][split]  # relative to root: ImageList joins them (so does a relative root)
+    if os.path.isfile(os.path.join(root, list_file)):
         return ImageList(root, list_file, transform, spec.num_classes, mode, check_files)
     folder = spec.folders.get(domain, {}).get(split)
     if folder and os.path.isdir(os.path.join(root, folder)):

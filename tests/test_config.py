@@ -11,6 +11,7 @@ def test_yaml_then_flags_override_the_defaults(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("iterations: 40\nbatch-size: 8\nvat: yes\nvat_eps: 8/255\n")
     cfg = load_config(PretrainConfig, str(path), {"iterations": 50, "lr": None})
+    assert load_config(PretrainConfig, None, {"iterations": 3.0}).iterations == 3  # a whole float is fine
     assert (cfg.iterations, cfg.batch_size, cfg.vat, cfg.lr) == (50, 8, True, PretrainConfig().lr)
     assert cfg.vat_eps == pytest.approx(8 / 255) == parse_float("8/255")
     for bad in ("1/0", "1/x", "eight"):
@@ -21,6 +22,7 @@ def test_yaml_then_flags_override_the_defaults(tmp_path):
 @pytest.mark.parametrize("text, match", [
     ("iterations: 4\nbatch_sise: 8\n", r"unknown option\(s\) \['batch_sise'\] for PretrainConfig; valid: .*'batch_"),
     ("iterations: four\n", "iterations must be int, got 'four'"),
+    ("iterations: 2.5\n", "iterations must be a whole number, got 2.5"),  # not silently 2
     ("vat: maybe\n", "vat must be true/false"),
     ("- 1\n- 2\n", "must hold a mapping of option: value"),
     ("iterations: [4\n", "is not valid YAML at line 2, column 1: expected ',' or ']'"),

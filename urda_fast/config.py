@@ -41,6 +41,8 @@ def _coerce(value, annotation, name):
                 return False
             raise ValueError(f"config: {name} must be true/false, got {value!r}")
         return bool(value)
+    if annotation is int and isinstance(value, float) and not value.is_integer():  # int(2.5) would be 2
+        raise ValueError(f"config: {name} must be a whole number, got {value!r}")
     if annotation in (int, float, str):
         try:
             return parse_float(value) if annotation is float else annotation(value)
@@ -89,7 +91,8 @@ def load_config(cls, yaml_path: str | None = None, overrides: dict | None = None
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One ``--flag-name`` per field of ``cls`` (default None, so unset flags do not override the YAML file)."""
+    """One ``--flag-name`` per field of ``cls`` (default None, so unset flags do not override the YAML file). The help
+    shows the field's default, or its ``metadata["help"]``."""
     types = _field_types(cls)
     for field in dataclasses.fields(cls):
         if field.name in skip:
@@ -97,13 +100,14 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         flag = "--" + field.name.replace("_", "-")
         annotation = types[field.name]
         default = field.default if field.default is not dataclasses.MISSING else None
+        text = field.metadata.get("help") or f"(default: {default})"
         kind = str if annotation is bool else (typing.get_args(annotation) or (annotation,))[0]
         kind = kind if kind in (int, str) else parse_float if kind is float else str
         if annotation is bool:  # `--vat` alone means true; `--vat false` also works
             parser.add_argument(flag, type=str, nargs="?", const="true", default=None, dest=field.name,
-                                help=f"true/false (default: {default})")
+                                help=f"true/false {text}")
         else:
-            parser.add_argument(flag, type=kind, default=None, dest=field.name, help=f"(default: {default})")
+            parser.add_argument(flag, type=kind, default=None, dest=field.name, help=text)
 
 
 def flags_to_overrides(args: argparse.Namespace, cls) -> dict:

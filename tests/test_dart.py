@@ -150,6 +150,12 @@ def test_split_bn_forward_gives_the_separate_forward_loss(teacher_checkpoint, tm
         (dict(momentum=1.0), ValueError, r"momentum must be in \[0, 1\)"),
         (dict(lr=float("nan")), ValueError, "lr must be > 0, got nan"),
         (dict(eval_every=0), ValueError, "eval_every must be >= 1"),
+        # accepted and without effect: a typo of "pixel" attacked in pixels, the weights were ignored
+        (dict(attack_space="pixels"), ValueError, "attack_space must be one of 'pixel', 'normalized', got 'pixels'"),
+        (dict(backbone_weights="r18.pth"), ValueError, "backbone_weights .*--student-init backbone.*ignore them"),
+        (dict(student_init="backbone", backbone_weights="r18.pth"), ValueError,
+         "digits_cnn backbone takes no pretrained weights"),
+        (dict(device="gpu"), ValueError, "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     ],
 )
 def test_robustify_rejects_bad_configs(teacher_checkpoint, tmp_path, change, error, match):
@@ -180,6 +186,18 @@ def test_model_spec_builds_for_the_datas_channels():
     assert ModelSpec(backbone="digits_cnn").build()(torch.rand(2, 1, 16, 16)).shape == (2, 10)
     with pytest.raises(ValueError, match="resnet18 takes 3-channel .* has 1 channel.*--arch digits_cnn"):
         ModelSpec(backbone="resnet18", mean=(0.5,), std=(0.5,)).build()
+
+
+def test_digits_cnn_refuses_pretrained_weights_and_negative_bottlenecks():
+    """digits_cnn has no published weights: a path (even a missing one) was ignored without a word."""
+    spec = ModelSpec(backbone="digits_cnn", backbone_weights="/nonexistent.pth")
+    with pytest.raises(ValueError, match="digits_cnn backbone takes no pretrained weights .*'/nonexistent.pth'"):
+        spec.build()
+    assert spec.build(with_weights=False)(torch.rand(2, 1, 16, 16)).shape == (2, 10)  # a checkpoint's spec loads
+    with pytest.raises(ValueError, match="bottleneck_dim must be >= 0 .*got -5"):
+        ModelSpec(bottleneck_dim=-5).build()
+    plain = ModelSpec(bottleneck_dim=0).build()
+    assert plain.features_dim == plain.backbone.out_features  # 0: no bottleneck
 
 
 def test_checkpoint_of_another_model_is_rejected(tmp_path, teacher_checkpoint):

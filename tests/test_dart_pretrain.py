@@ -68,6 +68,17 @@ def test_dann_resumes_bit_for_bit(tmp_path):
     (dict(source="MNIST", target="USPS"), ValueError, "embedded printed -> handwritten.*-s 'MNIST', -t 'USPS'.*"
                                                       "digits-files"),
     (dict(root="/data"), ValueError, "takes no --root '/data'"),
+    # options that had no effect, or a raw torch error deep inside
+    (dict(arch="digits_cnn", backbone_weights="/nonexistent.pth"), ValueError,
+     "digits_cnn backbone takes no pretrained weights .* '/nonexistent.pth'"),
+    (dict(arch="resnet18", backbone_weights="/nonexistent.pth"), FileNotFoundError, "'/nonexistent.pth' not found"),
+    (dict(vat_target=True), ValueError, "vat_target .* needs --vat"),
+    (dict(vat=True, vat_threshold=2.0), ValueError, r"vat_threshold must be in \[0, 1\].*got 2.0"),
+    (dict(vat=True, vat_threshold=-0.1), ValueError, r"vat_threshold must be in \[0, 1\]"),
+    (dict(entropy_conditioning=True), ValueError, "entropy_conditioning is CDAN's option .* not 'dann'"),
+    (dict(bottleneck_dim=-5), ValueError, "bottleneck_dim must be >= 0, got -5"),
+    (dict(device="gpu"), ValueError, "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (dict(fold_batchnorm="yes"), ValueError, "fold_batchnorm must be one of"),
 ])
 def test_pretrain_rejects_bad_configs(tmp_path, change, error, match):
     with pytest.raises(error, match=match):
@@ -112,3 +123,114 @@ def test_cli_demo_seed_reaches_every_run(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_module, "evaluate_runs", lambda *a, **k: {"rows": [], "data": "digits"})
     assert main(["dart", "demo", "--out", str(tmp_path), "--device", "cpu", "--seed", "3"]) == 0
     assert [cfg.seed for cfg in seen] == [3, 3, 3, 3]
+
+
+# ---------------------------------------------------------------------------------- runs on benchmark files (tllib)
+
+
+def _digits_files(root):
+    """A tiny --data digits-files root: MNIST as ImageFolder trees, SVHN as an image list (one 8x8 image a digit)."""
+    from PIL import Image
+
+    lines = []
+    for digit in range(10):
+        for split in ("train", "test"):
+            path = root / "MNIST" / split / str(digit) / "0.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("L", (8, 8), 20 * digit).save(path)
+        (root / "svhn_image").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (25 * digit, 0, 0)).save(root / "svhn_image" / f"{digit}.png")
+        lines.append(f"svhn_image/{digit}.png {digit}")
+    (root / "image_list").mkdir()
+    (root / "image_list" / "svhn_balanced.txt").write_text("\n".join(lines) + "\n")
+
+
+def _files_run(out, **kw):
+    options = dict(data="digits-files", root="digits", source="SVHN", target="MNIST", out=str(out), iterations=2,
+                   batch_size=4, eval_every=2, bottleneck_dim=8, progress=False, tensorboard=False, device="cpu")
+    return PretrainConfig(**{**options, **kw})
+
+
+@pytest.fixture
+def files_teacher(tmp_path, monkeypatch):
+    """A `dart pretrain` run on a digits-files root given relative to the working folder, SVHN (an image list) ->
+    MNIST: the relative root read the list at digits/digits/image_list/svhn_balanced.txt."""
+    _digits_files(tmp_path / "digits")
+    monkeypatch.chdir(tmp_path)
+    pretrain(_files_run("runs/teacher"))
+    return tmp_path / "runs" / "teacher"
+
+
+def test_relative_root_trains_and_is_saved_absolute(files_teacher, tmp_path):
+    config = torch.load(files_teacher / "best.pt", weights_only=False)["config"]
+    assert config["root"] == str(tmp_path / "digits")  # eval and robustify read it from any folder
+
+
+def test_robustify_defaults_to_the_teachers_data(files_teacher, tmp_path):
+    """Without --data, step 2 reads the teacher's data (it trained on the embedded digits whatever the teacher's); an
+    explicit other --data is a warning."""
+    from urda_fast.dart import RobustifyConfig, robustify
+
+    common = dict(teacher=str(files_teacher), iterations=1, batch_size=4, eval_every=1, attack_steps=1,
+                  progress=False, tensorboard=False, device="cpu")
+    robustify(RobustifyConfig(out=str(tmp_path / "dart"), **common))
+    config = torch.load(tmp_path / "dart" / "best.pt", weights_only=False)["config"]
+    assert {k: config[k] for k in ("data", "root", "source", "target")} == \
+        {"data": "digits-files", "root": str(tmp_path / "digits"), "source": "SVHN", "target": "MNIST"}
+    with pytest.warns(UserWarning, match="teacher .* was trained on --data digits-files -t MNIST, and this run reads "
+                                         "--data digits: .*leave out --data"):
+        robustify(RobustifyConfig(data="digits", out=str(tmp_path / "other"), **common))
+
+
+def test_eval_flags_override_the_runs_data(files_teacher, tmp_path, monkeypatch):
+    """Each of --data, --root, -s, -t overrides the run's saved value (a moved dataset, another target); eval reads
+    the target's test split only, so another --data needs no -s; a saved root that is gone says to give --root."""
+    from urda_fast.dart import RunConfig, evaluate_runs
+
+    def data(**flags):
+        return evaluate_runs([str(files_teacher)], attacks=("clean",), data_flags=flags, device="cpu",
+                             progress=False)["data"]
+
+    assert data() == f"Digits: SVHN -> MNIST from {tmp_path / 'digits'}"
+    assert data(target="SVHN") == f"Digits: SVHN -> SVHN from {tmp_path / 'digits'}"
+    # the command line passes its flags alike; -t is short for --target
+    assert main(["dart", "eval", str(files_teacher), "--attacks", "clean", "-t", "SVHN", "--device", "cpu",
+                 "--out", str(tmp_path / "report")]) == 0
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["data"].startswith("Digits: SVHN -> SVHN")
+    os.rename(tmp_path / "digits", tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match="trained on the dataset root .*digits', which is not there now.*"
+                                                "give --root"):
+        data()
+    assert data(root=str(tmp_path / "moved")).endswith(f"from {tmp_path / 'moved'}")
+    assert data(root="moved") == "Digits: SVHN -> MNIST from moved"  # relative to the working folder
+    # another --data takes none of the run's root and domains, and needs no source
+    with pytest.raises(ValueError, match="--data office31 needs --root"):
+        data(data="office31", target="A")
+    with pytest.raises(ValueError, match="--data office31 needs -t/--target, from A, D, W"):
+        data(data="office31", root="moved")
+    with pytest.raises(ValueError, match="embedded printed -> handwritten task, which takes no --root"):
+        data(data="digits", root="moved")  # an impossible combination
+    with pytest.raises(ValueError, match="unknown data setting"):
+        data(roots="moved")
+    # a RunConfig (the library's way) works alike: its empty fields are the run's
+    assert evaluate_runs([str(files_teacher)], attacks=("clean",), data_cfg=RunConfig(data="digits-files",
+                         root="moved"), device="cpu", progress=False)["data"].endswith("MNIST from moved")
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        evaluate_runs([str(files_teacher)], device="gpu")
+
+
+def test_eval_reads_an_older_runs_relative_root(files_teacher, tmp_path, monkeypatch):
+    """Runs used to save the root as given: relative to the folder they were started in, which the run's own
+    relative --out locates when eval runs from elsewhere."""
+    from urda_fast.dart import evaluate_runs
+
+    state = torch.load(files_teacher / "best.pt", weights_only=False)
+    state["config"]["root"] = "digits"
+    torch.save(state, files_teacher / "best.pt")
+    monkeypatch.chdir(tmp_path / "runs")
+    report = evaluate_runs([str(files_teacher)], attacks=("clean",), device="cpu", progress=False)
+    assert report["data"] == f"Digits: SVHN -> MNIST from {tmp_path / 'digits'}"
+    state["config"]["out"] = "elsewhere/teacher"
+    torch.save(state, files_teacher / "best.pt")
+    with pytest.raises(FileNotFoundError, match="root 'digits', which is not there now .*give --root"):
+        evaluate_runs([str(files_teacher)], attacks=("clean",), device="cpu", progress=False)

@@ -140,10 +140,9 @@ def cmd_dart(args) -> int:
         cfg = _load_config(args, dart.RobustifyConfig)
         print(json.dumps(dart.robustify(cfg)["best"]))
     else:
-        data_cfg = None if args.data is None else dart.RunConfig(data=args.data, root=args.root, source=args.source,
-                                                                 target=args.target)
+        data_flags = {k: getattr(args, k) for k in ("data", "root", "source", "target")}
         report = dart.evaluate_runs(args.runs, attacks=tuple(args.attacks.split(",")),
-                                    eps=tuple(parse_float(e) for e in args.eps.split(",")), data_cfg=data_cfg,
+                                    eps=tuple(parse_float(e) for e in args.eps.split(",")), data_flags=data_flags,
                                     out=args.out, device=args.device)
         from urda_fast.dart.report import to_markdown
 
@@ -175,9 +174,9 @@ def _add_dart(sub) -> None:
     ev.add_argument("--attacks", default="clean,fgsm,pgd20")
     ev.add_argument("--eps", default="8/255", help="comma-separated budgets, e.g. 8/255,0.1")
     ev.add_argument("--data", default=None, help="default: the data the first run was trained on")
-    ev.add_argument("--root", default="")
-    ev.add_argument("--source", default="")
-    ev.add_argument("--target", default="")
+    ev.add_argument("--root", default="", help="default: the first run's (give it when the dataset moved)")
+    ev.add_argument("--source", default="", help="unused by eval (only the target's test split is read)")
+    ev.add_argument("-t", "--target", default="", help="default: the first run's target domain")
     ev.add_argument("--out", default=None, help="folder for report.md/json/png")
     ev.add_argument("--device", default="auto")
 

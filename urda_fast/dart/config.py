@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from urda_fast.config import check_ranges
 
 
@@ -63,6 +65,8 @@ class RobustifyConfig(RunConfig):
     """Step 2: disentangled distillation of the frozen UDA teacher into a student on unlabelled target data."""
 
     teacher: str = ""  # the step-1 checkpoint (best.pt of `dart pretrain`)
+    # "" = the data the teacher was trained on; its root, source and target too, unless given (a moved root)
+    data: str = ""
     iterations: int = 10000
     batch_size: int = 18
     lr: float = 0.005
@@ -85,13 +89,58 @@ class RobustifyConfig(RunConfig):
     forward: str = "split-bn"  # "split-bn": clean+adversarial in one forward, BN stats per batch | "separate"
 
 
+def check_device(name: str, who: str = "dart") -> None:
+    """A device name torch cannot parse ("gpu") is a clear error, not torch's at the first tensor moved."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(f"{who}: device must be auto, cpu, cuda or cuda:N, got {name!r}") from err
+
+
+def _check_choices(cfg, choices: dict) -> None:
+    for name, allowed in choices.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise ValueError(f"dart: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _check_run_config(cfg: RunConfig) -> None:
+    check_device(cfg.device)
+    _check_choices(cfg, {"fold_batchnorm": ("auto", "on", "off")})
+
+
 def check_pretrain_config(cfg: PretrainConfig) -> None:
-    """Values no run can mean (a negative lr or loss weight trains *away* from the task without a word): errors
-    before any work. The loop checks its own settings (LoopSettings) and the attacks their budgets."""
+    """Values no run can mean (a negative lr or loss weight trains *away* from the task without a word) and options
+    that would have no effect: errors before any work. The loop checks its own settings (LoopSettings) and the attacks
+    their budgets."""
+    from urda_fast.models.backbones import check_backbone_weights
+    from urda_fast.uda import METHODS
+
+    _check_run_config(cfg)
     check_ranges(cfg, "dart", positive=("lr", "margin"), fraction=("momentum",),
-                 non_negative=("weight_decay", "lr_gamma", "lr_decay", "trade_off", "vat_threshold"))
+                 non_negative=("weight_decay", "lr_gamma", "lr_decay", "trade_off", "bottleneck_dim"))
+    if not 0 <= cfg.vat_threshold <= 1:  # a softmax confidence: above 1 no pseudo-label would ever pass
+        raise ValueError(f"dart: vat_threshold must be in [0, 1] (a confidence), got {cfg.vat_threshold}")
+    if cfg.method not in METHODS:
+        raise ValueError(f"dart: unknown UDA method {cfg.method!r}; choose one of {', '.join(sorted(METHODS))}")
+    if cfg.vat_target and not cfg.vat:
+        raise ValueError("dart: vat_target adds adversarial pseudo-labelled target batches to the UDA+VAT baseline: "
+                         "it needs --vat too")
+    if cfg.entropy_conditioning and cfg.method != "cdan":
+        raise ValueError(f"dart: entropy_conditioning is CDAN's option (CDAN+E): it needs --method cdan, not "
+                         f"{cfg.method!r}")
+    check_backbone_weights(cfg.arch, cfg.backbone_weights or None)
 
 
 def check_robustify_config(cfg: RobustifyConfig) -> None:
+    _check_run_config(cfg)
     check_ranges(cfg, "dart", positive=("lr", "tau_robust", "tau_transfer"), fraction=("momentum",),
                  non_negative=("weight_decay", "lr_gamma", "lr_decay", "kl_weight", "feature_weight"))
+    _check_choices(cfg, {"forward": ("split-bn", "separate"), "weighting": ("per-sample", "code"),
+                         "student_init": ("teacher", "backbone"), "attack_space": ("pixel", "normalized")})
+    if cfg.backbone_weights and cfg.student_init != "backbone":
+        raise ValueError("dart: backbone_weights are the fresh student's backbone with --student-init backbone; "
+                         f"with student_init {cfg.student_init!r} the student starts from the teacher and would "
+                         "ignore them")

@@ -18,7 +18,7 @@ from urda_fast.train import refuse_to_overwrite
 
 from .common import accuracy, attack_folding, lr_schedule, run_loop, sgd
 from .config import PretrainConfig, check_pretrain_config
-from .data import task_data
+from .data import absolute_root, task_data
 
 
 class _MethodStep(torch.nn.Module):
@@ -88,10 +88,12 @@ class UdaTask:
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
-    """Train the step-1 model; writes best.pt / last.pt / log.csv under ``cfg.out``."""
+    """Train the step-1 model; writes best.pt / last.pt / log.csv under ``cfg.out`` (its config with the dataset root
+    absolute, for `dart eval` and `dart robustify` to read it from anywhere)."""
     from urda_fast.uda import create_method
 
     check_pretrain_config(cfg)
+    cfg = absolute_root(cfg)
     refuse_to_overwrite(cfg.out, {"--backbone-weights": cfg.backbone_weights})
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)

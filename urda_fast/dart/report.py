@@ -12,8 +12,8 @@ from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text
 from urda_fast.models import ModelSpec
 
 from .common import load_checkpoint_model, read_checkpoint
-from .config import RunConfig
-from .data import task_data
+from .config import RunConfig, check_device
+from .data import DATA_FIELDS, run_data, task_data
 
 ATTACKS = ("clean", "fgsm", "pgd10", "pgd20")
 
@@ -43,24 +43,32 @@ def make_attacks(model, names, eps: float, seed: int = 0):
 
 
 def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), data_cfg: RunConfig | None = None,
-                  out: str | None = None, device: str = "auto", max_batches: int | None = None,
-                  progress: bool = True, labels: dict | None = None) -> dict:
+                  data_flags: dict | None = None, out: str | None = None, device: str = "auto",
+                  max_batches: int | None = None, progress: bool = True, labels: dict | None = None) -> dict:
     """Evaluate each run directory (its best.pt) on the target test split under each attack and budget.
 
     Returns ``{"rows": [{"method", "run", "clean", "fgsm", "pgd", ...}], "eps": [...], "data": ...}`` with accuracies
-    in percent (``data_cfg`` defaults to the data of the first run); the first budget's figures are under plain keys
-    ("fgsm", "pgd" = the strongest PGD), every budget's under keys like "pgd20@0.0314". Writes report.md/.json/.png
-    into ``out`` when given.
+    in percent; the first budget's figures are under plain keys ("fgsm", "pgd" = the strongest PGD), every budget's
+    under keys like "pgd20@0.0314". Writes report.md/.json/.png into ``out`` when given.
+
+    The data is the first run's (its saved --data, --root, -s, -t), each field overridden where ``data_flags`` (the
+    command line's ``{"data", "root", "source", "target"}``, None or "" = not given) or ``data_cfg`` give it: a moved
+    root, another target domain. Another --data than the run's takes none of its root and domains. Only the target's
+    test split is read, so no source domain is needed.
     """
     if not runs:
         raise ValueError("dart eval: give at least one run folder or checkpoint")
+    check_device(device, "dart eval")
     # Every run checked before any evaluation; of each checkpoint only what evaluation reads is kept (no optimizer)
     states = [{k: state[k] for k in ("kind", "spec", "config", "modules") if k in state}
               for state in map(read_checkpoint, runs)]
-    if data_cfg is None:  # the data the first run was trained on
-        saved = states[0].get("config", {})
-        data_cfg = RunConfig(**{k: saved[k] for k in ("data", "root", "source", "target") if k in saved})
-    data = task_data(data_cfg)
+    given = {k: getattr(data_cfg, k) for k in DATA_FIELDS} if data_cfg is not None else {}
+    given.update({k: v for k, v in (data_flags or {}).items() if v not in (None, "")})
+    unknown = sorted(set(given) - set(DATA_FIELDS))
+    if unknown:
+        raise ValueError(f"dart eval: unknown data setting(s) {unknown}; valid: {', '.join(DATA_FIELDS)}")
+    data_cfg = RunConfig(**run_data(states[0].get("config") or {}, given, runs[0], "dart eval"))
+    data = task_data(data_cfg, splits=("target_test",))
     for run, state in zip(runs, states):
         classes = ModelSpec.from_dict(state["spec"]).num_classes
         if classes != data.num_classes:

@@ -27,9 +27,9 @@ from urda_fast.profiling import nvtx_range
 from urda_fast.split_bn import split_batchnorm
 from urda_fast.train import refuse_to_overwrite
 
-from .common import accuracy, attack_folding, load_teacher, lr_schedule, run_loop, sgd
+from .common import accuracy, attack_folding, load_checkpoint_model, lr_schedule, read_checkpoint, run_loop, sgd
 from .config import RobustifyConfig, check_robustify_config
-from .data import task_data
+from .data import absolute_root, task_data, with_teacher_data
 
 
 def confidence_weights(teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -137,14 +137,21 @@ def build_student(cfg: RobustifyConfig, teacher, spec: ModelSpec):
 
 
 def robustify(cfg: RobustifyConfig) -> dict:
-    """Run DART step 2 from ``cfg.teacher``; writes best.pt / last.pt / log.csv under ``cfg.out``."""
-    if cfg.forward not in ("split-bn", "separate"):
-        raise ValueError(f"dart: forward must be 'split-bn' or 'separate', got {cfg.forward!r}")
+    """Run DART step 2 from ``cfg.teacher``; writes best.pt / last.pt / log.csv under ``cfg.out``.
+
+    The data is the teacher's (its saved --data, --root, -s, -t) where ``cfg`` gives none; the run saves what it read,
+    its root absolute."""
+    from urda_fast.models.backbones import check_backbone_weights
+
     check_robustify_config(cfg)
     refuse_to_overwrite(cfg.out, {"--teacher": cfg.teacher, "--backbone-weights": cfg.backbone_weights})
     torch.manual_seed(cfg.seed)
-    teacher, spec, device = load_teacher(cfg.teacher, cfg.device)
-    data = task_data(cfg)
+    state = read_checkpoint(cfg.teacher)
+    cfg = absolute_root(with_teacher_data(cfg, state.get("config") or {}))
+    teacher, spec, device = load_checkpoint_model(cfg.teacher, cfg.device, state)
+    if cfg.student_init == "backbone":
+        check_backbone_weights(spec.backbone, cfg.backbone_weights or None)
+    data = task_data(cfg, splits=("target_train", "target_test"))  # step 2 reads no source
     if data.num_classes != spec.num_classes:
         raise ValueError(f"dart: the teacher has {spec.num_classes} classes but the target data has "
                          f"{data.num_classes}: it is a checkpoint of another task")

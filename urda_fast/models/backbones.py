@@ -60,14 +60,37 @@ def _torchvision_resnet(name: str, weights: str | None, in_channels: int = 3):
     return use_fast_conv(use_fast_pooling(model))
 
 
+def _digits_cnn(weights=None, **kwargs):
+    check_backbone_weights("digits_cnn", weights)
+    return DigitsCNN(**kwargs)
+
+
 BACKBONES = {
-    "digits_cnn": lambda weights=None, **kw: DigitsCNN(**kw),
+    "digits_cnn": _digits_cnn,
     "resnet18": lambda weights=None, in_channels=3: _torchvision_resnet("resnet18", weights, in_channels),
     "resnet50": lambda weights=None, in_channels=3: _torchvision_resnet("resnet50", weights, in_channels),
 }
 
 
-def create_backbone(name: str, weights: str | None = None, **kwargs) -> nn.Module:
+# Backbones trained from scratch only: no published pretrained weights exist for them.
+NO_PRETRAINED = frozenset({"digits_cnn"})
+
+
+def check_backbone_weights(name: str, weights: str | None = None) -> None:
+    """A clear error, before any work, for an unknown backbone or weights it cannot take: ``digits_cnn`` has no
+    pretrained weights (they would be ignored), a ResNet's file must exist. Whether a file holds the right weights is
+    checked when they are loaded."""
     if name not in BACKBONES:
         raise ValueError(f"urda_fast: unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if weights and name in NO_PRETRAINED:
+        raise ValueError(f"urda_fast: the {name} backbone takes no pretrained weights (there are none: it trains from "
+                         f"random init), got backbone weights {weights!r}; drop --backbone-weights, or pick a ResNet "
+                         "(--arch resnet18|resnet50) for a pretrained backbone")
+    if weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"urda_fast: backbone weights {weights!r} not found; pass a local .pth file of "
+                                f"torchvision's {name} (nothing is downloaded), or no weights for random init")
+
+
+def create_backbone(name: str, weights: str | None = None, **kwargs) -> nn.Module:
+    check_backbone_weights(name, weights)
     return BACKBONES[name](weights=weights, **kwargs)

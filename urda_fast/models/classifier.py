@@ -35,6 +35,8 @@ class ImageClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int, *, bottleneck_dim: int = 256, mean=(0.5,), std=(0.5,),
                  head: nn.Module | None = None, finetune_backbone: bool = True):
         super().__init__()
+        if not bottleneck_dim >= 0:  # NaN too
+            raise ValueError(f"urda_fast: bottleneck_dim must be >= 0 (0: no bottleneck), got {bottleneck_dim}")
         self.normalize = Normalize(mean, std)
         self.backbone = backbone
         in_features = backbone.out_features

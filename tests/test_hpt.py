@@ -390,8 +390,9 @@ def test_cli_demo_seed_reaches_every_fine_tuning_run(world, tmp_path, monkeypatc
     monkeypatch.setattr(demo_module, "evaluate_models", lambda *a, **k: {"rows": []})
     monkeypatch.setattr(demo_module, "write_report", lambda *a: None)
     monkeypatch.setattr(demo_module, "to_markdown", lambda report: "")
+    # --scale: the fixture's recipe (another one is refused, not rebuilt in place over the shared world)
     assert main(["hpt", "demo", "--out", str(tmp_path), "--world", world.folder, "--device", "cpu",
-                 "--seed", "5"]) == 0
+                 "--scale", str(WORLD_SCALE), "--seed", "5"]) == 0
     assert [(cfg.method, cfg.seed) for cfg in seen] == [(m, 5) for m in ("tecoa", "pmg-aft", "hpt", "hpt-gpd")]
 
 

@@ -1,6 +1,7 @@
 """The shared loop's TensorBoard log: scalars of every CSV column, and no step twice after a kill and a resume; a
 SIGTERM or Ctrl-C saves the step it lands in."""
 
+import csv
 import glob
 import os
 import signal
@@ -67,6 +68,17 @@ def run(out, iterations=6, resume=False, overwrite=False, **task_options):
     settings = LoopSettings(iterations=iterations, out_dir=str(out), eval_every=3, log_every=1, resume=resume,
                             overwrite=overwrite, progress=False, select_metric="neg_mse")
     return fit(task, optimizer, scheduler, settings, device=torch.device("cpu"))
+
+
+@pytest.fixture(autouse=True)
+def _writer_count_from_zero(monkeypatch):
+    """Event files are named events.out.tfevents.<seconds>.<host>.<pid>.<n>, n counting the SummaryWriters of the
+    process, and TensorBoard reads a folder's files in name order: a run killed and resumed in one second, in a
+    process that had made 9 writers before (earlier tests), would have its files read as "...10" before "...9". A
+    real resume is a new process; here each test counts from 0."""
+    from tensorboard.summary.writer import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(0))
 
 
 def scalars(out) -> dict[str, list[tuple[int, float]]]:
@@ -165,3 +177,71 @@ def test_tensorboard_can_be_turned_off(tmp_path):
                                                  tensorboard=False, select_metric="neg_mse"),
         device=torch.device("cpu"))
     assert (tmp_path / "log.csv").exists() and not (tmp_path / "tb").exists()
+
+
+def test_overwrite_removes_the_earlier_runs_files_before_it_writes_any(tmp_path):
+    run(tmp_path, iterations=6)
+    assert {"best.pt", "last.pt", "log.csv"} <= set(os.listdir(tmp_path)) and os.listdir(tmp_path / "tb")
+    # killed in its first step, before any checkpoint, evaluation or log flush of its own
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, iterations=6, overwrite=True, fail_at=1)
+    assert not {"best.pt", "last.pt", "log.csv"} & set(os.listdir(tmp_path))
+    assert not raw_steps(tmp_path, "train/loss")  # nor the earlier run's TensorBoard events
+
+
+class NamedMetricsTask(LinearTask):
+    def metric_names(self):
+        return ["neg_mse"]
+
+
+def test_an_unknown_select_metric_is_refused(tmp_path):
+    def fit_with(task, metric):
+        optimizer = torch.optim.SGD(task.model.parameters(), lr=0.05)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+        return fit(task, optimizer, scheduler, LoopSettings(iterations=4, out_dir=str(tmp_path / "run"),
+                                                            eval_every=2, progress=False, tensorboard=False,
+                                                            select_metric=metric), device=torch.device("cpu"))
+
+    # a task that names its metrics: before any work or file
+    with pytest.raises(ValueError, match=r"select_metric 'clean_acc' is not one of this run's evaluation metrics "
+                                         r"\(neg_mse\)"):
+        fit_with(NamedMetricsTask(), "clean_acc")
+    assert not (tmp_path / "run").exists()
+    # one that does not: at its first evaluation, never a run without best.pt
+    with pytest.raises(ValueError, match=r"select_metric 'clean_acc' is not one of .* \(neg_mse\)"):
+        fit_with(LinearTask(), "clean_acc")
+    assert not (tmp_path / "run" / "best.pt").exists()
+    assert fit_with(NamedMetricsTask(), "neg_mse")["best"]["iteration"] in (2, 4)
+
+
+def test_the_logged_lr_is_the_one_each_step_used(tmp_path):
+    run(tmp_path, iterations=6)  # lr 0.05 / (1 + it) at step it = 0, 1, ... (iteration it + 1)
+    with open(tmp_path / "log.csv") as f:
+        lrs = {int(r["iteration"]): float(r["lr"]) for r in csv.DictReader(f) if r["lr"]}
+    assert lrs == pytest.approx({it: 0.05 / it for it in range(1, 7)}, rel=1e-5)
+
+
+def test_resume_refuses_a_changed_input_file(tmp_path):
+    from urda_fast.train import input_fingerprints
+
+    teacher = tmp_path / "teacher.pt"
+    torch.save({"w": torch.zeros(3)}, teacher)
+
+    def fit_inputs(resume, stop_after):
+        torch.manual_seed(0)
+        task = LinearTask()
+        optimizer = torch.optim.SGD(task.model.parameters(), lr=0.05)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+        settings = LoopSettings(iterations=4, out_dir=str(tmp_path / "run"), eval_every=2, progress=False,
+                                tensorboard=False, select_metric="neg_mse", resume=resume, stop_after=stop_after)
+        return fit(task, optimizer, scheduler, settings, device=torch.device("cpu"),
+                   extra={"inputs": input_fingerprints({"--teacher": str(teacher), "--other": ""})})
+
+    fit_inputs(False, 2)
+    assert set(torch.load(tmp_path / "run" / "last.pt", weights_only=False)["inputs"]) == {"--teacher"}
+    os.utime(teacher, (0, 0))  # touched, same bytes: still the run's own file
+    fit_inputs(True, 3)
+    torch.save({"w": torch.ones(3)}, teacher)
+    with pytest.raises(ValueError, match="--teacher '.*teacher.pt' has changed since the run began \\(same size, "
+                                         "other content\\)"):
+        fit_inputs(True, None)

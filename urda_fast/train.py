@@ -7,6 +7,7 @@ A *task* supplies what differs between methods:
     task.streams() -> dict[str, stream]           # resumable data streams (state_dict / load_state_dict)
     task.training_step() -> dict[str, Tensor]     # draws its batches, returns {"loss": ..., other metrics}
     task.evaluate() -> dict[str, float]           # e.g. {"clean_acc": 91.3}
+    task.metric_names() -> list[str]              # optional: the keys evaluate() returns, to check select_metric
     task.after_step()                             # optional: after each optimizer step (e.g. clamp a parameter)
     task.wrap_ddp(wrap)                           # optional, see below
 
@@ -14,7 +15,11 @@ A SIGTERM (a scheduler's preemption, ``kill``) or Ctrl-C during ``fit`` lets the
 ``last.pt`` at it and then stops (SystemExit(143) / KeyboardInterrupt): ``--resume`` continues bit for bit without
 redoing a step. A second signal stops at once. Under DDP, rank 0's signal decides, at the next logging step. A
 non-finite training loss stops the run at the logging step that reads it (FloatingPointError), except under fp16.
-A fresh run (no ``resume``) in a folder holding a run's checkpoints is an error unless ``overwrite``.
+A fresh run (no ``resume``) in a folder holding a run's checkpoints is an error unless ``overwrite``, which first
+removes that run's files (``RUN_FILES``: checkpoints, log.csv, TensorBoard events), so that nothing of it can pass
+for the new run's. ``select_metric`` must be one of the task's evaluation metrics: checked before any work when the
+task has ``metric_names()``, else at the first evaluation -- never a run whose best.pt is silently never written.
+A resumed run refuses input files (``extra["inputs"]``, see ``input_fingerprints``) that changed since it started.
 
 Logs: ``log.csv`` and, unless ``LoopSettings.tensorboard`` is off, TensorBoard scalars in ``out_dir/tb`` (``train/*``
 every ``log_every`` steps, ``eval/*`` at every evaluation). A resumed run drops what a killed run logged past its last
@@ -34,6 +39,8 @@ rank resumes from the same ``last.pt``, so ``out_dir`` must be on a filesystem a
 from __future__ import annotations
 
 import csv
+import glob
+import hashlib
 import math
 import os
 import random
@@ -52,6 +59,8 @@ from urda_fast.profiling import nvtx_range
 
 CHECKPOINT_VERSION = 1
 AMP_MODES = ("none", "bf16", "fp16")
+# What a run writes in out_dir (TensorBoard: event files under tb/): an --overwrite removes an earlier run's first.
+RUN_FILES = ("best.pt", "last.pt", "log.csv", os.path.join("tb", "events.out.tfevents.*"))
 
 
 @dataclass
@@ -99,6 +108,26 @@ def sgd(params, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
     fused = all(p.device.type in FUSED_SGD_DEVICES and p.is_floating_point() for p in tensors)
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                            fused=fused or None)
+
+
+def file_fingerprint(path: str) -> dict:
+    """Size and SHA-256 of a file: what a resumed run compares to tell a changed input checkpoint from its own."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def input_fingerprints(inputs: dict) -> dict:
+    """``{flag: path}`` of a run's input checkpoints (a folder means its best.pt) -> ``{flag: {"path", "size",
+    "sha256"}}`` for ``fit``'s ``extra["inputs"]``: a resume refuses a file that has changed since the run began.
+    Empty paths and missing files (the loaders report those) are left out."""
+    found = {}
+    for flag, path in inputs.items():
+        if path and os.path.isfile(run_checkpoint(path)):
+            found[flag] = {"path": run_checkpoint(path), **file_fingerprint(run_checkpoint(path))}
+    return found
 
 
 def refuse_to_overwrite(out_dir: str, inputs: dict) -> None:
@@ -234,8 +263,9 @@ def _refuse_earlier_run(last_path: str, best_path: str, ctx, resume: bool) -> No
 # What a resumed run may change: where and how it runs and reports, how far it goes, and where its dataset lies (a
 # moved copy of the same files). Any other setting (lr, batch size, loss weights, attack, seed, which data, model)
 # would continue the checkpoint as a different run than it started.
-RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "progress", "nvtx", "tensorboard", "device", "stop_after", "out", "iterations",
-                               "epochs", "eval_every", "eval_max_batches", "num_workers", "compile", "root", "world"})
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "progress", "nvtx", "tensorboard", "device", "stop_after",
+                               "out", "iterations", "epochs", "eval_every", "eval_max_batches", "num_workers",
+                               "compile", "root", "world"})
 
 
 def _check_same_run(saved: dict | None, now: dict | None, path: str) -> None:
@@ -249,12 +279,25 @@ def _check_same_run(saved: dict | None, now: dict | None, path: str) -> None:
                          "new run in another --out folder")
 
 
-def _restore(state, task, optimizer, scheduler, scaler, ctx, path, config=None) -> None:
+def _check_same_inputs(saved: dict | None, now: dict | None, path: str) -> None:
+    """The input checkpoints (``input_fingerprints``) the run began with against today's files at the same paths."""
+    for flag in sorted(set(saved or {}) & set(now or {})):
+        before, after = saved[flag], now[flag]
+        if (before.get("size"), before.get("sha256")) != (after.get("size"), after.get("sha256")):
+            what = f"size {before.get('size')} -> {after.get('size')} bytes" if before.get("size") != after.get(
+                "size") else "same size, other content"
+            raise ValueError(f"urda_fast: --resume from {path}: {flag} {after.get('path')!r} has changed since the "
+                             f"run began ({what}); the run would continue from other weights than it started "
+                             "with. Put the run's own file back, or start a new run in another --out folder")
+
+
+def _restore(state, task, optimizer, scheduler, scaler, ctx, path, config=None, inputs=None) -> None:
     modules = task.modules()
     if set(state["modules"]) != set(modules):
         raise ValueError(f"urda_fast: {path} holds {sorted(state['modules'])}, this run has "
                          f"{sorted(modules)}: it is from another method")
     _check_same_run(state.get("config"), config, path)
+    _check_same_inputs(state.get("inputs"), inputs, path)
     for name, module in modules.items():
         module.load_state_dict(state["modules"][name])
     optimizer.load_state_dict(state["optimizer"])
@@ -335,7 +378,35 @@ def _distribute(task, optimizer, device, ctx):
     return lambda: distributed.average_gradients(params)
 
 
+def check_select_metric(task, select_metric: str) -> None:
+    """A ValueError naming the valid metrics when ``select_metric`` is not among the task's ``metric_names()`` (a
+    task without it is checked at its first evaluation instead): best.pt would never be written."""
+    names = getattr(task, "metric_names", None)
+    if names is not None:
+        require_metric(select_metric, list(names()))
+
+
+def require_metric(select_metric: str, names) -> None:
+    if select_metric not in names:
+        raise ValueError(f"urda_fast: select_metric {select_metric!r} is not one of this run's evaluation metrics "
+                         f"({', '.join(names)}): best.pt keeps the best value of one of them")
+
+
+def _remove_earlier_run(out_dir: str) -> list:
+    """``--overwrite``: the files an earlier run wrote in ``out_dir`` (``RUN_FILES``), removed before this run
+    writes any: a kill before this run's first evaluation must not leave the old best.pt or log.csv to pass for
+    this run's. Returns the removed paths."""
+    removed = []
+    for pattern in RUN_FILES:
+        for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+            if os.path.isfile(path):
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
 def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
+    check_select_metric(task, settings.select_metric)  # before any file is touched
     main = ctx.is_main  # only rank 0 writes files
     if main:
         os.makedirs(settings.out_dir, exist_ok=True)
@@ -346,8 +417,10 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
     state = _resume_state(last_path, ctx) if settings.resume else None
     if state is None and not settings.overwrite:
         _refuse_earlier_run(last_path, best_path, ctx, settings.resume)
+    elif state is None and main:
+        _remove_earlier_run(settings.out_dir)
     if state is not None:
-        _restore(state, task, optimizer, scheduler, scaler, ctx, last_path, extra.get("config"))
+        _restore(state, task, optimizer, scheduler, scaler, ctx, last_path, extra.get("config"), extra.get("inputs"))
         start, best, last_metrics = state["iteration"], state["best"], state["metrics"]
     elif ctx.enabled:
         distributed.seed_rank(ctx.rank)
@@ -398,6 +471,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
                     if sync_gradients is not None:
                         sync_gradients()
                 with nvtx_range("optimizer"):
+                    lr = optimizer.param_groups[0]["lr"]  # the step's own; scheduler.step() sets the next one's
                     scaler.step(optimizer)
                     scaler.update()
                     scheduler.step()
@@ -407,7 +481,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
                 values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
                 if ctx.enabled:
                     values = distributed.mean_metrics(values)  # the metrics of the whole W*B batch
-                record("train", iteration, {"lr": optimizer.param_groups[0]["lr"], **values})
+                record("train", iteration, {"lr": lr, **values})
                 bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k.endswith("loss")})
                 _check_finite_loss(values["loss"], iteration, settings, last_path, saved_at)
             if iteration % settings.eval_every == 0 or iteration == settings.iterations:
@@ -417,8 +491,9 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
                 if ctx.enabled:
                     last_metrics = distributed.broadcast_object(last_metrics)
                 record("eval", iteration, last_metrics)
-                score = last_metrics.get(settings.select_metric)
-                if score is not None and (best is None or score > best[settings.select_metric]):
+                require_metric(settings.select_metric, list(last_metrics))
+                score = last_metrics[settings.select_metric]
+                if best is None or score > best[settings.select_metric]:
                     best = dict(last_metrics, iteration=iteration)
                     if main:
                         atomic_save({**extra, "version": CHECKPOINT_VERSION, "iteration": iteration,

@@ -103,6 +103,31 @@ def _state_dict_of(path: str) -> dict | None:
     return None
 
 
+def _checkpoint_error(model, arch: str, checkpoint: str, err: Exception) -> ValueError:
+    """Why loading ``checkpoint`` into ``model`` (``arch``) failed, told by reading the file again on its own. Loading
+    mixes two causes in the same exception types -- torch's zip reader raises RuntimeError for a cut file, as
+    load_state_dict does for weights of another model, and open_clip's resizing of position embeddings raises an
+    AssertionError ("text pos_embed width changed!") for another architecture's weights."""
+    from open_clip.factory import load_state_dict  # the reading half of open_clip.load_checkpoint
+
+    try:
+        state = _state_dict_of(checkpoint) or load_state_dict(checkpoint)
+    except Exception as read_err:  # noqa: BLE001 -- UnpicklingError, RuntimeError (zip), EOFError, StopIteration...
+        return ValueError(f"hpt: {checkpoint!r} is not a CLIP checkpoint that torch or open_clip can read "
+                          f"({reading_error(read_err)}); is it the right file, and was it copied whole?")
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
+        return ValueError(f"hpt: {checkpoint!r} holds no weights (a {type(state).__name__}, not a state dict of "
+                          "tensors); is it the right file?")
+    try:
+        model.load_state_dict(state)  # the file as it is (open_clip's conversions aside): which names and shapes
+    except RuntimeError as fit_err:
+        detail = state_dict_mismatch(fit_err)
+    else:
+        detail = reading_error(err)
+    return ValueError(f"hpt: {checkpoint!r} does not hold weights for architecture {arch} ({detail}); check the ARCH "
+                      "part of ARCH:CHECKPOINT")
+
+
 def compile_image_tower(clip) -> None:
     """``torch.compile`` the image tower of ``clip`` in place (``nn.Module.compile``: the same module, parameters and
     state dict, so checkpoints and the optimizer are unaffected). The attack's steps and the training forwards all
@@ -146,12 +171,8 @@ def load_clip(arch: str, checkpoint: str | None, device: str | torch.device = "c
                 model.load_state_dict(own)
             else:
                 open_clip.load_checkpoint(model, checkpoint)
-        except RuntimeError as err:
-            raise ValueError(f"hpt: {checkpoint!r} does not hold weights for architecture {arch} "
-                             f"({state_dict_mismatch(err)}); check the ARCH part of ARCH:CHECKPOINT") from err
-        except Exception as err:  # noqa: BLE001 -- open_clip's loader on foreign bytes: KeyError, UnpicklingError...
-            raise ValueError(f"hpt: {checkpoint!r} is not a CLIP checkpoint that torch or open_clip can read "
-                             f"({reading_error(err)}); is it the right file, and was it copied whole?") from err
+        except Exception as err:  # noqa: BLE001 -- classified by what the file holds: see _checkpoint_error
+            raise _checkpoint_error(model, arch, checkpoint, err) from err
     tokenizer = open_clip.get_tokenizer(arch)
     # A ViT's patch embedding as a matmul and short-sequence self-attention as one fused op, on CPU
     # (urda_fast.models.conv, .attention): same parameters, same function.

@@ -4,7 +4,7 @@ readings where the code and the paper leave a value open."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 METHODS = ("tecoa", "pmg-aft", "hpt", "hpt-gpd")
 LOGIT_SCALE_MAX = math.log(100.0)  # the code clamps logit_scale to <= ln(100) = 4.6052 after every step
@@ -87,10 +87,21 @@ class TrainConfig(ModelsConfig, DataConfig):
     stop_after: int = 0  # end the run after this iteration, as a kill would (resume tests); 0 = never
 
 
+RUN_OWN = "(default: each run's own, as it was trained; a plain --target: {})"
+
+
 @dataclass
 class EvalConfig(ModelsConfig):
-    """Zero-shot clean and robust accuracy over many datasets (code: PGD-10, eps 1/255, step 1/255)."""
+    """Zero-shot clean and robust accuracy over many datasets (code: PGD-10, eps 1/255, step 1/255).
 
+    ``logits``, ``preprocess`` and ``templates`` left None (not given) take each run's own, from its checkpoint, so
+    a run is evaluated with the head it was trained with; a plain ``--target`` CLIP gets ``ModelsConfig``'s
+    defaults. A value given applies to every model. The report says which were used (``report["rows"][i]["head"]``).
+    """
+
+    logits: str | None = field(default=None, metadata={"help": RUN_OWN.format(ModelsConfig.logits)})
+    preprocess: str | None = field(default=None, metadata={"help": RUN_OWN.format(ModelsConfig.preprocess)})
+    templates: str | None = field(default=None, metadata={"help": RUN_OWN.format(repr(ModelsConfig.templates))})
     datasets: str = "cifar10,cifar100,stl10"  # comma-separated names (see urda_fast.hpt.data.EVAL_DATASETS)
     root: str = ""
     world: str = ""

@@ -53,6 +53,8 @@ EVAL_DATASETS = {
     "cars": (_tv("StanfordCars", split="test"), "stanford_cars/"),
     "pcam": (_tv("PCAM", split="test"), "pcam/*.h5"),
 }
+# datasets whose torchvision reader needs a package urda_fast does not depend on: name -> (package, pip extra)
+NEEDS_PACKAGE = {"pcam": ("h5py", "pcam")}
 ALIASES = {"oxfordpet": "pets", "fgvc_aircraft": "aircraft", "stanfordcars": "cars", "flowers": "flowers102"}
 
 
@@ -60,6 +62,22 @@ def refine_classname(name: str) -> str:
     """'001.ak47' / 'Abyssinian' / 'golden_retriever' -> 'ak47' / 'abyssinian' / 'golden retriever' (the code's)."""
     name = re.sub(r"^\d+\.", "", str(name))
     return name.lower().replace("_", " ").replace("-", " ").strip()
+
+
+def distinct_classnames(name: str, raw, what: str) -> list:
+    """``refine_classname`` of each of ``raw``; a ValueError naming the ``raw`` names that become the same prompt
+    ('Cat' and 'cat', 'big_cat' and 'big-cat'): of classes with identical text features, only the first could ever
+    be predicted."""
+    refined = [refine_classname(c) for c in raw]
+    groups = {}
+    for original, clean in zip(raw, refined):
+        groups.setdefault(clean, []).append(original)
+    clashes = [f"{' and '.join(map(repr, group))} -> {clean!r}" for clean, group in groups.items() if len(group) > 1]
+    if clashes:
+        raise ValueError(f"hpt: {name}: {what} {'; '.join(clashes[:5])}{'; ...' if len(clashes) > 5 else ''} give the "
+                         "same zero-shot class name (lower-cased, '_' and '-' as spaces, a leading 'NNN.' dropped): "
+                         "identical prompts, so one of each could never be predicted; rename or merge them")
+    return refined
 
 
 def eval_transform(image_size: int):
@@ -120,7 +138,7 @@ def open_dataset(name: str, root: str = "", image_size: int = 224, world=None) -
         if not os.path.isdir(path):
             raise FileNotFoundError(f"hpt: {name}: folder {path!r} not found (expected {path}/<class>/<image>)")
         dataset = ImageFolder(path, transform=transform)
-        return ZeroShotSet(name, dataset, [refine_classname(c) for c in dataset.classes])
+        return ZeroShotSet(name, dataset, distinct_classnames(name, dataset.classes, "class folders"))
     if name == "tinyimagenet":
         zs = tinyimagenet(os.path.expanduser(root), transform)
         return zs
@@ -136,6 +154,13 @@ def open_dataset(name: str, root: str = "", image_size: int = 224, world=None) -
     else:
         raise ValueError(f"hpt: unknown dataset {name!r}; choose from {', '.join(EVAL_DATASETS)}, imagenet, "
                          "tinyimagenet, folder:PATH, world:SPLIT")
+    if name in NEEDS_PACKAGE:
+        package, extra = NEEDS_PACKAGE[name]
+        try:
+            __import__(package)
+        except ImportError as err:  # torchvision's own message would come after "not found under --root"
+            raise ImportError(f"hpt: {name} needs the {package} package, which is not installed: pip install "
+                              f"{package} (or pip install 'urda_fast[{extra}]')") from err
     try:
         dataset = make(root, transform)
     except (RuntimeError, FileNotFoundError, OSError) as err:

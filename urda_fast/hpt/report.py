@@ -3,8 +3,10 @@
     report = evaluate_models([("zero-shot", "ViT-B-32:ckpts/vitb32.pt"), run_model("runs/hpt")], cfg)
     write_report(report, "runs/report")     # report.json, report.md, report.png
 
-``report = {"attack", "eps", "rows": [{"method", "model", "clean", "robust", "per_dataset": {name: {...}}}]}``,
-accuracies in percent, ``clean``/``robust`` averaged over datasets.
+``report = {"attack", "eps", "rows": [{"method", "model", "clean", "robust", "per_dataset": {name: {...}}, "head"}]}``,
+accuracies in percent, ``clean``/``robust`` averaged over datasets; ``head`` = the zero-shot head each model was
+evaluated with: {"logits", "preprocess", "templates", "from": {setting: "run" | "flag" | "default"}} (a run's own
+settings unless ``EvalConfig`` gives one).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from torch.utils.data import DataLoader
 from urda_fast.distributed import pick_device
 from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, load_torch_file, run_checkpoint
 
-from .clip_models import load_clip_arg
-from .config import EvalConfig, ProxyCheckConfig
+from .clip_models import load_clip_arg, parse_model_arg
+from .config import EvalConfig, ModelsConfig, ProxyCheckConfig
 from .data import loader_workers, open_dataset, subset
 from .evaluate import proxy_robustness, zero_shot_robustness
 from .zero_shot import ZeroShotClassifier, parse_templates
@@ -36,8 +38,41 @@ def run_model(path: str) -> tuple[str, str]:
     return state.get("config", {}).get("method", "hpt"), f"{state['arch']}:{checkpoint}"
 
 
+HEAD_SETTINGS = ("logits", "preprocess", "templates")
+
+
+def run_config(path: str) -> dict | None:
+    """The config an ``hpt train`` checkpoint (or run folder) was trained with; None for any other file."""
+    path = run_checkpoint(path)
+    try:
+        state = load_torch_file(path, who="hpt eval", weights_only=True)
+    except (ValueError, OSError):  # a plain CLIP file (e.g. a TorchScript archive): its loader has its say later
+        return None
+    if isinstance(state, dict) and state.get("kind") == "hpt" and isinstance(state.get("config"), dict):
+        return state["config"]
+    return None
+
+
+def head_settings(cfg: EvalConfig, model_arg: str) -> dict:
+    """The zero-shot head to evaluate ``model_arg`` with: each of ``HEAD_SETTINGS`` from ``cfg`` when given (not
+    None), else the run's own (an ``hpt train`` checkpoint's config), else ``ModelsConfig``'s default; "from" says
+    which."""
+    saved = run_config(parse_model_arg(model_arg, "target")[1]) or {}
+    head = {"from": {}}
+    for key in HEAD_SETTINGS:
+        given = getattr(cfg, key, None)
+        if given is not None:
+            head[key], head["from"][key] = given, "flag"
+        elif saved.get(key) is not None:
+            head[key], head["from"][key] = saved[key], "run"
+        else:
+            head[key], head["from"][key] = getattr(ModelsConfig, key), "default"
+    return head
+
+
 def evaluate_models(models, cfg: EvalConfig, world=None) -> dict:
-    """Evaluate each (label, "ARCH:CHECKPOINT") on ``cfg.datasets`` with ``cfg.attack`` at ``cfg.eps``."""
+    """Evaluate each (label, "ARCH:CHECKPOINT") on ``cfg.datasets`` with ``cfg.attack`` at ``cfg.eps``, each with
+    its own zero-shot head (``head_settings``: a run's logits, preprocess and templates unless ``cfg`` sets them)."""
     if not models:
         raise ValueError("hpt eval: nothing to evaluate; give run folders and/or --target ARCH:CHECKPOINT")
     names = [n for n in cfg.datasets.split(",") if n.strip()]
@@ -47,13 +82,14 @@ def evaluate_models(models, cfg: EvalConfig, world=None) -> dict:
             zs.dataset = subset(zs.dataset, cfg.max_batches * cfg.batch_size, cfg.seed)
     rows = []
     for label, arg in models:
+        head = head_settings(cfg, arg)
         clip, tokenizer, _ = load_clip_arg(arg, "target", pick_device(cfg.device))
         result = zero_shot_robustness(clip, tokenizer, sets, attack=cfg.attack, eps=cfg.eps, alpha=cfg.alpha,
-                                      batch_size=cfg.batch_size, templates=parse_templates(cfg.templates),
-                                      logits=cfg.logits, preprocess=cfg.preprocess, num_workers=cfg.num_workers,
-                                      seed=cfg.seed, progress=cfg.progress)
+                                      batch_size=cfg.batch_size, templates=parse_templates(head["templates"]),
+                                      logits=head["logits"], preprocess=head["preprocess"],
+                                      num_workers=cfg.num_workers, seed=cfg.seed, progress=cfg.progress)
         rows.append({"method": label, "model": arg, "clean": result["clean"], "robust": result.get("robust"),
-                     "per_dataset": result["per_dataset"]})
+                     "per_dataset": result["per_dataset"], "head": head})
     return {"attack": cfg.attack, "eps": cfg.eps, "datasets": names, "rows": rows}
 
 
@@ -84,6 +120,15 @@ def to_markdown(report: dict) -> str:
     for row in report["rows"]:
         cells = [f"{row['per_dataset'][n]['clean']:.1f} / {_fmt(row['per_dataset'][n].get('robust'))}" for n in names]
         lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {row['clean']:.2f} | {_fmt(row['robust'])} |")
+    heads = [row for row in report["rows"] if "head" in row]
+    if heads:
+        lines += ["", "Zero-shot heads (logits, preprocessing, templates; the run's own unless a flag or the default "
+                      "set it):"]
+        for row in heads:
+            head = row["head"]
+            lines.append(f"- {row['method']}: " + ", ".join(
+                f"{key} {head[key]!r} ({_SOURCE[head['from'].get(key, 'run')].format(flag=key)})"
+                for key in HEAD_SETTINGS))
     if "proxy_check" in report:
         pc = report["proxy_check"]
         lines += ["", f"Proxy robustness ({pc.get('data', '')}, PGD-{pc['steps']} at eps {pc['eps'] * 255:.3g}/255 on "
@@ -91,6 +136,9 @@ def to_markdown(report: dict) -> str:
                       f"images {pc['proxy_on_target_adv']:.1f}% (clean: target {pc['target_clean']:.1f}%, proxy "
                       f"{pc['proxy_clean']:.1f}%)"]
     return "\n".join(lines)
+
+
+_SOURCE = {"run": "run's", "flag": "--{flag}", "default": "default"}
 
 
 def _fmt(value) -> str:

@@ -24,7 +24,7 @@ from urda_fast.config import check_ranges
 from urda_fast.data import train_stream
 from urda_fast.distributed import pick_device
 from urda_fast.profiling import enable_nvtx, nvtx_range
-from urda_fast.train import LoopSettings, fit, refuse_to_overwrite, sgd
+from urda_fast.train import LoopSettings, fit, input_fingerprints, refuse_to_overwrite, require_metric, sgd
 
 from . import losses
 from .clip_models import compile_image_tower, load_clip_arg, parse_model_arg
@@ -64,13 +64,31 @@ def training_set(cfg: TrainConfig, world: World | None) -> ZeroShotSet:
 
 
 def validation_sets(cfg: TrainConfig, world: World | None, train_set: ZeroShotSet) -> list:
-    """``cfg.val_data``'s sets; by default the world's zero-shot sets, or a fixed sample of the training data."""
+    """``cfg.val_data``'s sets; by default the world's zero-shot sets, or the training data. Each is cut to the
+    fixed random sample of ``eval_max_batches`` x ``batch_size`` images that ``hpt eval --max-batches`` takes with
+    the same seed and batch size (the first batches of a class-sorted set, e.g. an ImageFolder, would hold one or
+    two classes only)."""
     if cfg.val_data:
-        return [open_dataset(name, cfg.root, cfg.image_size, world) for name in cfg.val_data.split(",") if name]
-    if world is not None:
-        return [open_dataset(name, world=world) for name in WORLD_VAL_SETS]
+        sets = [open_dataset(name, cfg.root, cfg.image_size, world) for name in cfg.val_data.split(",") if name]
+    elif world is not None:
+        sets = [open_dataset(name, world=world) for name in WORLD_VAL_SETS]
+    else:
+        sets = [train_set]
     count = cfg.eval_max_batches * cfg.batch_size
-    return [ZeroShotSet(train_set.name, subset(train_set.dataset, count, cfg.seed), train_set.classnames)]
+    return [ZeroShotSet(zs.name, subset(zs.dataset, count, cfg.seed), zs.classnames) for zs in sets]
+
+
+def metric_key(set_name: str) -> str:
+    """How a validation set's name prefixes its metrics: "world:digits" -> "digits", "folder:/a/b" -> "folder__a_b"."""
+    return set_name.replace("world:", "").replace(":", "_").replace("/", "_")
+
+
+def eval_metric_names(val_sets) -> list:
+    """The keys ``HptTask.evaluate`` returns for these validation sets: what ``select_metric`` may name."""
+    names = ["clean_acc", "robust_acc"]
+    for zs in val_sets:
+        names += [f"{metric_key(zs.name)}_clean", f"{metric_key(zs.name)}_robust"]
+    return names
 
 
 def _has_batchnorm(module) -> bool:
@@ -153,16 +171,20 @@ class HptTask:
     def after_step(self):
         self.head.clip.logit_scale.clamp_(0, self.cfg.logit_scale_max)
 
+    def metric_names(self):
+        return eval_metric_names(self.val_sets)
+
     def evaluate(self):
         cfg = self.cfg
+        # the val sets are already the seeded sample of eval_max_batches x batch_size images (validation_sets)
         result = zero_shot_robustness(self.head.clip, self.tokenizer, self.val_sets, attack=f"pgd{cfg.eval_steps}",
                                       eps=cfg.eval_eps, alpha=cfg.eval_eps, batch_size=cfg.batch_size,
-                                      max_batches=cfg.eval_max_batches, templates=self.head.templates,
+                                      templates=self.head.templates,
                                       logits=cfg.logits, preprocess=cfg.preprocess, num_workers=self.num_workers,
                                       seed=cfg.seed, progress=False)
         metrics = {"clean_acc": result["clean"], "robust_acc": result["robust"]}
         for name, row in result["per_dataset"].items():
-            key = name.replace("world:", "").replace(":", "_").replace("/", "_")
+            key = metric_key(name)
             metrics[f"{key}_clean"], metrics[f"{key}_robust"] = row["clean"], row["robust"]
         return metrics
 
@@ -187,6 +209,18 @@ def check_config(cfg: TrainConfig) -> None:
                  non_negative=("weight_decay", "warmup_lr", "proxy_weight", "anchor_weight", "warmup_proxy_weight",
                                "warmup_anchor_weight", "pmg_original_weight", "pmg_clean_weight", "iterations",
                                "warmup_steps", "eval_max_batches"))
+    # a phase whose loss weights are all 0 has no loss to train on (autograd would fail at its first step)
+    phases = []
+    if cfg.method in ("hpt", "hpt-gpd"):
+        phases.append(("HPT phase", ("proxy_weight", "anchor_weight")))
+    if cfg.method == "hpt-gpd" and cfg.warmup_steps > 0:
+        phases.append(("GPD warm-up phase", ("warmup_proxy_weight", "warmup_anchor_weight")))
+    for phase, names in phases:
+        if all(getattr(cfg, name) == 0 for name in names):
+            raise ValueError(f"hpt: every loss weight of the {phase} of method {cfg.method} is 0 ("
+                             f"{', '.join(f'{name}={getattr(cfg, name)}' for name in names)}): its steps would have "
+                             "no loss to train on; give one of them a weight > 0"
+                             + (" (or --warmup-steps 0: no warm-up)" if phase.startswith("GPD") else ""))
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError(f"hpt: epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
     if cfg.attack_steps < 1 or cfg.eval_steps < 1:
@@ -217,20 +251,28 @@ def build_schedule(cfg: TrainConfig, total_steps: int) -> GPDSchedule:
                        warmup_lr=cfg.warmup_lr or None, warmup_weights=warmup_weights, hpt_weights=hpt_weights)
 
 
+def input_paths(cfg: TrainConfig) -> dict:
+    """``{flag: checkpoint path}`` of the CLIPs a run reads: none may lie where it writes (``refuse_to_overwrite``),
+    and a resume refuses any that changed since the run began (``input_fingerprints``)."""
+    return {f"--{role}": parse_model_arg(arg, role)[1] for role, arg in
+            (("target", cfg.target), ("proxy", cfg.proxy), ("anchor", cfg.anchor)) if arg}
+
+
 def build_task(cfg: TrainConfig):
     """Everything a run needs, before the loop: (task, optimizer, loop settings, device). The task's scheduler is
     ``task.scheduler``. Used by ``train`` and by the benchmark and profiler, which time ``task.training_step``."""
     check_config(cfg)
-    refuse_to_overwrite(cfg.out, {f"--{role}": parse_model_arg(arg, role)[1] for role, arg in
-                                  (("target", cfg.target), ("proxy", cfg.proxy)) if arg})
+    refuse_to_overwrite(cfg.out, input_paths(cfg))
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     world = open_world(cfg.world) if cfg.train_data == "world" or "world:" in cfg.val_data else None
     templates = parse_templates(cfg.templates)
+    train_set = training_set(cfg, world)
+    val_sets = validation_sets(cfg, world, train_set)
+    require_metric(cfg.select_metric, eval_metric_names(val_sets))  # before the models load
     target, tokenizer, _ = load_clip_arg(cfg.target, "target", device)
     needs_anchor = cfg.method == "pmg-aft" or (cfg.method in ("hpt", "hpt-gpd") and
                                                (cfg.anchor_weight or cfg.warmup_anchor_weight))
-    train_set = training_set(cfg, world)
     heads = {}
     for role, arg, wanted in (("proxy", cfg.proxy, cfg.method in ("hpt", "hpt-gpd")),
                               ("anchor", cfg.anchor or cfg.target, needs_anchor)):
@@ -245,7 +287,7 @@ def build_task(cfg: TrainConfig):
     stream = train_stream(train_set.dataset, cfg.batch_size, cfg.seed, device, num_workers=workers)
     total_steps = cfg.iterations or cfg.epochs * len(stream.loader)
     task = HptTask(cfg, head, heads.get("proxy"), heads.get("anchor"), stream, build_schedule(cfg, total_steps),
-                   validation_sets(cfg, world, train_set), tokenizer, workers)
+                   val_sets, tokenizer, workers)
     task.scheduler = task.schedule.scheduler(optimizer)
     settings = LoopSettings(iterations=total_steps, out_dir=cfg.out, eval_every=cfg.eval_every, resume=cfg.resume,
                             overwrite=cfg.overwrite,
@@ -261,4 +303,5 @@ def train(cfg: TrainConfig) -> dict:
     task, optimizer, settings, device = build_task(cfg)
     enable_nvtx(cfg.nvtx)
     return fit(task, optimizer, task.scheduler, settings, device=device,
-               extra={"kind": "hpt", "arch": parse_model_arg(cfg.target)[0], "config": vars(cfg)})
+               extra={"kind": "hpt", "arch": parse_model_arg(cfg.target)[0], "config": vars(cfg),
+                      "inputs": input_fingerprints(input_paths(cfg))})

@@ -147,7 +147,8 @@ def make_data(recipe: WorldRecipe) -> dict:
         m, y = printed_masks(num, rng)
         data[split] = {"images": paint(m, rng, recipe.noise), "labels": torch.from_numpy(y)}
     keep = rng.permutation(len(hw_test))[: recipe.eval_images]
-    data["handwritten"] = {"images": paint(hw_test[keep], rng, recipe.noise), "labels": torch.from_numpy(hw_test_y[keep])}
+    data["handwritten"] = {"images": paint(hw_test[keep], rng, recipe.noise),
+                           "labels": torch.from_numpy(hw_test_y[keep])}
     # style: half printed (new renders), half handwritten (held-out, may overlap the handwritten set: other labels)
     half = recipe.eval_images // 2
     printed, _ = printed_masks(half, rng)
@@ -254,13 +255,23 @@ class World:
 
 
 def build_world(folder: str | None = None, recipe: WorldRecipe = WorldRecipe(), *, progress: bool = True) -> World:
-    """Build (or reuse) the world of ``recipe`` in ``folder`` (default: a cache folder named by the recipe)."""
+    """Build (or reuse) the world of ``recipe`` in ``folder`` (default: a cache folder named by the recipe). A folder
+    that holds a complete world of another recipe is an error naming both: never rebuilt in place."""
     folder = folder or default_world_dir(recipe)
     meta = os.path.join(folder, "world.json")
     if os.path.isfile(meta):
         with open(meta) as f:
-            if json.load(f).get("key") == recipe.key():
-                return World(folder)
+            found = json.load(f)
+        if found.get("key") == recipe.key():
+            return World(folder)
+        # another recipe's world (e.g. `hpt demo --world DIR --scale 0.1` on a full one): rebuilding it in place
+        # would silently replace the models and data that runs in other folders were trained and evaluated on
+        old = found.get("recipe") or {}
+        changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in asdict(recipe).items() if k in old and old[k] != v]
+        raise ValueError(f"hpt: {folder} holds a world of another recipe (key {found.get('key')}) than the one asked "
+                         f"for (key {recipe.key()}{': ' + ', '.join(changed) if changed else ''}); give another "
+                         "--world folder (or none: a cache folder named by the recipe), or delete this one to "
+                         "rebuild it")
     os.makedirs(folder, exist_ok=True)
     tic = time.perf_counter()
     data = make_data(recipe)

@@ -1,0 +1,228 @@
+"""HPT command-line checks that need no pre-trained world: a fake world (random tiny CLIPs, class-sorted splits)
+built in a second. Refused configurations, what `hpt eval` and the training-time evaluation see, protected inputs,
+and the errors for unreadable or foreign checkpoints and datasets."""
+
+import json
+import os
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from urda_fast.cli import main
+from urda_fast.hpt import TrainConfig, train
+from urda_fast.hpt.clip_models import load_clip
+from urda_fast.hpt.config import EvalConfig
+from urda_fast.hpt.data import open_dataset, subset
+from urda_fast.hpt.train import build_task, check_config
+from urda_fast.hpt.world import SPLITS, World, WorldRecipe, build_world, classnames
+
+
+@pytest.fixture(scope="module")
+def fake_world(tmp_path_factory):
+    """A world folder as `hpt demo` leaves one, with random-init tiny CLIPs and small splits whose labels are
+    sorted by class (as an ImageFolder's or many torchvision sets' are)."""
+    folder = tmp_path_factory.mktemp("fake_world")
+    g = torch.Generator().manual_seed(0)
+    data = {}
+    for split in SPLITS:
+        classes = len(classnames(split))
+        labels = torch.arange(classes).repeat_interleave(4)
+        data[split] = {"images": torch.randint(0, 256, (len(labels), 3, 32, 32), dtype=torch.uint8, generator=g),
+                       "labels": labels}
+    torch.save(data, folder / "data.pt")
+    for role, arch in (("target", "urda-tiny-vit"), ("proxy", "urda-tiny-rn")):
+        torch.manual_seed(1)
+        model, _ = load_clip(arch, None)
+        torch.save(model.state_dict(), folder / f"{role}.pt")
+    (folder / "world.json").write_text(json.dumps({"key": "fake"}))
+    return World(str(folder))
+
+
+def cfg_for(world, out, **kw):
+    options = dict(target=world.model_arg("target"), proxy=world.model_arg("proxy"), train_data="world",
+                   world=world.folder, out=str(out), iterations=2, batch_size=8, warmup_steps=1, lr=0.01,
+                   attack_steps=1, eval_every=2, eval_steps=1, eval_max_batches=1, progress=False, device="cpu",
+                   tensorboard=False)
+    return TrainConfig(**{**options, **kw})
+
+
+# ------------------------------------------------------------------------------------------------ finding 1
+def test_an_unknown_select_metric_is_refused_before_the_models_load(fake_world, tmp_path):
+    missing_target = "urda-tiny-vit:" + str(tmp_path / "not_there.pt")  # would fail first if the models loaded
+    with pytest.raises(ValueError, match=r"select_metric 'robust' is not one of .*robust_acc, digits_clean"):
+        train(cfg_for(fake_world, tmp_path / "run", select_metric="robust", target=missing_target))
+    assert not (tmp_path / "run").exists()
+    # a per-set metric is one
+    task = build_task(cfg_for(fake_world, tmp_path / "run", select_metric="style_robust"))[0]
+    assert "style_robust" in task.metric_names() and "handwritten_clean" in task.metric_names()
+
+
+def test_overwrite_replaces_the_earlier_runs_best_pt(fake_world, tmp_path):
+    out = tmp_path / "run"
+    train(cfg_for(fake_world, out))
+    before = torch.load(out / "best.pt", weights_only=False)
+    # the new run stops before its first evaluation (a kill): no best.pt of the earlier run may stay
+    train(cfg_for(fake_world, out, method="tecoa", overwrite=True, iterations=4, eval_every=4, stop_after=1))
+    assert before["config"]["method"] == "hpt-gpd" and not (out / "best.pt").exists()
+    assert torch.load(out / "last.pt", weights_only=False)["config"]["method"] == "tecoa"
+
+
+# ------------------------------------------------------------------------------------------------ finding 2
+@pytest.mark.parametrize("method,weights,phase", [
+    ("hpt-gpd", dict(warmup_anchor_weight=0.0), "GPD warm-up phase"),
+    ("hpt-gpd", dict(proxy_weight=0.0, anchor_weight=0.0), "HPT phase"),
+    ("hpt", dict(proxy_weight=0.0, anchor_weight=0.0), "HPT phase")])
+def test_a_phase_without_a_loss_term_is_a_config_error(method, weights, phase):
+    cfg = TrainConfig(target="urda-tiny-vit:t.pt", proxy="urda-tiny-rn:p.pt", method=method, **weights)
+    with pytest.raises(ValueError, match=f"every loss weight of the {phase} of method {method} is 0"):
+        check_config(cfg)
+
+
+def test_zero_weights_of_a_phase_that_does_not_happen_are_fine():
+    # no warm-up: its weights do not matter; plain `hpt` keeps the HPT weights through its warm-up
+    for cfg in (TrainConfig(target="urda-tiny-vit:t.pt", proxy="urda-tiny-rn:p.pt", warmup_steps=0,
+                            warmup_anchor_weight=0.0),
+                TrainConfig(target="urda-tiny-vit:t.pt", proxy="urda-tiny-rn:p.pt", method="hpt",
+                            warmup_anchor_weight=0.0)):
+        check_config(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ finding 3
+def _fake_run(world, folder, **config):
+    """A best.pt as `hpt train` writes it, holding the world's target, trained with ``config``'s head."""
+    folder.mkdir()
+    weights = torch.load(world.model_arg("target").split(":", 1)[1], weights_only=True)
+    torch.save({"kind": "hpt", "arch": "urda-tiny-vit", "version": 1, "iteration": 1, "metrics": {},
+                "config": {"method": "tecoa", **config}, "modules": {"target": weights}}, folder / "best.pt")
+    return str(folder)
+
+
+def test_hpt_eval_uses_each_runs_own_head_unless_a_flag_is_given(fake_world, tmp_path, capsys):
+    from urda_fast.hpt.evaluate import zero_shot_robustness
+    from urda_fast.hpt.report import evaluate_models
+
+    trained = dict(logits="clip", preprocess="clip", templates="a {}|the number {}")
+    run = _fake_run(fake_world, tmp_path / "run", **trained)
+    common = ["--datasets", "world:digits", "--world", fake_world.folder, "--attack", "pgd1", "--batch-size", "16",
+              "--max-batches", "1", "--device", "cpu", "--progress", "false"]
+    assert main(["hpt", "eval", run, "--target", fake_world.model_arg("target"), "--out", str(tmp_path / "r")]
+                + common) == 0
+    rows = json.loads((tmp_path / "r" / "report.json").read_text())["rows"]
+    assert rows[0]["head"] == {"logits": "cosine", "preprocess": "imagenet", "templates": "This is a photo of a {}",
+                               "from": dict.fromkeys(("logits", "preprocess", "templates"), "default")}
+    assert rows[1]["head"] == {**trained, "from": dict.fromkeys(("logits", "preprocess", "templates"), "run")}
+    assert "tecoa: logits 'clip' (run's), preprocess 'clip' (run's)" in capsys.readouterr().out
+    # the numbers are those of the run's head
+    clip, tokenizer = load_clip("urda-tiny-vit", run)
+    zs = open_dataset("world:digits", world=fake_world)
+    zs.dataset = subset(zs.dataset, 16)
+    want = zero_shot_robustness(clip, tokenizer, [zs], attack="pgd1", batch_size=16,
+                                templates=("a {}", "the number {}"), logits="clip", preprocess="clip", progress=False)
+    assert rows[1]["per_dataset"] == json.loads(json.dumps(want["per_dataset"]))
+    # a flag wins, for every model
+    report = evaluate_models([("tecoa", f"urda-tiny-vit:{run}/best.pt")],
+                             EvalConfig(datasets="world:digits", preprocess="imagenet", attack="none",
+                                        batch_size=16, max_batches=1, device="cpu", progress=False), fake_world)
+    head = report["rows"][0]["head"]
+    assert head["preprocess"] == "imagenet" and head["from"]["preprocess"] == "flag" and head["logits"] == "clip"
+
+
+# ------------------------------------------------------------------------------------------------ finding 4
+def test_training_time_evaluation_sees_hpt_evals_seeded_sample(fake_world, tmp_path, monkeypatch):
+    import urda_fast.hpt.evaluate as evaluate
+
+    seen = []
+    real = evaluate.robust_accuracy
+
+    def spy(head, loader, attacks, **kw):
+        for i, (_, y) in enumerate(loader):
+            if kw.get("max_batches") and i >= kw["max_batches"]:
+                break
+            seen.extend(y.tolist())
+        return real(head, loader, attacks, **kw)
+
+    monkeypatch.setattr(evaluate, "robust_accuracy", spy)
+    task = build_task(cfg_for(fake_world, tmp_path, val_data="world:digits", batch_size=8, eval_max_batches=1,
+                              seed=3))[0]
+    task.evaluate()
+    _, labels = fake_world.split("digits")  # class-sorted: the first batch would be classes 0 and 1 only
+    expected = [int(labels[i]) for i in subset(torch.utils.data.TensorDataset(labels), 8, 3).indices]
+    assert seen == expected and len(set(seen)) > 2
+
+
+# ------------------------------------------------------------------------------------------------ finding 5
+def test_a_world_folder_of_another_recipe_is_not_rebuilt_in_place(tmp_path):
+    recipe = WorldRecipe().scaled(0.01)
+    (tmp_path / "world.json").write_text(json.dumps({"key": "0123456789", "recipe": {"pretrain_images": 6000}}))
+    with pytest.raises(ValueError, match=f"another recipe \\(key 0123456789\\) .*key {recipe.key()}: "
+                                         f"pretrain_images 6000 -> {recipe.pretrain_images}"):
+        build_world(str(tmp_path), recipe, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["world.json"]
+
+
+# ------------------------------------------------------------------------------------------------ finding 6
+def test_resume_refuses_a_changed_input_checkpoint(fake_world, tmp_path):
+    target = tmp_path / "target.pt"
+    target.write_bytes(open(fake_world.model_arg("target").split(":", 1)[1], "rb").read())
+    cfg = cfg_for(fake_world, tmp_path / "run", target=f"urda-tiny-vit:{target}", stop_after=1)
+    train(cfg)
+    inputs = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["inputs"]
+    assert set(inputs) == {"--target", "--proxy"} and inputs["--target"]["size"] == target.stat().st_size
+    weights = torch.load(target, weights_only=True)
+    weights["logit_scale"] += 1.0
+    torch.save(weights, target)
+    with pytest.raises(ValueError, match=f"--target '{target}' has changed since the run began"):
+        train(replace(cfg, stop_after=0, resume=True))
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["iteration"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ finding 7
+def test_the_anchor_may_not_lie_where_the_run_writes(tmp_path):
+    (tmp_path / "best.pt").write_bytes(b"the anchor")
+    cfg = TrainConfig(target="urda-tiny-vit:t.pt", proxy="urda-tiny-rn:p.pt", anchor=f"urda-tiny-vit:{tmp_path}",
+                      out=str(tmp_path), overwrite=True, train_data="world", world=str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="--anchor .* lies where this run writes its checkpoints"):
+        train(cfg)
+    assert (tmp_path / "best.pt").read_bytes() == b"the anchor"
+
+
+# ------------------------------------------------------------------------------------------------ finding 8
+def test_image_folders_whose_class_names_collide_are_an_error(tmp_path):
+    from PIL import Image
+
+    for name in ("Cat", "cat", "big_dog", "big-dog", "bird"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "0.png")
+    with pytest.raises(ValueError, match="class folders 'Cat' and 'cat' -> 'cat'; 'big-dog' and 'big_dog' -> "
+                                         "'big dog' give the same zero-shot class name"):
+        open_dataset(f"folder:{tmp_path}")
+
+
+# ------------------------------------------------------------------------------------------------ finding 9
+def test_a_cut_file_and_another_architectures_weights_name_their_cause(fake_world, tmp_path):
+    import open_clip
+
+    from urda_fast.hpt.clip_models import TINY_CONFIGS
+
+    whole = open(fake_world.model_arg("target").split(":", 1)[1], "rb").read()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match="not a CLIP checkpoint that torch or open_clip can read .*zip archive"):
+        load_clip("urda-tiny-vit", str(tmp_path / "cut.pt"))
+    # a CLIP whose text tower is narrower: open_clip's loader fails in an assertion (text pos_embed width changed!)
+    narrow = {**TINY_CONFIGS["urda-tiny-vit"], "text_cfg": {**TINY_CONFIGS["urda-tiny-vit"]["text_cfg"], "width": 32,
+                                                             "context_length": 8}}
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "urda-test-narrow-text.json").write_text(json.dumps(narrow))
+    open_clip.add_model_config(str(tmp_path / "configs"))
+    with pytest.raises(ValueError, match=r"does not hold weights for architecture urda-test-narrow-text \(.*shape "
+                                         r"mismatch\(es\): positional_embedding \[16, 64\] in the file vs \[8, 32\]"):
+        load_clip("urda-test-narrow-text", fake_world.model_arg("target").split(":", 1)[1])
+
+
+# ----------------------------------------------------------------------------------------------- finding 10
+def test_pcam_without_h5py_says_so_first(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "h5py", None)  # `import h5py` raises ImportError
+    with pytest.raises(ImportError, match=r"pcam needs the h5py package, which is not installed: pip install h5py"):
+        open_dataset("pcam", root=str(tmp_path))

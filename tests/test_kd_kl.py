@@ -437,6 +437,8 @@ def test_kd_kl_backward_rejects_mismatched_statistics():
         (dict(student=torch.zeros(2, 0), teacher=torch.zeros(2, 0)), ValueError, "at least one class"),
         (dict(temperature=0.0), ValueError, "temperature must be a positive finite"),
         (dict(temperature=float("inf")), ValueError, "temperature must be a positive finite"),
+        (dict(temperature=1e300), ValueError, r"temperature must be in \[1e-06, 1e\+06\], got 1e\+300"),
+        (dict(temperature=1e-7), ValueError, r"temperature must be in \[1e-06, 1e\+06\]"),
         (dict(weight=torch.ones(3)), ValueError, r"weight must have shape \(2,\)"),
         (dict(weight=torch.ones(2, dtype=torch.int64)), TypeError, "weight must be a floating-point"),
         (dict(reduction="mean"), ValueError, "reduction must be one of"),
@@ -449,3 +451,25 @@ def test_kd_kl_rejects_bad_input(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         ops.kd_kl_loss(args.pop("student"), args.pop("teacher"), backend="cpu", **args)
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e6])
+def test_kd_kl_temperature_range_ends_are_finite(backend, temperature):
+    """The ends of the accepted temperature range give a finite float32 loss and gradients with t2_scale (T^2 = 1e12;
+    1e300 gave NaN); at 1e-6 they match the float64 reference. At large T the float32 *value* is rounding (the KL is
+    ~1/T^2 below log-sums of ~1: 2% off at T = 1000, as torch's kl_div), so there the reference is float64 inputs."""
+    name, device = backend
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64) if name != "triton" else (torch.float32,):
+        student = torch.randn(5, 7, device=device, dtype=dtype, requires_grad=True)
+        teacher = torch.randn(5, 7, device=device, dtype=dtype)
+        loss = ops.kd_kl_loss(student, teacher, temperature=temperature, t2_scale=True, backend=name)
+        grad, = torch.autograd.grad(loss, student)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        if dtype == torch.float32 and temperature > 1:
+            continue
+        exact_student = student.detach().double().requires_grad_()
+        exact = reference.kd_kl_loss(exact_student, teacher.double(), temperature=temperature, t2_scale=True)
+        exact_grad, = torch.autograd.grad(exact, exact_student)
+        torch.testing.assert_close(loss.double(), exact, rtol=1e-3, atol=0)
+        torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-3, atol=1e-3 * exact_grad.abs().max().item())

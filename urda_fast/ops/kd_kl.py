@@ -19,6 +19,9 @@ REDUCTIONS = ("batchmean", "sum", "none")
 PRESCALE_FROM = 1 << 18
 
 
+TEMPERATURE_RANGE = (1e-6, 1e6)
+
+
 def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, reduction="batchmean",
                t2_scale=False, backend=None):
     r"""Knowledge-distillation KL, fused per row.
@@ -28,11 +31,12 @@ def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, 
     :math:`\sum_i / B`, ``"sum"`` :math:`\sum_i`, ``"none"`` the (B,) vector; times :math:`T^2` when ``t2_scale``.
 
     Differentiable w.r.t. both logits (the teacher side matters when both come from the trained model, as in
-    PMG-AFT); ``weight`` is a constant. Stable for large logits, any T > 0, and teacher classes masked with -inf.
+    PMG-AFT); ``weight`` is a constant. Stable for large logits, T across its range, and teacher classes masked with -inf.
 
     Args:
         student_logits, teacher_logits: (B, C) floating tensors on one device. Different dtypes are promoted.
-        temperature: T > 0.
+        temperature: T in [1e-6, 1e6] (``TEMPERATURE_RANGE``). In float32 the loss *value* is rounding-limited
+            at large T (the KL is ~1/T^2 beside log-sums of ~1: about 2% off at T = 1000, as torch's ``kl_div``).
         weight: optional (B,) per-sample weights (detached).
         reduction: ``"batchmean"`` | ``"sum"`` | ``"none"``.
         t2_scale: multiply by :math:`T^2` (Hinton et al.), keeping gradient magnitudes independent of T.
@@ -53,6 +57,10 @@ def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, 
     if student_logits.shape[1] == 0:
         raise ValueError("urda_fast: logits need at least one class (got 0 columns)")
     _checks.check_positive_finite(temperature, "temperature")
+    low, high = TEMPERATURE_RANGE
+    if not low <= float(temperature) <= high:  # beyond, float32 statistics and T^2 overflow or underflow: NaN or 0
+        raise ValueError(f"urda_fast: temperature must be in [{low:g}, {high:g}], got {temperature!r} (distillation "
+                         "uses about 0.1 to 100; outside the range float32 rounding, not the softmax, decides the loss)")
     _checks.check_choice(reduction, "reduction", REDUCTIONS)
     if weight is not None:
         _checks.check_tensor(weight, "weight")

@@ -302,6 +302,35 @@ def test_module_compiles_fullgraph():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_torch_fx_traces_it_as_a_leaf_like_torchs_module(monkeypatch):
+    """torch.fx (feature extractors, quantisation) records the module as one call_module node, as it does torch's
+    own (a leaf by its torch.nn namespace); traced through, its checks failed on the tracer's Proxy. The traced graph
+    runs the module, fast path included."""
+    import torch.fx
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(32, 32), nn.ReLU())
+    torch_model = nn.ModuleDict({"attn": nn.MultiheadAttention(32, 4, batch_first=True), "mlp": block})
+
+    class Model(nn.Module):
+        def __init__(self, parts):
+            super().__init__()
+            self.parts = parts
+
+        def forward(self, x):
+            return self.parts["mlp"](self.parts["attn"](x, x, x, need_weights=False)[0])
+
+    model = Model(use_fast_attention(copy.deepcopy(torch_model)))
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["parts.attn", "parts.mlp.0",
+                                                                             "parts.mlp.1"]
+    calls, fused = [], ops.packed_self_attention
+    monkeypatch.setattr(ops, "packed_self_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    x = torch.randn(3, 7, 32)
+    torch.testing.assert_close(traced(x), Model(torch_model)(x), rtol=1e-5, atol=1e-6)
+    assert calls == [1]  # the fused path ran inside the traced graph
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_tensors_take_torch_attention():
     """No GPU kernel: the op runs its reference on CUDA tensors (backend='cpu' says why not), and the module runs

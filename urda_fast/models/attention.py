@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -74,6 +75,13 @@ class FastMultiheadAttention(nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        if isinstance(query, torch.fx.Proxy):
+            # torch.fx traces torch.nn's modules (this one's base included) as leaves: one call_module node, which
+            # runs this module (fast path and all) when the traced graph runs. Traced through, its checks would fail.
+            tracer = query.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (query, key, value), dict(
+                key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights, is_causal=is_causal))
         fused, mask = self._fused_mask(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
         if not fused:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,

@@ -84,6 +84,22 @@ def test_random_start_matches_textbook_under_one_generator(digits, cls, norm, ep
     assert accuracy(model, ours, y) == accuracy(model, want, y)
 
 
+@pytest.mark.parametrize("cls, eps", [(PGD, EPS), (PGDL2, 1.0)])
+def test_restarts_give_the_same_examples_however_max_batch_groups_them(digits, cls, eps):
+    """max_batch is a memory knob: one restart per chunk, two, or all three at once draw the same random starts (each
+    restart its own noise, in turn) and so give the same examples. L2 drew directions for the whole chunk, then radii:
+    other draws per chunking."""
+    model, x, y = digits
+    x, y = x[:40], y[:40]
+    runs = [cls(model, eps=eps, alpha=eps / 4, steps=3, restarts=3, seed=5, max_batch=size)(x, y)
+            for size in (None, 40, 80)]
+    for other in runs[1:]:
+        torch.testing.assert_close(other, runs[0], atol=1e-6, rtol=0)
+    # restart 0 starts where the single-restart attack with that seed does, so three break at least what it breaks
+    single = cls(model, eps=eps, alpha=eps / 4, steps=3, seed=5)(x, y)
+    assert accuracy(model, runs[0], y) <= accuracy(model, single, y)
+
+
 def test_pgd_breaks_the_model_and_more_steps_never_help_it(digits):
     model, x, y = digits
     clean = accuracy(model, x, y)

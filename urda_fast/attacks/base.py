@@ -184,17 +184,22 @@ class Attack:
         margin = true - other if targeted else other - true
         return margin.clamp(max=self.kappa).sum()
 
-    def _random_start(self, x0, lower, upper, generator):
-        if self.norm == "linf":
-            noise = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * 2 - 1
-            delta = noise * self.eps
-        else:
-            direction = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            norms = direction.flatten(1).norm(dim=1).clamp_min(1e-12)
-            radius = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype) * self.eps
-            delta = direction * (radius / norms).reshape((-1,) + (1,) * (x0.dim() - 1))
+    def _random_start(self, x0, lower, upper, generator, restarts=1):
+        """A random point of the budget around each sample of ``x0`` (``restarts`` stacked copies of one batch). Each
+        restart draws its own noise in turn, so the starts are the same however ``max_batch`` groups the restarts."""
+        delta = torch.cat([self._random_delta(part, generator) for part in x0.chunk(restarts)]) if x0.numel() else \
+            torch.zeros_like(x0)
         return ops.pgd_step(x0 + delta, torch.zeros_like(x0), x0, step_size=0.0, eps=self.eps, norm=self.norm,
                             lower=lower, upper=upper)
+
+    def _random_delta(self, x0, generator):
+        if self.norm == "linf":
+            noise = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * 2 - 1
+            return noise * self.eps
+        direction = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        norms = direction.flatten(1).norm(dim=1).clamp_min(1e-12)
+        radius = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype) * self.eps
+        return direction * (radius / norms).reshape((-1,) + (1,) * (x0.dim() - 1))
 
     def _generator(self, device):
         if self.seed is None:
@@ -261,7 +266,7 @@ class Attack:
             x0 = images.repeat((count,) + (1,) * (images.dim() - 1))
             y = None if labels is None else labels.repeat(count)
             soft = None if soft_targets is None else soft_targets.repeat(count, 1)
-            x_adv = self._attack_once(x0, y, soft, targeted, lower, upper, generator)
+            x_adv = self._attack_once(x0, y, soft, targeted, lower, upper, generator, restarts=count)
             with torch.no_grad():
                 hit = self._hit(self._logits(x_adv), y, soft, targeted).reshape(count, batch)
             for r in range(count):
@@ -283,8 +288,8 @@ class Attack:
             raise ValueError(f"urda_fast.attacks: labels must lie in [0, {classes}) for this {classes}-class model, "
                              f"got [{int(labels.min())}, {int(labels.max())}]")
 
-    def _attack_once(self, x0, labels, soft_targets, targeted, lower, upper, generator):
-        x = self._random_start(x0, lower, upper, generator) if self.random_start else x0.clone()
+    def _attack_once(self, x0, labels, soft_targets, targeted, lower, upper, generator, restarts=1):
+        x = self._random_start(x0, lower, upper, generator, restarts) if self.random_start else x0.clone()
         idx = None  # indices still being updated under early stop; None = the whole batch
         finite = None  # all objectives finite so far, on the device: read once at the end, not a host sync per step
         for step in range(self.steps):

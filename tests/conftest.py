@@ -60,3 +60,15 @@ def assert_close(actual, expected, dtype, what, scale=1.0):
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol * scale, rtol=rtol * scale,
                                equal_nan=True, msg=lambda m: f"[{what}] {m}")
+
+
+def hpt_train_config(world_, out, **overrides):
+    """A few-step `hpt train` config on the test world ``world_`` (``world=`` may be overridden): CPU, no progress
+    bars, no TensorBoard."""
+    from urda_fast.hpt import TrainConfig
+
+    options = dict(target=world_.model_arg("target"), proxy=world_.model_arg("proxy"), train_data="world",
+                   world=world_.folder, out=str(out), iterations=4, batch_size=8, warmup_steps=2, lr=0.01,
+                   attack_steps=2, eval_every=4, eval_steps=2, eval_max_batches=1, progress=False, device="cpu",
+                   tensorboard=False)
+    return TrainConfig(**{**options, **overrides})

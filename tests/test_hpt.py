@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import hpt_train_config
 
 from urda_fast.cli import main
 from urda_fast.hpt import losses
@@ -157,14 +158,7 @@ def world(tmp_path_factory):
     return build_world(str(tmp_path_factory.mktemp("world")), WorldRecipe().scaled(WORLD_SCALE), progress=False)
 
 
-def train_cfg(world_, out, **kw):
-    from urda_fast.hpt import TrainConfig
-
-    options = dict(target=world_.model_arg("target"), proxy=world_.model_arg("proxy"), train_data="world",
-                   world=world_.folder, out=str(out), iterations=4, batch_size=8, warmup_steps=2, lr=0.01,
-                   attack_steps=2, eval_every=4, eval_steps=2, eval_max_batches=1, progress=False, device="cpu",
-                   tensorboard=False)
-    return TrainConfig(**{**options, **kw})
+train_cfg = hpt_train_config
 
 
 def test_world_is_reused_and_its_splits_have_the_documented_shapes(world):

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import hpt_train_config
 
 from urda_fast.cli import main
 from urda_fast.hpt import TrainConfig, train
@@ -41,11 +42,8 @@ def fake_world(tmp_path_factory):
 
 
 def cfg_for(world, out, **kw):
-    options = dict(target=world.model_arg("target"), proxy=world.model_arg("proxy"), train_data="world",
-                   world=world.folder, out=str(out), iterations=2, batch_size=8, warmup_steps=1, lr=0.01,
-                   attack_steps=1, eval_every=2, eval_steps=1, eval_max_batches=1, progress=False, device="cpu",
-                   tensorboard=False)
-    return TrainConfig(**{**options, **kw})
+    return hpt_train_config(world, out, **{**dict(iterations=2, warmup_steps=1, attack_steps=1, eval_every=2,
+                                                  eval_steps=1), **kw})
 
 
 # ------------------------------------------------------------------------------------------------ finding 1

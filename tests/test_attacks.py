@@ -223,6 +223,7 @@ def test_autocast_and_channels_last_inputs(digits):
         (lambda m: PGD(m, eps=-1.0), None, "eps must be > 0"),
         (lambda m: PGD(m, steps=0), None, "steps must be an integer >= 1"),
         (lambda m: PGD(m, loss="hinge"), None, "loss must be one of"),
+        (lambda m: PGD(m, loss="kl", temperature=1e9), None, r"temperature must be in \[1e-06, 1e\+06\]"),
         (lambda m: PGD(m, space="normalized"), None, "needs the mean and std"),
         (lambda m: PGD(m), lambda a, x, y: a(x * 2 + 0.5, y), "must lie in"),
         (lambda m: PGD(m), lambda a, x, y: a(x, y[:-1]), "labels have shape"),

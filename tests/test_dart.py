@@ -146,7 +146,8 @@ def test_split_bn_forward_gives_the_separate_forward_loss(teacher_checkpoint, tm
         (dict(forward="fused"), ValueError, "forward must be"),
         (dict(student_init="imagenet"), ValueError, "student_init must be"),
         (dict(kl_weight=-0.1), ValueError, "kl_weight must be >= 0, got -0.1"),  # would push away from the teacher
-        (dict(tau_robust=0.0), ValueError, "tau_robust must be > 0"),
+        (dict(tau_robust=0.0), ValueError, r"tau_robust must be in \[1e-06, 1e\+06\], got 0.0"),
+        (dict(tau_transfer=1e7), ValueError, r"tau_transfer must be in \[1e-06, 1e\+06\]"),
         (dict(momentum=1.0), ValueError, r"momentum must be in \[0, 1\)"),
         (dict(lr=float("nan")), ValueError, "lr must be > 0, got nan"),
         (dict(eval_every=0), ValueError, "eval_every must be >= 1"),

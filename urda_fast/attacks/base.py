@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from urda_fast import ops
 from urda_fast.ops._memo import memo_scope
+from urda_fast.ops.kd_kl import TEMPERATURE_RANGE
 
 from .fold import FoldedModel
 
@@ -104,6 +105,9 @@ class Attack:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"urda_fast.attacks: seed must be None or an integer, got {seed!r}")
         _positive(temperature, "temperature")
+        if not TEMPERATURE_RANGE[0] <= float(temperature) <= TEMPERATURE_RANGE[1]:  # kd_kl_loss's, before any work
+            raise ValueError(f"urda_fast.attacks: temperature must be in [{TEMPERATURE_RANGE[0]:g}, "
+                             f"{TEMPERATURE_RANGE[1]:g}], got {temperature!r}")
         self.model, self.eps, self.alpha, self.steps = model, float(eps), float(alpha), steps
         self.random_start, self.restarts, self.loss = random_start, restarts, loss
         self.kappa, self.temperature, self.space = float(kappa), float(temperature), space

@@ -135,7 +135,13 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
 
 
 def check_robustify_config(cfg: RobustifyConfig) -> None:
+    from urda_fast.ops.kd_kl import TEMPERATURE_RANGE
+
     _check_run_config(cfg)
+    for name in ("tau_robust", "tau_transfer"):  # kd_kl_loss's range, checked before any work
+        if not TEMPERATURE_RANGE[0] <= getattr(cfg, name) <= TEMPERATURE_RANGE[1]:
+            raise ValueError(f"dart: {name} must be in [{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}], got "
+                             f"{getattr(cfg, name)}")
     check_ranges(cfg, "dart", positive=("lr", "tau_robust", "tau_transfer"), fraction=("momentum",),
                  non_negative=("weight_decay", "lr_gamma", "lr_decay", "kl_weight", "feature_weight"))
     _check_choices(cfg, {"forward": ("split-bn", "separate"), "weighting": ("per-sample", "code"),

@@ -31,7 +31,8 @@ def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, 
     :math:`\sum_i / B`, ``"sum"`` :math:`\sum_i`, ``"none"`` the (B,) vector; times :math:`T^2` when ``t2_scale``.
 
     Differentiable w.r.t. both logits (the teacher side matters when both come from the trained model, as in
-    PMG-AFT); ``weight`` is a constant. Stable for large logits, T across its range, and teacher classes masked with -inf.
+    PMG-AFT); ``weight`` is a constant. Stable for large logits, T across its range, and teacher classes masked
+    with -inf.
 
     Args:
         student_logits, teacher_logits: (B, C) floating tensors on one device. Different dtypes are promoted.
@@ -60,7 +61,8 @@ def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, 
     low, high = TEMPERATURE_RANGE
     if not low <= float(temperature) <= high:  # beyond, float32 statistics and T^2 overflow or underflow: NaN or 0
         raise ValueError(f"urda_fast: temperature must be in [{low:g}, {high:g}], got {temperature!r} (distillation "
-                         "uses about 0.1 to 100; outside the range float32 rounding, not the softmax, decides the loss)")
+                         "uses about 0.1 to 100; outside the range float32 rounding, not the softmax, decides the "
+                         "loss)")
     _checks.check_choice(reduction, "reduction", REDUCTIONS)
     if weight is not None:
         _checks.check_tensor(weight, "weight")

@@ -224,6 +224,8 @@ def test_pgd_step_is_not_differentiable(name):
         (dict(step_size=float("inf")), ValueError, "step_size must be finite, got inf"),
         (dict(step_size=torch.tensor([0.1, float("inf")])), ValueError, "step_size must be finite"),
         (dict(eps=torch.tensor([0.1, float("nan")])), ValueError, "eps contains NaN"),
+        (dict(eps=torch.full((2,), 0.1, device="meta")), ValueError, "eps is a meta tensor .* x_adv is on cpu"),
+        (dict(lower=torch.zeros(3, device="meta")), ValueError, "lower is a meta tensor"),
         (dict(eps=torch.tensor([0.1, 0.2, 0.3])), ValueError, r"shape \(\) or \(2,\)"),
         (dict(lower=0.6, upper=0.5), ValueError, "lower must be <= upper"),
         (dict(lower=float("nan")), ValueError, "lower/upper contain NaN"),

@@ -50,6 +50,10 @@ def _prepare(x_adv, grad, x_orig, step_size, eps, norm, lower, upper):
     if x_adv.dim() == 0:
         raise ValueError("urda_fast: x_adv must have a batch dimension (dim 0), got a 0-d tensor")
     _checks.check_choice(norm, "norm", NORMS)
+    for value, name in ((step_size, "step_size"), (eps, "eps"), (lower, "lower"), (upper, "upper")):
+        if isinstance(value, torch.Tensor) and value.device.type == "meta" and x_adv.device.type != "meta":
+            raise ValueError(f"urda_fast: {name} is a meta tensor (a shape without values) but x_adv is on "
+                             f"{x_adv.device}; pass a float or a tensor that holds the values")
     batch = x_adv.shape[0]
     channels = x_adv.shape[1] if x_adv.dim() >= 2 else 1
     _checks.check_nonneg(step_size, "step_size", count=batch, count_name="sample", finite=True)

@@ -4,6 +4,7 @@ that resumes bit-for-bit after a kill."""
 import importlib
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -117,6 +118,25 @@ def test_robustify_runs_and_resumes_bit_for_bit(teacher_checkpoint, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
     log = (tmp_path / "killed" / "log.csv").read_text().splitlines()
     assert len(log) == len((tmp_path / "full" / "log.csv").read_text().splitlines())
+
+
+def test_resume_refuses_a_changed_teacher(teacher_checkpoint, tmp_path):
+    """A teacher retrained (or replaced) in place between a kill and --resume would continue the run from another
+    teacher than it started with: the run records the teacher's size and SHA-256, and the resume refuses."""
+    teacher = tmp_path / "teacher.pt"
+    shutil.copyfile(teacher_checkpoint, teacher)
+    robustify(_robustify_cfg(str(teacher), tmp_path / "run", stop_after=2))
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["inputs"]["--teacher"]
+    assert saved["size"] == teacher.stat().st_size and len(saved["sha256"]) == 64
+    state = torch.load(teacher, weights_only=False)
+    weights = state["modules"]["method"]
+    key = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[key] = weights[key] + 1e-3
+    torch.save(state, teacher)
+    with pytest.raises(ValueError, match="--teacher .* has changed since the run began"):
+        robustify(_robustify_cfg(str(teacher), tmp_path / "run", resume=True))
+    shutil.copyfile(teacher_checkpoint, teacher)  # the run's own teacher back: it resumes
+    assert robustify(_robustify_cfg(str(teacher), tmp_path / "run", resume=True))["last"] is not None
 
 
 @pytest.mark.parametrize("options", [dict(forward="separate"), dict(attack_space="normalized", weighting="code"),

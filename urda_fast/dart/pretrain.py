@@ -14,7 +14,7 @@ from urda_fast.data import train_stream
 from urda_fast.distributed import pick_device
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import nvtx_range
-from urda_fast.train import refuse_to_overwrite
+from urda_fast.train import input_fingerprints, refuse_to_overwrite
 
 from .common import accuracy, attack_folding, lr_schedule, run_loop, sgd
 from .config import PretrainConfig, check_pretrain_config
@@ -94,7 +94,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     check_pretrain_config(cfg)
     cfg = absolute_root(cfg)
-    refuse_to_overwrite(cfg.out, {"--backbone-weights": cfg.backbone_weights})
+    inputs = {"--backbone-weights": cfg.backbone_weights}
+    refuse_to_overwrite(cfg.out, inputs)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     data = task_data(cfg)
@@ -110,4 +111,5 @@ def pretrain(cfg: PretrainConfig) -> dict:
     task = UdaTask(cfg, method, source, target, lambda m: {"clean_acc": accuracy(m, data.target_test, device)})
     optimizer = sgd(method.param_groups(cfg.lr), cfg)
     return run_loop(task, optimizer, lr_schedule(optimizer, cfg), cfg, device,
-                    extra={"spec": spec.to_dict(), "kind": "uda", "config": vars(cfg)})
+                    extra={"spec": spec.to_dict(), "kind": "uda", "config": vars(cfg),
+                           "inputs": input_fingerprints(inputs)})

@@ -25,7 +25,7 @@ from urda_fast.data import train_stream
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import nvtx_range
 from urda_fast.split_bn import split_batchnorm
-from urda_fast.train import refuse_to_overwrite
+from urda_fast.train import input_fingerprints, refuse_to_overwrite
 
 from .common import accuracy, attack_folding, load_checkpoint_model, lr_schedule, read_checkpoint, run_loop, sgd
 from .config import RobustifyConfig, check_robustify_config
@@ -144,7 +144,8 @@ def robustify(cfg: RobustifyConfig) -> dict:
     from urda_fast.models.backbones import check_backbone_weights
 
     check_robustify_config(cfg)
-    refuse_to_overwrite(cfg.out, {"--teacher": cfg.teacher, "--backbone-weights": cfg.backbone_weights})
+    inputs = {"--teacher": cfg.teacher, "--backbone-weights": cfg.backbone_weights}
+    refuse_to_overwrite(cfg.out, inputs)
     torch.manual_seed(cfg.seed)
     state = read_checkpoint(cfg.teacher)
     cfg = absolute_root(with_teacher_data(cfg, state.get("config") or {}))
@@ -163,4 +164,5 @@ def robustify(cfg: RobustifyConfig) -> dict:
                     spec.mean, spec.std)
     optimizer = sgd(student.param_groups(cfg.lr), cfg)
     return run_loop(task, optimizer, lr_schedule(optimizer, cfg), cfg, device,
-                    extra={"spec": spec.to_dict(), "kind": "dart", "config": vars(cfg)})
+                    extra={"spec": spec.to_dict(), "kind": "dart", "config": vars(cfg),
+                           "inputs": input_fingerprints(inputs)})  # a resume refuses a changed teacher

@@ -81,7 +81,8 @@ def _window_weight(weight, padding, window):
 class FastConv2d(nn.Conv2d):
     """A drop-in ``nn.Conv2d`` (same parameters and state dict) with the fast paths above for CPU tensors. They live in
     ``_conv_forward``, so code that convolves with other weights through it (the attacks' BatchNorm folding) takes
-    them too."""
+    them too. ``torch.fx``, ``torch.export`` and ``torch.jit.trace`` take it as it is; ``torch.jit.script`` (in
+    maintenance in torch) does not: ``plain_torch(model)`` first."""
 
     def _conv_forward(self, x, weight, bias):
         # isinstance first: under torch.fx tracing x is a Proxy (traced as torch's convolution, no fast path).

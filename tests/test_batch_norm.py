@@ -259,6 +259,79 @@ def test_attack_is_unchanged_by_the_fusion():
     assert torch.equal(*adversarial)
 
 
+def resnet_pair(arch):
+    """A random-init torchvision ResNet as create_backbone builds it (eval mode, calibrated running statistics) and its
+    plain-PyTorch twin."""
+    from urda_fast.models import create_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone(arch)
+    with torch.no_grad():
+        model.train()(torch.rand(8, 3, 64, 64))
+    model.eval()
+    return model, plain_torch(copy.deepcopy(model))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_resnets_fuse_and_match_their_torch_twins(arch):
+    """Every BatchNorm of a ResNet on a large CPU input runs the op (with its ReLU where one follows): stem, blocks
+    (residual BatchNorms alone), downsample paths aside (torch's Sequential of conv + BatchNorm, no ReLU). Values and
+    input gradients match torchvision's modules; train mode, small inputs and the twin run torch's; the state dict is
+    untouched and plain_torch gives torchvision's classes back."""
+    from torchvision.models import resnet
+
+    model, twin = resnet_pair(arch)
+    assert type(model) is fast_bn.FastResNet and type(twin) is resnet.ResNet
+    block = fast_bn.FastBasicBlock if arch == "resnet18" else fast_bn.FastBottleneck
+    assert type(model.layer1[0]) is block and type(twin.layer1[0]) is block.__bases__[0]
+    assert model.state_dict().keys() == twin.state_dict().keys()
+    x, calls = torch.rand(2, 3, 224, 224), []
+    original = fast_bn.ops.batch_norm_eval
+    fast_bn.ops.batch_norm_eval = lambda *a, **k: calls.append(k["relu"]) or original(*a, **k)
+    try:
+        got = value_and_grad(model, x, torch.ones(2, model.out_features))
+        norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        downsample = sum(isinstance(m, nn.BatchNorm2d) for n, m in model.named_modules() if "downsample" in n)
+        # at 2 x 3 x 224 x 224 every layer's input but layer4's (2 x 512 x 7 x 7 and narrower) reaches MIN_NUMEL
+        assert len(calls) > 0 and len(calls) <= norms - downsample
+        assert calls.count(False) > 0 and calls.count(True) > 0
+        calls.clear()
+        model(x[:, :, :32, :32])
+        assert len(calls) <= 2  # small inputs: torch's modules, but for the stem at most
+        calls.clear()
+        model.train()(x)
+        assert not calls
+        model.eval()
+    finally:
+        fast_bn.ops.batch_norm_eval = original
+    want = value_and_grad(twin, x, torch.ones(2, model.out_features))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_resnet_attack_and_folding_are_unchanged_by_the_fusion():
+    """PGD on a ResNet-18 classifier at 224: the fused model gives the plain model's adversarial images; the attacks'
+    BatchNorm folding traces the fused blocks (torch.fx takes their unfused path) and folds every BatchNorm."""
+    from urda_fast.models import create_backbone
+
+    torch.manual_seed(0)
+    model = ImageClassifier(create_backbone("resnet18"), 10, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    with torch.no_grad():
+        model.train()(torch.rand(8, 3, 64, 64))
+    model.eval()
+    twin = plain_torch(copy.deepcopy(model))
+    x = torch.rand(2, 3, 224, 224)
+    labels = model(x).argmax(1)
+    adversarial = [PGD(m, eps=1 / 255, alpha=0.25 / 255, steps=2, random_start=False)(x, labels)
+                   for m in (model, twin)]
+    torch.testing.assert_close(adversarial[0], adversarial[1], rtol=0, atol=1e-6)
+    folded = FoldedModel(model)
+    # the backbone's 20 BatchNorm2d and the classifier's bottleneck BatchNorm1d, as before the fusion
+    assert len(folded.layers) == sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) == 21
+    folded.refresh()
+    folded.check(x)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_tensors_run_torch():
     """On a GPU the op is torch's BatchNorm (+ ReLU), FastSequential does not fuse, and backend='cpu' says why."""

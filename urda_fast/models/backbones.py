@@ -2,8 +2,8 @@
 
 Their max pooling is :class:`urda_fast.models.MaxPool2d` (torch's values and gradients, a vectorised CPU kernel),
 their convolutions :class:`urda_fast.models.FastConv2d` (CPU fast paths for a single output position and for
-image inputs), and the digits CNN's eval-mode BatchNorm -> ReLU pairs one op each
-(:class:`urda_fast.models.FastSequential`)."""
+image inputs), and their eval-mode BatchNorm -> ReLU pairs one op each on large CPU inputs
+(:class:`urda_fast.models.FastSequential` in the digits CNN, :func:`urda_fast.models.use_fast_resnet` in the ResNets)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from urda_fast.files import load_torch_file
 
-from .batch_norm import use_fast_batch_norm
+from .batch_norm import use_fast_batch_norm, use_fast_resnet
 from .conv import use_fast_conv
 from .pooling import MaxPool2d, use_fast_pooling
 
@@ -57,7 +57,7 @@ def _torchvision_resnet(name: str, weights: str | None, in_channels: int = 3):
     out_features = model.fc.in_features
     model.fc = nn.Identity()
     model.out_features = out_features
-    return use_fast_conv(use_fast_pooling(model))
+    return use_fast_conv(use_fast_pooling(use_fast_resnet(model)))
 
 
 def _digits_cnn(weights=None, **kwargs):

@@ -172,9 +172,21 @@ def warn_main(message: str) -> None:
         warnings.warn(message, stacklevel=2)
 
 
+def check_device(name: str, who: str = "urda_fast") -> None:
+    """A device name torch cannot parse ("gpu") is a clear error, not torch's at the first tensor moved; checkable
+    before any work (it touches no GPU)."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(f"{who}: device must be auto, cpu, cuda or cuda:N, got {name!r}") from err
+
+
 def pick_device(name: str) -> torch.device:
     """``"auto"`` (a GPU when one is visible, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; under torchrun a
     bare ``cuda`` means this process's GPU (``LOCAL_RANK``)."""
+    check_device(name)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"urda_fast: device {name!r} asked for, but no CUDA GPU is visible; use --device cpu")

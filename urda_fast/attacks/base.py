@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from urda_fast import ops
 from urda_fast.ops._memo import memo_scope
-from urda_fast.ops.kd_kl import TEMPERATURE_RANGE
+from urda_fast.ops.kd_kl import check_temperature_range
 
 from .fold import FoldedModel
 
@@ -105,9 +105,7 @@ class Attack:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"urda_fast.attacks: seed must be None or an integer, got {seed!r}")
         _positive(temperature, "temperature")
-        if not TEMPERATURE_RANGE[0] <= float(temperature) <= TEMPERATURE_RANGE[1]:  # kd_kl_loss's, before any work
-            raise ValueError(f"urda_fast.attacks: temperature must be in [{TEMPERATURE_RANGE[0]:g}, "
-                             f"{TEMPERATURE_RANGE[1]:g}], got {temperature!r}")
+        check_temperature_range(temperature, who="urda_fast.attacks")  # kd_kl_loss's, before any work
         self.model, self.eps, self.alpha, self.steps = model, float(eps), float(alpha), steps
         self.random_start, self.restarts, self.loss = random_start, restarts, loss
         self.kappa, self.temperature, self.space = float(kappa), float(temperature), space
@@ -191,8 +189,7 @@ class Attack:
     def _random_start(self, x0, lower, upper, generator, restarts=1):
         """A random point of the budget around each sample of ``x0`` (``restarts`` stacked copies of one batch). Each
         restart draws its own noise in turn, so the starts are the same however ``max_batch`` groups the restarts."""
-        delta = torch.cat([self._random_delta(part, generator) for part in x0.chunk(restarts)]) if x0.numel() else \
-            torch.zeros_like(x0)
+        delta = torch.cat([self._random_delta(part, generator) for part in x0.chunk(restarts)])
         return ops.pgd_step(x0 + delta, torch.zeros_like(x0), x0, step_size=0.0, eps=self.eps, norm=self.norm,
                             lower=lower, upper=upper)
 

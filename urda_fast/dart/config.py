@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from urda_fast.config import check_ranges
+from urda_fast.distributed import check_device
 
 
 @dataclass
@@ -89,16 +88,6 @@ class RobustifyConfig(RunConfig):
     forward: str = "split-bn"  # "split-bn": clean+adversarial in one forward, BN stats per batch | "separate"
 
 
-def check_device(name: str, who: str = "dart") -> None:
-    """A device name torch cannot parse ("gpu") is a clear error, not torch's at the first tensor moved."""
-    if name == "auto":
-        return
-    try:
-        torch.device(name)
-    except (RuntimeError, ValueError, TypeError) as err:
-        raise ValueError(f"{who}: device must be auto, cpu, cuda or cuda:N, got {name!r}") from err
-
-
 def _check_choices(cfg, choices: dict) -> None:
     for name, allowed in choices.items():
         value = getattr(cfg, name)
@@ -107,7 +96,7 @@ def _check_choices(cfg, choices: dict) -> None:
 
 
 def _check_run_config(cfg: RunConfig) -> None:
-    check_device(cfg.device)
+    check_device(cfg.device, "dart")
     _check_choices(cfg, {"fold_batchnorm": ("auto", "on", "off")})
 
 
@@ -135,13 +124,11 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
 
 
 def check_robustify_config(cfg: RobustifyConfig) -> None:
-    from urda_fast.ops.kd_kl import TEMPERATURE_RANGE
+    from urda_fast.ops.kd_kl import check_temperature_range
 
     _check_run_config(cfg)
     for name in ("tau_robust", "tau_transfer"):  # kd_kl_loss's range, checked before any work
-        if not TEMPERATURE_RANGE[0] <= getattr(cfg, name) <= TEMPERATURE_RANGE[1]:
-            raise ValueError(f"dart: {name} must be in [{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}], got "
-                             f"{getattr(cfg, name)}")
+        check_temperature_range(getattr(cfg, name), name, "dart")
     check_ranges(cfg, "dart", positive=("lr", "tau_robust", "tau_transfer"), fraction=("momentum",),
                  non_negative=("weight_decay", "lr_gamma", "lr_decay", "kl_weight", "feature_weight"))
     _check_choices(cfg, {"forward": ("split-bn", "separate"), "weighting": ("per-sample", "code"),

@@ -7,12 +7,13 @@ import os
 from torch.utils.data import DataLoader
 
 from urda_fast.attacks import FGSM, PGD
+from urda_fast.distributed import check_device
 from urda_fast.evaluate import robust_accuracy
 from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, run_checkpoint
 from urda_fast.models import ModelSpec
 
 from .common import load_checkpoint_model, read_checkpoint
-from .config import RunConfig, check_device
+from .config import RunConfig
 from .data import DATA_FIELDS, run_data, task_data
 
 ATTACKS = ("clean", "fgsm", "pgd10", "pgd20")

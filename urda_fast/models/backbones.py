@@ -45,9 +45,7 @@ def _torchvision_resnet(name: str, weights: str | None, in_channels: int = 3):
                          f"channel(s); for grey digits use the digits_cnn backbone (--arch digits_cnn)")
     model = getattr(torchvision.models, name)(weights=None)
     if weights:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"urda_fast: backbone weights {weights!r} not found; pass a local .pth file of "
-                                    f"torchvision's {name} (nothing is downloaded), or no weights for random init")
+        check_backbone_weights(name, weights)
         state = load_torch_file(weights, who="urda_fast backbone", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         missing, unexpected = model.load_state_dict(state, strict=False)

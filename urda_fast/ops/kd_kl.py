@@ -22,6 +22,15 @@ PRESCALE_FROM = 1 << 18
 TEMPERATURE_RANGE = (1e-6, 1e6)
 
 
+def check_temperature_range(value, name: str = "temperature", who: str = "urda_fast") -> None:
+    """A ValueError unless ``value`` lies in ``TEMPERATURE_RANGE``: beyond it float32 statistics and T^2 overflow or
+    underflow (NaN or 0). For the ops and for callers that pass a temperature on (attacks, configs), before work."""
+    low, high = TEMPERATURE_RANGE
+    if not low <= float(value) <= high:
+        raise ValueError(f"{who}: {name} must be in [{low:g}, {high:g}], got {value!r} (distillation uses about 0.1 "
+                         "to 100; outside the range float32 rounding, not the softmax, decides the loss)")
+
+
 def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, reduction="batchmean",
                t2_scale=False, backend=None):
     r"""Knowledge-distillation KL, fused per row.
@@ -58,11 +67,7 @@ def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, 
     if student_logits.shape[1] == 0:
         raise ValueError("urda_fast: logits need at least one class (got 0 columns)")
     _checks.check_positive_finite(temperature, "temperature")
-    low, high = TEMPERATURE_RANGE
-    if not low <= float(temperature) <= high:  # beyond, float32 statistics and T^2 overflow or underflow: NaN or 0
-        raise ValueError(f"urda_fast: temperature must be in [{low:g}, {high:g}], got {temperature!r} (distillation "
-                         "uses about 0.1 to 100; outside the range float32 rounding, not the softmax, decides the "
-                         "loss)")
+    check_temperature_range(temperature)
     _checks.check_choice(reduction, "reduction", REDUCTIONS)
     if weight is not None:
         _checks.check_tensor(weight, "weight")

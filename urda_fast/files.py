@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -38,14 +39,17 @@ def atomic_savefig(fig, path: str, **kwargs) -> None:
     os.replace(tmp, path)
 
 
-def load_torch_file(path: str, *, who: str, weights_only: bool = False):
+def load_torch_file(path: str, *, who: str, weights_only: bool = False, mmap: bool = False):
     """``torch.load(path)`` onto the CPU. A file torch cannot read -- truncated, or not a checkpoint at all -- fails
     in the unpickler or the zip reader in many ways (UnpicklingError, RuntimeError, EOFError, even OSError "Invalid
-    argument" for a cut zip): one ValueError names it. A missing or unreadable path stays the OSError it is."""
+    argument" for a cut zip): one ValueError names it. A missing or unreadable path stays the OSError it is.
+    ``mmap``: tensors are mapped, not read, so reading a checkpoint's metadata costs no I/O (zip-format files; a
+    legacy-format file is read whole)."""
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        mmap = mmap and zipfile.is_zipfile(path)
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except Exception as err:  # noqa: BLE001 -- see the docstring

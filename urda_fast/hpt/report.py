@@ -31,7 +31,7 @@ def run_model(path: str) -> tuple[str, str]:
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"hpt eval: {path!r} is neither an `hpt train` run folder (with best.pt) nor a "
                                 "checkpoint file; for a plain CLIP use --target ARCH:CHECKPOINT")
-    state = load_torch_file(checkpoint, who="hpt eval")
+    state = load_torch_file(checkpoint, who="hpt eval", mmap=True)  # its metadata: the weights load later
     if not isinstance(state, dict) or state.get("kind") != "hpt":
         raise ValueError(f"hpt eval: {checkpoint!r} was not written by `hpt train`; for a plain CLIP use "
                          "--target ARCH:CHECKPOINT")
@@ -45,7 +45,7 @@ def run_config(path: str) -> dict | None:
     """The config an ``hpt train`` checkpoint (or run folder) was trained with; None for any other file."""
     path = run_checkpoint(path)
     try:
-        state = load_torch_file(path, who="hpt eval", weights_only=True)
+        state = load_torch_file(path, who="hpt eval", weights_only=True, mmap=True)  # its config, not its weights
     except (ValueError, OSError):  # a plain CLIP file (e.g. a TorchScript archive): its loader has its say later
         return None
     if isinstance(state, dict) and state.get("kind") == "hpt" and isinstance(state.get("config"), dict):

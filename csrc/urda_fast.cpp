@@ -65,4 +65,18 @@ TORCH_LIBRARY(urda_fast, m) {
   // only (float32 / float64): for short sequences, where torch's path around the two small matmuls dominates.
   m.def("packed_attention_forward(Tensor qkv, Tensor? mask, int heads, float scale) -> (Tensor, Tensor)");
   m.def("packed_attention_backward(Tensor grad_out, Tensor qkv, Tensor probs, int heads, float scale) -> Tensor");
+  // One pre-LayerNorm transformer block (open_clip's ResidualAttentionBlock, batch first): x1 = x + out_proj(attention(
+  // in_proj(ln_1(x)))), y = x1 + c_proj(act(c_fc(ln_2(x1)))), weights as torch's modules keep them; activation "gelu",
+  // "gelu_tanh" or "quick_gelu". Returns y and what the backward reads: (y, ln1, ln1_mean, ln1_rstd, qkv, attn, probs,
+  // x1, ln2, ln2_mean, ln2_rstd, h, act(h)). The backward returns the gradients w.r.t. x and the 12 weights (in the
+  // forward's order) where needs[i] != 0, an empty (0,) tensor elsewhere. CPU only (float32 / float64).
+  m.def("transformer_block_forward(Tensor x, Tensor ln1_weight, Tensor ln1_bias, Tensor in_weight, Tensor in_bias, "
+        "Tensor out_weight, Tensor out_bias, Tensor ln2_weight, Tensor ln2_bias, Tensor fc_weight, Tensor fc_bias, "
+        "Tensor proj_weight, Tensor proj_bias, Tensor? mask, int heads, float scale, float ln_eps, str activation) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("transformer_block_backward(Tensor grad_out, Tensor x, Tensor ln1, Tensor ln1_mean, Tensor ln1_rstd, "
+        "Tensor qkv, Tensor attn, Tensor probs, Tensor x1, Tensor ln2, Tensor ln2_mean, Tensor ln2_rstd, Tensor h, "
+        "Tensor g, Tensor ln1_weight, Tensor ln1_bias, Tensor in_weight, Tensor out_weight, Tensor ln2_weight, "
+        "Tensor ln2_bias, Tensor fc_weight, Tensor proj_weight, int heads, float scale, str activation, int[] needs) "
+        "-> Tensor[]");
 }

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "attention.h"
 #include "cpu_math.h"
 
 namespace urda_fast {
@@ -286,6 +287,8 @@ void with_head_block(int64_t head_dim, Fn&& fn) {
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> packed_attention_forward_cpu(const at::Tensor& qkv,
                                                                 const std::optional<at::Tensor>& mask, int64_t heads,
                                                                 double scale) {
@@ -328,6 +331,8 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_forward_cpu(const at::Tensor
   return {out, probs};
 }
 
+namespace {
+
 // One (sample, head)'s gradients: grad rows of q, k, v (stride `row_in`, inside the packed (T, 3E) gradient) from the
 // output's gradient (stride `row_out`) and the saved probabilities. dS = P * (dP - rowsum(P * dP)) * scale with
 // dP = dO V^T; dQ = dS K, dK = dS^T Q, dV = P^T dO. v_t: a zeroed (head_dim, padded) buffer; d_s: kRows * padded;
@@ -366,6 +371,8 @@ URDA_FAST_CLONES void attend_head_backward(const scalar_t* __restrict__ grad_out
       grad_v[j * row_in + d] = acc_v[j * head_dim + d];
     }
 }
+
+}  // namespace
 
 at::Tensor packed_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& probs,
                                          int64_t heads, double scale) {
@@ -408,8 +415,6 @@ at::Tensor packed_attention_backward_cpu(const at::Tensor& grad_out, const at::T
   });
   return grad_qkv;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(urda_fast, CPU, m) {
   m.impl("packed_attention_forward", &packed_attention_forward_cpu);

@@ -174,9 +174,11 @@ def load_clip(arch: str, checkpoint: str | None, device: str | torch.device = "c
         except Exception as err:  # noqa: BLE001 -- classified by what the file holds: see _checkpoint_error
             raise _checkpoint_error(model, arch, checkpoint, err) from err
     tokenizer = open_clip.get_tokenizer(arch)
-    # A ViT's patch embedding as a matmul and short-sequence self-attention as one fused op, on CPU
-    # (urda_fast.models.conv, .attention): same parameters, same function.
-    return use_fast_attention(use_fast_conv(model.float().to(device).eval())), tokenizer
+    # A ViT's patch embedding as a matmul, short-sequence self-attention and whole transformer blocks as fused ops,
+    # on CPU (urda_fast.models.conv, .attention, .transformer): same parameters, same function.
+    from urda_fast.models.transformer import use_fast_blocks
+
+    return use_fast_blocks(use_fast_attention(use_fast_conv(model.float().to(device).eval()))), tokenizer
 
 
 def load_clip_arg(text: str, what: str, device="cpu"):

@@ -125,4 +125,8 @@ def use_torch_conv(model: nn.Module) -> nn.Module:
 def plain_torch(model: nn.Module) -> nn.Module:
     """``model`` (in place) with torch's own convolution, pooling, attention and sequential modules: the plain-PyTorch
     twin that the benchmarks compare against."""
+    for module in model.modules():  # classes defined where their base is imported (open_clip's blocks)
+        torch_class = getattr(type(module), "torch_class", None)
+        if torch_class is not None:
+            module.__class__ = torch_class
     return use_torch_batch_norm(use_torch_attention(use_torch_conv(use_torch_pooling(model))))

@@ -7,13 +7,14 @@
     >>> y = ops.conv2d(x, w, b, stride=2, padding=3)   # F.conv2d; fast input gradient for 1-4 channels on CPU
     >>> y = ops.batch_norm_eval(x, mean, var, w, b, relu=True)   # eval BatchNorm (+ ReLU), one pass each way
     >>> out = ops.packed_self_attention(qkv, heads=4)   # short-sequence multi-head attention; CPU kernel
+    >>> y = ops.transformer_block(x, weights, heads=4)   # a whole pre-LayerNorm block as one op; CPU kernel
     >>> ops.available_backends()
     ['reference', 'cpu']
 
 Every op has a pure-PyTorch definition in :mod:`urda_fast.ops.reference`.
 """
 
-from . import _backends, attention, batch_norm, conv, feature_losses, kd_kl, pgd, pooling, reference
+from . import _backends, attention, batch_norm, conv, feature_losses, kd_kl, pgd, pooling, reference, transformer
 from ._backends import BACKENDS, available_backends
 from .attention import packed_self_attention
 from .batch_norm import batch_norm_eval
@@ -22,9 +23,11 @@ from .feature_losses import feature_cosine_loss, feature_mse_loss
 from .kd_kl import kd_kl_loss
 from .pgd import pgd_step, pgd_step_
 from .pooling import max_pool2d
+from .transformer import BlockWeights, transformer_block
 
-__all__ = ["BACKENDS", "available_backends", "batch_norm_eval", "conv2d", "feature_cosine_loss", "feature_mse_loss",
-           "kd_kl_loss", "load_triton", "max_pool2d", "packed_self_attention", "pgd_step", "pgd_step_", "reference"]
+__all__ = ["BACKENDS", "BlockWeights", "available_backends", "batch_norm_eval", "conv2d", "feature_cosine_loss",
+           "feature_mse_loss", "kd_kl_loss", "load_triton", "max_pool2d", "packed_self_attention", "pgd_step",
+           "pgd_step_", "reference", "transformer_block"]
 
 _REGISTRARS = {"pgd_step": pgd.register, "kd_kl": kd_kl.register,
                "feature_losses": feature_losses.register}
@@ -41,6 +44,7 @@ def _register_native() -> None:
     conv.register()
     attention.register()
     batch_norm.register()
+    transformer.register()
 
 
 def load_triton() -> None:

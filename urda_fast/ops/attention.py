@@ -56,17 +56,18 @@ def packed_self_attention(qkv, heads, *, mask=None, scale=None, backend=None):
     return reference.packed_self_attention(qkv, heads, mask, scale)
 
 
-def _check_mask(mask, qkv) -> None:
+def _check_mask(mask, qkv, op="packed_self_attention") -> None:
+    """``mask`` fits ``qkv`` (B, T, ...): an additive (T, T) constant of its dtype and device."""
     tokens = qkv.shape[1]
     if not isinstance(mask, torch.Tensor) or mask.dtype != qkv.dtype:
-        raise TypeError(f"urda_fast: packed_self_attention's mask must be an additive float mask of qkv's dtype "
+        raise TypeError(f"urda_fast: {op}'s mask must be an additive float mask of the input's dtype "
                         f"({qkv.dtype}; 0 where attended, -inf where masked), got "
                         f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
     if mask.shape != (tokens, tokens) or mask.device != qkv.device:
-        raise ValueError(f"urda_fast: packed_self_attention's mask must be ({tokens}, {tokens}) on {qkv.device}, got "
+        raise ValueError(f"urda_fast: {op}'s mask must be ({tokens}, {tokens}) on {qkv.device}, got "
                          f"{tuple(mask.shape)} on {mask.device}")
     if mask.requires_grad:
-        raise ValueError("urda_fast: packed_self_attention's mask requires grad, but it is a constant here (no "
+        raise ValueError(f"urda_fast: {op}'s mask requires grad, but it is a constant here (no "
                          "gradient flows to it); pass mask.detach(), or compute a learned bias with plain matmuls")
 
 

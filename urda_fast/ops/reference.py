@@ -161,6 +161,23 @@ def packed_self_attention(qkv, heads, mask=None, scale=None):
     return (probs @ v).transpose(1, 2).reshape(batch, tokens, embed)
 
 
+def transformer_block(x, weights, heads, mask=None, ln_eps=1e-5, activation="gelu"):
+    """A pre-LayerNorm transformer block, batch first (open_clip's ``ResidualAttentionBlock`` without layer scale):
+    x1 = x + out_proj(attention(in_proj(ln_1(x)))), y = x1 + c_proj(act(c_fc(ln_2(x1)))); ``weights`` in the order of
+    ``urda_fast.ops.transformer_block.BlockWeights``; activation ``gelu`` (erf), ``gelu_tanh`` or ``quick_gelu``."""
+    (ln1_w, ln1_b, in_w, in_b, out_w, out_b, ln2_w, ln2_b, fc_w, fc_b, proj_w, proj_b) = weights
+    embed = x.shape[-1]
+    F = torch.nn.functional
+    qkv = F.linear(F.layer_norm(x, (embed,), ln1_w, ln1_b, ln_eps), in_w, in_b)
+    x1 = x + F.linear(packed_self_attention(qkv, heads, mask), out_w, out_b)
+    h = F.linear(F.layer_norm(x1, (embed,), ln2_w, ln2_b, ln_eps), fc_w, fc_b)
+    if activation == "quick_gelu":
+        act = h * torch.sigmoid(1.702 * h)
+    else:
+        act = F.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return x1 + F.linear(act, proj_w, proj_b)
+
+
 def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *, relu=False):
     out = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)
     return torch.relu(out) if relu else out

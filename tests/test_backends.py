@@ -24,6 +24,33 @@ def test_default_backend_is_by_device():
     assert _backends.resolve_backend(None, torch.device("cpu")) == "cpu"
 
 
+def test_torch_func_transforms_take_the_reference_and_the_models_fall_back():
+    """The fused ops' autograd rules (Python's register_autograd, C++ autograd Functions) do not run under torch.func:
+    there the default is the reference, and every fast model's gradient is its plain twin's."""
+    import copy
+
+    from urda_fast.hpt.clip_models import load_clip
+    from urda_fast.models import create_backbone, plain_torch
+
+    seen = []
+    torch.func.grad(lambda t: seen.append(_backends.resolve_backend(None, t.device)) or t.sum())(torch.ones(2))
+    assert seen == ["reference"] and _backends.resolve_backend(None, torch.device("cpu")) == "cpu"
+    student, teacher = torch.randn(4, 10, dtype=torch.float64), torch.randn(4, 10, dtype=torch.float64)
+    per_sample = torch.func.vmap(torch.func.grad(lambda s, t: ops.kd_kl_loss(s[None], t[None], temperature=2.0)))
+    want = torch.func.vmap(torch.func.grad(
+        lambda s, t: ops.reference.kd_kl_loss(s[None], t[None], temperature=2.0)))(student, teacher)
+    torch.testing.assert_close(per_sample(student, teacher), want)
+    torch.manual_seed(0)
+    models = [(create_backbone("digits_cnn"), torch.rand(2, 1, 16, 16)),
+              (create_backbone("resnet18"), torch.rand(2, 3, 32, 32)),
+              (load_clip("urda-tiny-vit", None)[0].visual, torch.rand(2, 3, 32, 32))]
+    for model, x in models:
+        model.eval()
+        twin = plain_torch(copy.deepcopy(model))
+        got = torch.func.grad(lambda t: model(t).square().sum())(x)
+        torch.testing.assert_close(got, torch.func.grad(lambda t: twin(t).square().sum())(x))
+
+
 def test_environment_variable_forces_a_backend(monkeypatch):
     monkeypatch.setenv("URDA_FAST_BACKEND", "reference")
     assert _backends.resolve_backend(None, torch.device("cpu")) == "reference"

@@ -331,6 +331,16 @@ def test_block_swap_keeps_state_reverts_and_compiles():
     torch.testing.assert_close(traced(x.detach()), fast(x.detach()))
 
 
+def test_block_under_torch_func_and_gradient_checkpointing():
+    block, fast = block_twins()
+    x = torch.randn(3, 4, 32, dtype=torch.float64)
+    want = torch.func.grad(lambda t: block(t).square().sum())(x)  # torch.func runs open_clip's forward
+    torch.testing.assert_close(torch.func.grad(lambda t: fast(t).square().sum())(x), want)
+    x = x.requires_grad_(True)
+    out = torch.utils.checkpoint.checkpoint(fast, x, use_reentrant=False)  # the op recomputed in the backward
+    torch.testing.assert_close(torch.autograd.grad(out.square().sum(), x)[0], want)
+
+
 def test_clip_models_fuse_their_blocks_and_compute_the_same():
     from urda_fast.hpt.clip_models import load_clip
 

@@ -17,6 +17,7 @@ import torch.fx
 import torch.nn as nn
 from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock
 
+from ..ops._backends import functorch_active
 from ._retype import retype
 from .attention import FastMultiheadAttention
 
@@ -31,8 +32,9 @@ class FastResidualAttentionBlock(ResidualAttentionBlock):
     :class:`FastMultiheadAttention`'s fused path (its conditions: batch first, float32/float64, no autocast, at most
     200 tokens, no dropout in training, a (T, T) mask or none), no layer scale, no cross-attention, torch's or
     open_clip's ``LayerNorm`` with equal eps, a ``GELU`` (either approximation) or ``QuickGELU`` MLP with biases,
-    and no hooks on its submodules (the fused op would skip them). Anything else, and torch.fx tracing and
-    ``torch.compile`` (which fuse the modules their own way), run open_clip's forward."""
+    and no hooks on its submodules (the fused op would skip them). Anything else, torch.fx tracing,
+    ``torch.compile`` (which fuses the modules its own way; as fast, measured) and ``torch.func`` transforms run
+    open_clip's forward."""
 
     torch_class = ResidualAttentionBlock  # what plain_torch() turns it back into
 
@@ -51,6 +53,8 @@ class FastResidualAttentionBlock(ResidualAttentionBlock):
     def _fused_path(self, q_x, k_x, v_x, attn_mask):
         """(the op's activation name, its additive mask), or (None, None) for open_clip's forward."""
         if isinstance(q_x, torch.fx.Proxy) or torch.compiler.is_compiling():
+            return None, None
+        if functorch_active():  # torch.func transforms take no C++ autograd Function
             return None, None
         if k_x is not None or v_x is not None or hasattr(self, "ln_1_kv"):
             return None, None

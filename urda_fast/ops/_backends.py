@@ -141,11 +141,17 @@ def _warn_fallback(reason: str) -> None:
                   stacklevel=3)
 
 
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev...) is running: the fused ops' autograd rules (Python's
+    ``register_autograd`` and C++ autograd Functions alike) do not work under them, so the default is the reference."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def resolve_backend(requested: str | None, device: torch.device) -> str:
     """The backend that runs a call on ``device``; raises a clear error for an unknown or unusable choice."""
     name = requested if requested is not None else os.environ.get(ENV_VAR) or None
     if name is None:
-        return _default_backend(device.type)
+        return "reference" if functorch_active() else _default_backend(device.type)
     source = "backend=" if requested is not None else f"{ENV_VAR}="
     if name not in BACKENDS:
         raise ValueError(f"urda_fast: unknown backend {source}{name!r}; choose one of {', '.join(BACKENDS)}")
@@ -164,14 +170,15 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
 
 def cpu_only_choice(op_name: str, backend: str | None, gpu_note: str) -> str | None:
     """The backend asked of an op that has a CPU kernel and the reference only (``max_pool2d``, ``conv2d``):
-    ``"cpu"`` or ``"reference"`` from ``backend=``, ``"reference"`` from the environment, None for the op's default.
+    ``"cpu"`` or ``"reference"`` from ``backend=``, ``"reference"`` from the environment or under ``torch.func``, None
+    for the op's default.
     ``backend="cuda"``/``"triton"`` is a clear error; the environment's GPU backends are a global preference, so
     they leave the default."""
     if backend is None:
         env = os.environ.get(ENV_VAR) or None
         if env is not None and env not in BACKENDS:  # a typo is the same error here as in the other ops
             raise ValueError(f"urda_fast: unknown backend {ENV_VAR}={env!r}; choose one of {', '.join(BACKENDS)}")
-        return "reference" if env == "reference" else None
+        return "reference" if env == "reference" or functorch_active() else None
     if backend in ("cpu", "reference"):
         return backend
     if backend in BACKENDS:

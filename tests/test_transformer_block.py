@@ -361,3 +361,13 @@ def test_clip_models_fuse_their_blocks_and_compute_the_same():
     assert fused_block_calls(lambda: (clip.encode_image(images), clip.encode_text(tokens))) == 5
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_the_backward_kernel_checks_the_saved_pre_activation():
+    w = make_weights(8, 12, torch.float32)
+    x = torch.randn(2, 3, 8)
+    saved = list(torch.ops.urda_fast.transformer_block_forward(x, *w, None, 2, 0.5, 1e-5, "gelu")[1:])
+    saved[10] = saved[10][:4]  # h: 4 of its 6 rows
+    with pytest.raises(RuntimeError, match="saved pre-activation h"):
+        torch.ops.urda_fast.transformer_block_backward(torch.randn(2, 3, 8), x, *saved, w[0], w[1], w[2], w[4], w[6],
+                                                       w[7], w[8], w[10], 2, 0.5, "gelu", [1] + [0] * 12)

@@ -98,6 +98,11 @@ std::tuple<at::Tensor, at::Tensor> linear_activation(const at::Tensor& in, const
 at::Tensor activation_backward(at::Tensor grad, const at::Tensor& h, Activation act) {
   switch (act) {
     case Activation::kGelu:
+      // A direct call's saved h must match, or the pass below would read or write past one of them.
+      TORCH_CHECK(h.sizes() == grad.sizes() && h.is_contiguous() && grad.is_contiguous() &&
+                      h.scalar_type() == grad.scalar_type(),
+                  "urda_fast: transformer_block's saved pre-activation h must be the forward's contiguous ",
+                  grad.sizes(), " ", grad.scalar_type(), " tensor, got ", h.sizes(), " ", h.scalar_type());
       AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "urda_fast::gelu_backward", [&] {
         scalar_t* grad_data = grad.mutable_data_ptr<scalar_t>();
         const scalar_t* h_data = h.const_data_ptr<scalar_t>();

@@ -187,6 +187,23 @@ def cpu_only_choice(op_name: str, backend: str | None, gpu_note: str) -> str | N
     return resolve_backend(backend, torch.device("cpu"))  # an unknown name: raises resolve_backend's error
 
 
+def float_cpu_kernel(op_name: str, backend: str | None, x: torch.Tensor, gpu_note: str) -> bool:
+    """Whether a CPU-only op whose kernel takes float32 / float64 (``packed_self_attention``, ``transformer_block``)
+    runs it for ``x``: by default for such CPU tensors when the extension is built; ``backend="cpu"`` insists (a clear
+    error for another dtype or device), ``"reference"`` declines."""
+    choice = cpu_only_choice(op_name, backend, gpu_note)
+    if choice == "reference":
+        return False
+    usable = x.dtype in (torch.float32, torch.float64)
+    if choice == "cpu":
+        require_cpu_kernel(op_name, x.device)
+        if not usable:
+            raise TypeError(f"urda_fast: {op_name}'s CPU kernel takes float32 or float64, got {x.dtype}; use "
+                            "backend='reference'")
+        return True
+    return usable and x.device.type == "cpu" and native_cpu_error() is None
+
+
 def require_cpu_kernel(op_name: str, device: torch.device) -> None:
     """``backend="cpu"`` asked of a CPU-only op: a clear error for a GPU tensor (its way out is the reference, not
     another backend) or a missing extension."""

@@ -49,7 +49,7 @@ def packed_self_attention(qkv, heads, *, mask=None, scale=None, backend=None):
         raise ValueError(f"urda_fast: packed_self_attention's scale must be finite, got {scale}")
     if mask is not None:
         _check_mask(mask, qkv)
-    if _use_cpu_kernel(backend, qkv):
+    if _backends.float_cpu_kernel("packed_self_attention", backend, qkv, "torch's GPU attention kernels are fast"):
         out, _ = torch.ops.urda_fast.packed_attention_forward(qkv.contiguous(), mask if mask is None else
                                                               mask.contiguous(), heads, scale)
         return out
@@ -69,20 +69,6 @@ def _check_mask(mask, qkv, op="packed_self_attention") -> None:
     if mask.requires_grad:
         raise ValueError(f"urda_fast: {op}'s mask requires grad, but it is a constant here (no "
                          "gradient flows to it); pass mask.detach(), or compute a learned bias with plain matmuls")
-
-
-def _use_cpu_kernel(backend, qkv) -> bool:
-    choice = _backends.cpu_only_choice("packed_self_attention", backend, "torch's GPU attention kernels are fast")
-    if choice == "reference":
-        return False
-    usable = qkv.dtype in (torch.float32, torch.float64)
-    if choice == "cpu":
-        _backends.require_cpu_kernel("packed_self_attention", qkv.device)
-        if not usable:
-            raise TypeError(f"urda_fast: packed_self_attention's CPU kernel takes float32 or float64, got {qkv.dtype}; "
-                            "use backend='reference'")
-        return True
-    return usable and qkv.device.type == "cpu" and _backends.native_cpu_error() is None
 
 
 def _fake_forward(qkv, mask, heads, scale):

@@ -64,7 +64,7 @@ def transformer_block(x, weights, heads, *, mask=None, ln_eps=1e-5, activation="
     """
     weights = _check(x, weights, heads, mask, ln_eps, activation)
     scale = (x.shape[2] // heads) ** -0.5
-    if _use_cpu_kernel(backend, x):
+    if _backends.float_cpu_kernel("transformer_block", backend, x, "torch's GPU kernels are fast"):
         return torch.ops.urda_fast.transformer_block_forward(x.contiguous(), *weights, mask, heads, scale, ln_eps,
                                                              activation)[0]
     return reference.transformer_block(x, weights, heads, mask, ln_eps, activation)
@@ -103,20 +103,6 @@ def _check(x, weights, heads, mask, ln_eps, activation) -> BlockWeights:
         raise ValueError(f"urda_fast: transformer_block's activation must be one of {', '.join(ACTIVATIONS)}, got "
                          f"{activation!r}")
     return weights
-
-
-def _use_cpu_kernel(backend, x) -> bool:
-    choice = _backends.cpu_only_choice("transformer_block", backend, "torch's GPU kernels are fast")
-    if choice == "reference":
-        return False
-    usable = x.dtype in (torch.float32, torch.float64)
-    if choice == "cpu":
-        _backends.require_cpu_kernel("transformer_block", x.device)
-        if not usable:
-            raise TypeError(f"urda_fast: transformer_block's CPU kernel takes float32 or float64, got {x.dtype}; use "
-                            "backend='reference'")
-        return True
-    return usable and x.device.type == "cpu" and _backends.native_cpu_error() is None
 
 
 def _fake_forward(x, ln1_weight, ln1_bias, in_weight, in_bias, out_weight, out_bias, ln2_weight, ln2_bias, fc_weight,

@@ -10,6 +10,8 @@
 // (grad * factor0[c]) * factor1[c], torch's two roundings (its invstd * weight, in that order).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -198,11 +200,71 @@ at::Tensor batch_norm_eval_backward_cpu(const at::Tensor& grad_out, const at::Te
   return grad_in;
 }
 
+// Autograd in C++: the op runs at every attack step, and a Python rule (torch.library.register_autograd) cost more
+// than the kernel below ~1 MB of activations.
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class BatchNormEvalFunction : public torch::autograd::Function<BatchNormEvalFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
+                               const at::Tensor& shift, const at::Tensor& grad_factors, bool relu) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("urda_fast::batch_norm_eval_forward", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, bool)>();
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = op.call(x, scale, shift, grad_factors, relu);
+    }
+    ctx->save_for_backward({grad_factors, relu ? out : at::Tensor()});
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["channels_last"] = !x.is_contiguous();  // the kernel took it: channels-last
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads(5);
+    at::Tensor grad = grad_outputs[0];
+    if (!grad.defined() || !ctx->needs_input_grad(0)) return grads;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& factors = saved[0];
+    const bool relu = ctx->saved_data["relu"].toBool();
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True (or tracing): torch operations, differentiable again, the kernel's rounding.
+      std::vector<int64_t> shape(grad.dim(), 1);
+      shape[1] = -1;
+      at::Tensor grad_in = grad * factors[0].reshape(shape) * factors[1].reshape(shape);
+      grads[0] = relu ? at::where(saved[1] <= 0, at::zeros({}, grad.options()), grad_in) : grad_in;
+      return grads;
+    }
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("urda_fast::batch_norm_eval_backward", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+    // The gradient in the output's layout (autograd may hand over another).
+    grad = grad.contiguous(ctx->saved_data["channels_last"].toBool() ? at::MemoryFormat::ChannelsLast
+                                                                     : at::MemoryFormat::Contiguous);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    grads[0] = op.call(grad, relu ? saved[1] : grad, factors, relu);
+    return grads;
+  }
+};
+
+at::Tensor batch_norm_eval_forward_autograd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                                            const at::Tensor& grad_factors, bool relu) {
+  return BatchNormEvalFunction::apply(x, scale, shift, grad_factors, relu)[0];
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(urda_fast, CPU, m) {
   m.impl("batch_norm_eval_forward", &batch_norm_eval_forward_cpu);
   m.impl("batch_norm_eval_backward", &batch_norm_eval_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(urda_fast, Autograd, m) {
+  m.impl("batch_norm_eval_forward", &batch_norm_eval_forward_autograd);
 }
 
 }  // namespace urda_fast

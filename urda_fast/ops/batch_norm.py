@@ -104,35 +104,9 @@ def _fake_backward(grad_out, out, grad_factors, relu):
     return torch.empty_like(grad_out)
 
 
-def _setup_context(ctx, inputs, output):
-    x, scale, shift, grad_factors, relu = inputs
-    ctx.relu = relu
-    ctx.channels_last = not x.is_contiguous()  # the kernel took it: channels-last
-    ctx.save_for_backward(grad_factors, output if relu else None)
-
-
-def _backward(ctx, grad):
-    grad_factors, out = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
-        return None, None, None, None, None
-    if torch.is_grad_enabled():
-        # create_graph=True (or tracing): torch operations, differentiable again, same rounding.
-        shape = (1, -1) + (1,) * (grad.dim() - 2)
-        grad_in = grad * grad_factors[0].reshape(shape) * grad_factors[1].reshape(shape)
-        if ctx.relu:
-            grad_in = torch.where(out <= 0, torch.zeros((), dtype=grad.dtype), grad_in)
-    else:
-        # The gradient in the output's layout (autograd may hand over another).
-        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        grad = grad.contiguous(memory_format=layout)
-        grad_in = torch.ops.urda_fast.batch_norm_eval_backward(grad, out if ctx.relu else grad, grad_factors,
-                                                               ctx.relu)
-    return grad_in, None, None, None, None
-
-
 def register() -> None:
-    """Fake kernels and autograd of ``urda_fast::batch_norm_eval_*`` (CPU only: no Triton twin)."""
+    """Fake kernels of ``urda_fast::batch_norm_eval_*`` (CPU only: no Triton twin). The forward's autograd is
+    registered in C++ (csrc/cpu/batch_norm.cpp): a Python rule cost more than the kernel on an attack's activations."""
     torch.library.register_fake("urda_fast::batch_norm_eval_forward")(_fake_forward)
     torch.library.register_fake("urda_fast::batch_norm_eval_backward")(_fake_backward)
-    torch.library.register_autograd("urda_fast::batch_norm_eval_forward", _backward, setup_context=_setup_context)
     _backends.forbid_double_backward("urda_fast::batch_norm_eval_backward", "batch_norm_eval")

@@ -81,22 +81,9 @@ def _fake_backward(grad_out, window_index, input_size, kernel, stride, padding):
     return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], input_size[0], input_size[1]))
 
 
-def _setup_context(ctx, inputs, output):
-    x, kernel, stride, padding = inputs
-    ctx.save_for_backward(output[1])  # one byte per output: which window element won
-    ctx.pool = (list(x.shape[2:]), kernel, stride, padding)
-
-
-def _backward(ctx, grad, _grad_index):
-    (window_index,) = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
-        return None, None, None, None
-    return torch.ops.urda_fast.max_pool2d_backward(grad.contiguous(), window_index, *ctx.pool), None, None, None
-
-
 def register() -> None:
-    """Fake kernels and autograd of ``urda_fast::max_pool2d_*`` (CPU only: no Triton twin)."""
+    """Fake kernels of ``urda_fast::max_pool2d_*`` (CPU only: no Triton twin). The forward's autograd is registered in
+    C++ (csrc/cpu/max_pool.cpp): a Python rule cost as much as the kernel on an attack's small maps."""
     torch.library.register_fake("urda_fast::max_pool2d_forward")(_fake_forward)
     torch.library.register_fake("urda_fast::max_pool2d_backward")(_fake_backward)
-    torch.library.register_autograd("urda_fast::max_pool2d_forward", _backward, setup_context=_setup_context)
     _backends.forbid_double_backward("urda_fast::max_pool2d_backward", "max_pool2d")

@@ -17,6 +17,10 @@ _BLOCK = 1024  # elementwise: 8 elements per thread with 4 warps
 _RED_BLOCK = 1024  # reductions: one vector accumulator of this many lanes per program
 _TARGET_PROGRAMS = 1024  # enough programs to fill an H100 (132 SMs) several times over
 _MAX_I32 = 2**31 - 1
+_MAX_GRID_Y = 65535
+# (sample, channel) planes at least this long take the plane kernel; shorter ones (feature vectors, per-channel
+# bounds over (B, D)) keep the flat kernel, whose programs span several planes.
+_MIN_PLANE = 512
 
 
 @triton.jit
@@ -72,6 +76,32 @@ def _pgd_step_fwd_kernel(x_ptr, g_ptr, x0_ptr, step_ptr, eps_ptr, coef_ptr, lo_p
     lo = tl.load(lo_ptr + c, mask=mask, other=0.0)
     hi = tl.load(hi_ptr + c, mask=mask, other=0.0)
     y = tl.where(y == y, tl.minimum(tl.maximum(y, lo), hi), y)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pgd_step_plane_kernel(x_ptr, g_ptr, x0_ptr, step_ptr, eps_ptr, coef_ptr, lo_ptr, hi_ptr, out_ptr, C, inner,
+                           L2: tl.constexpr, BLOCK: tl.constexpr):
+    # grid (B * C planes, blocks per plane): the sample's step/eps and the channel's bounds are scalars of the
+    # program, so no element needs an index division or a gathered load.
+    acc_t = step_ptr.dtype.element_ty
+    plane = tl.program_id(0).to(tl.int64)
+    b = plane // C
+    c = plane - b * C
+    local = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = local < inner
+    offs = plane * inner + local
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_t)
+    x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(acc_t)
+    if L2:
+        y = x0 + ((x - x0) + tl.load(coef_ptr + 2 * b) * g) * tl.load(coef_ptr + 2 * b + 1)
+    else:
+        eps = tl.load(eps_ptr + b)
+        sign = (g > 0).to(acc_t) - (g < 0).to(acc_t)
+        y = tl.minimum(tl.maximum(x + tl.load(step_ptr + b) * sign, x0 - eps), x0 + eps)
+        y = tl.where((x == x) & (x0 == x0), y, x + x0)  # as in the flat kernel
+    y = tl.where(y == y, tl.minimum(tl.maximum(y, tl.load(lo_ptr + c)), tl.load(hi_ptr + c)), y)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -166,6 +196,13 @@ def _pgd_step_launch(x_adv, grad, x_orig, step_size, eps, lower, upper, norm, ou
     inner = n // (x_adv.shape[0] * channels)
     # l2 stats are complete before the elementwise pass starts (separate launches), so in-place is safe there too.
     coef = _l2_coefficients(x_adv, grad, x_orig, step_size, eps) if norm == "l2" else step_size
+    planes = n // inner
+    if inner >= _MIN_PLANE and triton.cdiv(inner, _BLOCK) <= _MAX_GRID_Y:
+        block = min(_BLOCK, triton.next_power_of_2(inner))
+        launch(_pgd_step_plane_kernel)[(planes, triton.cdiv(inner, block))](
+            x_adv, grad, x_orig, step_size, eps, coef, lower, upper, out, channels, inner,
+            L2=norm == "l2", BLOCK=block, num_warps=4)
+        return
     wide = max(inner, channels) + _BLOCK > _MAX_I32
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
     launch(_pgd_step_fwd_kernel)[grid](

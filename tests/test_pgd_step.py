@@ -75,6 +75,24 @@ def test_cpu_l2_both_paths(shape, dtype):
         torch.testing.assert_close(inplace, out, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 23, 29), (2, 3, 1100), (1, 2, 1024)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_step_long_planes(backend, dtype, norm, shape):
+    """(sample, channel) planes of 512+ elements take the GPU backends' plane kernels (one program per plane and
+    block, the sample's step/eps and the channel's bounds read once): a partial block, two blocks, a whole one."""
+    name, device = backend
+    x_adv, grad, x_orig = make_batch(shape, dtype, device)
+    for label, kwargs in param_sets(shape):
+        if norm == "l2":
+            kwargs = dict(kwargs, eps=kwargs["eps"] * 20 if isinstance(kwargs["eps"], torch.Tensor) else 0.3)
+        out = ops.pgd_step(x_adv, grad, x_orig, norm=norm, backend=name, **kwargs)
+        assert_close(out, expected(x_adv, grad, x_orig, norm, kwargs), dtype, f"{norm} {label}")
+        inplace = x_adv.clone()
+        ops.pgd_step_(inplace, grad, x_orig, norm=norm, backend=name, **kwargs)
+        torch.testing.assert_close(inplace, out, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("shape", [(3, 3, 9, 11), (2, 1, 40, 33)], ids=["small", "planes_of_1320"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -122,12 +140,14 @@ def test_pgd_step_extremes(backend):
         assert_close(far, expected(x_adv, grad, x_orig, norm, dict(step_size=1e6, eps=0.1)), torch.float32, norm)
 
 
+@pytest.mark.parametrize("side", [3, 24], ids=["small_planes", "long_planes"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_pgd_step_non_finite_inputs_give_nan_as_the_reference(backend, dtype):
+def test_pgd_step_non_finite_inputs_give_nan_as_the_reference(backend, dtype, side):
     """NaN in, NaN out, on every backend alike: L-inf per element from x_adv or x_orig (a NaN gradient is no step,
-    as sign(NaN) = 0); L2 for the whole sample from any NaN/inf in it. Never a finite point outside the budget."""
+    as sign(NaN) = 0); L2 for the whole sample from any NaN/inf in it. Never a finite point outside the budget.
+    Planes of 24x24 take the GPU backends' one-program-per-plane kernels, 3x3 their flat ones."""
     name, device = backend
-    x_adv, grad, x_orig = make_batch((6, 2, 3, 3), torch.float32, device, zero_grad_rows=False)
+    x_adv, grad, x_orig = make_batch((6, 2, side, side), torch.float32, device, zero_grad_rows=False)
     x_adv, grad, x_orig = x_adv.to(dtype), grad.to(dtype), x_orig.to(dtype)
     x_adv[0, 0, 0, 0] = grad[1, 1, 2, 2] = x_orig[2, 0, 1, 1] = float("nan")
     grad[3, 0, 0, 1], x_adv[4, 1, 0, 0] = float("inf"), float("-inf")  # sample 5 stays finite

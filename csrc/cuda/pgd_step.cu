@@ -18,6 +18,9 @@ using cuda_utils::Vals;
 constexpr int kApplyThreads = 256;
 constexpr int kReduceThreads = 256;
 constexpr int kCoefThreads = 128;
+// Planes (one sample's channel) at least this long take the plane kernel; shorter ones (feature vectors, per-channel
+// bounds over (B, D)) would leave most of its threads idle and keep the flat kernel.
+constexpr int64_t kMinPlane = 512;
 
 // One output element. Linf: p0 = step[b], p1 = eps[b]. L2: p0 = s[b], p1 = f[b] from pgd_l2_coef_kernel.
 template <bool L2, typename T>
@@ -71,6 +74,40 @@ __global__ void pgd_apply_kernel(scalar_t* out, const scalar_t* x, const scalar_
     const int64_t c = (i / inner) % channels;
     out[i] = static_cast<scalar_t>(pgd_element<L2>(static_cast<acc>(x[i]), static_cast<acc>(g[i]),
                                                    static_cast<acc>(x0[i]), p0[b], p1[b], lower[c], upper[c]));
+  }
+}
+
+// grid (planes, blocks per plane): block (plane, k) covers one (sample, channel) plane of `inner` elements, so the
+// sample's step/eps and the channel's bounds are read once into registers and no element needs an integer division
+// (the flat kernel above spends two or three 64-bit divisions -- emulated on NVIDIA GPUs -- per pack). Packs of VEC
+// only when inner % VEC == 0 and the tensors are 16-byte aligned: then every plane starts on a pack boundary.
+template <typename scalar_t, int VEC, bool L2>
+__global__ void pgd_plane_kernel(scalar_t* out, const scalar_t* x, const scalar_t* g, const scalar_t* x0,
+                                 const acc_t<scalar_t>* p0, const acc_t<scalar_t>* p1,
+                                 const acc_t<scalar_t>* lower, const acc_t<scalar_t>* upper, int64_t channels,
+                                 int64_t packs_per_plane) {
+  using acc = acc_t<scalar_t>;
+  const int64_t plane = blockIdx.x;
+  const int64_t b = plane / channels;
+  const int64_t c = plane - b * channels;
+  const acc step_or_s = p0[b];
+  const acc eps_or_f = p1[b];
+  const acc lo = lower[c];
+  const acc hi = upper[c];
+  const int64_t first_pack = plane * packs_per_plane;
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; i < packs_per_plane; i += stride) {
+    const int64_t p = first_pack + i;
+    const Pack<scalar_t, VEC> xv = cuda_utils::load_pack<VEC>(x, p);
+    const Pack<scalar_t, VEC> gv = cuda_utils::load_pack<VEC>(g, p);
+    const Pack<scalar_t, VEC> x0v = cuda_utils::load_pack<VEC>(x0, p);
+    Pack<scalar_t, VEC> yv;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      yv.v[j] = static_cast<scalar_t>(pgd_element<L2>(static_cast<acc>(xv.v[j]), static_cast<acc>(gv.v[j]),
+                                                      static_cast<acc>(x0v.v[j]), step_or_s, eps_or_f, lo, hi));
+    }
+    cuda_utils::store_pack<VEC>(out, p, yv);
   }
 }
 
@@ -148,7 +185,6 @@ void launch_apply(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   constexpr int V = cuda_utils::max_vec<scalar_t>();
   const int64_t n = x.numel();
   const bool aligned = cuda_utils::all_aligned16({out.data_ptr(), x.data_ptr(), g.data_ptr(), x0.data_ptr()});
-  const auto grid = static_cast<unsigned>(cuda_utils::grid_for(aligned ? n / V + 1 : n, kApplyThreads));
   const auto stream = at::cuda::getCurrentCUDAStream();
   using acc = acc_t<scalar_t>;
   auto* out_ptr = out.data_ptr<scalar_t>();
@@ -157,6 +193,22 @@ void launch_apply(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   const auto* x0_ptr = x0.const_data_ptr<scalar_t>();
   const auto* lo_ptr = lower.const_data_ptr<acc>();
   const auto* hi_ptr = upper.const_data_ptr<acc>();
+  const int64_t planes = n / inner;
+  if (inner >= kMinPlane && planes <= INT32_MAX) {
+    const bool packed = aligned && inner % V == 0;
+    cuda_utils::dispatch_vec<V>(packed, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      const int64_t packs = inner / VEC;
+      // Enough blocks per plane for ~4 packs a thread, within gridDim.y's limit; the loop covers the rest.
+      const int64_t per_plane = std::min<int64_t>(cuda_utils::ceil_div(packs, kApplyThreads * 4), 65535);
+      const dim3 grid(static_cast<unsigned>(planes), static_cast<unsigned>(std::max<int64_t>(per_plane, 1)));
+      pgd_plane_kernel<scalar_t, VEC, L2><<<grid, kApplyThreads, 0, stream>>>(
+          out_ptr, x_ptr, g_ptr, x0_ptr, p0, p1, lo_ptr, hi_ptr, channels, packs);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
+  const auto grid = static_cast<unsigned>(cuda_utils::grid_for(aligned ? n / V + 1 : n, kApplyThreads));
   cuda_utils::dispatch_vec<V>(aligned, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     pgd_apply_kernel<scalar_t, VEC, L2><<<grid, kApplyThreads, 0, stream>>>(

@@ -1,8 +1,8 @@
 """Triton backend of ``kd_kl_forward`` / ``kd_kl_backward`` (see docs/kernel-contract.md for the math).
 
-One program per row, looping over the classes in BLOCK chunks. Forward: pass 1 runs an online max / sum-exp for the
-teacher and the student row at once, pass 2 sums the KL terms; it stores the row's statistics [max_t, log_sum_t,
-max_s, log_sum_s]. Backward: one pass that recomputes p and q from them and writes the gradients asked for. The max
+One program per row, looping over the classes in BLOCK chunks. Forward: one pass that keeps an online max / sum-exp
+of the teacher and the student row and the KL numerator at once (so a long row is read once); it stores the row's
+statistics [max_t, log_sum_t, max_s, log_sum_s]. Backward: one pass that recomputes p and q from them and writes the gradients asked for. The max
 is taken of the raw logits and only max-shifted differences are scaled by 1/T, so |logits| ~ 1e4 stay exact.
 """
 
@@ -33,17 +33,17 @@ def _inv_temperature(temperature, acc_t: tl.constexpr):
 
 
 @triton.jit
-def _online_update(m, z, v, inv_t):
-    # Running (max m of raw logits, sum exp((x - m) / T)) after chunk v. A row (or chunk) that is all -inf so far
-    # keeps max = -inf, so shift by 0 instead: exp(-inf - (-inf)) would be NaN.
-    m_new = tl.maximum(m, tl.max(v, 0))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    z = z * tl.exp((m - shift) * inv_t) + tl.sum(tl.exp((v - shift) * inv_t), 0)
-    return m_new, z
+def _shift(m):
+    # The row's shift: its max so far, or 0 while it is all -inf (-inf - -inf would be NaN).
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
 def _kd_kl_fwd_kernel(s_ptr, t_ptr, kl_ptr, stats_ptr, C, temperature: tl.float64, BLOCK: tl.constexpr):
+    # One pass over the row: with a = (t - shift_t) / T, b = (s - shift_s) / T and e = exp(a),
+    # kl = sum e (a - b) / sum e - log sum e + log sum exp(b). The running sums are kept relative to the shifts so
+    # far; when a chunk raises a max they are rescaled (e by exp(old - new shift), and every a - b moves by the same
+    # shift difference, hence the z_t term). Long rows are read once instead of twice (statistics, then KL terms).
     acc_t = kl_ptr.dtype.element_ty  # loss dtype == acc dtype
     inv_t = _inv_temperature(temperature, acc_t)
     row = tl.program_id(0).to(tl.int64)
@@ -54,25 +54,35 @@ def _kd_kl_fwd_kernel(s_ptr, t_ptr, kl_ptr, stats_ptr, C, temperature: tl.float6
     m_s = tl.full([], float("-inf"), acc_t)
     z_t = tl.zeros([], acc_t)
     z_s = tl.zeros([], acc_t)
+    w = tl.zeros([], acc_t)
     for k in range(0, C, BLOCK):
         cols = k + tl.arange(0, BLOCK)
         mask = cols < C
-        m_t, z_t = _online_update(m_t, z_t, _load(t_row, cols, mask, acc_t), inv_t)
-        m_s, z_s = _online_update(m_s, z_s, _load(s_row, cols, mask, acc_t), inv_t)
+        vt = _load(t_row, cols, mask, acc_t)
+        vs = _load(s_row, cols, mask, acc_t)
+        new_m_t = tl.maximum(m_t, tl.max(vt, 0))
+        new_m_s = tl.maximum(m_s, tl.max(vs, 0))
+        sh_t = _shift(new_m_t)
+        sh_s = _shift(new_m_s)
+        moved_t = (_shift(m_t) - sh_t) * inv_t
+        moved_s = (_shift(m_s) - sh_s) * inv_t
+        # Nothing accumulated yet (z == 0) rescales to 0 and never forms 0 * inf; a NaN z stays NaN.
+        rescale_t = tl.where(z_t == 0, 0.0, tl.exp(moved_t))
+        w = tl.where(z_t == 0, 0.0, rescale_t * (w + (moved_t - moved_s) * z_t))
+        z_t = z_t * rescale_t
+        z_s = tl.where(z_s == 0, 0.0, z_s * tl.exp(moved_s))
+        a = (vt - sh_t) * inv_t
+        b = (vs - sh_s) * inv_t
+        e_t = tl.exp(a)
+        z_t += tl.sum(e_t, 0)
+        z_s += tl.sum(tl.exp(b), 0)
+        # Teacher-masked (-inf) classes and the tail have e == 0 and add 0 (not 0 * inf = NaN); a NaN e keeps it.
+        w += tl.sum(tl.where(e_t <= 0, 0.0, e_t * (a - b)), 0)
+        m_t = new_m_t
+        m_s = new_m_s
     log_z_t = tl.log(z_t)
     log_z_s = tl.log(z_s)
-
-    kl_acc = tl.zeros([BLOCK], acc_t)
-    for k in range(0, C, BLOCK):
-        cols = k + tl.arange(0, BLOCK)
-        mask = cols < C
-        log_p = (_load(t_row, cols, mask, acc_t) - m_t) * inv_t - log_z_t
-        log_q = (_load(s_row, cols, mask, acc_t) - m_s) * inv_t - log_z_s
-        p = tl.exp(log_p)
-        # Teacher-masked (-inf) classes and the tail have p == 0 and contribute 0 (not 0 * inf = NaN); a NaN p (a NaN
-        # or +inf logit in the row) keeps its NaN.
-        kl_acc += tl.where(p <= 0, 0.0, p * (log_p - log_q))
-    tl.store(kl_ptr + row, tl.sum(kl_acc, 0))
+    tl.store(kl_ptr + row, w / z_t - log_z_t + log_z_s)
     tl.store(stats_ptr + row * 4, m_t)
     tl.store(stats_ptr + row * 4 + 1, log_z_t)
     tl.store(stats_ptr + row * 4 + 2, m_s)

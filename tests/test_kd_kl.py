@@ -108,6 +108,27 @@ def test_kd_kl_extreme_logits_and_masks(backend):
     check_against_reference(name, student, teacher, torch.float32, "masked", temperature=2.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kd_kl_long_rows_whose_max_comes_late(backend, dtype):
+    """Rows of 9000 classes (three of Triton's 4096-class chunks) whose maxima rise chunk after chunk, so a one-pass
+    kernel must rescale what it has summed; a student that is its teacher shifted by 40 (KL ~ 0 only if the shifts
+    cancel exactly); classes masked with -inf in the middle chunk and in a whole first chunk."""
+    name, device = backend
+    classes = 9000
+    ramp = torch.linspace(-30.0, 30.0, classes, dtype=torch.float64, device=device)
+    teacher = (logits((4, classes), torch.float64, device) + ramp).to(dtype)
+    student = (logits((4, classes), torch.float64, device) - ramp).to(dtype)
+    student[1] = teacher[1] + 40.0
+    teacher[2, 4000:6000] = float("-inf")
+    teacher[3, :4096] = float("-inf")
+    student[3, :4096] = float("-inf")
+    for temperature in (0.5, 4.0):
+        check_against_reference(name, student, teacher, dtype, f"T={temperature}", scale=5.0,
+                                temperature=temperature, reduction="none")
+    shifted = ops.kd_kl_loss(student[1:2], teacher[1:2], temperature=2.0, reduction="none", backend=name)
+    assert abs(float(shifted)) < (1e-5 if dtype == torch.float32 else 1e-12)
+
+
 def test_kd_kl_student_mask_under_teacher_mass_is_inf(backend):
     name, device = backend
     student, teacher = logits((2, 5), torch.float32, device), logits((2, 5), torch.float32, device)

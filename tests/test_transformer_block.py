@@ -262,7 +262,8 @@ def test_block_matches_open_clip(act_layer, mask):
 
 
 @pytest.mark.parametrize("case", ["layer_scale", "hook", "global_hook", "autocast", "fp32_norm", "bfloat16",
-                                  "batch_second", "torch_attention", "eps", "dropout", "cross_attention"])
+                                  "batch_second", "torch_attention", "eps", "dropout", "cross_attention",
+                                  "no_in_proj_bias"])
 def test_block_falls_back_to_open_clip(case):
     kwargs = {"ls_init_value": 0.5} if case == "layer_scale" else {}
     if case == "fp32_norm":  # float32 input: LayerNormFp32 of float64 fails in open_clip's own block
@@ -284,6 +285,8 @@ def test_block_falls_back_to_open_clip(case):
         fast.attn.__class__ = nn.MultiheadAttention
     if case == "eps":
         fast.ln_2.eps = block.ln_2.eps = 1e-6
+    if case == "no_in_proj_bias":  # torch's attention takes it; the op has no bias-free input projection
+        fast.attn.in_proj_bias = block.attn.in_proj_bias = None
     if case == "dropout":
         fast.attn.dropout = block.attn.dropout = 0.1
         fast.train()
@@ -371,3 +374,48 @@ def test_the_backward_kernel_checks_the_saved_pre_activation():
     with pytest.raises(RuntimeError, match="saved pre-activation h"):
         torch.ops.urda_fast.transformer_block_backward(torch.randn(2, 3, 8), x, *saved, w[0], w[1], w[2], w[4], w[6],
                                                        w[7], w[8], w[10], 2, 0.5, "gelu", [1] + [0] * 12)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_strided_mlp_bias(activation):
+    """A c_fc bias that is a strided view (a parameter sliced out of a larger tensor): the GELU pass read it as a
+    dense row and took other columns' values, silently."""
+    torch.manual_seed(7)
+    weights = list(make_weights(16, 24))
+    weights[9] = weights[9].repeat_interleave(2)[::2].requires_grad_(True)  # same values, stride 2
+    x = torch.randn(2, 6, 16, dtype=torch.float64, requires_grad=True)
+    got = ops.transformer_block(x, weights, 4, activation=activation, backend="cpu")
+    got_grads = torch.autograd.grad(got.square().sum(), [x, weights[9]])
+    dense = [w.detach().contiguous().requires_grad_(True) for w in weights]
+    want = reference.transformer_block(x, dense, 4, None, 1e-5, activation)
+    want_grads = torch.autograd.grad(want.square().sum(), [x, dense[9]])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_strided_mask():
+    """A mask sliced out of a longer causal mask (open_clip's text tower keeps one for its full context): it failed
+    inside the attention kernel, which reads a dense (T, T) block."""
+    torch.manual_seed(8)
+    mask = causal_mask(9, torch.float64)[:6, :6]
+    assert not mask.is_contiguous()
+    compare(torch.randn(2, 6, 16, dtype=torch.float64), make_weights(16, 24), 4, mask=mask)
+
+
+@pytest.mark.parametrize("mask", ["bool", "sliced", "transposed"])
+def test_block_takes_masks_as_open_clip_does(mask):
+    """open_clip's block casts attn_mask to the input's dtype before its attention: a bool mask is an additive 0 / 1
+    there, not torch's True = masked (the fused block masked those keys out: other values); and a mask that is a view
+    of another (a slice of a longer causal mask) works there (the fused block failed inside the kernel)."""
+    block, fast = block_twins()
+    x = torch.randn(3, 6, 32, dtype=torch.float64)
+    attn_mask = {"bool": lambda: torch.ones(6, 6, dtype=torch.bool).triu(1),
+                 "sliced": lambda: causal_mask(9, torch.float64)[:6, :6],
+                 "transposed": lambda: torch.randn(6, 6, dtype=torch.float64).t()}[mask]()
+    want = block_forward_and_grads(block, x, attn_mask=attn_mask)
+    assert fused_block_calls(lambda: block_forward_and_grads(fast, x, attn_mask=attn_mask)) == 1
+    got = block_forward_and_grads(fast, x, attn_mask=attn_mask)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

@@ -82,10 +82,13 @@ std::tuple<at::Tensor, at::Tensor> linear_activation(const at::Tensor& in, const
   auto h = at::mm(in, weight.t());
   auto out = at::empty_like(h);
   const int64_t cols = h.size(1);
+  // The pass below reads the bias as a dense row: a strided one (a view, a parameter sliced from a larger tensor)
+  // would give other columns' values.
+  const auto dense_bias = bias.contiguous();
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "urda_fast::bias_gelu", [&] {
     scalar_t* h_data = h.mutable_data_ptr<scalar_t>();
     scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    const scalar_t* bias_data = bias.const_data_ptr<scalar_t>();
+    const scalar_t* bias_data = dense_bias.const_data_ptr<scalar_t>();
     at::parallel_for(0, h.size(0), std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)),
                      [&](int64_t begin, int64_t end) {
                        bias_gelu_rows(h_data + begin * cols, bias_data, out_data + begin * cols, end - begin, cols);

@@ -61,7 +61,8 @@ class FastResidualAttentionBlock(ResidualAttentionBlock):
         if not (type(self.ls_1) is nn.Identity and type(self.ls_2) is nn.Identity):
             return None, None
         attn, mlp, ln_1, ln_2 = self.attn, self.mlp, self.ln_1, self.ln_2
-        if type(attn) is not FastMultiheadAttention or not attn.batch_first or attn.out_proj.bias is None:
+        if (type(attn) is not FastMultiheadAttention or not attn.batch_first or attn.in_proj_bias is None
+                or attn.out_proj.bias is None):
             return None, None
         if not all(type(ln) in (nn.LayerNorm, LayerNorm) and ln.weight is not None and ln.bias is not None
                    for ln in (ln_1, ln_2)) or ln_1.eps != ln_2.eps:
@@ -69,8 +70,14 @@ class FastResidualAttentionBlock(ResidualAttentionBlock):
         activation = _activation(mlp)
         if activation is None or self._hooked() or q_x.dtype != ln_1.weight.dtype:
             return None, None
+        # open_clip's attention() casts the mask to the input's dtype before nn.MultiheadAttention sees it: a bool
+        # mask becomes additive 0 / 1, not torch's True = masked.
+        attn_mask = attn_mask.to(q_x.dtype) if attn_mask is not None else None
         fused, mask = attn._fused_mask(q_x, q_x, q_x, None, False, attn_mask, False)
-        return (activation, mask) if fused else (None, None)
+        if not fused:
+            return None, None
+        # The kernel reads the mask as a dense (T, T) block; open_clip takes any view (a slice of a longer mask).
+        return activation, mask if mask is None else mask.contiguous()
 
     def _hooked(self) -> bool:
         # The submodules' hook dicts walked directly: named_modules() took ~0.1 ms a call, 2 ms of a tiny HPT step.

@@ -65,6 +65,7 @@ def transformer_block(x, weights, heads, *, mask=None, ln_eps=1e-5, activation="
     weights = _check(x, weights, heads, mask, ln_eps, activation)
     scale = (x.shape[2] // heads) ** -0.5
     if _backends.float_cpu_kernel("transformer_block", backend, x, "torch's GPU kernels are fast"):
+        mask = mask if mask is None else mask.contiguous()  # the kernel reads it as a dense (T, T) block
         return torch.ops.urda_fast.transformer_block_forward(x.contiguous(), *weights, mask, heads, scale, ln_eps,
                                                              activation)[0]
     return reference.transformer_block(x, weights, heads, mask, ln_eps, activation)

@@ -241,6 +241,31 @@ def test_training_mode_hooks_and_fx_tracing_keep_torch_semantics():
     folded.check(x)
 
 
+@pytest.mark.parametrize("subclassed", ["norm", "relu"])
+def test_subclasses_with_a_forward_of_their_own_run_it(subclassed):
+    """A BatchNorm or ReLU subclass that overrides forward computes something else than the fused op: the pair
+    was fused anyway (isinstance), silently skipping the subclass's forward."""
+
+    class HalvedNorm(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    class HalvedReLU(nn.ReLU):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    torch.manual_seed(2)
+    norm = HalvedNorm(32) if subclassed == "norm" else nn.BatchNorm2d(32)
+    relu = HalvedReLU() if subclassed == "relu" else nn.ReLU()
+    twin = nn.Sequential(norm, relu).eval()
+    twin[0].running_mean.normal_()
+    model = fast_bn.use_fast_batch_norm(copy.deepcopy(twin))
+    assert type(model) is FastSequential
+    x = torch.randn(64, 32, 8, 8)
+    assert x.numel() >= fast_bn.MIN_NUMEL
+    torch.testing.assert_close(model(x), twin(x))
+
+
 def test_attack_is_unchanged_by_the_fusion():
     """PGD on the digits classifier: the same adversarial images, bit for bit, with and without FastSequential."""
     torch.manual_seed(0)

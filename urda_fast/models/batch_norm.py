@@ -39,14 +39,17 @@ def _global_hooks() -> bool:
 
 
 def _fusable_norm(norm: nn.Module, x) -> bool:
-    # x first: under torch.fx tracing it is a Proxy, whose attributes must not be read here.
+    # x first: under torch.fx tracing it is a Proxy, whose attributes must not be read here. A subclass with a
+    # forward of its own (a scaled or otherwise altered BatchNorm) computes something else than the op: it runs.
     return (isinstance(x, torch.Tensor) and isinstance(norm, nn.modules.batchnorm._BatchNorm)
+            and type(norm).forward is nn.modules.batchnorm._BatchNorm.forward
             and not norm.training and norm.running_mean is not None and x.device.type == "cpu"
             and x.numel() >= MIN_NUMEL and not (_hooked(norm) or _global_hooks()))
 
 
 def _fusable(norm: nn.Module, relu: nn.Module, x) -> bool:
-    return _fusable_norm(norm, x) and isinstance(relu, nn.ReLU) and not _hooked(relu)
+    return (_fusable_norm(norm, x) and isinstance(relu, nn.ReLU) and type(relu).forward is nn.ReLU.forward
+            and not _hooked(relu))
 
 
 def _fused(norm: nn.Module, x, relu: bool):

@@ -4,6 +4,7 @@ opcheck, torch.compile and double backward; its constants follow in-place update
 function, state dict, hooks, training mode and torch.fx tracing; the attack is unchanged; errors."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -241,10 +242,10 @@ def test_training_mode_hooks_and_fx_tracing_keep_torch_semantics():
     folded.check(x)
 
 
-@pytest.mark.parametrize("subclassed", ["norm", "relu"])
+@pytest.mark.parametrize("subclassed", ["norm", "relu", "norm_instance", "relu_instance"])
 def test_subclasses_with_a_forward_of_their_own_run_it(subclassed):
-    """A BatchNorm or ReLU subclass that overrides forward computes something else than the fused op: the pair
-    was fused anyway (isinstance), silently skipping the subclass's forward."""
+    """A BatchNorm or ReLU subclass that overrides forward (or an instance whose forward was replaced) computes
+    something else than the fused op: the pair was fused anyway (isinstance), silently skipping that forward."""
 
     class HalvedNorm(nn.BatchNorm2d):
         def forward(self, x):
@@ -257,6 +258,9 @@ def test_subclasses_with_a_forward_of_their_own_run_it(subclassed):
     torch.manual_seed(2)
     norm = HalvedNorm(32) if subclassed == "norm" else nn.BatchNorm2d(32)
     relu = HalvedReLU() if subclassed == "relu" else nn.ReLU()
+    if subclassed.endswith("_instance"):
+        patched = norm if subclassed == "norm_instance" else relu
+        patched.forward = functools.partial(lambda m, t: type(m).forward(m, t) * 0.5, patched)
     twin = nn.Sequential(norm, relu).eval()
     twin[0].running_mean.normal_()
     model = fast_bn.use_fast_batch_norm(copy.deepcopy(twin))

@@ -4,6 +4,7 @@ asked of any subset of the inputs, NaN), through opcheck and torch.compile; its 
 against open_clip's block, its fallbacks, and the CLIP models that use it."""
 
 import contextlib
+import functools
 import copy
 
 import pytest
@@ -263,7 +264,7 @@ def test_block_matches_open_clip(act_layer, mask):
 
 @pytest.mark.parametrize("case", ["layer_scale", "hook", "global_hook", "autocast", "fp32_norm", "bfloat16",
                                   "batch_second", "torch_attention", "eps", "dropout", "cross_attention",
-                                  "no_in_proj_bias"])
+                                  "no_in_proj_bias", "instance_forward"])
 def test_block_falls_back_to_open_clip(case):
     kwargs = {"ls_init_value": 0.5} if case == "layer_scale" else {}
     if case == "fp32_norm":  # float32 input: LayerNormFp32 of float64 fails in open_clip's own block
@@ -285,6 +286,10 @@ def test_block_falls_back_to_open_clip(case):
         fast.attn.__class__ = nn.MultiheadAttention
     if case == "eps":
         fast.ln_2.eps = block.ln_2.eps = 1e-6
+    if case == "instance_forward":  # a forward replaced on one submodule: the fused op would skip it
+        for module in (block, fast):
+            module.mlp.c_fc.forward = functools.partial(lambda lin, t: nn.functional.linear(t, lin.weight) * 0.5,
+                                                        module.mlp.c_fc)
     if case == "no_in_proj_bias":  # torch's attention takes it; the op has no bias-free input projection
         fast.attn.in_proj_bias = block.attn.in_proj_bias = None
     if case == "dropout":

@@ -28,9 +28,10 @@ from urda_fast import ops
 MIN_NUMEL = 1 << 17
 
 
-def _hooked(module: nn.Module) -> bool:
+def _intercepted(module: nn.Module) -> bool:
+    """Hooks, or a forward replaced on the instance: either would be skipped by the fused op."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+                or module._backward_pre_hooks or "forward" in module.__dict__)
 
 
 def _global_hooks() -> bool:
@@ -44,12 +45,12 @@ def _fusable_norm(norm: nn.Module, x) -> bool:
     return (isinstance(x, torch.Tensor) and isinstance(norm, nn.modules.batchnorm._BatchNorm)
             and type(norm).forward is nn.modules.batchnorm._BatchNorm.forward
             and not norm.training and norm.running_mean is not None and x.device.type == "cpu"
-            and x.numel() >= MIN_NUMEL and not (_hooked(norm) or _global_hooks()))
+            and x.numel() >= MIN_NUMEL and not (_intercepted(norm) or _global_hooks()))
 
 
 def _fusable(norm: nn.Module, relu: nn.Module, x) -> bool:
     return (_fusable_norm(norm, x) and isinstance(relu, nn.ReLU) and type(relu).forward is nn.ReLU.forward
-            and not _hooked(relu))
+            and not _intercepted(relu))
 
 
 def _fused(norm: nn.Module, x, relu: bool):

@@ -68,7 +68,7 @@ class FastResidualAttentionBlock(ResidualAttentionBlock):
                    for ln in (ln_1, ln_2)) or ln_1.eps != ln_2.eps:
             return None, None
         activation = _activation(mlp)
-        if activation is None or self._hooked() or q_x.dtype != ln_1.weight.dtype:
+        if activation is None or self._intercepted() or q_x.dtype != ln_1.weight.dtype:
             return None, None
         # open_clip's attention() casts the mask to the input's dtype before nn.MultiheadAttention sees it: a bool
         # mask becomes additive 0 / 1, not torch's True = masked.
@@ -79,15 +79,16 @@ class FastResidualAttentionBlock(ResidualAttentionBlock):
         # The kernel reads the mask as a dense (T, T) block; open_clip takes any view (a slice of a longer mask).
         return activation, mask if mask is None else mask.contiguous()
 
-    def _hooked(self) -> bool:
-        # The submodules' hook dicts walked directly: named_modules() took ~0.1 ms a call, 2 ms of a tiny HPT step.
+    def _intercepted(self) -> bool:
+        """Hooks on a submodule, or a forward replaced on one: the fused op would skip either. The submodules are
+        walked directly: named_modules() took ~0.1 ms a call, 2 ms of a tiny HPT step."""
         if nn.modules.module._has_any_global_hook():
             return True
         stack = list(self._modules.values())
         while stack:
             module = stack.pop()
             if module is not None:
-                if any(getattr(module, hooks) for hooks in _HOOKS):
+                if any(getattr(module, hooks) for hooks in _HOOKS) or "forward" in module.__dict__:
                     return True
                 stack.extend(module._modules.values())
         return False

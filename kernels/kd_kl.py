@@ -2,8 +2,9 @@
 
 One program per row, looping over the classes in BLOCK chunks. Forward: one pass that keeps an online max / sum-exp
 of the teacher and the student row and the KL numerator at once (so a long row is read once); it stores the row's
-statistics [max_t, log_sum_t, max_s, log_sum_s]. Backward: one pass that recomputes p and q from them and writes the gradients asked for. The max
-is taken of the raw logits and only max-shifted differences are scaled by 1/T, so |logits| ~ 1e4 stay exact.
+statistics [max_t, log_sum_t, max_s, log_sum_s]. Backward: one pass that recomputes p and q from them and writes
+the gradients asked for. The max is taken of the raw logits and only max-shifted differences are scaled by 1/T, so
+|logits| ~ 1e4 stay exact.
 """
 
 import torch

@@ -247,6 +247,16 @@ def fused_block_calls(fn):
     return sum(e.count for e in prof.key_averages() if e.key == "urda_fast::transformer_block_forward")
 
 
+def assert_fused_block_matches(block, fast, x, attn_mask):
+    """The fast block runs the fused op once and gives open_clip's block's output and gradients."""
+    want = block_forward_and_grads(block, x, attn_mask=attn_mask)
+    assert fused_block_calls(lambda: block_forward_and_grads(fast, x, attn_mask=attn_mask)) == 1
+    got = block_forward_and_grads(fast, x, attn_mask=attn_mask)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("act_layer, mask", [(nn.GELU, None), (nn.GELU, "causal"), (QuickGELU, None),
                                              (lambda: nn.GELU(approximate="tanh"), "causal")])
 def test_block_matches_open_clip(act_layer, mask):
@@ -254,12 +264,7 @@ def test_block_matches_open_clip(act_layer, mask):
     assert type(fast) is FastResidualAttentionBlock
     x = torch.randn(3, 9, 32, dtype=torch.float64)
     attn_mask = causal_mask(9, torch.float64) if mask else None
-    want = block_forward_and_grads(block, x, attn_mask=attn_mask)
-    assert fused_block_calls(lambda: block_forward_and_grads(fast, x, attn_mask=attn_mask)) == 1
-    got = block_forward_and_grads(fast, x, attn_mask=attn_mask)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
-    for a, b in zip(got[1], want[1]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert_fused_block_matches(block, fast, x, attn_mask)
 
 
 @pytest.mark.parametrize("case", ["layer_scale", "hook", "global_hook", "autocast", "fp32_norm", "bfloat16",
@@ -418,9 +423,4 @@ def test_block_takes_masks_as_open_clip_does(mask):
     attn_mask = {"bool": lambda: torch.ones(6, 6, dtype=torch.bool).triu(1),
                  "sliced": lambda: causal_mask(9, torch.float64)[:6, :6],
                  "transposed": lambda: torch.randn(6, 6, dtype=torch.float64).t()}[mask]()
-    want = block_forward_and_grads(block, x, attn_mask=attn_mask)
-    assert fused_block_calls(lambda: block_forward_and_grads(fast, x, attn_mask=attn_mask)) == 1
-    got = block_forward_and_grads(fast, x, attn_mask=attn_mask)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
-    for a, b in zip(got[1], want[1]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert_fused_block_matches(block, fast, x, attn_mask)

@@ -53,6 +53,18 @@ def _l2_coef(sgg, sdg, sdd, step, eps, FLOOR: tl.constexpr):
 
 
 @triton.jit
+def _step_values(x, g, x0, p0, p1, lo, hi, L2: tl.constexpr):
+    # One step of each element. L-inf: p0 = step, p1 = eps; L2: p0 = s, p1 = f from the per-sample coefficients.
+    if L2:
+        y = x0 + ((x - x0) + p0 * g) * p1
+    else:
+        sign = (g > 0).to(x.dtype) - (g < 0).to(x.dtype)
+        y = tl.minimum(tl.maximum(x + p0 * sign, x0 - p1), x0 + p1)
+        y = tl.where((x == x) & (x0 == x0), y, x + x0)  # a NaN x or x0 gives NaN, whatever min/max do with it
+    return tl.where(y == y, tl.minimum(tl.maximum(y, lo), hi), y)
+
+
+@triton.jit
 def _pgd_step_fwd_kernel(x_ptr, g_ptr, x0_ptr, step_ptr, eps_ptr, coef_ptr, lo_ptr, hi_ptr, out_ptr, N, C, inner,
                          L2: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
     acc_t = step_ptr.dtype.element_ty
@@ -64,18 +76,14 @@ def _pgd_step_fwd_kernel(x_ptr, g_ptr, x0_ptr, step_ptr, eps_ptr, coef_ptr, lo_p
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_t)
     x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(acc_t)
     if L2:
-        s = tl.load(coef_ptr + 2 * b, mask=mask, other=0.0)
-        f = tl.load(coef_ptr + 2 * b + 1, mask=mask, other=0.0)
-        y = x0 + ((x - x0) + s * g) * f
+        p0 = tl.load(coef_ptr + 2 * b, mask=mask, other=0.0)
+        p1 = tl.load(coef_ptr + 2 * b + 1, mask=mask, other=0.0)
     else:
-        step = tl.load(step_ptr + b, mask=mask, other=0.0)
-        eps = tl.load(eps_ptr + b, mask=mask, other=0.0)
-        sign = (g > 0).to(acc_t) - (g < 0).to(acc_t)
-        y = tl.minimum(tl.maximum(x + step * sign, x0 - eps), x0 + eps)
-        y = tl.where((x == x) & (x0 == x0), y, x + x0)  # a NaN x or x0 gives NaN, whatever min/max do with it
+        p0 = tl.load(step_ptr + b, mask=mask, other=0.0)
+        p1 = tl.load(eps_ptr + b, mask=mask, other=0.0)
     lo = tl.load(lo_ptr + c, mask=mask, other=0.0)
     hi = tl.load(hi_ptr + c, mask=mask, other=0.0)
-    y = tl.where(y == y, tl.minimum(tl.maximum(y, lo), hi), y)
+    y = _step_values(x, g, x0, p0, p1, lo, hi, L2)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -95,13 +103,12 @@ def _pgd_step_plane_kernel(x_ptr, g_ptr, x0_ptr, step_ptr, eps_ptr, coef_ptr, lo
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_t)
     x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(acc_t)
     if L2:
-        y = x0 + ((x - x0) + tl.load(coef_ptr + 2 * b) * g) * tl.load(coef_ptr + 2 * b + 1)
+        p0 = tl.load(coef_ptr + 2 * b)
+        p1 = tl.load(coef_ptr + 2 * b + 1)
     else:
-        eps = tl.load(eps_ptr + b)
-        sign = (g > 0).to(acc_t) - (g < 0).to(acc_t)
-        y = tl.minimum(tl.maximum(x + tl.load(step_ptr + b) * sign, x0 - eps), x0 + eps)
-        y = tl.where((x == x) & (x0 == x0), y, x + x0)  # as in the flat kernel
-    y = tl.where(y == y, tl.minimum(tl.maximum(y, tl.load(lo_ptr + c)), tl.load(hi_ptr + c)), y)
+        p0 = tl.load(step_ptr + b)
+        p1 = tl.load(eps_ptr + b)
+    y = _step_values(x, g, x0, p0, p1, tl.load(lo_ptr + c), tl.load(hi_ptr + c), L2)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -196,10 +203,9 @@ def _pgd_step_launch(x_adv, grad, x_orig, step_size, eps, lower, upper, norm, ou
     inner = n // (x_adv.shape[0] * channels)
     # l2 stats are complete before the elementwise pass starts (separate launches), so in-place is safe there too.
     coef = _l2_coefficients(x_adv, grad, x_orig, step_size, eps) if norm == "l2" else step_size
-    planes = n // inner
     if inner >= _MIN_PLANE and triton.cdiv(inner, _BLOCK) <= _MAX_GRID_Y:
         block = min(_BLOCK, triton.next_power_of_2(inner))
-        launch(_pgd_step_plane_kernel)[(planes, triton.cdiv(inner, block))](
+        launch(_pgd_step_plane_kernel)[(n // inner, triton.cdiv(inner, block))](
             x_adv, grad, x_orig, step_size, eps, coef, lower, upper, out, channels, inner,
             L2=norm == "l2", BLOCK=block, num_warps=4)
         return

@@ -72,3 +72,16 @@ def hpt_train_config(world_, out, **overrides):
                    attack_steps=2, eval_every=4, eval_steps=2, eval_max_batches=1, progress=False, device="cpu",
                    tensorboard=False)
     return TrainConfig(**{**options, **overrides})
+
+
+class ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of tensor values into Python (bool(t), t.item(), int(t)): each one is a host sync on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import ScalarReads
 
 from urda_fast.attacks import BIM, FGSM, PGD, PGDL2
 from urda_fast.attacks.reference import textbook_attack
@@ -323,19 +324,6 @@ def test_autoattack_adapter_runs_or_says_how_to_install(digits, monkeypatch):
         AutoAttack(model, eps=EPS)
 
 
-class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts reads of tensor values into Python (bool(t), t.item(), int(t)): each one is a host sync on a GPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("space", ["pixel", "normalized"])
 def test_attack_steps_read_no_tensor_values(digits, space):
     """Input checks read values once per call; the steps themselves never do (no host sync per step on a GPU), so
@@ -347,7 +335,7 @@ def test_attack_steps_read_no_tensor_values(digits, space):
     counts = []
     for steps in (2, 8):
         attack = PGD(norm_model, eps=EPS, alpha=0.02, steps=steps, seed=0, fold_batchnorm=False, **stats)
-        with _ScalarReads() as reads:
+        with ScalarReads() as reads:
             attack(images, y[:32])
         counts.append(reads.count)
     assert counts[0] == counts[1], counts

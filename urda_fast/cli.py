@@ -143,7 +143,8 @@ def cmd_dart(args) -> int:
         data_flags = {k: getattr(args, k) for k in ("data", "root", "source", "target")}
         report = dart.evaluate_runs(args.runs, attacks=tuple(args.attacks.split(",")),
                                     eps=tuple(parse_float(e) for e in args.eps.split(",")), data_flags=data_flags,
-                                    out=args.out, device=args.device)
+                                    out=args.out, device=args.device, batch_size=args.batch_size,
+                                    num_workers=args.num_workers, max_batches=args.max_batches)
         from urda_fast.dart.report import to_markdown
 
         print(to_markdown(report))
@@ -179,6 +180,9 @@ def _add_dart(sub) -> None:
     ev.add_argument("-t", "--target", default="", help="default: the first run's target domain")
     ev.add_argument("--out", default=None, help="folder for report.md/json/png")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--num-workers", type=int, default=4, help="image-decoding processes (none for in-memory data)")
+    ev.add_argument("--max-batches", type=int, default=0, help="evaluate only the first N batches (0 = all)")
 
 
 def cmd_hpt(args) -> int:

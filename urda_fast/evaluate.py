@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import time
@@ -96,12 +97,13 @@ def robust_accuracy(model, loader, attacks, *, device=None, max_batches=None, pr
     correct = {name: 0 for name in attacks}
     seconds = {name: 0.0 for name in attacks}
     count = 0
-    bar = tqdm(loader, desc="robust accuracy", disable=not progress, total=_length(loader, max_batches))
-    for batch_index, batch in enumerate(bar):
-        if max_batches is not None and batch_index >= max_batches:
-            break
+    # islice: a loader is not asked for the batch after the last one wanted (its workers may still prefetch a few)
+    batches = loader if max_batches is None else itertools.islice(loader, max_batches)
+    bar = tqdm(batches, desc="robust accuracy", disable=not progress, total=_length(loader, max_batches))
+    for batch in bar:
         images, labels = _images_and_labels(batch)
-        images, labels = images.to(device), labels.to(device)
+        # non_blocking: a pinned batch's copy overlaps the host's work; the first kernel that reads it waits for it
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         _check_labels(images, labels)
         for name, attack in attacks.items():
             start = time.perf_counter()
@@ -123,6 +125,22 @@ def robust_accuracy(model, loader, attacks, *, device=None, max_batches=None, pr
     for path in save:
         table.save(path)
     return table
+
+
+def loader_workers(dataset, requested: int) -> int:
+    """``requested`` DataLoader workers, or 0 for in-memory tensors (worker start-up would cost more than it saves)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return 0 if isinstance(dataset, torch.utils.data.TensorDataset) else requested
+
+
+def check_loader_settings(batch_size, num_workers, max_batches, who: str) -> None:
+    """Clear errors, before any work, for evaluation loader settings that DataLoader would reject late or obscurely
+    (max_batches: None or 0 = all batches)."""
+    for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                               ("max_batches", max_batches or 0, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{who}: {name} must be an integer >= {least}, got {value!r}")
 
 
 def _model_device(model):

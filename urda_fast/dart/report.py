@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from urda_fast.attacks import FGSM, PGD
 from urda_fast.distributed import check_device
-from urda_fast.evaluate import robust_accuracy
+from urda_fast.evaluate import check_loader_settings, loader_workers, robust_accuracy
 from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, run_checkpoint
 from urda_fast.models import ModelSpec
 
@@ -29,23 +29,44 @@ def method_label(state: dict) -> str:
     return "uda+vat" if config.get("vat") else "uda"
 
 
+def check_attack_names(names) -> None:
+    for name in names:
+        if not (name in ("clean", "fgsm") or (name.startswith("pgd") and name[3:].isdigit())):
+            raise ValueError(f"dart eval: unknown attack {name!r}; choose from clean, fgsm, pgdK (e.g. pgd20)")
+
+
 def make_attacks(model, names, eps: float, seed: int = 0):
+    check_attack_names(names)
     table = {}
     for name in names:
         if name == "clean":
             table[name] = None
         elif name == "fgsm":
             table[name] = FGSM(model, eps=eps)
-        elif name.startswith("pgd") and name[3:].isdigit():
-            table[name] = PGD(model, eps=eps, alpha=eps / 4, steps=int(name[3:]), seed=seed)
         else:
-            raise ValueError(f"dart eval: unknown attack {name!r}; choose from clean, fgsm, pgdK (e.g. pgd20)")
+            table[name] = PGD(model, eps=eps, alpha=eps / 4, steps=int(name[3:]), seed=seed)
+    return table
+
+
+def budget_key(name: str, budget: float) -> str:
+    """The report's key of an attack at a budget, e.g. "pgd20@0.03137"; "clean" has no budget."""
+    return name if name == "clean" else f"{name}@{budget:.4g}"
+
+
+def budget_attacks(model, names, eps) -> dict:
+    """Every attack at every budget, keyed by :func:`budget_key`, clean once: one pass over the data evaluates them
+    all (each attack seeds its own random start per batch, so the figures do not depend on what runs beside it)."""
+    table = {}
+    for budget in eps:
+        for name, attack in make_attacks(model, names, budget).items():
+            table.setdefault(budget_key(name, budget), attack)
     return table
 
 
 def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), data_cfg: RunConfig | None = None,
                   data_flags: dict | None = None, out: str | None = None, device: str = "auto",
-                  max_batches: int | None = None, progress: bool = True, labels: dict | None = None) -> dict:
+                  max_batches: int | None = None, progress: bool = True, labels: dict | None = None,
+                  batch_size: int = 256, num_workers: int = 4) -> dict:
     """Evaluate each run directory (its best.pt) on the target test split under each attack and budget.
 
     Returns ``{"rows": [{"method", "run", "clean", "fgsm", "pgd", ...}], "eps": [...], "data": ...}`` with accuracies
@@ -55,11 +76,16 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
     The data is the first run's (its saved --data, --root, -s, -t), each field overridden where ``data_flags`` (the
     command line's ``{"data", "root", "source", "target"}``, None or "" = not given) or ``data_cfg`` give it: a moved
     root, another target domain. Another --data than the run's takes none of its root and domains. Only the target's
-    test split is read, so no source domain is needed.
+    test split is read, so no source domain is needed. Each run reads it once, in batches of ``batch_size`` decoded
+    by ``num_workers`` loader processes (none for in-memory data), ``max_batches`` of them when given.
     """
     if not runs:
         raise ValueError("dart eval: give at least one run folder or checkpoint")
     check_device(device, "dart eval")
+    check_loader_settings(batch_size, num_workers, max_batches, "dart eval")
+    check_attack_names(attacks)
+    if not eps or not all(isinstance(e, (int, float)) and 0 < e < float("inf") for e in eps):
+        raise ValueError(f"dart eval: budgets must be positive and finite, at least one (e.g. 8/255), got {eps!r}")
     # Every run checked before any evaluation; of each checkpoint only what evaluation reads is kept (no optimizer)
     states = [{k: state[k] for k in ("kind", "spec", "config", "modules") if k in state}
               for state in map(read_checkpoint, runs)]
@@ -76,19 +102,18 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
             raise ValueError(f"dart eval: {run_checkpoint(run)!r} has {classes} classes but the evaluation data "
                              f"({data.description}) has {data.num_classes}: runs of different tasks cannot share one "
                              "report; evaluate them separately")
-    loader = DataLoader(data.target_test, batch_size=256)
     rows = []
     for run, state in zip(runs, states):
         model, _, dev = load_checkpoint_model(run, device, state)
+        loader = DataLoader(data.target_test, batch_size=batch_size, shuffle=False,
+                            num_workers=loader_workers(data.target_test, num_workers), pin_memory=dev.type == "cuda")
+        table = robust_accuracy(model, loader, budget_attacks(model, attacks, eps), device=dev,
+                                max_batches=max_batches or None, progress=progress)
         row = {"method": (labels or {}).get(run) or method_label(state), "run": run}
         for budget_index, budget in enumerate(eps):
-            table = robust_accuracy(model, [(x.to(dev), y.to(dev)) for x, y in loader],
-                                    make_attacks(model, attacks, budget), max_batches=max_batches, progress=progress)
             for name in attacks:
-                if name == "clean" and budget_index > 0:
-                    continue
-                value = round(table[name].accuracy, 2)
-                row[name if name == "clean" else f"{name}@{budget:.4g}"] = value
+                value = round(table[budget_key(name, budget)].accuracy, 2)
+                row[budget_key(name, budget)] = value
                 if budget_index == 0 and name != "clean":
                     row[name] = value
         pgd_names = [a for a in attacks if a.startswith("pgd")]

@@ -245,3 +245,23 @@ def test_resume_refuses_a_changed_input_file(tmp_path):
     with pytest.raises(ValueError, match="--teacher '.*teacher.pt' has changed since the run began \\(same size, "
                                          "other content\\)"):
         fit_inputs(True, None)
+
+
+class CudnnFlagTask(LinearTask):
+    def training_step(self):
+        self.flags = getattr(self, "flags", []) + [torch.backends.cudnn.benchmark]
+        return super().training_step()
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_cudnn_benchmark_is_set_for_the_loop_only(tmp_path, on, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not on)
+    task = CudnnFlagTask(fail_at=4)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+    settings = LoopSettings(iterations=6, out_dir=str(tmp_path), eval_every=3, progress=False,
+                            select_metric="neg_mse", cudnn_benchmark=on)
+    with pytest.raises(KeyboardInterrupt):  # restored also when a step fails
+        fit(task, optimizer, scheduler, settings, device=torch.device("cpu"))
+    assert task.flags == [on] * 4
+    assert torch.backends.cudnn.benchmark is (not on)

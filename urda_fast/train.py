@@ -77,6 +77,10 @@ class LoopSettings:
     stop_after: int | None = None  # end the run after this iteration (as a kill would), for resume tests
     log_every: int = 10
     tensorboard: bool = True  # TensorBoard scalars in out_dir/tb beside log.csv
+    # cuDNN times its convolution algorithms on the first batch of each shape and keeps the fastest, as tllib's and
+    # the methods' scripts set it: a training step's shapes never change. Off: algorithms chosen by heuristics, the
+    # same in every process (one condition of a bit-for-bit resume on a GPU). Set for the loop's duration only.
+    cudnn_benchmark: bool = True
 
     def __post_init__(self):
         # Checked before any data is read or a progress bar drawn: `--iterations -3` would otherwise "finish" at once
@@ -459,8 +463,10 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
     stop_request = _StopOnSignal()
     saved_at = start
     tic = time.perf_counter()
+    cudnn_benchmark = torch.backends.cudnn.benchmark
     try:
         stop_request.install()
+        torch.backends.cudnn.benchmark = settings.cudnn_benchmark
         for iteration in bar:
             with nvtx_range(f"step {iteration}"):
                 with _autocast(settings.amp, device.type):
@@ -512,6 +518,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
                     checkpoint(iteration)
                 _StopOnSignal.stop(signum, iteration, last_path)
     finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         stop_request.restore()
         bar.close()
         if tb is not None:

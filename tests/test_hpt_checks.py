@@ -224,3 +224,45 @@ def test_pcam_without_h5py_says_so_first(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)  # `import h5py` raises ImportError
     with pytest.raises(ImportError, match=r"pcam needs the h5py package, which is not installed: pip install h5py"):
         open_dataset("pcam", root=str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------- host syncs per training step
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
+@pytest.mark.parametrize("method,phase", [("tecoa", "hpt"), ("pmg-aft", "hpt"), ("hpt", "hpt"), ("hpt-gpd", "warmup"),
+                                          ("hpt-gpd", "hpt")])
+def test_training_steps_read_no_tensor_values_beyond_the_attacks_checks(fake_world, tmp_path, method, phase):
+    """Each read of a tensor value is a host sync on a GPU. A whole step (training_step, backward, SGD, scheduler,
+    logit_scale clamp) reads only what the attack's input checks read once per call (urda_fast/attacks/base.py:
+    images in range, labels in range, finite loss), whatever the step and the attack's length."""
+    from conftest import ScalarReads
+
+    per_step = []
+    for attack_steps in (1, 3):
+        task, optimizer, _, _ = build_task(cfg_for(fake_world, tmp_path / f"{method}{attack_steps}", method=method,
+                                                   iterations=20, warmup_steps=3, attack_steps=attack_steps))
+        if phase == "hpt":
+            for _ in range(3):  # past the warm-up: GPD's HPT phase (the other methods ignore phases)
+                task.scheduler.step()
+        batches = [next(task.stream) for _ in range(3)]  # a new epoch's loader draws its seed (a read per epoch)
+        task.stream = iter(batches)
+        assert task.schedule.phase(task.scheduler.last_epoch) == phase
+        attack, attack_reads = task.attack, []
+
+        def counted_attack(*args, _attack=attack, **kwargs):
+            with ScalarReads() as reads:
+                result = _attack(*args, **kwargs)
+            attack_reads.append(reads.count)
+            return result
+
+        task.attack = counted_attack
+        for _ in range(3):
+            with ScalarReads() as reads:
+                loss = task.training_step()["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                task.scheduler.step()
+                task.after_step()
+            per_step.append((reads.count - attack_reads[-1], attack_reads[-1]))
+    assert {own for own, _ in per_step} == {0}, per_step
+    assert len({attack for _, attack in per_step}) == 1, per_step

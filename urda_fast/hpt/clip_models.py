@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import tempfile
+import warnings
+import zipfile
 
 import torch
 
@@ -92,14 +94,51 @@ def check_architecture(arch: str) -> dict:
     return cfg
 
 
-def _state_dict_of(path: str) -> dict | None:
-    """The open_clip weights inside a urda_fast HPT run checkpoint (its target), else None (a plain CLIP file)."""
+class CheckpointRefused(ValueError):
+    """A readable checkpoint that would load in part, or into another function: said as it is (not re-read as a
+    load failure by ``_checkpoint_error``)."""
+
+
+def is_torchscript(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive, the format of OpenAI's released CLIP weights (``clip.load``'s
+    ViT-B-32.pt): ``torch.load(weights_only=True)``, and so open_clip's ``load_checkpoint``, refuses them."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:  # torch.serialization._is_torchscript_zip's test, without torch's reader
+        return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+
+
+def _state_dict_of(path: str, arch: str | None = None) -> dict | None:
+    """The open_clip weights of the files open_clip's loader cannot read -- a urda_fast HPT run checkpoint (its
+    target), a TorchScript archive -- else None (left to open_clip's loader). ``CheckpointRefused`` for the TeCoA
+    / PMG-AFT code's checkpoints (an image tower only) and, with ``arch``, for OpenAI's archives under an architecture
+    without QuickGELU: they would load without a word and compute another function."""
+    if is_torchscript(path):
+        if arch is not None and not check_architecture(arch).get("quick_gelu"):
+            raise CheckpointRefused(f"hpt: {path!r} is a TorchScript archive, the format of OpenAI's released CLIP "
+                                    f"weights, which were trained with QuickGELU; architecture {arch} uses GELU, so "
+                                    f"every activation would differ from the weights' own: use {arch}-quickgelu")
+        with warnings.catch_warnings():  # torch's deprecation of TorchScript: the archives are what OpenAI released
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            state = torch.jit.load(path, map_location="cpu").state_dict()
+        for key in ("input_resolution", "context_length", "vocab_size"):  # the archive's constants, not weights
+            state.pop(key, None)
+        return state
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 -- TorchScript archives, safetensors, ...: left to open_clip's loader
+    except Exception:  # noqa: BLE001 -- safetensors, legacy pickles, ...: left to open_clip's loader
         return None
-    if isinstance(state, dict) and isinstance(state.get("modules"), dict) and "target" in state["modules"]:
+    if not isinstance(state, dict):
+        return None
+    if isinstance(state.get("modules"), dict) and "target" in state["modules"]:
         return state["modules"]["target"]
+    if isinstance(state.get("vision_encoder_state_dict"), dict):
+        # Their 'state_dict' is the (empty) visual prompter's: open_clip's loader would read it and fail on nothing.
+        raise CheckpointRefused(f"hpt: {path!r} holds an image tower only ('vision_encoder_state_dict', the "
+                                "checkpoint format of the TeCoA / PMG-AFT code, which fine-tunes model.visual), "
+                                "without the text tower and logit_scale a zero-shot CLIP needs; merge it into its "
+                                "base CLIP first: model.visual.load_state_dict(ckpt['vision_encoder_state_dict']) on "
+                                "the base model, then torch.save(model.state_dict(), PATH)")
     return None
 
 
@@ -142,13 +181,14 @@ def load_clip(arch: str, checkpoint: str | None, device: str | torch.device = "c
     Args:
         arch: an open_clip architecture name (OpenAI's released weights need the ``-quickgelu`` variants) or one of
             ``TINY_CONFIGS``.
-        checkpoint: a local weights file -- an open_clip/OpenAI state dict (.pt/.bin/.safetensors), or a run folder /
+        checkpoint: a local weights file -- an open_clip/OpenAI state dict (.pt/.bin/.safetensors), open_clip's
+            training checkpoint, OpenAI's TorchScript archive (with a ``-quickgelu`` architecture), or a run folder /
             ``best.pt`` / ``last.pt`` written by ``hpt train``; None = random initialisation.
         device: where to put the model.
 
     Raises:
         FileNotFoundError: the checkpoint does not exist (nothing is ever downloaded).
-        ValueError: unknown architecture, or weights that do not fit it.
+        ValueError: unknown architecture, weights that do not fit it, or an image tower without its CLIP.
     """
     import open_clip
 
@@ -166,11 +206,13 @@ def load_clip(arch: str, checkpoint: str | None, device: str | torch.device = "c
                                        device="cpu")
     if checkpoint is not None:
         try:
-            own = _state_dict_of(checkpoint)
+            own = _state_dict_of(checkpoint, arch)
             if own is not None:
                 model.load_state_dict(own)
             else:
                 open_clip.load_checkpoint(model, checkpoint)
+        except CheckpointRefused:
+            raise
         except Exception as err:  # noqa: BLE001 -- classified by what the file holds: see _checkpoint_error
             raise _checkpoint_error(model, arch, checkpoint, err) from err
     tokenizer = open_clip.get_tokenizer(arch)

@@ -30,7 +30,9 @@ class DataConfig:
     train_data: str = "tinyimagenet"  # "tinyimagenet" (PMG-AFT protocol) | "imagefolder" | "world" (embedded, offline)
     root: str = ""  # dataset root (tinyimagenet: the folder holding tiny-imagenet-200/, or tiny-imagenet-200 itself)
     world: str = ""  # folder of the embedded world (`hpt demo` builds it); "" = the default cache folder
-    val_data: str = ""  # zero-shot sets evaluated during training, comma-separated ("" = the train data's val split)
+    # zero-shot sets evaluated during training, comma-separated ("" = the world's sets, TinyImageNet's val split, or
+    # an imagefolder's own training images)
+    val_data: str = ""
     image_size: int = 224  # images are resized to this for real datasets (the model resizes again if it differs)
     num_workers: int = 4
 

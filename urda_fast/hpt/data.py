@@ -99,11 +99,37 @@ def _classnames_of(name, dataset):
     return [refine_classname(c) for c in names]
 
 
-def tinyimagenet(root: str, transform=None) -> ZeroShotSet:
-    """TinyImageNet's training split: ``<root>/tiny-imagenet-200/train/<wnid>/images/*.JPEG`` (or root = the
-    tiny-imagenet-200 folder), class names from ``words.txt`` (first synonym)."""
-    from torchvision.datasets import ImageFolder
+class ListedImages(Dataset):
+    """Image files with their labels from a list rather than from class folders; ``classes`` as an ImageFolder's."""
 
+    def __init__(self, samples, classes, transform=None):
+        self.samples, self.classes, self.transform = samples, classes, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        from torchvision.datasets.folder import default_loader
+
+        path, label = self.samples[index]
+        image = default_loader(path)
+        return (self.transform(image) if self.transform is not None else image), label
+
+
+TINYIMAGENET_SPLITS = ("train", "val")
+
+
+def tinyimagenet(root: str, transform=None, split: str = "train") -> ZeroShotSet:
+    """TinyImageNet from ``<root>/tiny-imagenet-200`` (or root = that folder), class names from ``words.txt`` (first
+    synonym). ``train``: ``train/<wnid>/images/*.JPEG``; ``val``: ``val/images/*.JPEG`` labelled by
+    ``val/val_annotations.txt`` (no class folders: an ImageFolder would see one class, ``images``), with the training
+    split's class indices."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import find_classes
+
+    if split not in TINYIMAGENET_SPLITS:
+        raise ValueError(f"hpt: TinyImageNet split must be one of {TINYIMAGENET_SPLITS}, got {split!r} (its test "
+                         "split has no labels)")
     base = root if os.path.isdir(os.path.join(root, "train")) else os.path.join(root, "tiny-imagenet-200")
     train, words = os.path.join(base, "train"), os.path.join(base, "words.txt")
     if not (os.path.isdir(train) and os.path.isfile(words)):
@@ -112,16 +138,47 @@ def tinyimagenet(root: str, transform=None) -> ZeroShotSet:
                                 "(the unpacked tiny-imagenet-200.zip)")
     with open(words) as f:
         names = dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
-    dataset = ImageFolder(train, transform=transform)
+    if split == "train":
+        dataset = ImageFolder(train, transform=transform)
+    else:
+        classes, index = find_classes(train)  # the training split's order: a run's head scores both alike
+        annotations = os.path.join(base, "val", "val_annotations.txt")
+        if not os.path.isfile(annotations):
+            raise FileNotFoundError(f"hpt: TinyImageNet's val split not found: expected {annotations} and "
+                                    f"{os.path.join(base, 'val', 'images')}/*.JPEG (the unpacked "
+                                    "tiny-imagenet-200.zip)")
+        with open(annotations) as f:
+            rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+        unknown = sorted({row[1] for row in rows if row[1] not in index})
+        if unknown:
+            raise ValueError(f"hpt: {annotations} labels images with class(es) {unknown[:3]} that {train} has no "
+                             "folder for; are train/ and val/ from the same tiny-imagenet-200?")
+        samples = [(os.path.join(base, "val", "images", row[0]), index[row[1]]) for row in rows]
+        dataset = ListedImages(samples, classes, transform)
     missing = [w for w in dataset.classes if w not in names]
     if missing:
         raise ValueError(f"hpt: {words} has no name for class folder(s) {missing[:3]}; is it TinyImageNet's words.txt?")
-    return ZeroShotSet("tinyimagenet", dataset, [refine_classname(names[w].split(",")[0]) for w in dataset.classes])
+    return ZeroShotSet("tinyimagenet" if split == "train" else "tinyimagenet:val", dataset,
+                       [refine_classname(names[w].split(",")[0]) for w in dataset.classes])
+
+
+def check_class_folders(name: str, classes) -> None:
+    """A ValueError for an ImageFolder whose class folders cannot make a zero-shot head: one class (every image
+    counts as right: 100% whatever the model), or WordNet ids, which would be the prompts' class names."""
+    if len(classes) < 2:
+        raise ValueError(f"hpt: {name}: {len(classes)} class folder(s) {list(classes)}: a zero-shot set needs at "
+                         "least 2 (with one, every prediction is right); give the folder holding one folder per "
+                         "class (TinyImageNet's val/ has none: use the dataset name tinyimagenet)")
+    if all(re.fullmatch(r"n\d{8}", str(c)) for c in classes):
+        raise ValueError(f"hpt: {name}: the class folders are WordNet ids ({', '.join(list(classes)[:3])}, ...), "
+                         "which would be the zero-shot prompts' class names; use the dataset names imagenet or "
+                         "tinyimagenet, which read their class names")
 
 
 def open_dataset(name: str, root: str = "", image_size: int = 224, world=None) -> ZeroShotSet:
-    """A zero-shot set by name: an ``EVAL_DATASETS`` key, ``imagenet``, ``tinyimagenet``, ``folder:PATH`` or
-    ``world:SPLIT`` (needs ``world``). Missing or mis-laid files raise FileNotFoundError naming the layout."""
+    """A zero-shot set by name: an ``EVAL_DATASETS`` key, ``imagenet``, ``tinyimagenet`` (its val split),
+    ``folder:PATH`` or ``world:SPLIT`` (needs ``world``). Missing or mis-laid files raise FileNotFoundError naming
+    the layout."""
     name = ALIASES.get(name.strip().lower(), name.strip().lower()) if not name.startswith(("folder:", "world:")) \
         else name.strip()
     if name.startswith("world:"):
@@ -138,10 +195,10 @@ def open_dataset(name: str, root: str = "", image_size: int = 224, world=None) -
         if not os.path.isdir(path):
             raise FileNotFoundError(f"hpt: {name}: folder {path!r} not found (expected {path}/<class>/<image>)")
         dataset = ImageFolder(path, transform=transform)
+        check_class_folders(name, dataset.classes)
         return ZeroShotSet(name, dataset, distinct_classnames(name, dataset.classes, "class folders"))
-    if name == "tinyimagenet":
-        zs = tinyimagenet(os.path.expanduser(root), transform)
-        return zs
+    if name in ("tinyimagenet", "tinyimagenet:val"):  # an evaluation set: the labelled held-out split
+        return tinyimagenet(os.path.expanduser(root), transform, split="val")
     if not root:
         raise ValueError(f"hpt: dataset {name!r} needs --root, the folder holding it")
     root = os.path.expanduser(root)
@@ -185,3 +242,11 @@ def loader_workers(dataset: Dataset, requested: int) -> int:
     while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset
     return 0 if isinstance(dataset, TensorDataset) else requested
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device) -> torch.utils.data.DataLoader:
+    """Dataset-order batches for evaluation, ``loader_workers`` workers; page-locked on CUDA, where a batch from
+    pageable memory is copied synchronously (``.to(device, non_blocking=True)`` then blocks the host)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                       num_workers=loader_workers(dataset, num_workers),
+                                       pin_memory=torch.device(device).type == "cuda")

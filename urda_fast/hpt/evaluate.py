@@ -11,14 +11,13 @@ Accuracies are percentages; averages are over datasets (each counts once, as in 
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from urda_fast.attacks import PGD, AutoAttack
 from urda_fast.attacks.base import frozen_eval
 from urda_fast.evaluate import robust_accuracy
 
-from .data import loader_workers
+from .data import eval_loader
 from .zero_shot import ZeroShotClassifier
 
 
@@ -52,8 +51,7 @@ def zero_shot_robustness(clip, tokenizer, sets, *, attack: str = "pgd10", eps: f
         robust = make_attack(head, attack, eps, alpha, seed, num_classes=len(zs.classnames))
         if robust is not None:
             attacks["robust"] = robust
-        loader = DataLoader(zs.dataset, batch_size=batch_size, shuffle=False,
-                            num_workers=loader_workers(zs.dataset, num_workers))
+        loader = eval_loader(zs.dataset, batch_size, num_workers, device)
         table = robust_accuracy(head, loader, attacks, device=device, max_batches=max_batches or None,
                                 progress=progress)
         per_dataset[zs.name] = {"clean": table["clean"].accuracy, "count": table["clean"].count}

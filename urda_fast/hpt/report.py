@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import os
 
-from torch.utils.data import DataLoader
-
 from urda_fast.distributed import pick_device
 from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, load_torch_file, run_checkpoint
 
 from .clip_models import load_clip_arg, parse_model_arg
 from .config import EvalConfig, ModelsConfig, ProxyCheckConfig
-from .data import loader_workers, open_dataset, subset
+from .data import eval_loader, open_dataset, subset
 from .evaluate import proxy_robustness, zero_shot_robustness
 from .zero_shot import ZeroShotClassifier, parse_templates
 
@@ -105,8 +103,7 @@ def proxy_check(cfg: ProxyCheckConfig, world=None) -> dict:
         heads.append(ZeroShotClassifier(clip, tokenizer, zs.classnames, parse_templates(cfg.templates),
                                         logits=cfg.logits, preprocess=cfg.preprocess))
     dataset = subset(zs.dataset, cfg.max_batches * cfg.batch_size, cfg.seed) if cfg.max_batches else zs.dataset
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
-                        num_workers=loader_workers(dataset, cfg.num_workers))
+    loader = eval_loader(dataset, cfg.batch_size, cfg.num_workers, device)
     result = proxy_robustness(*heads, loader, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps, seed=cfg.seed,
                               progress=cfg.progress)
     return {**result, "data": zs.name, "target": cfg.target, "proxy": cfg.proxy}

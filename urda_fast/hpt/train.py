@@ -64,14 +64,16 @@ def training_set(cfg: TrainConfig, world: World | None) -> ZeroShotSet:
 
 
 def validation_sets(cfg: TrainConfig, world: World | None, train_set: ZeroShotSet) -> list:
-    """``cfg.val_data``'s sets; by default the world's zero-shot sets, or the training data. Each is cut to the
-    fixed random sample of ``eval_max_batches`` x ``batch_size`` images that ``hpt eval --max-batches`` takes with
-    the same seed and batch size (the first batches of a class-sorted set, e.g. an ImageFolder, would hold one or
-    two classes only)."""
+    """``cfg.val_data``'s sets; by default the world's zero-shot sets, TinyImageNet's val split, or (an ImageFolder,
+    which has no other) the training data. Each is cut to the fixed random sample of ``eval_max_batches`` x
+    ``batch_size`` images that ``hpt eval --max-batches`` takes with the same seed and batch size (the first batches
+    of a class-sorted set, e.g. an ImageFolder, would hold one or two classes only)."""
     if cfg.val_data:
         sets = [open_dataset(name, cfg.root, cfg.image_size, world) for name in cfg.val_data.split(",") if name]
     elif world is not None:
         sets = [open_dataset(name, world=world) for name in WORLD_VAL_SETS]
+    elif cfg.train_data == "tinyimagenet":  # best.pt chosen on held-out images, not on the ones it trained on
+        sets = [tinyimagenet(os.path.expanduser(cfg.root), eval_transform(cfg.image_size), split="val")]
     else:
         sets = [train_set]
     count = cfg.eval_max_batches * cfg.batch_size

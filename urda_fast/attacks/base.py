@@ -285,9 +285,12 @@ class Attack:
         return pred == reference if targeted else pred != reference
 
     def _check_labels(self, labels, classes):
-        if labels is not None and labels.numel() and (int(labels.max()) >= classes or int(labels.min()) < 0):
+        if labels is None or not labels.numel():
+            return
+        low, high = torch.stack(torch.aminmax(labels)).tolist()  # one host read for both ends
+        if high >= classes or low < 0:
             raise ValueError(f"urda_fast.attacks: labels must lie in [0, {classes}) for this {classes}-class model, "
-                             f"got [{int(labels.min())}, {int(labels.max())}]")
+                             f"got [{low}, {high}]")
 
     def _attack_once(self, x0, labels, soft_targets, targeted, lower, upper, generator, restarts=1):
         x = self._random_start(x0, lower, upper, generator, restarts) if self.random_start else x0.clone()

@@ -29,10 +29,16 @@ def _row_of(start, D, BLOCK: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _norm_floor(norm, eps):
+    # max(norm, eps) that keeps a NaN norm (tl.maximum drops NaN on GPUs): a NaN row's gradients stay NaN, not ~1/eps
+    return tl.where(norm <= eps, eps, norm)
+
+
+@triton.jit
 def _cosine_finish(dot, saa, sbb, eps):
     na = tl.sqrt(saa)
     nb = tl.sqrt(sbb)
-    return na, nb, dot / (tl.maximum(na, eps) * tl.maximum(nb, eps))
+    return na, nb, dot / (_norm_floor(na, eps) * _norm_floor(nb, eps))
 
 
 @triton.jit
@@ -148,7 +154,7 @@ def _feature_cosine_bwd_kernel(gc_ptr, a_ptr, b_ptr, stats_ptr, da_ptr, db_ptr, 
     dot = tl.load(stats_ptr + row * 3, mask=mask, other=0.0)
     na = tl.load(stats_ptr + row * 3 + 1, mask=mask, other=1.0)
     nb = tl.load(stats_ptr + row * 3 + 2, mask=mask, other=1.0)
-    inv = 1.0 / (tl.maximum(na, eps_c) * tl.maximum(nb, eps_c))
+    inv = 1.0 / (_norm_floor(na, eps_c) * _norm_floor(nb, eps_c))
     g_cos = g * (dot * inv)
     a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(acc_t)
     b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(acc_t)

@@ -67,9 +67,11 @@ def _kd_kl_fwd_kernel(s_ptr, t_ptr, kl_ptr, stats_ptr, C, temperature: tl.float6
         sh_s = _shift(new_m_s)
         moved_t = (_shift(m_t) - sh_t) * inv_t
         moved_s = (_shift(m_s) - sh_s) * inv_t
-        # Nothing accumulated yet (z == 0) rescales to 0 and never forms 0 * inf; a NaN z stays NaN.
+        # Nothing accumulated yet (z == 0) rescales to 0 and never forms 0 * inf; a NaN z stays NaN. A rescale that
+        # underflows to 0 (the max rose by > ~88 T in float32) zeroes w too: w may be +inf (a student-masked class
+        # under teacher mass), and 0 * inf would be NaN where the classes it held now have p == 0.
         rescale_t = tl.where(z_t == 0, 0.0, tl.exp(moved_t))
-        w = tl.where(z_t == 0, 0.0, rescale_t * (w + (moved_t - moved_s) * z_t))
+        w = tl.where(rescale_t == 0, 0.0, rescale_t * (w + (moved_t - moved_s) * z_t))
         z_t = z_t * rescale_t
         z_s = tl.where(z_s == 0, 0.0, z_s * tl.exp(moved_s))
         a = (vt - sh_t) * inv_t

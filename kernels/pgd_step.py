@@ -47,7 +47,8 @@ def _l2_coef(sgg, sdg, sdd, step, eps, FLOOR: tl.constexpr):
     dn = tl.sqrt(tl.maximum(sdd + 2.0 * s * sdg + sg * sg, 0.0))
     f = tl.minimum(eps / tl.maximum(dn, FLOOR), 1.0)
     # A NaN/inf in the sample makes it all NaN, as the reference (min/max above may drop NaN: hardware semantics).
-    total = sgg + sdg + sdd
+    # Not the cross term: |sdg| <= sqrt(sgg sdd), finite when they are, yet adding it could overflow a finite sum.
+    total = sgg + sdd
     finite = (total == total) & (tl.abs(total) < float("inf"))
     return tl.where(finite, s, float("nan")), tl.where(finite, f, float("nan"))
 

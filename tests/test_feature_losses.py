@@ -60,6 +60,27 @@ def test_feature_cosine_zero_and_tiny_rows(backend):
     check("cosine", name, a.float(), b.float(), torch.float32, "zero rows f32")
 
 
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_feature_loss_nan_in_a_row_makes_the_loss_and_that_rows_gradients_nan(backend, loss_name, dtype):
+    """A NaN element: the loss is NaN, the gradients are NaN where the reference's are (the cosine's: its whole row;
+    a norm clamp that dropped the NaN gave finite ~1e7 gradients there), and the other rows keep theirs."""
+    name, device = backend
+    a = torch.randn(3, 6, dtype=dtype, device=device)
+    b = torch.randn(3, 6, dtype=dtype, device=device)
+    a[0, 2] = float("nan")
+    ours, ref = LOSSES[loss_name]
+    got, want = [], []
+    for fn, out, kwargs in ((ours, got, {"backend": name}), (ref, want, {})):
+        x, y = a.detach().requires_grad_(), b.detach().requires_grad_()
+        loss = fn(x, y, **kwargs)
+        out.extend((loss, *torch.autograd.grad(loss, (x, y))))
+    assert torch.isnan(got[0])
+    for label, x, y in zip(("d_a", "d_b"), got[1:], want[1:]):
+        assert torch.equal(torch.isnan(x), torch.isnan(y)), label
+        torch.testing.assert_close(x[1:], y[1:], msg=label)  # the rows without NaN
+
+
 def test_feature_losses_non_contiguous_and_mixed(backend):
     name, device = backend
     a = torch.randn(6, 10, device=device).t()  # (10, 6) strided

@@ -129,6 +129,26 @@ def test_kd_kl_long_rows_whose_max_comes_late(backend, dtype):
     assert abs(float(shifted)) < (1e-5 if dtype == torch.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("dtype, rise", [(torch.float32, 200.0), (torch.float64, 800.0)])
+def test_kd_kl_student_mask_whose_teacher_mass_underflows_later(backend, dtype, rise):
+    """A student-masked class in the first chunk makes the running KL +inf; a teacher max 200 (float32) / 800
+    (float64) higher in the next chunk then gives that class p == 0 in the dtype: the row is finite, as the
+    reference computed in the same dtype says (a one-pass kernel must not form 0 * inf = NaN there)."""
+    name, device = backend
+    student = torch.zeros(2, 4100, dtype=dtype, device=device)
+    teacher = torch.zeros(2, 4100, dtype=dtype, device=device)
+    student[:, 0] = float("-inf")
+    teacher[0, -1] = rise  # row 1 keeps the teacher's mass on the masked class: +inf
+    for temperature in (0.5, 1.0):  # rise / T past the dtype's exp underflow (~103 float32, ~745 float64)
+        got = loss_and_grads(ops.kd_kl_loss, student, teacher, backend=name, temperature=temperature,
+                             reduction="none")
+        want = loss_and_grads(reference.kd_kl_loss, student, teacher, temperature=temperature, reduction="none")
+        assert torch.isfinite(want[0][0]) and want[0][1] == float("inf")
+        for label, a, b in zip(("loss", "d_student", "d_teacher"), got, want):
+            torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6, msg=f"T={temperature} {label}")
+        assert got[0][1] == float("inf")
+
+
 def test_kd_kl_student_mask_under_teacher_mass_is_inf(backend):
     name, device = backend
     student, teacher = logits((2, 5), torch.float32, device), logits((2, 5), torch.float32, device)

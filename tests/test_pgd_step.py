@@ -126,6 +126,22 @@ def test_pgd_step_extremes(backend):
 
 
 @pytest.mark.parametrize("side", [3, 24], ids=["small_planes", "long_planes"])
+def test_pgd_step_l2_huge_finite_sample_stays_finite(backend, side):
+    """|g|^2 + |x - x0|^2 just below float32's limit is finite, as the reference says, even though adding the cross
+    term <x - x0, g> would overflow: the sample takes a step, it does not turn NaN."""
+    name, device = backend
+    x_orig = torch.zeros(2, 1, side, side, device=device)
+    x_adv, grad = x_orig.clone(), torch.zeros_like(x_orig)
+    x_adv[0, 0, 0, 0] = grad[0, 0, 0, 0] = 1.3e19  # squares 1.69e38 each: sum 3.4e38 < 3.403e38
+    x_adv[1], grad[1] = 0.5, -1.0
+    kwargs = dict(step_size=0.5, eps=0.25, norm="l2", lower=-1e30, upper=1e30)
+    want = reference.pgd_step(x_adv, grad, x_orig, upcast=True, **kwargs)
+    got = ops.pgd_step(x_adv, grad, x_orig, backend=name, **kwargs)
+    assert torch.isfinite(want).all()
+    assert_close(got, want, torch.float32, "l2")
+
+
+@pytest.mark.parametrize("side", [3, 24], ids=["small_planes", "long_planes"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_pgd_step_non_finite_inputs_give_nan_as_the_reference(backend, dtype, side):
     """NaN in, NaN out, on every backend alike: L-inf per element from x_adv or x_orig (a NaN gradient is no step,

@@ -86,7 +86,8 @@ void pgd_step_kernel(const at::Tensor& x_adv, const at::Tensor& grad, const at::
     double sums[3];
     const int64_t off = b * sample;
     l2_sums(x + off, g + off, x0 + off, sample, sums);
-    if (!std::isfinite(sums[0] + sums[1] + sums[2])) {  // a NaN/inf in the sample: all NaN, as the reference
+    // A NaN/inf in the sample: all NaN, as the reference (|g|^2 + |x - x0|^2; the cross term is bounded by them).
+    if (!std::isfinite(sums[0] + sums[2])) {
       scale = factor = std::numeric_limits<acc_t>::quiet_NaN();
       return;
     }

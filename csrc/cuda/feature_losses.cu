@@ -119,6 +119,12 @@ __global__ void cosine_partial_kernel(const scalar_t* __restrict__ a, const scal
   }
 }
 
+// max(norm, eps), keeping a NaN norm (a NaN row's loss and gradients stay NaN, as the reference's, not ~1/eps).
+template <typename acc>
+__device__ __forceinline__ acc norm_floor(acc norm, acc eps) {
+  return norm <= eps ? eps : norm;
+}
+
 // One thread per row: stats[r] = [dot, |a|, |b|], cos[r] = dot / (max(|a|, eps) * max(|b|, eps)).
 template <typename acc>
 __global__ void cosine_finish_kernel(const acc* __restrict__ partial, int64_t rows, int64_t chunks, acc eps,
@@ -137,7 +143,7 @@ __global__ void cosine_finish_kernel(const acc* __restrict__ partial, int64_t ro
   stats[r * 3 + 0] = dot;
   stats[r * 3 + 1] = na;
   stats[r * 3 + 2] = nb;
-  cos[r] = dot / ((na > eps ? na : eps) * (nb > eps ? nb : eps));
+  cos[r] = dot / (norm_floor(na, eps) * norm_floor(nb, eps));
 }
 
 // Per-row backward coefficients: d_a = g (b * v[0] - a * v[1]), d_b = g (a * v[0] - b * v[2]), v[3] = g.
@@ -145,7 +151,7 @@ template <typename acc>
 __device__ __forceinline__ Vals<acc, 4> cosine_coefs(const acc* __restrict__ grad, const acc* __restrict__ stats,
                                                      int64_t row, acc eps) {
   const acc dot = stats[row * 3 + 0], na = stats[row * 3 + 1], nb = stats[row * 3 + 2];
-  const acc inv_denom = acc(1) / ((na > eps ? na : eps) * (nb > eps ? nb : eps));
+  const acc inv_denom = acc(1) / (norm_floor(na, eps) * norm_floor(nb, eps));
   const acc cos = dot * inv_denom;
   return {{inv_denom, na > eps ? cos / (na * na) : acc(0), nb > eps ? cos / (nb * nb) : acc(0), grad[row]}};
 }

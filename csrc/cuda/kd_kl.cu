@@ -37,6 +37,13 @@ __device__ __forceinline__ void online_add(T& m, T& s, T x, T inv_t) {
 
 template <typename T>
 __device__ __forceinline__ void online_merge(T& m, T& s, T m2, T s2, T inv_t) {
+  // The two lanes of a butterfly step hold the halves in opposite order; nvcc contracts s * e + s2 * e2 into an FMA
+  // whose operand order decides its rounding, so put the larger (max, sum) first: both lanes compute the same bits.
+  if (m2 > m || (m2 == m && s2 > s)) {
+    const T m_first = m2, s_first = s2;
+    m2 = m, s2 = s;
+    m = m_first, s = s_first;
+  }
   const T mm = m > m2 ? m : m2;
   if (mm == -INFINITY) {  // both halves saw only -inf: avoid exp(-inf - -inf) = NaN
     s = s + s2;

@@ -162,7 +162,9 @@ __global__ void pgd_l2_coef_kernel(const acc* __restrict__ partial, const acc* _
     dd += part[1];
     dg += part[2];
   }
-  if (!isfinite(gg + dd + dg)) {  // a NaN/inf in the sample: all NaN, as the reference
+  // A NaN/inf in the sample: all NaN, as the reference. Not dg: |dg| <= sqrt(gg dd) is finite when they are, yet
+  // adding it could overflow a finite sum.
+  if (!isfinite(gg + dd)) {
     coef[b] = coef[batch + b] = acc(NAN);
     return;
   }

@@ -10,43 +10,41 @@ every other layer runs once on the whole batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BatchNorm = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm, the lazy ones, subclasses
 
 
-def _chunked_forward(module: nn.modules.batchnorm._BatchNorm, sizes):
-    def forward(x):
+def _chunked_forward(forward, module: nn.Module, sizes):
+    """``forward`` (the module's own: its class's, or one set on the instance) on each chunk in turn, in training
+    mode: literally separate forwards, so running statistics, ``momentum=None``'s cumulative average,
+    ``track_running_stats`` and a subclass's own computation all behave as they would."""
+    def chunked(x):
         if not module.training:
-            return type(module).forward(module, x)
-        momentum = module.momentum
-        outs = []
-        for chunk in torch.split(x, sizes, dim=0):
-            if module.track_running_stats:
-                module.num_batches_tracked.add_(1)
-            factor = (1.0 / float(module.num_batches_tracked)) if momentum is None else momentum
-            outs.append(F.batch_norm(chunk, module.running_mean, module.running_var, module.weight, module.bias,
-                                     True, factor, module.eps))
-        return torch.cat(outs, dim=0)
+            return forward(x)
+        return torch.cat([forward(chunk) for chunk in torch.split(x, sizes, dim=0)], dim=0)
 
-    return forward
+    return chunked
 
 
 def has_batchnorm_in_training(model: nn.Module) -> bool:
-    return any(isinstance(m, _BN_TYPES) and m.training for m in model.modules())
+    return any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
 
 
 @contextlib.contextmanager
 def split_batchnorm(model: nn.Module, sizes):
     """Within the block, training-mode BatchNorm layers of ``model`` treat dim 0 as ``sizes`` separate batches."""
-    patched = [m for m in model.modules() if isinstance(m, _BN_TYPES)]
-    for m in patched:
-        m.forward = _chunked_forward(m, list(sizes))
+    patched = [(m, m.__dict__.get("forward")) for m in model.modules() if isinstance(m, _BatchNorm)]
+    for m, own in patched:
+        m.forward = _chunked_forward(own or functools.partial(type(m).forward, m), m, list(sizes))
     try:
         yield
     finally:
-        for m in patched:
-            del m.forward  # back to the class's forward
+        for m, own in patched:
+            if own is None:
+                del m.forward  # back to the class's forward
+            else:
+                m.forward = own

@@ -219,3 +219,102 @@ def test_batched_refresh_equals_the_per_layer_fold_and_costs_few_ops(mixed, dtyp
         folded.refresh()
     calls = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
     assert len(folded.layers) == 21 and calls < 100, (len(folded.layers), calls)
+
+
+def _small_classifier():
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten())
+    backbone.out_features = 8
+    model = ImageClassifier(backbone, 3, bottleneck_dim=0, mean=(0.5,) * 3, std=(0.5,) * 3).double().eval()
+    randomize_statistics(model, torch.Generator().manual_seed(2))
+    return model
+
+
+def _attacks(model):
+    kwargs = dict(eps=0.1, alpha=0.03, steps=3, random_start=True, seed=0)
+    return PGD(model, fold_batchnorm="auto", **kwargs), PGD(model, fold_batchnorm=False, **kwargs)
+
+
+def test_tensors_reassigned_after_tracing_are_followed():
+    """load_state_dict(assign=True) and a buffer set anew replace tensor objects the traced graph read directly: the
+    next attack traces again (before, it kept the old normalisation: 0.13-0.44 off)."""
+    model = _small_classifier()
+    x, y = torch.rand(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    folding, plain = _attacks(model)
+    folding(x, y)
+    other = copy.deepcopy(model)
+    other.normalize.mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).reshape(1, 3, 1, 1)
+    model.load_state_dict(other.state_dict(), assign=True)
+    torch.testing.assert_close(folding(x, y), plain(x, y), rtol=0, atol=1e-12)
+    model.normalize.std = torch.full((1, 3, 1, 1), 0.1, dtype=torch.float64)
+    torch.testing.assert_close(folding(x, y), plain(x, y), rtol=0, atol=1e-12)
+    assert folding.fold_batchnorm == "auto" and folding._folded.layers
+
+
+def test_hooks_the_graph_would_skip_are_refused():
+    """A hook on a module tracing inlines (a feature probe on a block) would never run in the traced graph."""
+    model = _small_classifier()
+    x, y = torch.rand(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    folding, plain = _attacks(model)
+    folding(x, y)
+    model.backbone.register_forward_hook(lambda module, inputs, out: out * 0)
+    with pytest.warns(UserWarning, match="hooks"):
+        got = folding(x, y)
+    torch.testing.assert_close(got, plain(x, y), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="hooks"):
+        PGD(model, eps=0.1, alpha=0.03, steps=1, fold_batchnorm=True)(x, y)
+
+
+class Pairs(nn.Module):
+    """Pairs the fold must leave alone or get right: old-style weight_norm (its hook recomputes the weight), a
+    BatchNorm subclass with its own forward, a hooked BatchNorm, conv -> BN -> BN, and a linear layer before a
+    BatchNorm1d on (N, C, L) input (it normalises dim 1, not the linear's output features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.utils.weight_norm(nn.Conv2d(2, 4, 3, padding=1))
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), ScaledBatchNorm(4)
+        self.conv3, self.bn3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.bn3.register_forward_hook(lambda module, inputs, out: out + 1)
+        self.conv4, self.bn4, self.bn4b = nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6), nn.BatchNorm2d(6)
+        self.fc, self.bn5 = nn.Linear(6, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        x = self.bn3(self.conv3(self.bn2(self.conv2(self.bn1(self.conv1(x))))))
+        x = self.bn4b(self.bn4(self.conv4(x)))
+        return self.bn5(self.fc(x.flatten(2)))  # (N, 6, L=6): fc mixes positions, bn5 normalises channels
+
+
+class ScaledBatchNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.* is deprecated")
+def test_pairs_with_their_own_computation_fold_right_or_stay():
+    torch.manual_seed(0)
+    model = Pairs().double().eval()
+    randomize_statistics(model, torch.Generator().manual_seed(3))
+    x = torch.randn(3, 2, 2, 3, dtype=torch.float64)  # 6 positions: the linear layer reads them
+    folded = FoldedModel(model)
+    folded.refresh()
+    assert [pair[1] for pair in (layer._pair for layer in folded.layers)] == [model.bn4, model.bn5]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+        model.conv1.weight_v.mul_(1.5)  # weight_norm's hook recomputes conv1.weight at the next forward
+        randomize_statistics(model, torch.Generator().manual_seed(4))  # bn5's statistics move after the trace
+        folded.refresh()
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_batch_statistics_switched_on_after_tracing_are_followed():
+    """A BatchNorm set to batch statistics after the first attack (test-time adaptation: running_mean = None)."""
+    model = _small_classifier()
+    x, y = torch.rand(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    folding, plain = _attacks(model)
+    folding(x, y)
+    norm = model.backbone[1]
+    norm.track_running_stats, norm.running_mean, norm.running_var = False, None, None
+    torch.testing.assert_close(folding(x, y), plain(x, y), rtol=0, atol=0)

@@ -244,7 +244,7 @@ class Attack:
                 folded = FoldedModel(self.model)
                 folded.refresh()
                 folded.check(images)
-            except ValueError as err:
+            except Exception as err:  # noqa: BLE001 -- folding is only a speed-up: 'auto' attacks the model as it is
                 if self.fold_batchnorm is True:
                     raise
                 warnings.warn(f"{err}; fold_batchnorm='auto' attacks the model unfolded", stacklevel=3)

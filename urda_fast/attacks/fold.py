@@ -16,6 +16,7 @@ dropped when the call returns.
 from __future__ import annotations
 
 import inspect
+import itertools
 
 import torch
 import torch.fx as fx
@@ -25,6 +26,16 @@ import torch.nn.functional as F
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _LEAVES = _LAYERS + _NORMS + (nn.MaxPool2d,)
+# Forwards the fold reproduces: torch's (FastConv2d only overrides _conv_forward, which the folded layer calls). A
+# subclass with a forward of its own (weight standardisation, timm's Conv2dSame or BatchNormAct2d) is left alone.
+_PLAIN_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward,
+                   nn.modules.batchnorm._BatchNorm.forward)
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _intercepted(module: nn.Module) -> bool:
+    """Hooks (old-style weight_norm / spectral_norm recompute the weight in one), or a forward set on the instance."""
+    return any(getattr(module, hooks) for hooks in _HOOKS) or "forward" in module.__dict__
 
 
 class _FoldedLayer(nn.Module):
@@ -36,8 +47,10 @@ class _FoldedLayer(nn.Module):
         self.weight = self.bias = None
 
     def forward(self, x):
-        layer = self._pair[0]
+        layer, norm = self._pair
         if isinstance(layer, nn.Linear):
+            if x.dim() != 2:  # BatchNorm1d then normalises dim 1, not the linear layer's output features
+                return norm(layer(x))
             return F.linear(x, self.weight, self.bias)
         return layer._conv_forward(x, self.weight, self.bias)  # a FastConv2d's fast paths included
 
@@ -86,8 +99,9 @@ def _foldable(norm: nn.Module, producer, modules: dict) -> bool:
         return False
     if not (isinstance(producer, fx.Node) and producer.op == "call_module" and len(producer.users) == 1):
         return False
-    layer = modules[producer.target]
-    return isinstance(layer, _LAYERS) and layer.weight.shape[0] == norm.num_features
+    layer = modules.get(producer.target)  # None: a layer folded already (conv -> BatchNorm -> BatchNorm)
+    return (isinstance(layer, _LAYERS) and layer.weight.shape[0] == norm.num_features
+            and all(type(m).forward in _PLAIN_FORWARDS and not _intercepted(m) for m in (layer, norm)))
 
 
 class _Tracer(fx.Tracer):
@@ -105,14 +119,34 @@ def _defaults_after_input(model: nn.Module) -> dict:
 
 
 def _structure(model: nn.Module) -> tuple:
-    return tuple(id(m) for m in model.modules())
+    """What a traced graph depends on besides tensor values: the modules and their classes, hooks and instance
+    forwards, and the tensor objects (the graph holds those it reads directly; one reassigned, as by
+    ``load_state_dict(assign=True)``, or a running_mean set to None, would not be seen)."""
+    modules = tuple((id(m), type(m), tuple(key for hooks in _HOOKS for key in getattr(m, hooks)),
+                     m.__dict__.get("forward")) for m in model.modules())
+    tensors = tuple((name, id(t)) for name, t in itertools.chain(model.named_parameters(), model.named_buffers()))
+    return modules, tensors
+
+
+def _refuse_skipped_hooks(model: nn.Module, graph: fx.Graph, modules: dict) -> None:
+    """A ValueError for hooks the traced graph would not run: those of modules tracing inlined (the model itself
+    included; the leaves it calls keep theirs) and global ones."""
+    if nn.modules.module._has_any_global_hook():
+        raise ValueError("urda_fast.attacks: global module hooks are registered, which a BatchNorm-folded graph "
+                         "would not run; pass fold_batchnorm=False")
+    called = {id(modules[node.target]) for node in graph.nodes if node.op == "call_module"}
+    for name, module in model.named_modules():
+        if _intercepted(module) and id(module) not in called:
+            raise ValueError(f"urda_fast.attacks: {name or type(model).__name__} has hooks or a forward set on the "
+                             "instance, which a BatchNorm-folded graph would not run; pass fold_batchnorm=False")
 
 
 class FoldedModel:
     """``model`` in eval mode with each (conv | linear) -> BatchNorm pair folded into one layer.
 
     Build it with the model in eval mode. Call :meth:`refresh` after the model's parameters or statistics change
-    (an attack does at every call); :meth:`stale` says whether the model's modules were replaced since tracing.
+    (an attack does at every call); :meth:`stale` says whether the model's modules, hooks or tensor objects changed
+    since tracing (then build a new one).
     """
 
     def __init__(self, model: nn.Module):
@@ -131,6 +165,7 @@ class FoldedModel:
                 f"{type(model).__name__} failed ({type(err).__name__}: {err}); pass fold_batchnorm=False") from err
         modules = dict(graph_module.named_modules())
         graph = graph_module.graph
+        _refuse_skipped_hooks(model, graph, modules)
         for node in list(graph.nodes):
             if node.op != "call_module" or not isinstance(modules[node.target], _NORMS) or not node.args:
                 continue
@@ -148,7 +183,7 @@ class FoldedModel:
             self.layers.append(folded)
         graph.lint()
         graph_module.recompile()
-        self.graph_module = graph_module
+        self.graph_module = graph_module if self.layers else model  # nothing folded: the model itself, untraced
 
     def stale(self) -> bool:
         return _structure(self.model) != self._structure

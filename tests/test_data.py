@@ -2,6 +2,8 @@
 lists / ImageFolder trees on tiny PNGs written here, their error messages, and loaders that resume bit-for-bit."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -128,6 +130,15 @@ def test_image_list_reads_tllib_format(tmp_path):
     assert x.shape == (3, 16, 16)
 
 
+def test_image_list_with_a_byte_order_mark_and_crlf_line_ends(tmp_path):
+    """A list saved by a Windows editor: a UTF-8 byte-order mark before the first path, CRLF line ends."""
+    _png(str(tmp_path / "img" / "a.png"), 0)
+    _png(str(tmp_path / "img" / "b.png"), 0)
+    (tmp_path / "list.txt").write_bytes("\ufeffimg/a.png 3\r\nimg/b.png 4\r\n".encode("utf-8"))
+    ds = M.ImageList(str(tmp_path), "list.txt", num_classes=10)
+    assert ds.samples == [(str(tmp_path / "img" / "a.png"), 3), (str(tmp_path / "img" / "b.png"), 4)]
+
+
 def test_image_list_paths_with_spaces_and_grey_mode(tmp_path):
     _png(str(tmp_path / "my dir" / "a b.png"), 255, mode="L")
     (tmp_path / "list.txt").write_text("my dir/a b.png 7\n\n")
@@ -219,6 +230,53 @@ def test_unreadable_image_names_the_file_and_the_list(tmp_path):
     folder = M.open_domain("Digits", str(tmp_path), "USPS", "train")
     with pytest.raises(M.ImageReadError, match=r"cannot read image '.*USPS/train/3/0\.png'"):
         folder[3]
+
+
+def test_unreadable_image_read_by_a_loader_worker_is_the_same_one_line(tmp_path):
+    """DataLoader re-raises a worker's error with the worker's traceback (PIL's too) as its message: the error a
+    training run or an evaluation with --num-workers shows must be the line the file's own read gives."""
+    _office_amazon(str(tmp_path))
+    (tmp_path / "amazon/images/class1/frame_0001.jpg").write_bytes(b"not an image")
+    ds = M.open_domain("Office31", str(tmp_path), "A", "train", transform=M.val_transform(8, None))
+    with pytest.raises(M.ImageReadError) as direct:
+        ds[1]
+    stream = M.train_stream(ds, 3, 0, "cpu", num_workers=2)
+    with pytest.raises(M.ImageReadError) as through_worker:
+        next(stream)
+    assert str(through_worker.value) == str(direct.value)
+
+
+_GROUP_SIGNAL_RUN = """
+import os, signal, sys
+import torch
+from torch.utils.data import Dataset
+from urda_fast.data import train_stream
+
+class Groups(Dataset):  # each sample: the process group of the process that read it
+    def __len__(self):
+        return 8
+    def __getitem__(self, i):
+        return torch.tensor(os.getpgrp())
+
+received = []
+signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))  # as the training loop's handler
+stream = train_stream(Groups(), 2, 0, "cpu", num_workers=2)
+groups = [next(stream), next(stream)]  # one batch from each worker: both are set up
+os.killpg(os.getpgrp(), signal.SIGTERM)  # a preemption / `timeout` / `kill -- -PGID`: the whole process group
+groups += [next(stream) for _ in range(8)]  # the step goes on; a new epoch starts workers again
+assert received == [signal.SIGTERM], received
+assert os.getpgrp() not in torch.cat(groups).tolist()
+print("ok")
+"""
+
+
+def test_loader_workers_outlive_a_signal_to_the_process_group(tmp_path):
+    """A SIGTERM (or Ctrl-C) to the process group killed the loader workers, and torch then raised in the main process
+    at once: the training loop could not finish its step and save last.pt. Workers leave the group."""
+    (tmp_path / "run.py").write_text(_GROUP_SIGNAL_RUN)
+    done = subprocess.run([sys.executable, str(tmp_path / "run.py")], capture_output=True, text=True, timeout=120,
+                          start_new_session=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_empty_list_or_class_folder_names_it(tmp_path):

@@ -20,6 +20,9 @@ class RunConfig:
     iterations: int = 10000
     batch_size: int = 32
     eval_every: int = 500
+    # image-decoding processes for the training batches and the evaluations (none for the embedded in-memory digits);
+    # the batches do not depend on it
+    num_workers: int = 4
     seed: int = 0
     amp: str = "none"  # "none" | "bf16" | "fp16"
     channels_last: bool = False
@@ -97,6 +100,7 @@ def _check_choices(cfg, choices: dict) -> None:
 
 def _check_run_config(cfg: RunConfig) -> None:
     check_device(cfg.device, "dart")
+    check_ranges(cfg, "dart", non_negative=("num_workers",))
     _check_choices(cfg, {"fold_batchnorm": ("auto", "on", "off")})
 
 

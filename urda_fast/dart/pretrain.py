@@ -75,12 +75,14 @@ class UdaTask:
         with nvtx_range("uda step"):
             out = self.step(x_s, y_s, x_t)
         if "keep" in extra:
-            keep = extra["keep"]
-            logits_t = self.method.model(x_t[keep]) if bool(keep.any()) else None
-            pseudo_loss = F.cross_entropy(logits_t, extra["pseudo"][keep]) if logits_t is not None else \
-                out["loss"].new_zeros(())
+            # The whole adversarial target batch goes through the model and the confident samples are picked by a
+            # mask, as in FixMatch: x_t[keep] would read the count on the host at every step (a GPU stall), and a
+            # single confident sample would make a batch of one, which train-mode BatchNorm refuses (run ended).
+            keep = extra["keep"].float()
+            per_sample = F.cross_entropy(self.method.model(x_t), extra["pseudo"], reduction="none")
+            pseudo_loss = (per_sample * keep).sum() / keep.sum().clamp(min=1.0)  # mean over the kept; 0 if none
             out = dict(out, loss=out["loss"] + pseudo_loss, pseudo_loss=pseudo_loss.detach(),
-                       pseudo_kept=keep.float().mean())
+                       pseudo_kept=keep.mean())
         return out
 
     def evaluate(self):
@@ -106,9 +108,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
     method = create_method(cfg.method, model, trade_off=cfg.trade_off, **options.get(cfg.method, {})).to(device)
     if cfg.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    source = train_stream(data.source_train, cfg.batch_size, cfg.seed, device)
-    target = train_stream(data.target_train, cfg.batch_size, cfg.seed + 1, device)
-    task = UdaTask(cfg, method, source, target, lambda m: {"clean_acc": accuracy(m, data.target_test, device)})
+    source = train_stream(data.source_train, cfg.batch_size, cfg.seed, device, cfg.num_workers)
+    target = train_stream(data.target_train, cfg.batch_size, cfg.seed + 1, device, cfg.num_workers)
+    task = UdaTask(cfg, method, source, target,
+                   lambda m: {"clean_acc": accuracy(m, data.target_test, device, num_workers=cfg.num_workers)})
     optimizer = sgd(method.param_groups(cfg.lr), cfg)
     return run_loop(task, optimizer, lr_schedule(optimizer, cfg), cfg, device,
                     extra={"spec": spec.to_dict(), "kind": "uda", "config": vars(cfg),

@@ -159,8 +159,9 @@ def robustify(cfg: RobustifyConfig) -> dict:
     student = build_student(cfg, teacher, spec).to(device)
     if cfg.channels_last:
         teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
-    stream = train_stream(data.target_train, cfg.batch_size, cfg.seed, device)
-    task = DartTask(cfg, teacher, student, stream, lambda m: {"clean_acc": accuracy(m, data.target_test, device)},
+    stream = train_stream(data.target_train, cfg.batch_size, cfg.seed, device, cfg.num_workers)
+    task = DartTask(cfg, teacher, student, stream,
+                    lambda m: {"clean_acc": accuracy(m, data.target_test, device, num_workers=cfg.num_workers)},
                     spec.mean, spec.std)
     optimizer = sgd(student.param_groups(cfg.lr), cfg)
     return run_loop(task, optimizer, lr_schedule(optimizer, cfg), cfg, device,

@@ -18,6 +18,7 @@ from .domains import (
     SeededItems,
     default_transforms,
     image_folder,
+    loader_workers,
     make_loader,
     open_domain,
     train_stream,
@@ -27,6 +28,6 @@ from .domains import (
 
 __all__ = [
     "DATASETS", "DatasetSpec", "DigitsShift", "ForeverDataIterator", "ImageList", "ImageReadError", "ResizeImage",
-    "ResumableSampler", "SeededItems", "default_transforms", "image_folder", "load_digits_shift", "make_loader",
-    "open_domain", "train_stream", "train_transform", "val_transform",
+    "ResumableSampler", "SeededItems", "default_transforms", "image_folder", "load_digits_shift", "loader_workers",
+    "make_loader", "open_domain", "train_stream", "train_transform", "val_transform",
 ]

@@ -40,6 +40,13 @@ class ImageReadError(ValueError):
     """An image file that PIL cannot read (corrupt, truncated, not an image): one line naming the file (and, for an
     image list, the list and line). A ValueError, so the command line reports it as bad input, not as a bug."""
 
+    def __init__(self, message: str):
+        # A DataLoader worker's error comes back as ImageReadError("Caught ImageReadError in DataLoader worker ...
+        # <the worker's traceback>"), PIL's included: keep the one line it ends with.
+        if message.startswith("Caught ImageReadError") and "ImageReadError: " in message:
+            message = message.rsplit("ImageReadError: ", 1)[1].strip()
+        super().__init__(message)
+
 
 def pil_loader(path: str, mode: str = "RGB", where: str = ""):
     """The image at ``path`` in PIL ``mode``; an unreadable file is an :class:`ImageReadError` naming it (``where``:
@@ -77,7 +84,8 @@ class ImageList(Dataset):
         if not os.path.isfile(self.list_file):
             raise FileNotFoundError(f"urda_fast: image list {self.list_file!r} not found")
         self.samples, self.lines = [], []  # lines: each sample's line number in the list (error messages)
-        with open(self.list_file) as f:
+        # utf-8-sig: a byte-order mark (lists saved by Windows editors) would otherwise start the first path
+        with open(self.list_file, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 parts = line.split()
                 if not parts:
@@ -378,13 +386,23 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, n
     "position": batches_done * batch_size})``.
     """
     generator = torch.Generator().manual_seed(seed)  # base seed for workers; keeps the global RNG untouched
+    init = own_process_group if num_workers > 0 else None
     if not train:
         return DataLoader(dataset, batch_size, shuffle=False, drop_last=bool(drop_last), num_workers=num_workers,
-                          pin_memory=pin_memory, generator=generator)
+                          pin_memory=pin_memory, generator=generator, worker_init_fn=init)
     sampler = ResumableSampler(len(dataset), seed, rank=rank, world_size=world_size)
     return DataLoader(SeededItems(dataset, reseed_transforms), batch_size, sampler=sampler,
                       drop_last=True if drop_last is None else drop_last, num_workers=num_workers,
-                      pin_memory=pin_memory, generator=generator)
+                      pin_memory=pin_memory, generator=generator, worker_init_fn=init)
+
+
+def own_process_group(worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: the worker leaves the main process's process group. A SIGTERM or Ctrl-C sent to
+    the group (``kill -- -PGID``, coreutils ``timeout``, a terminal) then reaches the main process alone: a worker it
+    killed would make torch raise in the main process at once, before the training loop could finish its step and
+    save last.pt. The main process still stops its workers (and they exit on their own when it is gone)."""
+    if hasattr(os, "setpgid"):  # POSIX; Windows has no process groups of this kind
+        os.setpgid(0, 0)
 
 
 class ForeverDataIterator:
@@ -453,7 +471,10 @@ def _to_device(batch, device):
 def train_stream(dataset: Dataset, batch_size: int, seed: int, device, num_workers: int = 0) -> ForeverDataIterator:
     """Endless shuffled batches whose order and augmentation depend on ``seed`` only, resumable mid-epoch.
 
-    Under torchrun, this process's share of every epoch (``batch_size`` is per process)."""
+    Under torchrun, this process's share of every epoch (``batch_size`` is per process). ``num_workers`` processes
+    read files (the batches do not depend on it); in-memory tensors are read in this process whatever it is. Batches
+    for a CUDA device come in pinned memory: the copy to the device is then asynchronous (from pageable memory it
+    waits for the work queued before it, a stall at every step)."""
     ctx = distributed.context()
     if batch_size < 1:
         raise ValueError(f"urda_fast: batch_size must be >= 1, got {batch_size}")
@@ -461,7 +482,15 @@ def train_stream(dataset: Dataset, batch_size: int, seed: int, device, num_worke
         raise ValueError(f"urda_fast: a dataset of {len(dataset)} samples cannot fill a batch of {batch_size}"
                          + (f" on each of {ctx.world_size} processes" if ctx.enabled else ""))
     # In-memory tensors have no random transforms: skip the per-sample reseeding.
-    loader = make_loader(dataset, batch_size, train=True, seed=seed, num_workers=num_workers,
+    loader = make_loader(dataset, batch_size, train=True, seed=seed, num_workers=loader_workers(dataset, num_workers),
                          reseed_transforms=not isinstance(dataset, TensorDataset), rank=ctx.rank,
-                         world_size=ctx.world_size)
+                         world_size=ctx.world_size,
+                         pin_memory=device is not None and torch.device(device).type == "cuda")
     return ForeverDataIterator(loader, device=device)
+
+
+def loader_workers(dataset: Dataset, requested: int) -> int:
+    """``requested`` DataLoader workers, or 0 for in-memory tensors (worker start-up would cost more than it saves)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return 0 if isinstance(dataset, TensorDataset) else requested

@@ -179,7 +179,7 @@ def test_training_on_tinyimagenet_is_validated_on_its_val_split(tiny_imagenet, t
 
 # ------------------------------------------------------------------------------------------------- evaluation
 def test_evaluation_batches_are_pinned_for_a_gpu():
-    from urda_fast.hpt.data import eval_loader
+    from urda_fast.data import eval_loader
 
     data = torch.utils.data.TensorDataset(torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
     assert eval_loader(data, 2, 4, torch.device("cuda")).pin_memory

@@ -127,13 +127,6 @@ def robust_accuracy(model, loader, attacks, *, device=None, max_batches=None, pr
     return table
 
 
-def loader_workers(dataset, requested: int) -> int:
-    """``requested`` DataLoader workers, or 0 for in-memory tensors (worker start-up would cost more than it saves)."""
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset = dataset.dataset
-    return 0 if isinstance(dataset, torch.utils.data.TensorDataset) else requested
-
-
 def check_loader_settings(batch_size, num_workers, max_batches, who: str) -> None:
     """Clear errors, before any work, for evaluation loader settings that DataLoader would reject late or obscurely
     (max_batches: None or 0 = all batches)."""

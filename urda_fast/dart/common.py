@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from urda_fast.data import loader_workers, make_loader
+from urda_fast.data import eval_loader
 from urda_fast.distributed import pick_device
 from urda_fast.files import load_torch_file, run_checkpoint, state_dict_mismatch
 from urda_fast.models import ModelSpec
@@ -41,8 +41,7 @@ def accuracy(model, dataset, device, batch_size: int = 256, num_workers: int = 0
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    loader = make_loader(dataset, batch_size, train=False, num_workers=loader_workers(dataset, num_workers),
-                         pin_memory=device.type == "cuda")
+    loader = eval_loader(dataset, batch_size, num_workers, device)
     correct, total = torch.zeros((), dtype=torch.int64, device=device), 0
     for images, labels in loader:
         # non_blocking from pinned memory: the copy overlaps the host's work; the count stays on the device (one read

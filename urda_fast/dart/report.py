@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 
-from torch.utils.data import DataLoader
-
 from urda_fast.attacks import FGSM, PGD
 from urda_fast.distributed import check_device
-from urda_fast.evaluate import check_loader_settings, loader_workers, robust_accuracy
+from urda_fast.data import eval_loader
+from urda_fast.evaluate import check_loader_settings, robust_accuracy
 from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, run_checkpoint
 from urda_fast.models import ModelSpec
 
@@ -105,8 +104,7 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
     rows = []
     for run, state in zip(runs, states):
         model, _, dev = load_checkpoint_model(run, device, state)
-        loader = DataLoader(data.target_test, batch_size=batch_size, shuffle=False,
-                            num_workers=loader_workers(data.target_test, num_workers), pin_memory=dev.type == "cuda")
+        loader = eval_loader(data.target_test, batch_size, num_workers, dev)
         table = robust_accuracy(model, loader, budget_attacks(model, attacks, eps), device=dev,
                                 max_batches=max_batches or None, progress=progress)
         row = {"method": (labels or {}).get(run) or method_label(state), "run": run}

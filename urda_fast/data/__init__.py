@@ -17,6 +17,7 @@ from .domains import (
     ResumableSampler,
     SeededItems,
     default_transforms,
+    eval_loader,
     image_folder,
     loader_workers,
     make_loader,
@@ -28,6 +29,6 @@ from .domains import (
 
 __all__ = [
     "DATASETS", "DatasetSpec", "DigitsShift", "ForeverDataIterator", "ImageList", "ImageReadError", "ResizeImage",
-    "ResumableSampler", "SeededItems", "default_transforms", "image_folder", "load_digits_shift", "loader_workers",
-    "make_loader", "open_domain", "train_stream", "train_transform", "val_transform",
+    "ResumableSampler", "SeededItems", "default_transforms", "eval_loader", "image_folder", "load_digits_shift",
+    "loader_workers", "make_loader", "open_domain", "train_stream", "train_transform", "val_transform",
 ]

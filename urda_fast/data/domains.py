@@ -494,3 +494,11 @@ def loader_workers(dataset: Dataset, requested: int) -> int:
     while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset
     return 0 if isinstance(dataset, TensorDataset) else requested
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device) -> DataLoader:
+    """Every sample once, in dataset order, decoded by ``loader_workers`` processes (out of the process group, see
+    ``own_process_group``); page-locked for a CUDA ``device``, where a batch from pageable memory is copied
+    synchronously (``.to(device, non_blocking=True)`` then blocks the host)."""
+    return make_loader(dataset, batch_size, train=False, num_workers=loader_workers(dataset, num_workers),
+                       pin_memory=torch.device(device).type == "cuda")

@@ -235,18 +235,3 @@ def subset(dataset: Dataset, count: int, seed: int = 0) -> Dataset:
         return dataset
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
     return torch.utils.data.Subset(dataset, idx.tolist())
-
-
-def loader_workers(dataset: Dataset, requested: int) -> int:
-    """``requested`` DataLoader workers, or 0 for in-memory tensors (worker start-up would cost more than it saves)."""
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset = dataset.dataset
-    return 0 if isinstance(dataset, TensorDataset) else requested
-
-
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device) -> torch.utils.data.DataLoader:
-    """Dataset-order batches for evaluation, ``loader_workers`` workers; page-locked on CUDA, where a batch from
-    pageable memory is copied synchronously (``.to(device, non_blocking=True)`` then blocks the host)."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                       num_workers=loader_workers(dataset, num_workers),
-                                       pin_memory=torch.device(device).type == "cuda")

@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from urda_fast.attacks import PGD, AutoAttack
 from urda_fast.attacks.base import frozen_eval
+from urda_fast.data import eval_loader
 from urda_fast.evaluate import robust_accuracy
 
-from .data import eval_loader
 from .zero_shot import ZeroShotClassifier
 
 

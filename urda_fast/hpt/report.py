@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 
+from urda_fast.data import eval_loader
 from urda_fast.distributed import pick_device
 from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, load_torch_file, run_checkpoint
 
 from .clip_models import load_clip_arg, parse_model_arg
 from .config import EvalConfig, ModelsConfig, ProxyCheckConfig
-from .data import eval_loader, open_dataset, subset
+from .data import open_dataset, subset
 from .evaluate import proxy_robustness, zero_shot_robustness
 from .zero_shot import ZeroShotClassifier, parse_templates
 

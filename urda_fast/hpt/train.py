@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 from urda_fast import distributed
 from urda_fast.attacks import PGD
 from urda_fast.config import check_ranges
-from urda_fast.data import train_stream
+from urda_fast.data import loader_workers, train_stream
 from urda_fast.distributed import pick_device
 from urda_fast.profiling import enable_nvtx, nvtx_range
 from urda_fast.train import LoopSettings, fit, input_fingerprints, refuse_to_overwrite, require_metric, sgd
@@ -29,7 +29,7 @@ from urda_fast.train import LoopSettings, fit, input_fingerprints, refuse_to_ove
 from . import losses
 from .clip_models import compile_image_tower, load_clip_arg, parse_model_arg
 from .config import METHODS, TrainConfig, parse_trainable, text_frozen
-from .data import ZeroShotSet, eval_transform, loader_workers, open_dataset, subset, tinyimagenet
+from .data import ZeroShotSet, eval_transform, open_dataset, subset, tinyimagenet
 from .evaluate import zero_shot_robustness
 from .schedule import GPDSchedule
 from .world import World, WorldRecipe, default_world_dir

@@ -265,3 +265,16 @@ def test_cudnn_benchmark_is_set_for_the_loop_only(tmp_path, on, monkeypatch):
         fit(task, optimizer, scheduler, settings, device=torch.device("cpu"))
     assert task.flags == [on] * 4
     assert torch.backends.cudnn.benchmark is (not on)
+
+
+def test_logged_metrics_are_read_in_one_transfer(tmp_path):
+    """Each tensor metric read apart was a host sync per metric at every logging step on a GPU."""
+    from conftest import ScalarReads
+
+    from urda_fast.train import _metric_values
+
+    metrics = {"loss": torch.tensor(1.5), "acc": torch.tensor([0.25]), "lr": 0.1, "kept": torch.tensor(3)}
+    with ScalarReads() as reads:
+        values = _metric_values(metrics)
+    assert values == {"loss": 1.5, "acc": 0.25, "lr": 0.1, "kept": 3.0} and reads.count <= 1
+    assert all(type(v) is float for v in values.values())

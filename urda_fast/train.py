@@ -320,6 +320,13 @@ def _restore(state, task, optimizer, scheduler, scaler, ctx, path, config=None, 
                               f"{ctx.world_size} processes: it continues, but not bit-for-bit")
 
 
+def _metric_values(metrics: dict) -> dict:
+    """The step's metrics as floats, the tensors read in one transfer (one host sync on a GPU, not one per metric)."""
+    names = [k for k, v in metrics.items() if torch.is_tensor(v)]
+    read = torch.stack([metrics[k].detach().reshape(()).double() for k in names]).tolist() if names else []
+    return {k: read[names.index(k)] if k in names else float(v) for k, v in metrics.items()}
+
+
 def _check_finite_loss(loss: float, iteration: int, settings: LoopSettings, last_path: str, saved_at: int) -> None:
     """Read where the loop reads the loss anyway (its logging steps: no extra host sync). A NaN / inf loss poisons
     the weights at its backward; stopping keeps hours of GPU time from training NaNs. fp16 is exempt: there the
@@ -484,7 +491,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
                     if after_step is not None:
                         after_step()
             if iteration % settings.log_every == 0 or iteration == settings.iterations:
-                values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
+                values = _metric_values(metrics)
                 if ctx.enabled:
                     values = distributed.mean_metrics(values)  # the metrics of the whole W*B batch
                 record("train", iteration, {"lr": lr, **values})

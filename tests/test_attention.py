@@ -94,6 +94,19 @@ def test_large_logits_are_stable_and_nan_propagates():
     assert torch.isnan(out[0, :, 4:]).all() and torch.isfinite(out[0, :, :4]).all()
 
 
+@pytest.mark.parametrize("tokens", [3, 16, 17])  # padded to 16 / exact / padded to 32
+def test_an_infinite_query_whose_scores_are_all_minus_inf_gets_zero(tokens):
+    """q = (inf, 0) against keys whose first channel is negative: every real score is -inf, a fully masked row (0,
+    as torch's safe softmax). The padding columns scored q . 0 = inf * 0 = NaN, which made the row NaN."""
+    qkv = torch.randn(1, tokens, 3 * 2, dtype=torch.float64)
+    qkv[0, 0, 0], qkv[0, 0, 1] = float("inf"), 0.0
+    qkv[0, :, 2] = -1.0  # k channel 0
+    out = ops.packed_self_attention(qkv, 1, backend="cpu")
+    want = reference.packed_self_attention(qkv, 1)
+    assert torch.equal(want[0, 0], torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
 def test_empty_and_non_contiguous_inputs():
     for shape in [(0, 5, 24), (3, 0, 24)]:
         qkv = torch.randn(shape, requires_grad=True)

@@ -264,6 +264,10 @@ URDA_FAST_CLONES void attend_head(const scalar_t* __restrict__ q, const scalar_t
     scalar_t* p_rows = probs + i0 * tokens;
     scalar_t* out_rows = out + i0 * row_out;
     block_matmul<kTokenBlock>(rows, q_rows, row_in, k_t, padded, scores, padded, head_dim, padded);
+    // A padding column scores q . 0, NaN for an infinite q (which would make the row NaN): 0, so that the mask's
+    // -inf makes it -inf whatever the scale.
+    for (int64_t r = 0; padded > tokens && r < rows; ++r)
+      std::fill(scores + r * padded + tokens, scores + (r + 1) * padded, scalar_t(0));
     if (rows == kRows) {
       softmax_rows<kRows>(scores, mask + i0 * mask_row, mask_row, p_rows, tokens, padded, scale);
     } else {

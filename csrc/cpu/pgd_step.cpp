@@ -26,9 +26,10 @@ struct PlaneArgs {
   acc_t step, eps, lower, upper;  // L-inf: step size; L2: step / |g|.  L2: eps holds the projection factor.
 };
 
-// One (sample, channel) plane. `out` may alias `x` (in-place variant), so no __restrict__ on those two.
+// One (sample, channel) plane. `out` may alias `x` (in-place variant), and `g` or `x0` may be `x` itself
+// (pgd_step_(x, x, ...)), so none is __restrict__; each element is read before it is written.
 template <typename scalar_t, typename acc_t>
-URDA_FAST_CLONES void linf_plane(const scalar_t* x, const scalar_t* __restrict__ g, const scalar_t* __restrict__ x0,
+URDA_FAST_CLONES void linf_plane(const scalar_t* x, const scalar_t* g, const scalar_t* x0,
                                  scalar_t* out, int64_t n, PlaneArgs<scalar_t, acc_t> p) {
   write_row<scalar_t, acc_t>(out, n, [&](int64_t k) __attribute__((always_inline)) {
     const acc_t origin = static_cast<acc_t>(x0[k]);
@@ -40,7 +41,7 @@ URDA_FAST_CLONES void linf_plane(const scalar_t* x, const scalar_t* __restrict__
 }
 
 template <typename scalar_t, typename acc_t>
-URDA_FAST_CLONES void l2_plane(const scalar_t* x, const scalar_t* __restrict__ g, const scalar_t* __restrict__ x0,
+URDA_FAST_CLONES void l2_plane(const scalar_t* x, const scalar_t* g, const scalar_t* x0,
                                scalar_t* out, int64_t n, PlaneArgs<scalar_t, acc_t> p) {
   const acc_t factor = p.eps;
   write_row<scalar_t, acc_t>(out, n, [&](int64_t k) __attribute__((always_inline)) {

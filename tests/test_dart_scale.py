@@ -251,3 +251,12 @@ def test_runs_decode_images_in_workers_with_the_same_batches(tmp_path, readers):
 def test_num_workers_is_checked():
     with pytest.raises(ValueError, match="num_workers must be >= 0, got -1"):
         pretrain(PretrainConfig(num_workers=-1, progress=False))
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_cudnn_benchmark_reaches_the_loop(on, monkeypatch):
+    from urda_fast.dart import common
+
+    monkeypatch.setattr(common, "fit", lambda task, optimizer, scheduler, settings, **kw: settings)
+    settings = common.run_loop(None, None, None, RobustifyConfig(cudnn_benchmark=on, out="unused"), "cpu", {})
+    assert settings.cudnn_benchmark is on

@@ -266,3 +266,9 @@ def test_training_steps_read_no_tensor_values_beyond_the_attacks_checks(fake_wor
             per_step.append((reads.count - attack_reads[-1], attack_reads[-1]))
     assert {own for own, _ in per_step} == {0}, per_step
     assert len({attack for _, attack in per_step}) == 1, per_step
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_cudnn_benchmark_reaches_the_loop(fake_world, tmp_path, on):
+    settings = build_task(cfg_for(fake_world, tmp_path / "run", cudnn_benchmark=on))[2]
+    assert settings.cudnn_benchmark is on

@@ -269,7 +269,7 @@ def _refuse_earlier_run(last_path: str, best_path: str, ctx, resume: bool) -> No
 # would continue the checkpoint as a different run than it started.
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "progress", "nvtx", "tensorboard", "device", "stop_after",
                                "out", "iterations", "epochs", "eval_every", "eval_max_batches", "num_workers",
-                               "compile", "root", "world"})
+                               "compile", "root", "world", "cudnn_benchmark"})
 
 
 def _check_same_run(saved: dict | None, now: dict | None, path: str) -> None:

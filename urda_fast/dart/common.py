@@ -98,5 +98,6 @@ def run_loop(task, optimizer, scheduler, cfg, device, extra):
     enable_nvtx(cfg.nvtx)
     settings = LoopSettings(iterations=cfg.iterations, out_dir=cfg.out, eval_every=cfg.eval_every,
                             resume=cfg.resume, overwrite=cfg.overwrite, amp=cfg.amp, progress=cfg.progress,
-                            stop_after=cfg.stop_after or None, tensorboard=cfg.tensorboard)
+                            stop_after=cfg.stop_after or None, tensorboard=cfg.tensorboard,
+                            cudnn_benchmark=cfg.cudnn_benchmark)
     return fit(task, optimizer, scheduler, settings, device=device, extra=extra)

@@ -30,6 +30,8 @@ class RunConfig:
     # function, fewer passes; urda_fast.attacks.fold). "auto": when torch.fx can trace the model | "on" | "off".
     fold_batchnorm: str = "auto"
     nvtx: bool = False
+    cudnn_benchmark: bool = True  # cuDNN picks the fastest convolution algorithms by timing them (GPU; off: the same
+    # algorithms in every process, one condition of a bit-for-bit resume on a GPU)
     resume: bool = False
     overwrite: bool = False  # start over in an --out that holds a run's checkpoints (else: an error)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...

@@ -82,6 +82,7 @@ class TrainConfig(ModelsConfig, DataConfig):
     # CPU (bench/bench_hpt_step.py's ours_compile against ours).
     compile: bool = False
     nvtx: bool = False
+    cudnn_benchmark: bool = True  # cuDNN times its convolution algorithms (GPU; off: the same ones in every process)
     tensorboard: bool = True
     resume: bool = False
     overwrite: bool = False  # start over in an --out that holds a run's checkpoints (else: an error)

@@ -294,7 +294,8 @@ def build_task(cfg: TrainConfig):
     settings = LoopSettings(iterations=total_steps, out_dir=cfg.out, eval_every=cfg.eval_every, resume=cfg.resume,
                             overwrite=cfg.overwrite,
                             amp=resolve_amp(cfg.amp, device), progress=cfg.progress, stop_after=cfg.stop_after or None,
-                            tensorboard=cfg.tensorboard, select_metric=cfg.select_metric)
+                            tensorboard=cfg.tensorboard, select_metric=cfg.select_metric,
+                            cudnn_benchmark=cfg.cudnn_benchmark)
     return task, optimizer, settings, device
 
 

@@ -85,3 +85,28 @@ class ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default:
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+def digits_uda_checkpoint(folder, bottleneck_dim: int, steps: int):
+    """(path, model in eval mode): a digits-CNN classifier briefly trained on the embedded digits' source domain,
+    saved in the `dart pretrain` checkpoint format."""
+    import torch.nn.functional as F
+
+    from urda_fast.dart.config import RunConfig
+    from urda_fast.dart.data import task_data
+    from urda_fast.models import ModelSpec
+
+    x, y = task_data(RunConfig(data="digits"), splits=("source_train",)).source_train.tensors
+    torch.manual_seed(0)
+    spec = ModelSpec(backbone="digits_cnn", num_classes=10, bottleneck_dim=bottleneck_dim)
+    model = spec.build()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (64,))
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    path = folder / "best.pt"
+    torch.save({"spec": spec.to_dict(), "kind": "uda", "config": {"method": "dann", "data": "digits"},
+                "modules": {"method": {f"model.{k}": v for k, v in model.state_dict().items()}}}, path)
+    return str(path), model.eval()

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import digits_uda_checkpoint
 
 from urda_fast.dart import RobustifyConfig, confidence_weights, dart_loss, robustify
 from urda_fast.models import DigitsCNN, ImageClassifier, ModelSpec
@@ -81,23 +82,7 @@ def test_split_batchnorm_equals_separate_forwards():
 @pytest.fixture(scope="module")
 def teacher_checkpoint(tmp_path_factory):
     """A small step-1 checkpoint in the `dart pretrain` format: a classifier briefly trained on the embedded digits."""
-    from urda_fast.dart.data import task_data
-
-    data = task_data(RobustifyConfig(data="digits"))
-    torch.manual_seed(0)
-    spec = ModelSpec(backbone="digits_cnn", num_classes=10, bottleneck_dim=32)
-    model = spec.build()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = data.source_train.tensors
-    for i in range(60):
-        idx = torch.randint(0, len(y), (64,))
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    path = tmp_path_factory.mktemp("teacher") / "best.pt"
-    torch.save({"spec": spec.to_dict(), "kind": "uda", "config": {"method": "dann", "data": "digits"},
-                "modules": {"method": {f"model.{k}": v for k, v in model.state_dict().items()}}}, path)
-    return str(path)
+    return digits_uda_checkpoint(tmp_path_factory.mktemp("teacher"), bottleneck_dim=32, steps=60)[0]
 
 
 def _robustify_cfg(teacher, out, **kw):

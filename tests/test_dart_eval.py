@@ -5,14 +5,12 @@ import dataclasses
 from collections import Counter
 
 import pytest
-import torch
-import torch.nn.functional as F
+from conftest import digits_uda_checkpoint
 from torch.utils.data import Dataset
 
 import urda_fast.dart.report as report_module
 from urda_fast.dart import RunConfig, evaluate_runs
 from urda_fast.evaluate import robust_accuracy
-from urda_fast.models import ModelSpec
 
 
 class CountingDataset(Dataset):
@@ -31,22 +29,7 @@ class CountingDataset(Dataset):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from urda_fast.dart.data import task_data
-
-    x, y = task_data(RunConfig(data="digits"), splits=("source_train",)).source_train.tensors
-    torch.manual_seed(0)
-    spec = ModelSpec(backbone="digits_cnn", num_classes=10, bottleneck_dim=16)
-    model = spec.build()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(30):
-        idx = torch.randint(0, len(y), (64,))
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    path = tmp_path_factory.mktemp("run") / "best.pt"
-    torch.save({"spec": spec.to_dict(), "kind": "uda", "config": {"method": "dann", "data": "digits"},
-                "modules": {"method": {f"model.{k}": v for k, v in model.state_dict().items()}}}, path)
-    return str(path), model.eval()
+    return digits_uda_checkpoint(tmp_path_factory.mktemp("run"), bottleneck_dim=16, steps=30)
 
 
 @pytest.fixture

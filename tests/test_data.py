@@ -362,3 +362,16 @@ def test_forever_iterator_moves_to_device():
     x, _ = next(it)
     assert x.device.type == "cpu" and x.tolist() == [0, 1]
     assert np.array_equal(next(it)[0].numpy(), [2, 3])
+
+
+def test_per_sample_reseeding_leaves_the_gpu_generators_alone(monkeypatch):
+    """torch.manual_seed also reseeds every GPU generator, which fork_rng(devices=[]) does not restore: the training's
+    dropout and random starts on a GPU would restart at each sample read in the main process."""
+    from urda_fast.data import SeededItems
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    items = SeededItems(torch.utils.data.TensorDataset(torch.arange(4.0)))
+    before = torch.random.get_rng_state()
+    assert items[(2, 12345)][0] == 2.0
+    assert calls == [] and torch.equal(torch.random.get_rng_state(), before)

@@ -43,3 +43,28 @@ def test_fused_only_where_torch_has_the_kernel():
     meta = torch.nn.Parameter(torch.zeros(3, device="meta"))
     assert not sgd([meta], lr=0.1).defaults.get("fused")  # torch would refuse it only at the first step
     assert sgd(iter([torch.nn.Parameter(torch.zeros(3))]), lr=0.1).defaults["fused"]  # generators are fine
+
+
+@pytest.mark.parametrize("skipped", [(0,), (0, 1, 4), ()])
+def test_steps_that_fp16s_scaler_skips_leave_the_update_of_torchs_sgd(skipped):
+    """A first step skipped by the GradScaler (its gradients overflowed) left the fused kernel's momentum buffer
+    uninitialised: the next step read garbage (weights of 1e25). The loop's SGD gives torch's default update."""
+    from urda_fast.train import sgd
+
+    def run(make):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(1000))
+        optimizer = make([p])
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        g = torch.Generator().manual_seed(1)
+        for step in range(8):
+            optimizer.zero_grad(set_to_none=True)
+            loss = ((p - torch.randn(1000, generator=g)) ** 2).sum() * (float("inf") if step in skipped else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return p.detach()
+
+    settings = dict(lr=0.01, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    ours = run(lambda params: sgd(params, **settings))
+    torch.testing.assert_close(ours, run(lambda params: torch.optim.SGD(params, **settings)), rtol=1e-6, atol=1e-7)

@@ -278,3 +278,58 @@ def test_logged_metrics_are_read_in_one_transfer(tmp_path):
         values = _metric_values(metrics)
     assert values == {"loss": 1.5, "acc": 0.25, "lr": 0.1, "kept": 3.0} and reads.count <= 1
     assert all(type(v) is float for v in values.values())
+
+
+def _fit(task, out, **settings):
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+    options = dict(iterations=12, out_dir=str(out), eval_every=3, log_every=1, progress=False, tensorboard=False,
+                   select_metric="neg_mse")
+    return fit(task, optimizer, scheduler, LoopSettings(**{**options, **settings}), device=torch.device("cpu"))
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    """The loss turns NaN at step 5, between logging steps (every 10); the checkpoint due at 6 must not replace the
+    good one of step 3 with NaN weights."""
+    with pytest.raises(FloatingPointError, match="weights are not finite at iteration 6.*holds iteration 3"):
+        _fit(LinearTask(nan_at=5), tmp_path, log_every=10)
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["iteration"] == 3
+    assert all(torch.isfinite(v).all() for v in state["modules"]["model"].values())
+
+
+def test_the_logs_are_written_before_last_pt(tmp_path, monkeypatch):
+    """A kill between the two would otherwise lose the rows since the last checkpoint for good (a resume keeps the
+    log up to its checkpoint and does not redo those steps)."""
+    import urda_fast.train as train_module
+
+    real_save = train_module.atomic_save
+
+    def save(obj, path):
+        if path.endswith("last.pt") and obj["iteration"] == 6:
+            raise KeyboardInterrupt("killed while saving")
+        real_save(obj, path)
+
+    monkeypatch.setattr(train_module, "atomic_save", save)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(LinearTask(), tmp_path)
+    with open(tmp_path / "log.csv") as f:
+        steps = [int(row["iteration"]) for row in csv.DictReader(f) if row.get("loss")]
+    assert steps == list(range(1, 7))
+
+
+def test_a_second_sigterm_is_ignored_and_a_second_ctrl_c_stops():
+    """Under torchrun a scheduler's SIGTERM reaches each worker twice (directly and forwarded by the agent): the
+    second must not kill the step that is finishing to save last.pt."""
+    from urda_fast.train import _StopOnSignal
+
+    stop = _StopOnSignal()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # after a SIGTERM, Ctrl-C still stops at once
+    finally:
+        stop.restore()

@@ -13,8 +13,9 @@ A *task* supplies what differs between methods:
 
 A SIGTERM (a scheduler's preemption, ``kill``) or Ctrl-C during ``fit`` lets the current step finish, writes
 ``last.pt`` at it and then stops (SystemExit(143) / KeyboardInterrupt): ``--resume`` continues bit for bit without
-redoing a step. A second signal stops at once. Under DDP, rank 0's signal decides, at the next logging step. A
-non-finite training loss stops the run at the logging step that reads it (FloatingPointError), except under fp16.
+redoing a step. A second Ctrl-C stops at once (a second SIGTERM is ignored). Under DDP, rank 0's signal decides, at
+the next logging step. A non-finite training loss stops the run at the logging step that reads it
+(FloatingPointError), except under fp16; non-finite weights are never checkpointed.
 A fresh run (no ``resume``) in a folder holding a run's checkpoints is an error unless ``overwrite``, which first
 removes that run's files (``RUN_FILES``: checkpoints, log.csv, TensorBoard events), so that nothing of it can pass
 for the new run's. ``select_metric`` must be one of the task's evaluation metrics: checked before any work when the
@@ -110,8 +111,15 @@ def sgd(params, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
     tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
     # torch checks the devices only at the first step; here the choice is made up front
     fused = all(p.device.type in FUSED_SGD_DEVICES and p.is_floating_point() for p in tensors)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                           fused=fused or None)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                fused=fused or None)
+    if fused and momentum != 0:
+        # The fused kernel makes its momentum buffer with empty_like and fills it in its first update; a first step
+        # that fp16's GradScaler skips (an overflow: usual while the scale settles) leaves it uninitialised, and the
+        # next step reads garbage (weights of 1e25, NaN). Zeros give torch's first update exactly (0.9 * 0 + g = g).
+        for p in tensors:
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
 
 
 def file_fingerprint(path: str) -> dict:
@@ -338,10 +346,27 @@ def _check_finite_loss(loss: float, iteration: int, settings: LoopSettings, last
                              "data for NaN/inf, or run again with a lower learning rate or --amp none")
 
 
+def _check_finite_weights(task, iteration: int, last_path: str, saved_at: int) -> None:
+    """Before a checkpoint: a NaN / inf weight (a non-finite loss between logging steps) must not replace the last
+    good last.pt. One host read per device, at checkpoints only."""
+    by_device: dict = {}
+    for module in task.modules().values():
+        for p in module.parameters():
+            if p.is_floating_point():
+                by_device.setdefault(p.device, []).append(torch.isfinite(p.detach()).all())
+    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        return
+    last = f"{last_path} holds iteration {saved_at}" if saved_at else "no checkpoint was written yet"
+    raise FloatingPointError(f"urda_fast: the weights are not finite at iteration {iteration}, so they were not saved "
+                             f"({last}); check the data for NaN/inf, or run again with a lower learning rate or "
+                             "--amp none")
+
+
 class _StopOnSignal:
     """Between ``install()`` and ``restore()`` (main thread only), SIGTERM and SIGINT set ``signum`` instead of
-    stopping the process; the loop saves and stops at the end of the step. A second signal gets the previous
-    handlers' behaviour at once."""
+    stopping the process; the loop saves and stops at the end of the step. A second Ctrl-C (SIGINT) gets the previous
+    handler's behaviour at once; a second SIGTERM is ignored: under torchrun a scheduler's SIGTERM reaches each
+    worker twice (directly and forwarded by the agent), and schedulers send SIGKILL after their grace period."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -359,12 +384,14 @@ class _StopOnSignal:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
+            if signum != signal.SIGINT:
+                return
             self.restore()
             signal.raise_signal(signum)
             return
         self.signum = signum
-        tqdm.write(f"urda_fast: {signal.Signals(signum).name} received: finishing this step to save last.pt (send "
-                   "it again to stop at once)", file=sys.stderr)
+        tqdm.write(f"urda_fast: {signal.Signals(signum).name} received: finishing this step to save last.pt (Ctrl-C "
+                   "again stops at once)", file=sys.stderr)
 
     @staticmethod
     def stop(signum: int, iteration: int, path: str):
@@ -447,9 +474,15 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
                 tb.append(group, iteration, values)
 
     def checkpoint(iteration):
+        # Every rank (their weights are the same): a raise on rank 0 alone would leave the others in the gather
+        _check_finite_weights(task, iteration, last_path, saved_at)
         rngs = distributed.gather_objects(rng_state()) if ctx.enabled else None  # a collective: every rank joins
         if not main:
             return
+        # The logs first: rows past the checkpoint are dropped at a resume, rows missing from them never come back
+        log.flush()
+        if tb is not None:
+            tb.flush()
         atomic_save({
             **extra, "version": CHECKPOINT_VERSION, "iteration": iteration, "best": best, "metrics": last_metrics,
             "modules": {name: m.state_dict() for name, m in task.modules().items()},
@@ -457,9 +490,6 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
             "streams": {name: s.state_dict() for name, s in task.streams().items()}, "rng": rng_state(),
             "world_size": ctx.world_size, **({"rng_ranks": rngs} if rngs is not None else {}),
         }, last_path)
-        log.flush()
-        if tb is not None:
-            tb.flush()
 
     save_every = settings.save_every or settings.eval_every
     end = settings.iterations if settings.stop_after is None else min(settings.iterations, settings.stop_after)

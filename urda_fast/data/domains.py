@@ -368,7 +368,9 @@ class SeededItems(Dataset):
             return self.dataset[index]
         # fork_rng restores the global CPU RNG afterwards, so the training loop's own random stream is unaffected.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # The CPU generator alone: torch.manual_seed would also reseed the GPUs' generators, which fork_rng
+            # (devices=[]) does not restore: the training's dropout and random starts would restart at each sample
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
 

@@ -272,3 +272,13 @@ def test_training_steps_read_no_tensor_values_beyond_the_attacks_checks(fake_wor
 def test_cudnn_benchmark_reaches_the_loop(fake_world, tmp_path, on):
     settings = build_task(cfg_for(fake_world, tmp_path / "run", cudnn_benchmark=on))[2]
     assert settings.cudnn_benchmark is on
+
+
+def test_a_resume_that_changes_the_runs_length_is_refused(fake_world, tmp_path):
+    """GPD's phases and cosine decay are laid out over the run's total steps: another --iterations at a resume would
+    make the learning rate jump (DART's schedule does not depend on the length; there it may change)."""
+    cfg = cfg_for(fake_world, tmp_path / "run", iterations=3, stop_after=1)
+    train(cfg)
+    with pytest.raises(ValueError, match=r"total_steps 3 -> 5"):
+        train(replace(cfg, iterations=5, stop_after=0, resume=True))
+    train(replace(cfg, stop_after=0, resume=True))  # its own length resumes

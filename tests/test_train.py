@@ -280,12 +280,13 @@ def test_logged_metrics_are_read_in_one_transfer(tmp_path):
     assert all(type(v) is float for v in values.values())
 
 
-def _fit(task, out, **settings):
+def _fit(task, out, extra=None, **settings):
     optimizer = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
     options = dict(iterations=12, out_dir=str(out), eval_every=3, log_every=1, progress=False, tensorboard=False,
                    select_metric="neg_mse")
-    return fit(task, optimizer, scheduler, LoopSettings(**{**options, **settings}), device=torch.device("cpu"))
+    return fit(task, optimizer, scheduler, LoopSettings(**{**options, **settings}), device=torch.device("cpu"),
+               extra=extra)
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
@@ -333,3 +334,99 @@ def test_a_second_sigterm_is_ignored_and_a_second_ctrl_c_stops():
             os.kill(os.getpid(), signal.SIGINT)  # after a SIGTERM, Ctrl-C still stops at once
     finally:
         stop.restore()
+
+
+def test_a_folder_in_use_by_another_run_is_refused(tmp_path):
+    from urda_fast.train import _RunLock
+
+    holder = _RunLock(str(tmp_path))
+    assert holder.acquire() is None
+    try:
+        with pytest.raises(ValueError, match=f"in use by another run \\(process {os.getpid()}"):
+            _fit(LinearTask(), tmp_path)
+        assert not (tmp_path / "last.pt").exists()
+    finally:
+        holder.release()
+    _fit(LinearTask(), tmp_path, iterations=3)  # free again
+
+
+def test_a_failed_save_names_the_file_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    import urda_fast.train as train_module
+    from urda_fast.train import CheckpointWriteError
+
+    (tmp_path / "best.pt.tmp999").write_bytes(b"a killed save")  # removed by the next run, under the lock
+    _fit(LinearTask(), tmp_path, iterations=3, overwrite=True)
+    assert not (tmp_path / "best.pt.tmp999").exists()
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)  # a partial file, as a full disk leaves
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(train_module.torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match=r"could not write .*best.pt.*previous checkpoint there"):
+        _fit(LinearTask(), tmp_path, iterations=6, resume=True)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "best.pt", weights_only=False)["iteration"] == 3
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+CONFIG = {"config": {"batch": 8}}
+
+
+def seeded_task(**options):
+    torch.manual_seed(0)  # the model's initial weights
+    return LinearTask(**options)
+
+
+def test_a_run_killed_inside_its_first_checkpoint_resumes_from_the_beginning(tmp_path, monkeypatch):
+    """best.pt written, then the kill before the first last.pt: --resume starts over (a relaunch script that always
+    passes --resume used to fail for good), and ends with the uninterrupted run's weights."""
+    import urda_fast.train as train_module
+
+    _fit(seeded_task(), tmp_path / "full", iterations=6, extra=CONFIG)
+    real_save = train_module.atomic_save
+
+    def killed(obj, path):
+        if path.endswith("last.pt"):
+            raise KeyboardInterrupt("killed")
+        real_save(obj, path)
+
+    monkeypatch.setattr(train_module, "atomic_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(seeded_task(), tmp_path / "run", iterations=6, extra=CONFIG)
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "best.pt").exists() and not (tmp_path / "run" / "last.pt").exists()
+    with pytest.warns(UserWarning, match="starting from the beginning"):
+        _fit(seeded_task(), tmp_path / "run", iterations=6, resume=True, extra=CONFIG)
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["modules"]["model"]
+    b = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["modules"]["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="best.pt but no last.pt"):  # another run's best.pt is not replaced
+        (tmp_path / "run" / "last.pt").unlink()
+        _fit(LinearTask(batch_size=4), tmp_path / "run", iterations=6, resume=True, extra={"config": {"batch": 4}})
+
+
+def test_a_best_pt_newer_than_the_checkpoint_is_the_runs_best_at_a_resume(tmp_path):
+    from urda_fast import distributed
+    from urda_fast.train import _newer_best
+
+    path = tmp_path / "best.pt"
+    torch.save({"iteration": 10, "metrics": {"neg_mse": -0.3}}, path)
+    ctx = distributed.context()
+    older = {"neg_mse": -4.45, "iteration": 5}
+    assert _newer_best(str(path), older, 5, ctx) == {"neg_mse": -0.3, "iteration": 10}
+    assert _newer_best(str(path), older, 10, ctx) is older  # not newer than the checkpoint: its own record
+    assert _newer_best(str(tmp_path / "none.pt"), older, 5, ctx) is older
+
+
+def test_a_resume_under_another_precision_is_refused(tmp_path):
+    _fit(LinearTask(), tmp_path, iterations=3)
+    with pytest.raises(ValueError, match="trained with amp 'none', now 'bf16'"):
+        _fit(LinearTask(), tmp_path, iterations=6, resume=True, amp="bf16")
+
+
+def test_a_signal_in_the_last_step_ends_the_run_as_usual(tmp_path):
+    result = _fit(LinearTask(signal_at=(6, signal.SIGTERM)), tmp_path, iterations=6)
+    assert result["best"] is not None
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["iteration"] == 6

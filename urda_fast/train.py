@@ -155,11 +155,68 @@ def refuse_to_overwrite(out_dir: str, inputs: dict) -> None:
                              "the run would overwrite it; give another --out")
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (disk full, no permission): names the file; the previous one stays."""
+
+
 def atomic_save(obj, path: str) -> None:
     """torch.save to a temporary file in the same folder, then rename: a kill never leaves a torn checkpoint."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError("... iostream error")
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise CheckpointWriteError(f"urda_fast: could not write {path} ({type(err).__name__}: {err}); the previous "
+                                   "checkpoint there, if any, is untouched: check the free space and the "
+                                   "permissions of its folder") from err
+
+
+class _RunLock:
+    """An exclusive lock on ``out_dir/.lock`` for a run's duration (rank 0): a second run writing the same folder
+    (a relaunched job while the first still runs, --overwrite of a live run) is refused, naming the process that
+    holds it. The kernel drops the lock when its process dies, so a killed run leaves none behind. POSIX advisory
+    locks (flock): not across NFS clients; no locking on Windows."""
+
+    def __init__(self, out_dir: str):
+        self.path, self.file = os.path.join(out_dir, ".lock"), None
+
+    def acquire(self) -> str | None:
+        """None when locked by us, else a description of the holder."""
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.release()
+            return holder
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"process {os.getpid()} on {os.uname().nodename}")
+        self.file.flush()
+        return None
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing the file releases the lock
+            self.file = None
+
+
+def _remove_stale_temporaries(out_dir: str) -> None:
+    """Temporary checkpoint files of killed saves (each checkpoint-sized); only called under the run's lock."""
+    for path in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp*")):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def rng_state() -> dict:
@@ -235,11 +292,32 @@ def fit(task, optimizer, scheduler, settings: LoopSettings, *, device: torch.dev
 
     ``extra`` is stored in every checkpoint (e.g. the model spec and config needed to rebuild the model).
     Under torchrun this joins the process group, and leaves it at the end, unless the caller joined it first."""
+    check_select_metric(task, settings.select_metric)  # before any file is touched
     joined = distributed.setup(device)
+    lock = _RunLock(settings.out_dir)
     try:
-        return _fit(task, optimizer, scheduler, settings, device, extra or {}, distributed.context())
+        ctx = distributed.context()
+        _lock_run(lock, settings.out_dir, ctx)
+        return _fit(task, optimizer, scheduler, settings, device, extra or {}, ctx)
     finally:
+        lock.release()
         distributed.teardown(joined)
+
+
+def _lock_run(lock: _RunLock, out_dir: str, ctx) -> None:
+    """Rank 0 takes the folder's lock (and, holding it, removes killed saves' temporary files); every rank raises
+    alike when another run holds it. Creating the folder and the lock file also shows at once that it is writable."""
+    holder = None
+    if ctx.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        holder = lock.acquire()
+        if holder is None:
+            _remove_stale_temporaries(out_dir)
+    if ctx.enabled:
+        holder = distributed.broadcast_object(holder)
+    if holder is not None:
+        raise ValueError(f"urda_fast: {out_dir} is in use by another run ({holder}); two runs writing one folder "
+                         "would replace each other's checkpoints: wait for it to end, or give another --out")
 
 
 def _resume_state(path: str, ctx) -> dict | None:
@@ -257,12 +335,19 @@ def _resume_state(path: str, ctx) -> dict | None:
     return state
 
 
-def _refuse_earlier_run(last_path: str, best_path: str, ctx, resume: bool) -> None:
+def _refuse_earlier_run(last_path: str, best_path: str, ctx, resume: bool, config: dict | None) -> None:
     """A fresh run in a folder that holds a run's checkpoints would replace them at its first evaluation: the
-    relaunch of a preempted job without --resume would lose it. Rank 0 looks; every rank raises alike."""
+    relaunch of a preempted job without --resume would lose it. Rank 0 looks; every rank raises alike. With
+    --resume and a best.pt but no last.pt (a run killed between the two files of its first checkpoint) written with
+    these settings, the run starts from the beginning: it would write the same best.pt again."""
     found = [path for path in (last_path, best_path) if os.path.isfile(path)]
+    restart = bool(resume and found == [best_path] and ctx.is_main and _same_run(best_path, config))
     if ctx.enabled:
-        found = distributed.broadcast_object(found)
+        found, restart = distributed.broadcast_object((found, restart))
+    if restart:
+        distributed.warn_main(f"urda_fast: --resume: {best_path} but no last.pt (the run was killed before its "
+                              "first checkpoint was complete): starting from the beginning")
+        return
     if found:
         where = os.path.dirname(found[0]) or "."
         if resume:  # only best.pt: nothing to continue from
@@ -270,6 +355,31 @@ def _refuse_earlier_run(last_path: str, best_path: str, ctx, resume: bool) -> No
                              "--overwrite starts over in its place, or give another --out")
         raise ValueError(f"urda_fast: {where} holds an earlier run's {' and '.join(map(os.path.basename, found))}; "
                          "pass --resume to continue it, --overwrite to start over in its place, or another --out")
+
+
+def _same_run(best_path: str, config: dict | None) -> bool:
+    """Whether ``best_path`` was written by a run with these settings (those a resume may not change)."""
+    try:
+        saved = load_torch_file(best_path, who="urda_fast resume", mmap=True)
+        _check_same_run(saved.get("config") if isinstance(saved, dict) else None, config, best_path)
+    except ValueError:
+        return False
+    return bool(config) and isinstance(saved, dict) and bool(saved.get("config"))
+
+
+def _newer_best(best_path: str, best: dict | None, iteration: int, ctx) -> dict | None:
+    """The run's best record at a resume from ``iteration``: a kill after best.pt but before last.pt leaves a
+    best.pt newer than the checkpoint, whose record is then the best (the replayed evaluation ties it, and must not
+    count as better; with another --eval-every it is not even replayed)."""
+    newer = None
+    if ctx.is_main and os.path.isfile(best_path):
+        saved = load_torch_file(best_path, who="urda_fast resume", mmap=True)
+        if isinstance(saved, dict) and saved.get("iteration", 0) > iteration and isinstance(saved.get("metrics"),
+                                                                                              dict):
+            newer = dict(saved["metrics"], iteration=saved["iteration"])
+    if ctx.enabled:
+        newer = distributed.broadcast_object(newer)
+    return best if newer is None else newer
 
 
 # What a resumed run may change: where and how it runs and reports, how far it goes, and where its dataset lies (a
@@ -303,11 +413,14 @@ def _check_same_inputs(saved: dict | None, now: dict | None, path: str) -> None:
                              "with. Put the run's own file back, or start a new run in another --out folder")
 
 
-def _restore(state, task, optimizer, scheduler, scaler, ctx, path, config=None, inputs=None) -> None:
+def _restore(state, task, optimizer, scheduler, scaler, ctx, path, config=None, inputs=None, amp=None) -> None:
     modules = task.modules()
     if set(state["modules"]) != set(modules):
         raise ValueError(f"urda_fast: {path} holds {sorted(state['modules'])}, this run has "
                          f"{sorted(modules)}: it is from another method")
+    if state.get("amp", amp) != amp:  # "auto" resolves by device: a resume on another device may change it
+        raise ValueError(f"urda_fast: --resume from {path}, trained with amp {state['amp']!r}, now {amp!r} (a "
+                         f"resume on another kind of device?); resume with --amp {state['amp']}")
     _check_same_run(state.get("config"), config, path)
     _check_same_inputs(state.get("inputs"), inputs, path)
     for name, module in modules.items():
@@ -444,22 +557,21 @@ def _remove_earlier_run(out_dir: str) -> list:
 
 
 def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
-    check_select_metric(task, settings.select_metric)  # before any file is touched
     main = ctx.is_main  # only rank 0 writes files
-    if main:
-        os.makedirs(settings.out_dir, exist_ok=True)
     last_path = os.path.join(settings.out_dir, "last.pt")
     best_path = os.path.join(settings.out_dir, "best.pt")
     scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
     start, best, last_metrics = 0, None, {}
     state = _resume_state(last_path, ctx) if settings.resume else None
     if state is None and not settings.overwrite:
-        _refuse_earlier_run(last_path, best_path, ctx, settings.resume)
+        _refuse_earlier_run(last_path, best_path, ctx, settings.resume, extra.get("config"))
     elif state is None and main:
         _remove_earlier_run(settings.out_dir)
     if state is not None:
-        _restore(state, task, optimizer, scheduler, scaler, ctx, last_path, extra.get("config"), extra.get("inputs"))
+        _restore(state, task, optimizer, scheduler, scaler, ctx, last_path, extra.get("config"), extra.get("inputs"),
+                 settings.amp)
         start, best, last_metrics = state["iteration"], state["best"], state["metrics"]
+        best = _newer_best(best_path, best, start, ctx)
     elif ctx.enabled:
         distributed.seed_rank(ctx.rank)
     del state
@@ -485,6 +597,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
             tb.flush()
         atomic_save({
             **extra, "version": CHECKPOINT_VERSION, "iteration": iteration, "best": best, "metrics": last_metrics,
+            "amp": settings.amp,
             "modules": {name: m.state_dict() for name, m in task.modules().items()},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "streams": {name: s.state_dict() for name, s in task.streams().items()}, "rng": rng_state(),
@@ -550,7 +663,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
             signum = stop_request.signum
             if ctx.enabled:  # every rank must stop at the same step: rank 0 decides, where ranks meet anyway
                 signum = distributed.broadcast_object(signum) if iteration % settings.log_every == 0 else None
-            if signum is not None:
+            if signum is not None and iteration < end:  # at the last step the run is complete: it ends as usual
                 if not saved:
                     checkpoint(iteration)
                 _StopOnSignal.stop(signum, iteration, last_path)

@@ -306,5 +306,8 @@ def train(cfg: TrainConfig) -> dict:
     task, optimizer, settings, device = build_task(cfg)
     enable_nvtx(cfg.nvtx)
     return fit(task, optimizer, task.scheduler, settings, device=device,
-               extra={"kind": "hpt", "arch": parse_model_arg(cfg.target)[0], "config": vars(cfg),
+               # total_steps: GPD's phases and cosine decay are laid out over it, so a resume may not change it (as
+               # --iterations / --epochs may for DART, whose schedule does not depend on the run's length)
+               extra={"kind": "hpt", "arch": parse_model_arg(cfg.target)[0],
+                      "config": {**vars(cfg), "total_steps": settings.iterations},
                       "inputs": input_fingerprints(input_paths(cfg))})

@@ -234,3 +234,14 @@ def test_eval_reads_an_older_runs_relative_root(files_teacher, tmp_path, monkeyp
     torch.save(state, files_teacher / "best.pt")
     with pytest.raises(FileNotFoundError, match="root 'digits', which is not there now .*give --root"):
         evaluate_runs([str(files_teacher)], attacks=("clean",), device="cpu", progress=False)
+
+
+def test_the_bottleneck_width_defaults_to_tllibs_for_the_method():
+    """tllib's ImageClassifier bottleneck: 256 wide, 1024 for MDD (methods.md); a width given is kept."""
+    assert PretrainConfig().bottleneck_dim == 256
+    assert PretrainConfig(method="mdd").bottleneck_dim == 1024
+    assert PretrainConfig(method="mdd", bottleneck_dim=32).bottleneck_dim == 32
+    from urda_fast.cli import _load_config, build_parser
+
+    args = build_parser().parse_args(["dart", "pretrain", "--method", "mdd"])
+    assert _load_config(args, PretrainConfig).bottleneck_dim == 1024

@@ -47,7 +47,7 @@ class PretrainConfig(RunConfig):
     method: str = "dann"  # "source-only" | "dann" | "cdan" | "mdd"
     arch: str = "digits_cnn"  # backbone: digits_cnn | resnet18 | resnet50
     backbone_weights: str = ""  # local file of pretrained backbone weights ("" = random init)
-    bottleneck_dim: int = 256  # tllib: 256 (1024 for MDD)
+    bottleneck_dim: int | None = None  # None: tllib's for the method, 256 (1024 for MDD)
     trade_off: float = 1.0
     entropy_conditioning: bool = False  # CDAN+E
     margin: float = 4.0  # MDD's gamma
@@ -62,6 +62,10 @@ class PretrainConfig(RunConfig):
     vat_eps: float = 8 / 255
     vat_alpha: float = 2 / 255
     vat_steps: int = 10
+
+    def __post_init__(self):
+        if self.bottleneck_dim is None:  # resolved here, so a run's saved config holds the width it built
+            self.bottleneck_dim = 1024 if self.method == "mdd" else 256
 
 
 @dataclass

@@ -87,3 +87,19 @@ def test_bad_settings_fail_before_any_work(checkpoint, counted, settings, messag
     with pytest.raises(ValueError, match=message):
         evaluate_runs([path], **{"device": "cpu", "progress": False, **settings})
     assert "dataset" not in counted  # no data was read
+
+
+def test_autoattack_is_one_of_the_attacks(checkpoint, monkeypatch):
+    """methods.md's optional AutoAttack, through the adapter (torchattacks' port here); without a package, a clear
+    error before any work."""
+    from urda_fast.attacks import autoattack
+
+    path, _ = checkpoint
+    if autoattack.autoattack_backend() is not None:
+        report = evaluate_runs([path], attacks=("clean", "pgd5", "autoattack"), eps=(0.1,), device="cpu",
+                               progress=False, batch_size=32, max_batches=1)
+        row = report["rows"][0]
+        assert row["autoattack"] <= row["pgd5"] + 1e-9 and row["autoattack"] < row["clean"]
+    monkeypatch.setattr(report_module, "autoattack_backend", lambda: None)
+    with pytest.raises(ImportError, match="pip install"):
+        evaluate_runs([path], attacks=("clean", "autoattack"), device="cpu", progress=False)

@@ -245,3 +245,10 @@ def test_the_bottleneck_width_defaults_to_tllibs_for_the_method():
 
     args = build_parser().parse_args(["dart", "pretrain", "--method", "mdd"])
     assert _load_config(args, PretrainConfig).bottleneck_dim == 1024
+
+
+def test_run_lengths_default_to_the_references():
+    """Step 1: tllib's 20 epochs x 1000 iterations; step 2: the authors' 10,000 (methods.md)."""
+    from urda_fast.dart import RobustifyConfig
+
+    assert (PretrainConfig().iterations, RobustifyConfig().iterations) == (20000, 10000)

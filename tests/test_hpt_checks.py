@@ -282,3 +282,24 @@ def test_a_resume_that_changes_the_runs_length_is_refused(fake_world, tmp_path):
     with pytest.raises(ValueError, match=r"total_steps 3 -> 5"):
         train(replace(cfg, iterations=5, stop_after=0, resume=True))
     train(replace(cfg, stop_after=0, resume=True))  # its own length resumes
+
+
+def test_the_paper_preset_evaluates_the_papers_15_datasets(monkeypatch):
+    from urda_fast.hpt import report
+    from urda_fast.hpt.data import PAPER_DATASETS
+
+    seen = []
+
+    class Enough(Exception):
+        pass
+
+    def fake_open(name, *args):
+        seen.append(name)
+        if len(seen) == 16:
+            raise Enough
+        return object()
+
+    monkeypatch.setattr(report, "open_dataset", fake_open)
+    with pytest.raises(Enough):
+        report.evaluate_models([("m", "urda-tiny-vit")], EvalConfig(datasets="paper,cifar10"))
+    assert seen == [*PAPER_DATASETS, "cifar10"] and len(PAPER_DATASETS) == 15

@@ -172,7 +172,7 @@ def _add_dart(sub) -> None:
         cmd.add_argument("-t", dest="target", help="target domain (short for --target)")
     ev = commands.add_parser("eval", help="clean / FGSM / PGD target accuracy of runs, as report.md/json/png")
     ev.add_argument("runs", nargs="+", help="run folders (their best.pt) or checkpoint files")
-    ev.add_argument("--attacks", default="clean,fgsm,pgd20")
+    ev.add_argument("--attacks", default="clean,fgsm,pgd20", help="comma-separated: clean, fgsm, pgdK, autoattack")
     ev.add_argument("--eps", default="8/255", help="comma-separated budgets, e.g. 8/255,0.1")
     ev.add_argument("--data", default=None, help="default: the data the first run was trained on")
     ev.add_argument("--root", default="", help="default: the first run's (give it when the dataset moved)")

@@ -45,6 +45,7 @@ class PretrainConfig(RunConfig):
     """Step 1: a UDA model (tllib recipe: SGD nesterov, lr 0.01, backbone x0.1, lr (1+0.001 it)^-0.75)."""
 
     method: str = "dann"  # "source-only" | "dann" | "cdan" | "mdd"
+    iterations: int = 20000  # tllib: 20 epochs x 1000 iterations (step 2, RobustifyConfig: 10,000)
     arch: str = "digits_cnn"  # backbone: digits_cnn | resnet18 | resnet50
     backbone_weights: str = ""  # local file of pretrained backbone weights ("" = random init)
     bottleneck_dim: int | None = None  # None: tllib's for the method, 256 (1024 for MDD)
@@ -89,7 +90,11 @@ class RobustifyConfig(RunConfig):
     weighting: str = "per-sample"  # "per-sample": mean_i w_i KL_i | "code": batchmean KL * sum_i w_i (authors' code)
     student_init: str = "teacher"  # "teacher" | "backbone" (fresh head on backbone_weights, as the authors' code)
     backbone_weights: str = ""
-    attack_space: str = "pixel"  # "pixel" (eps in [0,1] units) | "normalized" (authors' code: eps 0.1, step 0.05)
+    # "pixel" (eps in [0,1] units) | "normalized": eps and step in normalised units (the authors' code: give eps 0.1,
+    # step 0.05; the defaults stay 8/255, 2/255), each channel clipped to the range its [0,1] pixels map to. Their
+    # advertorch attack clipped the normalised values to [0, 1] instead, which zeroes every negative normalised value
+    # (far beyond eps): not reproduced.
+    attack_space: str = "pixel"
     attack_eps: float = 8 / 255
     attack_alpha: float = 2 / 255
     attack_steps: int = 10

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from urda_fast.attacks import FGSM, PGD
+from urda_fast.attacks import FGSM, PGD, AutoAttack
+from urda_fast.attacks.autoattack import INSTALL_HINT, autoattack_backend
 from urda_fast.distributed import check_device
 from urda_fast.data import eval_loader
 from urda_fast.evaluate import check_loader_settings, robust_accuracy
@@ -15,7 +16,7 @@ from .common import load_checkpoint_model, read_checkpoint
 from .config import RunConfig
 from .data import DATA_FIELDS, run_data, task_data
 
-ATTACKS = ("clean", "fgsm", "pgd10", "pgd20")
+ATTACKS = ("clean", "fgsm", "pgd10", "pgd20", "autoattack")
 
 
 def method_label(state: dict) -> str:
@@ -30,11 +31,16 @@ def method_label(state: dict) -> str:
 
 def check_attack_names(names) -> None:
     for name in names:
-        if not (name in ("clean", "fgsm") or (name.startswith("pgd") and name[3:].isdigit())):
-            raise ValueError(f"dart eval: unknown attack {name!r}; choose from clean, fgsm, pgdK (e.g. pgd20)")
+        if not (name in ("clean", "fgsm", "autoattack") or (name.startswith("pgd") and name[3:].isdigit())):
+            raise ValueError(f"dart eval: unknown attack {name!r}; choose from clean, fgsm, pgdK (e.g. pgd20), "
+                             "autoattack")
+    if "autoattack" in names and autoattack_backend() is None:
+        raise ImportError(INSTALL_HINT)
 
 
-def make_attacks(model, names, eps: float, seed: int = 0):
+def make_attacks(model, names, eps: float, seed: int = 0, num_classes: int = 10):
+    """``{name: attack}``: FGSM, PGD-K (step eps/4, random start) and AutoAttack's standard L-inf suite (the authors'
+    package, or torchattacks' port)."""
     check_attack_names(names)
     table = {}
     for name in names:
@@ -42,6 +48,8 @@ def make_attacks(model, names, eps: float, seed: int = 0):
             table[name] = None
         elif name == "fgsm":
             table[name] = FGSM(model, eps=eps)
+        elif name == "autoattack":
+            table[name] = AutoAttack(model, eps=eps, norm="Linf", num_classes=num_classes, seed=seed)
         else:
             table[name] = PGD(model, eps=eps, alpha=eps / 4, steps=int(name[3:]), seed=seed)
     return table
@@ -52,12 +60,12 @@ def budget_key(name: str, budget: float) -> str:
     return name if name == "clean" else f"{name}@{budget:.4g}"
 
 
-def budget_attacks(model, names, eps) -> dict:
+def budget_attacks(model, names, eps, num_classes: int = 10) -> dict:
     """Every attack at every budget, keyed by :func:`budget_key`, clean once: one pass over the data evaluates them
     all (each attack seeds its own random start per batch, so the figures do not depend on what runs beside it)."""
     table = {}
     for budget in eps:
-        for name, attack in make_attacks(model, names, budget).items():
+        for name, attack in make_attacks(model, names, budget, num_classes=num_classes).items():
             table.setdefault(budget_key(name, budget), attack)
     return table
 
@@ -105,7 +113,7 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
     for run, state in zip(runs, states):
         model, _, dev = load_checkpoint_model(run, device, state)
         loader = eval_loader(data.target_test, batch_size, num_workers, dev)
-        table = robust_accuracy(model, loader, budget_attacks(model, attacks, eps), device=dev,
+        table = robust_accuracy(model, loader, budget_attacks(model, attacks, eps, data.num_classes), device=dev,
                                 max_batches=max_batches or None, progress=progress)
         row = {"method": (labels or {}).get(run) or method_label(state), "run": run}
         for budget_index, budget in enumerate(eps):

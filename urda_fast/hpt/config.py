@@ -105,7 +105,9 @@ class EvalConfig(ModelsConfig):
     logits: str | None = field(default=None, metadata={"help": RUN_OWN.format(ModelsConfig.logits)})
     preprocess: str | None = field(default=None, metadata={"help": RUN_OWN.format(ModelsConfig.preprocess)})
     templates: str | None = field(default=None, metadata={"help": RUN_OWN.format(repr(ModelsConfig.templates))})
-    datasets: str = "cifar10,cifar100,stl10"  # comma-separated names (see urda_fast.hpt.data.EVAL_DATASETS)
+    # comma-separated names (urda_fast.hpt.data.EVAL_DATASETS, imagenet, folder:PATH); "paper": the papers' 15 sets,
+    # whose average the known figures are (a shorter list's average is not comparable to them)
+    datasets: str = "cifar10,cifar100,stl10"
     root: str = ""
     world: str = ""
     attack: str = "pgd10"  # "pgdK" | "cwK" (CW margin loss) | "autoattack" | "none"

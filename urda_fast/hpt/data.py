@@ -53,6 +53,9 @@ EVAL_DATASETS = {
     "cars": (_tv("StanfordCars", split="test"), "stanford_cars/"),
     "pcam": (_tv("PCAM", split="test"), "pcam/*.h5"),
 }
+# The 15 zero-shot sets of the papers' protocol (methods.md), in their order: `hpt eval --datasets paper`.
+PAPER_DATASETS = ("cifar10", "cifar100", "stl10", "sun397", "food101", "pets", "flowers102", "dtd", "eurosat",
+                  "aircraft", "imagenet", "caltech101", "caltech256", "cars", "pcam")
 # datasets whose torchvision reader needs a package urda_fast does not depend on: name -> (package, pip extra)
 NEEDS_PACKAGE = {"pcam": ("h5py", "pcam")}
 ALIASES = {"oxfordpet": "pets", "fgvc_aircraft": "aircraft", "stanfordcars": "cars", "flowers": "flowers102"}

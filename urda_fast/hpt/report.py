@@ -19,7 +19,7 @@ from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text
 
 from .clip_models import load_clip_arg, parse_model_arg
 from .config import EvalConfig, ModelsConfig, ProxyCheckConfig
-from .data import open_dataset, subset
+from .data import PAPER_DATASETS, open_dataset, subset
 from .evaluate import proxy_robustness, zero_shot_robustness
 from .zero_shot import ZeroShotClassifier, parse_templates
 
@@ -75,6 +75,7 @@ def evaluate_models(models, cfg: EvalConfig, world=None) -> dict:
     if not models:
         raise ValueError("hpt eval: nothing to evaluate; give run folders and/or --target ARCH:CHECKPOINT")
     names = [n for n in cfg.datasets.split(",") if n.strip()]
+    names = [name for n in names for name in (PAPER_DATASETS if n.strip() == "paper" else (n,))]
     sets = [open_dataset(name, cfg.root, cfg.image_size, world) for name in names]
     if cfg.max_batches:  # a fixed random sample rather than the first batches (often a few classes only)
         for zs in sets:

@@ -303,3 +303,10 @@ def test_the_paper_preset_evaluates_the_papers_15_datasets(monkeypatch):
     with pytest.raises(Enough):
         report.evaluate_models([("m", "urda-tiny-vit")], EvalConfig(datasets="paper,cifar10"))
     assert seen == [*PAPER_DATASETS, "cifar10"] and len(PAPER_DATASETS) == 15
+
+
+def test_each_method_trains_what_its_code_trains_by_default():
+    """The PMG-AFT code (which runs TeCoA too) fine-tunes model.visual; the HPT-GPD code trains every parameter."""
+    assert {m: TrainConfig(method=m).trainable for m in ("tecoa", "pmg-aft", "hpt", "hpt-gpd")} == {
+        "tecoa": "visual", "pmg-aft": "visual", "hpt": "all", "hpt-gpd": "all"}
+    assert TrainConfig(method="tecoa", trainable="all").trainable == "all"

@@ -42,9 +42,11 @@ class TrainConfig(ModelsConfig, DataConfig):
     """One robust fine-tuning run: ``method`` picks the loss; GPD's two phases come from the lr schedule."""
 
     method: str = "hpt-gpd"  # "tecoa" | "pmg-aft" | "hpt" (HPT loss, plain warm-up) | "hpt-gpd"
-    # "all" parameters (code) | "visual" tower only | "last:N": the last N parameter tensors of the visual tower (the
-    # code's --last_num_ft N). With the text tower frozen its features are cached.
-    trainable: str = "all"
+    # "all" parameters (the HPT-GPD code) | "visual" tower only | "last:N": the last N parameter tensors of the visual
+    # tower (the code's --last_num_ft N). With the text tower frozen its features are cached. None: each method's
+    # code's, "visual" for tecoa and pmg-aft (the PMG-AFT code, which also runs TeCoA, fine-tunes model.visual),
+    # "all" for hpt and hpt-gpd.
+    trainable: str | None = None
     out: str = "runs/hpt"
     epochs: int = 10
     iterations: int = 0  # 0 = epochs x batches per epoch
@@ -88,6 +90,11 @@ class TrainConfig(ModelsConfig, DataConfig):
     overwrite: bool = False  # start over in an --out that holds a run's checkpoints (else: an error)
     progress: bool = True
     stop_after: int = 0  # end the run after this iteration, as a kill would (resume tests); 0 = never
+
+    def __post_init__(self):
+        if self.trainable is None:  # resolved here, so a run's saved config holds what it trained
+            self.trainable = "visual" if self.method in ("tecoa", "pmg-aft") else "all"
+
 
 
 RUN_OWN = "(default: each run's own, as it was trained; a plain --target: {})"

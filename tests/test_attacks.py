@@ -371,3 +371,40 @@ def test_non_finite_input_gradient_at_the_last_l2_step_is_a_clear_error(digits):
 
     with pytest.raises(FloatingPointError, match="loss or input gradient was not finite"):
         PGDL2(NanGradient(), eps=1.0, alpha=0.25, steps=1, random_start=False)(x[:8], y[:8])
+
+
+@pytest.mark.parametrize("classes, targets", [(10, 9), (200, 9), (3, 2)])
+def test_autoattack_port_is_the_standard_suite(classes, targets):
+    """torchattacks' AutoAttack leaves APGD / APGD-T / FAB-T at 10 steps (the standard suite runs 100) and attacks
+    num_classes - 1 targets (the standard suite 9): the adapter builds the suite with the authors' settings."""
+    from urda_fast.attacks import AutoAttack, autoattack
+
+    if autoattack.autoattack_backend() != "torchattacks":
+        pytest.skip("checks torchattacks' port, which the authors' package (installed) takes precedence over")
+    suite = AutoAttack(nn.Linear(4, classes), eps=EPS, num_classes=classes)._attack.attacks
+    assert [type(a).__name__ for a in suite] == ["APGD", "APGDT", "FAB", "Square"]
+    assert [getattr(a, "steps", None) for a in suite[:3]] == [100, 100, 100] and suite[3].n_queries == 5000
+    assert suite[1].n_target_classes == targets and suite[2].n_target_classes == targets
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), True])
+def test_autoattack_refuses_a_bad_budget(eps):
+    from urda_fast.attacks import AutoAttack, autoattack
+
+    if autoattack.autoattack_backend() is None:
+        pytest.skip("no AutoAttack implementation installed (its absence is tested above)")
+    with pytest.raises(ValueError, match="eps must be positive"):
+        AutoAttack(nn.Linear(4, 3), eps=eps, num_classes=3)
+
+
+@pytest.mark.parametrize("cls, option", [(FGSM, "random_start"), (FGSM, "steps"), (BIM, "random_start")])
+def test_options_an_attack_fixes_are_refused_by_name(cls, option):
+    with pytest.raises(TypeError, match=f"takes no {option}"):
+        cls(nn.Linear(2, 2), eps=0.1, **{option: True if option == "random_start" else 3})
+
+
+def test_robust_accuracy_max_batches_zero_means_all(digits):
+    model, x, y = digits
+    loader = [(x[i:i + 50], y[i:i + 50]) for i in range(0, 200, 50)]
+    table = robust_accuracy(model, loader, {"clean": None}, max_batches=0, progress=False)
+    assert table["clean"].count == 200

@@ -78,7 +78,7 @@ def robust_accuracy(model, loader, attacks, *, device=None, max_batches=None, pr
         loader: iterable of (images, labels).
         attacks: ``{"clean": None, "PGD-20": PGD(model, ...), ...}``; ``None`` means the clean images.
         device: where to run (default: the model's device).
-        max_batches: stop after this many batches.
+        max_batches: stop after this many batches (None or 0: all).
         save: paths to write the table to (.csv/.json/.md).
 
     Returns:
@@ -98,6 +98,7 @@ def robust_accuracy(model, loader, attacks, *, device=None, max_batches=None, pr
     seconds = {name: 0.0 for name in attacks}
     count = 0
     # islice: a loader is not asked for the batch after the last one wanted (its workers may still prefetch a few)
+    max_batches = max_batches or None  # 0 = all, as the commands' --max-batches
     batches = loader if max_batches is None else itertools.islice(loader, max_batches)
     bar = tqdm(batches, desc="robust accuracy", disable=not progress, total=_length(loader, max_batches))
     for batch in bar:

@@ -24,4 +24,7 @@ class BIM(Attack):
     """
 
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, **kwargs):
+        if "random_start" in kwargs:
+            raise TypeError("urda_fast.attacks: BIM (I-FGSM) starts from the image itself: it takes no random_start; "
+                            "use PGD for a random start")
         super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=False, **kwargs)

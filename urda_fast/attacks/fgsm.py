@@ -22,4 +22,8 @@ class FGSM(Attack):
     """
 
     def __init__(self, model, eps=8 / 255, **kwargs):
+        for fixed in ("alpha", "steps", "random_start"):
+            if fixed in kwargs:
+                raise TypeError(f"urda_fast.attacks: FGSM is one step of size eps from the image itself: it takes no "
+                                f"{fixed}; use BIM (several steps) or PGD (random start)")
         super().__init__(model, eps=eps, alpha=eps, steps=1, random_start=False, **kwargs)

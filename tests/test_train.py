@@ -430,3 +430,11 @@ def test_a_signal_in_the_last_step_ends_the_run_as_usual(tmp_path):
     result = _fit(LinearTask(signal_at=(6, signal.SIGTERM)), tmp_path, iterations=6)
     assert result["best"] is not None
     assert torch.load(tmp_path / "last.pt", weights_only=False)["iteration"] == 6
+
+
+def test_an_unwritable_run_folder_is_said_before_any_step(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    task = LinearTask()
+    with pytest.raises(PermissionError, match="cannot write the run folder"):
+        _fit(task, tmp_path / "file" / "run")
+    assert task.steps == 0

@@ -307,14 +307,20 @@ def fit(task, optimizer, scheduler, settings: LoopSettings, *, device: torch.dev
 def _lock_run(lock: _RunLock, out_dir: str, ctx) -> None:
     """Rank 0 takes the folder's lock (and, holding it, removes killed saves' temporary files); every rank raises
     alike when another run holds it. Creating the folder and the lock file also shows at once that it is writable."""
-    holder = None
+    holder = error = None
     if ctx.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        holder = lock.acquire()
-        if holder is None:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            holder = lock.acquire()
+        except OSError as err:  # said on every rank, which would otherwise wait for rank 0 forever
+            error = f"{type(err).__name__}: {err}"
+        if holder is None and error is None:
             _remove_stale_temporaries(out_dir)
     if ctx.enabled:
-        holder = distributed.broadcast_object(holder)
+        holder, error = distributed.broadcast_object((holder, error))
+    if error is not None:
+        raise PermissionError(f"urda_fast: cannot write the run folder {out_dir} ({error}); check its permissions, "
+                              "or give another --out")
     if holder is not None:
         raise ValueError(f"urda_fast: {out_dir} is in use by another run ({holder}); two runs writing one folder "
                          "would replace each other's checkpoints: wait for it to end, or give another --out")

@@ -185,3 +185,37 @@ def test_evaluation_batches_are_pinned_for_a_gpu():
     assert eval_loader(data, 2, 4, torch.device("cuda")).pin_memory
     assert not eval_loader(data, 2, 4, "cpu").pin_memory
     assert eval_loader(data, 2, 4, "cpu").num_workers == 0  # in-memory tensors: no worker processes
+
+
+def test_cifar_and_stl10_are_read_at_their_own_resolution(monkeypatch):
+    """The PMG-AFT / HPT-GPD protocol: CIFAR and STL-10 as ToTensor images (32x32, 96x96), resized bicubically for
+    the model inside the attacked head, so the eps-ball lives at their resolution; the other sets Resize(256) and
+    CenterCrop(224). Before, every set was resized to 224 first: another, stronger threat model."""
+    from PIL import Image
+
+    from urda_fast.hpt import data
+
+    class FakeSet(torch.utils.data.Dataset):
+        classes = ["airplane", "automobile"]
+
+        def __init__(self, transform, size):
+            self.transform, self.size = transform, size
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return self.transform(Image.new("RGB", self.size, (10 * index, 0, 0))), index
+
+    for name, size, want in (("cifar10", (32, 32), (32, 32)), ("stl10", (96, 96), (96, 96)),
+                             ("dtd", (300, 200), (224, 224))):
+        monkeypatch.setitem(data.EVAL_DATASETS, name, (lambda root, tf, size=size: FakeSet(tf, size), "x/"))
+        assert tuple(data.open_dataset(name, root="/unused").dataset[0][0].shape) == (3, *want), name
+
+
+def test_the_head_resizes_bicubically(tiny_clip):
+    model, tokenizer = tiny_clip
+    head = ZeroShotClassifier(model, tokenizer, ["zero", "one"], ["a photo of the number {}"])
+    images = torch.rand(2, 3, 8, 8)
+    want = (F.interpolate(images, size=head.image_size, mode="bicubic", align_corners=False) - head.mean) / head.std
+    torch.testing.assert_close(head.normalize(images), want)

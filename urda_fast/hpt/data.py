@@ -83,12 +83,20 @@ def distinct_classnames(name: str, raw, what: str) -> list:
     return refined
 
 
-def eval_transform(image_size: int):
-    """Resize the short side, centre-crop, RGB, ToTensor: (3, size, size) in [0, 1]."""
+# Sets the PMG-AFT / HPT-GPD code reads at their own resolution (ToTensor only): the zero-shot head resizes them for
+# the model, inside the attacked function, so the eps-ball lives at 32x32 / 96x96 as in the papers' figures.
+NATIVE_RESOLUTION = ("cifar10", "cifar100", "stl10")
+
+
+def eval_transform(image_size: int, native: bool = False):
+    """RGB, ToTensor, in [0, 1]: at the image's own resolution (``native``), else the code's ImageNet-style
+    Resize(size * 256 / 224) of the short side and CenterCrop(size) (224: Resize(256), CenterCrop(224))."""
     import torchvision.transforms as T
 
-    return T.Compose([T.Lambda(lambda img: img.convert("RGB")), T.Resize(image_size), T.CenterCrop(image_size),
-                      T.ToTensor()])
+    rgb = T.Lambda(lambda img: img.convert("RGB"))
+    if native:
+        return T.Compose([rgb, T.ToTensor()])
+    return T.Compose([rgb, T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor()])
 
 
 def _classnames_of(name, dataset):
@@ -190,7 +198,7 @@ def open_dataset(name: str, root: str = "", image_size: int = 224, world=None) -
         split = name[len("world:"):]
         images, labels = world.split(split)
         return ZeroShotSet(name, TensorDataset(images, labels), world.classnames(split))
-    transform = eval_transform(image_size)
+    transform = eval_transform(image_size, native=name in NATIVE_RESOLUTION)
     if name.startswith("folder:"):
         from torchvision.datasets import ImageFolder
 

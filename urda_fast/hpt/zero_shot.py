@@ -118,7 +118,8 @@ class ZeroShotClassifier(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"hpt: images must be (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
         if self.image_size is not None and tuple(images.shape[-2:]) != self.image_size:
-            images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
+            # bicubic, as the PMG-AFT / HPT-GPD code upsamples CIFAR and STL-10 (read at their own resolution)
+            images = F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False)
         return (images - self.mean) / self.std
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

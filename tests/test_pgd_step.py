@@ -336,3 +336,26 @@ def test_in_place_step_on_x_adv_that_partly_overlaps_x_orig_or_grad(backend, nor
     same = x_orig.clone()
     want = reference.pgd_step(same.clone(), grad, same.clone(), upcast=True, **kwargs)
     assert_close(ops.pgd_step_(same, grad, same, backend=name, **kwargs), want, torch.float32, "x_adv is x_orig")
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_channels_last_inputs_step_in_their_own_layout(backend, norm):
+    """NHWC batches (channels_last models' inputs and input gradients) are stepped as they lie: the result keeps
+    the layout (in place: the same storage) with the contiguous path's values; per-channel bounds take copies."""
+    name, device = backend
+    x_adv, grad, x_orig = make_batch((3, 4, 5, 6), torch.float32, device)
+    nhwc = [t.to(memory_format=torch.channels_last) for t in (x_adv, grad, x_orig)]
+    kwargs = dict(step_size=0.05, eps=0.1)
+    want = expected(x_adv, grad, x_orig, norm, kwargs)
+    got = ops.pgd_step(*nhwc, norm=norm, backend=name, **kwargs)
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    assert_close(got, want, torch.float32, norm)
+    in_place = nhwc[0].clone(memory_format=torch.channels_last)
+    storage = in_place.data_ptr()
+    assert ops.pgd_step_(in_place, nhwc[1], nhwc[2], norm=norm, backend=name, **kwargs) is in_place
+    assert in_place.data_ptr() == storage and in_place.is_contiguous(memory_format=torch.channels_last)
+    assert_close(in_place, want, torch.float32, norm)
+    per_channel = dict(kwargs, lower=torch.tensor([0.0, 0.1, 0.2, 0.3]), upper=torch.tensor([1.0, 0.9, 0.8, 0.7]))
+    per_channel = {k: v.to(device) if torch.is_tensor(v) else v for k, v in per_channel.items()}
+    assert_close(ops.pgd_step(*nhwc, norm=norm, backend=name, **per_channel),
+                 expected(x_adv, grad, x_orig, norm, per_channel), torch.float32, norm)

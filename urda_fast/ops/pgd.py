@@ -64,6 +64,21 @@ def _prepare(x_adv, grad, x_orig, step_size, eps, norm, lower, upper):
     return params
 
 
+def _channels_last_views(x_adv, grad, x_orig, params, lower, upper):
+    """(x_adv, grad, x_orig, params) as contiguous (N, H, W, C) views when all three are channels_last and the box is
+    the same for every channel, else None. The step is per element, and per sample for its budget and L2 norms, so
+    it reads the NHWC storage as it is instead of three NCHW copies (and a copy back, in place); per-channel bounds
+    would need the channel of each element, so they take the copies."""
+    if x_adv.dim() != 4 or x_adv.is_contiguous() or not all(
+            t.is_contiguous(memory_format=torch.channels_last) for t in (x_adv, grad, x_orig)):
+        return None
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in (lower, upper)):
+        return None
+    views = [t.permute(0, 2, 3, 1) for t in (x_adv, grad, x_orig)]
+    rows = views[0].shape[1]  # the op's dim 1 is now H: bounds per "channel" of the view, all alike
+    return (*views, (*params[:2], _param_vector(lower, rows, x_adv), _param_vector(upper, rows, x_adv)))
+
+
 def pgd_step(x_adv, grad, x_orig, *, step_size, eps, norm="linf", lower=0.0, upper=1.0, backend=None):
     r"""One PGD ascent step, projection and box clamp, fused into one pass (L-inf) or two (L2).
 
@@ -80,7 +95,8 @@ def pgd_step(x_adv, grad, x_orig, *, step_size, eps, norm="linf", lower=0.0, upp
         backend: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``; default by device (see ``available_backends``).
 
     Returns:
-        The new adversarial batch, same shape and dtype as ``x_adv`` (contiguous).
+        The new adversarial batch, same shape and dtype as ``x_adv`` (contiguous; channels_last when the three
+        inputs are, and the bounds are floats).
 
     This is an optimizer step and has no gradient: backpropagating through it raises an error.
 
@@ -98,6 +114,9 @@ def pgd_step(x_adv, grad, x_orig, *, step_size, eps, norm="linf", lower=0.0, upp
         # Not differentiable on any backend: a backward through the reference raises the same error.
         return _NotDifferentiable.apply(out, *inputs) if inputs and torch.is_grad_enabled() else out
     op = _backends.op_for(name, "pgd_step", "pgd_step", register)
+    nhwc = _channels_last_views(x_adv, grad, x_orig, params, lower, upper)
+    if nhwc is not None:
+        return op(*nhwc[:3], *nhwc[3], norm).permute(0, 3, 1, 2)
     return op(x_adv.contiguous(), grad.contiguous(), x_orig.contiguous(), *params, norm)
 
 
@@ -109,6 +128,11 @@ def pgd_step_(x_adv, grad, x_orig, *, step_size, eps, norm="linf", lower=0.0, up
                            "under torch.no_grad() (the step itself is not differentiable)")
     name = _backends.resolve_backend(backend, x_adv.device)
     overlap = _partly_overlaps(x_adv, grad) or _partly_overlaps(x_adv, x_orig)
+    nhwc = None if name == "reference" or overlap else _channels_last_views(x_adv, grad, x_orig, params, lower, upper)
+    if nhwc is not None:
+        op = _backends.op_for(name, "pgd_step", "pgd_step_", register)
+        op(*nhwc[:3], *nhwc[3], norm)  # writes x_adv's own storage through the contiguous NHWC view
+        return x_adv
     if name == "reference" or not x_adv.is_contiguous() or overlap:
         # The kernels write contiguous memory, element by element: a strided x_adv, or one that shares memory with
         # grad or x_orig at other offsets (they would read elements already written), gets the out-of-place result

@@ -408,3 +408,18 @@ def test_robust_accuracy_max_batches_zero_means_all(digits):
     loader = [(x[i:i + 50], y[i:i + 50]) for i in range(0, 200, 50)]
     table = robust_accuracy(model, loader, {"clean": None}, max_batches=0, progress=False)
     assert table["clean"].count == 200
+
+
+@pytest.mark.parametrize("options, call, match", [
+    (dict(steps=True), {}, "steps must be an integer"),
+    (dict(restarts=3, random_start=False), {}, "without a random start"),
+    (dict(loss="kl"), dict(labels=torch.tensor([0.5, 1.5]), soft_targets=torch.zeros(2, 3)), "integer tensor"),
+    (dict(loss="kl"), dict(soft_targets=[[0.0, 1.0, 2.0]] * 2), "soft_targets"),
+    ({}, dict(labels=torch.tensor([0, 1]), generator="seed 3"), "torch.Generator"),
+])
+def test_more_bad_arguments_are_named(options, call, match):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises((TypeError, ValueError), match=match):
+        attack = PGD(model, eps=0.1, alpha=0.05, **{"steps": 2, **options})
+        labels = call.pop("labels", None)
+        attack(torch.rand(2, 1, 2, 2), labels, **call)

@@ -88,10 +88,13 @@ class Attack:
                             "function in an nn.Module whose forward calls it")
         _positive(eps, "eps")
         _positive(alpha, "alpha")
-        if not isinstance(steps, int) or steps < 1:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"urda_fast.attacks: steps must be an integer >= 1, got {steps!r}")
-        if not isinstance(restarts, int) or restarts < 1:
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
             raise ValueError(f"urda_fast.attacks: restarts must be an integer >= 1, got {restarts!r}")
+        if restarts > 1 and not random_start:
+            raise ValueError(f"urda_fast.attacks: restarts={restarts} without a random start would repeat the same "
+                             "attack; pass random_start=True")
         if loss not in LOSSES:
             raise ValueError(f"urda_fast.attacks: loss must be one of {LOSSES}, got {loss!r}")
         if space not in SPACES:
@@ -142,9 +145,11 @@ class Attack:
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             raise TypeError("urda_fast.attacks: images must be a floating-point tensor (B, C, H, W)")
         if self.loss == "kl":
-            if soft_targets is None or soft_targets.shape[0] != images.shape[0]:
+            if not isinstance(soft_targets, torch.Tensor) or soft_targets.dim() != 2 or \
+                    soft_targets.shape[0] != images.shape[0]:
                 raise ValueError("urda_fast.attacks: loss='kl' needs soft_targets (B, K) logits, one row per image")
-        elif labels is None or not isinstance(labels, torch.Tensor) or labels.dtype not in INDEX_DTYPES:
+        if (self.loss != "kl" or labels is not None) and (
+                not isinstance(labels, torch.Tensor) or labels.dtype not in INDEX_DTYPES):
             got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise TypeError(f"urda_fast.attacks: labels must be an integer tensor of shape (B,), got {got}")
         if labels is not None and labels.shape != (images.shape[0],):
@@ -218,6 +223,10 @@ class Attack:
         teacher logits for ``loss="kl"``. ``generator`` overrides ``seed`` for the random start.
         """
         self._check(images, labels, soft_targets)
+        if generator is not None and (not isinstance(generator, torch.Generator)
+                                      or generator.device.type != images.device.type):
+            raise TypeError(f"urda_fast.attacks: generator must be a torch.Generator on the images' device "
+                            f"({images.device.type}), got {generator!r}")
         labels = labels if labels is None else labels.long()
         if images.shape[0] == 0:
             return images.clone()

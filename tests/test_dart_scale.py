@@ -260,3 +260,21 @@ def test_cudnn_benchmark_reaches_the_loop(on, monkeypatch):
     monkeypatch.setattr(common, "fit", lambda task, optimizer, scheduler, settings, **kw: settings)
     settings = common.run_loop(None, None, None, RobustifyConfig(cudnn_benchmark=on, out="unused"), "cpu", {})
     assert settings.cudnn_benchmark is on
+
+
+def test_backbone_weights_from_training_scripts_load_and_other_networks_are_named(tmp_path):
+    """ImageNet backbones come as torchvision state dicts, or inside a training script's checkpoint ({"state_dict":
+    ...} with DistributedDataParallel's "module." prefix): both load. Another network's weights (a tensor of
+    another shape) are one error naming the file, not load_state_dict's list of hundreds of lines."""
+    import torchvision
+
+    torch.manual_seed(0)
+    weights = torchvision.models.resnet18().state_dict()
+    torch.save({"epoch": 90, "state_dict": {f"module.{k}": v for k, v in weights.items()}}, tmp_path / "ddp.pth")
+    spec = dict(backbone="resnet18", num_classes=5, bottleneck_dim=8, mean=(0.5,) * 3, std=(0.5,) * 3)
+    model = ModelSpec(**spec, backbone_weights=str(tmp_path / "ddp.pth")).build()
+    assert torch.equal(model.backbone.layer1[0].conv1.weight, weights["layer1.0.conv1.weight"])
+    weights["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
+    torch.save(weights, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"other.pth' is not a resnet18 checkpoint \(1 shape mismatch"):
+        ModelSpec(**spec, backbone_weights=str(tmp_path / "other.pth")).build()

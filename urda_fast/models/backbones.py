@@ -11,7 +11,7 @@ import os
 
 import torch.nn as nn
 
-from urda_fast.files import load_torch_file
+from urda_fast.files import load_torch_file, state_dict_mismatch
 
 from .batch_norm import use_fast_batch_norm, use_fast_resnet
 from .conv import use_fast_conv
@@ -46,9 +46,12 @@ def _torchvision_resnet(name: str, weights: str | None, in_channels: int = 3):
     model = getattr(torchvision.models, name)(weights=None)
     if weights:
         check_backbone_weights(name, weights)
-        state = load_torch_file(weights, who="urda_fast backbone", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        state = _backbone_state(load_torch_file(weights, who="urda_fast backbone", weights_only=True))
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shapes of another network (resnet18 weights for a resnet50)
+            raise ValueError(f"urda_fast: {weights!r} is not a {name} checkpoint ({state_dict_mismatch(err)})") \
+                from err
         if len([k for k in missing if not k.startswith("fc.")]) or unexpected:
             raise ValueError(f"urda_fast: {weights!r} is not a {name} checkpoint (missing {missing[:3]}..., "
                              f"unexpected {unexpected[:3]}...)")
@@ -56,6 +59,19 @@ def _torchvision_resnet(name: str, weights: str | None, in_channels: int = 3):
     model.fc = nn.Identity()
     model.out_features = out_features
     return use_fast_conv(use_fast_pooling(use_fast_resnet(model)))
+
+
+def _backbone_state(state):
+    """The weights inside the usual containers of a training script's checkpoint: ``{"state_dict": ...}`` or
+    ``{"model": ...}``, keys prefixed ``module.`` (DistributedDataParallel) -- else the file as it is."""
+    if isinstance(state, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+        if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+            state = {k[len("module."):]: v for k, v in state.items()}
+    return state
 
 
 def _digits_cnn(weights=None, **kwargs):

@@ -23,6 +23,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from urda_fast.models._hooks import HOOK_DICTS, global_hooks, intercepted
+
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _LEAVES = _LAYERS + _NORMS + (nn.MaxPool2d,)
@@ -30,12 +32,6 @@ _LEAVES = _LAYERS + _NORMS + (nn.MaxPool2d,)
 # subclass with a forward of its own (weight standardisation, timm's Conv2dSame or BatchNormAct2d) is left alone.
 _PLAIN_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward,
                    nn.modules.batchnorm._BatchNorm.forward)
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-def _intercepted(module: nn.Module) -> bool:
-    """Hooks (old-style weight_norm / spectral_norm recompute the weight in one), or a forward set on the instance."""
-    return any(getattr(module, hooks) for hooks in _HOOKS) or "forward" in module.__dict__
 
 
 class _FoldedLayer(nn.Module):
@@ -101,7 +97,8 @@ def _foldable(norm: nn.Module, producer, modules: dict) -> bool:
         return False
     layer = modules.get(producer.target)  # None: a layer folded already (conv -> BatchNorm -> BatchNorm)
     return (isinstance(layer, _LAYERS) and layer.weight.shape[0] == norm.num_features
-            and all(type(m).forward in _PLAIN_FORWARDS and not _intercepted(m) for m in (layer, norm)))
+            # hooks: old-style weight_norm / spectral_norm recompute the weight in one, the fold would read a stale one
+            and all(type(m).forward in _PLAIN_FORWARDS and not intercepted(m) for m in (layer, norm)))
 
 
 class _Tracer(fx.Tracer):
@@ -122,7 +119,7 @@ def _structure(model: nn.Module) -> tuple:
     """What a traced graph depends on besides tensor values: the modules and their classes, hooks and instance
     forwards, and the tensor objects (the graph holds those it reads directly; one reassigned, as by
     ``load_state_dict(assign=True)``, or a running_mean set to None, would not be seen)."""
-    modules = tuple((id(m), type(m), tuple(key for hooks in _HOOKS for key in getattr(m, hooks)),
+    modules = tuple((id(m), type(m), tuple(key for hooks in HOOK_DICTS for key in getattr(m, hooks)),
                      m.__dict__.get("forward")) for m in model.modules())
     tensors = tuple((name, id(t)) for name, t in itertools.chain(model.named_parameters(), model.named_buffers()))
     return modules, tensors
@@ -131,12 +128,12 @@ def _structure(model: nn.Module) -> tuple:
 def _refuse_skipped_hooks(model: nn.Module, graph: fx.Graph, modules: dict) -> None:
     """A ValueError for hooks the traced graph would not run: those of modules tracing inlined (the model itself
     included; the leaves it calls keep theirs) and global ones."""
-    if nn.modules.module._has_any_global_hook():
+    if global_hooks():
         raise ValueError("urda_fast.attacks: global module hooks are registered, which a BatchNorm-folded graph "
                          "would not run; pass fold_batchnorm=False")
     called = {id(modules[node.target]) for node in graph.nodes if node.op == "call_module"}
     for name, module in model.named_modules():
-        if _intercepted(module) and id(module) not in called:
+        if intercepted(module) and id(module) not in called:
             raise ValueError(f"urda_fast.attacks: {name or type(model).__name__} has hooks or a forward set on the "
                              "instance, which a BatchNorm-folded graph would not run; pass fold_batchnorm=False")
 

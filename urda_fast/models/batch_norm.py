@@ -17,26 +17,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.nn.modules import module as _module
 from torchvision.models import resnet
 
 from urda_fast import ops
+
+from ._hooks import global_hooks, intercepted
 
 # Smaller inputs run torch's modules: the fused op's Python path costs ~50 us a call more than theirs, more than the
 # passes it saves below ~128K elements (forward + input gradient, warm caches: 16x64x8x8 0.85x, 32x64x8x8 1.05x,
 # 64x32x16x16 2.0x torch's).
 MIN_NUMEL = 1 << 17
-
-
-def _intercepted(module: nn.Module) -> bool:
-    """Hooks, or a forward replaced on the instance: either would be skipped by the fused op."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or "forward" in module.__dict__)
-
-
-def _global_hooks() -> bool:
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
-                or _module._global_backward_pre_hooks)
 
 
 def _fusable_norm(norm: nn.Module, x) -> bool:
@@ -45,12 +35,12 @@ def _fusable_norm(norm: nn.Module, x) -> bool:
     return (isinstance(x, torch.Tensor) and isinstance(norm, nn.modules.batchnorm._BatchNorm)
             and type(norm).forward is nn.modules.batchnorm._BatchNorm.forward
             and not norm.training and norm.running_mean is not None and x.device.type == "cpu"
-            and x.numel() >= MIN_NUMEL and not (_intercepted(norm) or _global_hooks()))
+            and x.numel() >= MIN_NUMEL and not (intercepted(norm) or global_hooks()))
 
 
 def _fusable(norm: nn.Module, relu: nn.Module, x) -> bool:
     return (_fusable_norm(norm, x) and isinstance(relu, nn.ReLU) and type(relu).forward is nn.ReLU.forward
-            and not _intercepted(relu))
+            and not intercepted(relu))
 
 
 def _fused(norm: nn.Module, x, relu: bool):

@@ -18,12 +18,12 @@ import torch.nn as nn
 from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock
 
 from ..ops._backends import functorch_active
+from ._hooks import global_hooks, intercepted
 from ._retype import retype
 from .attention import FastMultiheadAttention
 
 # The MLP activations the op computes, by module: nn.GELU by its ``approximate`` attribute.
 _GELU = {"none": "gelu", "tanh": "gelu_tanh"}
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 class FastResidualAttentionBlock(ResidualAttentionBlock):
@@ -82,13 +82,13 @@ class FastResidualAttentionBlock(ResidualAttentionBlock):
     def _intercepted(self) -> bool:
         """Hooks on a submodule, or a forward replaced on one: the fused op would skip either. The submodules are
         walked directly: named_modules() took ~0.1 ms a call, 2 ms of a tiny HPT step."""
-        if nn.modules.module._has_any_global_hook():
+        if global_hooks():
             return True
         stack = list(self._modules.values())
         while stack:
             module = stack.pop()
             if module is not None:
-                if any(getattr(module, hooks) for hooks in _HOOKS) or "forward" in module.__dict__:
+                if intercepted(module):
                     return True
                 stack.extend(module._modules.values())
         return False

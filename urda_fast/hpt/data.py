@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from urda_fast.data.domains import pil_loader
+
 PCAM_CLASSES = ["lymph node", "lymph node containing metastatic tumor tissue"]
 
 
@@ -120,10 +122,8 @@ class ListedImages(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        from torchvision.datasets.folder import default_loader
-
         path, label = self.samples[index]
-        image = default_loader(path)
+        image = pil_loader(path, "RGB")  # an unreadable file: one line naming it, as in DART's image lists
         return (self.transform(image) if self.transform is not None else image), label
 
 

@@ -60,14 +60,21 @@ class LinearTask:
         return {"neg_mse": -float(F.mse_loss(self.model(self.x).squeeze(1), self.y))}
 
 
-def run(out, iterations=6, resume=False, overwrite=False, **task_options):
-    torch.manual_seed(0)
-    task = LinearTask(**task_options)
+def fit_task(task, out, extra=None, **settings):
+    """``fit`` of ``task`` into ``out``: SGD (lr 0.05 / (1 + it), momentum 0.9), 6 iterations evaluated every 3 and
+    logged every step, no TensorBoard; ``settings`` override those LoopSettings."""
     optimizer = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1 / (1 + it))
-    settings = LoopSettings(iterations=iterations, out_dir=str(out), eval_every=3, log_every=1, resume=resume,
-                            overwrite=overwrite, progress=False, select_metric="neg_mse")
-    return fit(task, optimizer, scheduler, settings, device=torch.device("cpu"))
+    options = dict(iterations=6, out_dir=str(out), eval_every=3, log_every=1, progress=False, tensorboard=False,
+                   select_metric="neg_mse")
+    return fit(task, optimizer, scheduler, LoopSettings(**{**options, **settings}), device=torch.device("cpu"),
+               extra=extra)
+
+
+def run(out, iterations=6, resume=False, overwrite=False, **task_options):
+    torch.manual_seed(0)
+    return fit_task(LinearTask(**task_options), out, iterations=iterations, resume=resume, overwrite=overwrite,
+                    tensorboard=True)
 
 
 @pytest.fixture(autouse=True)
@@ -170,12 +177,7 @@ def test_fresh_run_hides_an_earlier_run_in_the_folder(tmp_path):
 
 
 def test_tensorboard_can_be_turned_off(tmp_path):
-    task = LinearTask()
-    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.05)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
-    fit(task, optimizer, scheduler, LoopSettings(iterations=2, out_dir=str(tmp_path), progress=False,
-                                                 tensorboard=False, select_metric="neg_mse"),
-        device=torch.device("cpu"))
+    fit_task(LinearTask(), tmp_path, iterations=2, tensorboard=False)
     assert (tmp_path / "log.csv").exists() and not (tmp_path / "tb").exists()
 
 
@@ -196,11 +198,7 @@ class NamedMetricsTask(LinearTask):
 
 def test_an_unknown_select_metric_is_refused(tmp_path):
     def fit_with(task, metric):
-        optimizer = torch.optim.SGD(task.model.parameters(), lr=0.05)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
-        return fit(task, optimizer, scheduler, LoopSettings(iterations=4, out_dir=str(tmp_path / "run"),
-                                                            eval_every=2, progress=False, tensorboard=False,
-                                                            select_metric=metric), device=torch.device("cpu"))
+        return fit_task(task, tmp_path / "run", iterations=4, eval_every=2, log_every=10, select_metric=metric)
 
     # a task that names its metrics: before any work or file
     with pytest.raises(ValueError, match=r"select_metric 'clean_acc' is not one of this run's evaluation metrics "
@@ -229,13 +227,9 @@ def test_resume_refuses_a_changed_input_file(tmp_path):
 
     def fit_inputs(resume, stop_after):
         torch.manual_seed(0)
-        task = LinearTask()
-        optimizer = torch.optim.SGD(task.model.parameters(), lr=0.05)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
-        settings = LoopSettings(iterations=4, out_dir=str(tmp_path / "run"), eval_every=2, progress=False,
-                                tensorboard=False, select_metric="neg_mse", resume=resume, stop_after=stop_after)
-        return fit(task, optimizer, scheduler, settings, device=torch.device("cpu"),
-                   extra={"inputs": input_fingerprints({"--teacher": str(teacher), "--other": ""})})
+        return fit_task(LinearTask(), tmp_path / "run", iterations=4, eval_every=2, log_every=10, resume=resume,
+                        stop_after=stop_after,
+                        extra={"inputs": input_fingerprints({"--teacher": str(teacher), "--other": ""})})
 
     fit_inputs(False, 2)
     assert set(torch.load(tmp_path / "run" / "last.pt", weights_only=False)["inputs"]) == {"--teacher"}
@@ -257,12 +251,8 @@ class CudnnFlagTask(LinearTask):
 def test_cudnn_benchmark_is_set_for_the_loop_only(tmp_path, on, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", not on)
     task = CudnnFlagTask(fail_at=4)
-    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.05)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
-    settings = LoopSettings(iterations=6, out_dir=str(tmp_path), eval_every=3, progress=False,
-                            select_metric="neg_mse", cudnn_benchmark=on)
     with pytest.raises(KeyboardInterrupt):  # restored also when a step fails
-        fit(task, optimizer, scheduler, settings, device=torch.device("cpu"))
+        fit_task(task, tmp_path, cudnn_benchmark=on)
     assert task.flags == [on] * 4
     assert torch.backends.cudnn.benchmark is (not on)
 
@@ -280,20 +270,11 @@ def test_logged_metrics_are_read_in_one_transfer(tmp_path):
     assert all(type(v) is float for v in values.values())
 
 
-def _fit(task, out, extra=None, **settings):
-    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
-    options = dict(iterations=12, out_dir=str(out), eval_every=3, log_every=1, progress=False, tensorboard=False,
-                   select_metric="neg_mse")
-    return fit(task, optimizer, scheduler, LoopSettings(**{**options, **settings}), device=torch.device("cpu"),
-               extra=extra)
-
-
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
     """The loss turns NaN at step 5, between logging steps (every 10); the checkpoint due at 6 must not replace the
     good one of step 3 with NaN weights."""
     with pytest.raises(FloatingPointError, match="weights are not finite at iteration 6.*holds iteration 3"):
-        _fit(LinearTask(nan_at=5), tmp_path, log_every=10)
+        fit_task(LinearTask(nan_at=5), tmp_path, iterations=12, log_every=10)
     state = torch.load(tmp_path / "last.pt", weights_only=False)
     assert state["iteration"] == 3
     assert all(torch.isfinite(v).all() for v in state["modules"]["model"].values())
@@ -313,7 +294,7 @@ def test_the_logs_are_written_before_last_pt(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "atomic_save", save)
     with pytest.raises(KeyboardInterrupt):
-        _fit(LinearTask(), tmp_path)
+        fit_task(LinearTask(), tmp_path)
     with open(tmp_path / "log.csv") as f:
         steps = [int(row["iteration"]) for row in csv.DictReader(f) if row.get("loss")]
     assert steps == list(range(1, 7))
@@ -343,11 +324,11 @@ def test_a_folder_in_use_by_another_run_is_refused(tmp_path):
     assert holder.acquire() is None
     try:
         with pytest.raises(ValueError, match=f"in use by another run \\(process {os.getpid()}"):
-            _fit(LinearTask(), tmp_path)
+            fit_task(LinearTask(), tmp_path)
         assert not (tmp_path / "last.pt").exists()
     finally:
         holder.release()
-    _fit(LinearTask(), tmp_path, iterations=3)  # free again
+    fit_task(LinearTask(), tmp_path, iterations=3)  # free again
 
 
 def test_a_failed_save_names_the_file_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -355,7 +336,7 @@ def test_a_failed_save_names_the_file_and_leaves_the_previous_checkpoint(tmp_pat
     from urda_fast.train import CheckpointWriteError
 
     (tmp_path / "best.pt.tmp999").write_bytes(b"a killed save")  # removed by the next run, under the lock
-    _fit(LinearTask(), tmp_path, iterations=3, overwrite=True)
+    fit_task(LinearTask(), tmp_path, iterations=3, overwrite=True)
     assert not (tmp_path / "best.pt.tmp999").exists()
     real_save = torch.save
 
@@ -365,7 +346,7 @@ def test_a_failed_save_names_the_file_and_leaves_the_previous_checkpoint(tmp_pat
 
     monkeypatch.setattr(train_module.torch, "save", full_disk)
     with pytest.raises(CheckpointWriteError, match=r"could not write .*best.pt.*previous checkpoint there"):
-        _fit(LinearTask(), tmp_path, iterations=6, resume=True)
+        fit_task(LinearTask(), tmp_path, iterations=6, resume=True)
     monkeypatch.undo()
     assert torch.load(tmp_path / "best.pt", weights_only=False)["iteration"] == 3
     assert not list(tmp_path.glob("*.tmp*"))
@@ -384,7 +365,7 @@ def test_a_run_killed_inside_its_first_checkpoint_resumes_from_the_beginning(tmp
     passes --resume used to fail for good), and ends with the uninterrupted run's weights."""
     import urda_fast.train as train_module
 
-    _fit(seeded_task(), tmp_path / "full", iterations=6, extra=CONFIG)
+    fit_task(seeded_task(), tmp_path / "full", iterations=6, extra=CONFIG)
     real_save = train_module.atomic_save
 
     def killed(obj, path):
@@ -394,17 +375,17 @@ def test_a_run_killed_inside_its_first_checkpoint_resumes_from_the_beginning(tmp
 
     monkeypatch.setattr(train_module, "atomic_save", killed)
     with pytest.raises(KeyboardInterrupt):
-        _fit(seeded_task(), tmp_path / "run", iterations=6, extra=CONFIG)
+        fit_task(seeded_task(), tmp_path / "run", iterations=6, extra=CONFIG)
     monkeypatch.undo()
     assert (tmp_path / "run" / "best.pt").exists() and not (tmp_path / "run" / "last.pt").exists()
     with pytest.warns(UserWarning, match="starting from the beginning"):
-        _fit(seeded_task(), tmp_path / "run", iterations=6, resume=True, extra=CONFIG)
+        fit_task(seeded_task(), tmp_path / "run", iterations=6, resume=True, extra=CONFIG)
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["modules"]["model"]
     b = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["modules"]["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="best.pt but no last.pt"):  # another run's best.pt is not replaced
         (tmp_path / "run" / "last.pt").unlink()
-        _fit(LinearTask(batch_size=4), tmp_path / "run", iterations=6, resume=True, extra={"config": {"batch": 4}})
+        fit_task(LinearTask(batch_size=4), tmp_path / "run", iterations=6, resume=True, extra={"config": {"batch": 4}})
 
 
 def test_a_best_pt_newer_than_the_checkpoint_is_the_runs_best_at_a_resume(tmp_path):
@@ -421,13 +402,13 @@ def test_a_best_pt_newer_than_the_checkpoint_is_the_runs_best_at_a_resume(tmp_pa
 
 
 def test_a_resume_under_another_precision_is_refused(tmp_path):
-    _fit(LinearTask(), tmp_path, iterations=3)
+    fit_task(LinearTask(), tmp_path, iterations=3)
     with pytest.raises(ValueError, match="trained with amp 'none', now 'bf16'"):
-        _fit(LinearTask(), tmp_path, iterations=6, resume=True, amp="bf16")
+        fit_task(LinearTask(), tmp_path, iterations=6, resume=True, amp="bf16")
 
 
 def test_a_signal_in_the_last_step_ends_the_run_as_usual(tmp_path):
-    result = _fit(LinearTask(signal_at=(6, signal.SIGTERM)), tmp_path, iterations=6)
+    result = fit_task(LinearTask(signal_at=(6, signal.SIGTERM)), tmp_path, iterations=6)
     assert result["best"] is not None
     assert torch.load(tmp_path / "last.pt", weights_only=False)["iteration"] == 6
 
@@ -436,5 +417,5 @@ def test_an_unwritable_run_folder_is_said_before_any_step(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     task = LinearTask()
     with pytest.raises(PermissionError, match="cannot write the run folder"):
-        _fit(task, tmp_path / "file" / "run")
+        fit_task(task, tmp_path / "file" / "run")
     assert task.steps == 0

@@ -1,6 +1,7 @@
 """Attacks: agreement with the textbook loop, real effect on a model trained here on real digits, invariants,
 model state, errors, and the robust-accuracy table."""
 
+import copy
 import json
 
 import pytest
@@ -110,6 +111,49 @@ def test_pgd_breaks_the_model_and_more_steps_never_help_it(digits):
     assert accs == sorted(accs, reverse=True), accs
     strong = accuracy(model, PGD(model, eps=EPS, alpha=EPS / 4, steps=10, restarts=3, seed=0)(x, y), y)
     assert strong <= accs[-1] + 0.02
+
+
+@pytest.mark.parametrize("make", [
+    lambda m, **k: PGD(m, eps=EPS, alpha=EPS / 4, steps=10, seed=1, **k),
+    lambda m, **k: PGD(m, eps=EPS / 2, alpha=EPS / 2, steps=8, random_start=False, loss="cw", **k),
+    lambda m, **k: PGDL2(m, eps=1.0, alpha=0.5, steps=10, seed=2, **k),
+    lambda m, **k: PGD(m, eps=EPS, alpha=EPS / 3, steps=6, restarts=2, seed=3, **k),
+    lambda m, **k: BIM(m, eps=EPS / 2, alpha=EPS / 4, steps=5, **k),
+], ids=["pgd", "pgd-cw", "pgdl2", "pgd-restarts", "bim"])
+def test_early_stop_reports_the_full_attacks_accuracy_under_one_convention(digits, make):
+    """Early stop computes keep_first_hit's examples (float64 model: no argmax flip from a batch-size-dependent
+    reassociation); keep_first_hit breaks every sample the last iterate breaks."""
+    model, x, y = digits
+    model, x = copy.deepcopy(model).double(), x.double()
+    early = make(model, early_stop=True)(x, y)
+    first = make(model, keep_first_hit=True)(x, y)
+    last = make(model)(x, y)
+    torch.testing.assert_close(early, first, atol=1e-12, rtol=0)
+    with torch.no_grad():
+        broken = {name: model(adv).argmax(1) != y for name, adv in (("early", early), ("first", first), ("last", last))}
+    assert torch.equal(broken["early"], broken["first"])
+    assert bool((broken["first"] | ~broken["last"]).all()), "a sample broken at the last iterate was not kept broken"
+
+
+def test_keep_first_hit_counts_samples_the_last_iterate_lets_go(digits):
+    """Steps as large as the budget make samples cross the boundary and come back: the two conventions differ."""
+    model, x, y = digits
+    last, first = (PGD(model, eps=0.05, alpha=0.05, steps=10, random_start=False, keep_first_hit=keep)(x, y)
+                   for keep in (False, True))
+    assert accuracy(model, first, y) < accuracy(model, last, y)
+
+
+def test_keep_first_hit_targeted_holds_samples_at_their_target(digits):
+    model, x, y = digits
+    target = (y + 1) % 10
+    attack = PGD(model, eps=EPS, alpha=EPS / 4, steps=10, seed=0, keep_first_hit=True)
+    adv = attack(x, target, targeted=True)
+    early = PGD(model, eps=EPS, alpha=EPS / 4, steps=10, seed=0, early_stop=True)(x, target, targeted=True)
+    torch.testing.assert_close(adv, early, atol=1e-6, rtol=0)
+    last = PGD(model, eps=EPS, alpha=EPS / 4, steps=10, seed=0)(x, target, targeted=True)
+    with torch.no_grad():
+        reached, reached_last = model(adv).argmax(1) == target, model(last).argmax(1) == target
+    assert bool((reached | ~reached_last).all()) and int(reached.sum()) > 0.3 * len(y)
 
 
 @pytest.mark.parametrize("attack_cls, norm", [(PGD, "linf"), (PGDL2, "l2"), (FGSM, "linf"), (BIM, "linf")])
@@ -324,17 +368,18 @@ def test_autoattack_adapter_runs_or_says_how_to_install(digits, monkeypatch):
         AutoAttack(model, eps=EPS)
 
 
-@pytest.mark.parametrize("space", ["pixel", "normalized"])
-def test_attack_steps_read_no_tensor_values(digits, space):
+@pytest.mark.parametrize("space, keep_first_hit", [("pixel", False), ("normalized", False), ("pixel", True)])
+def test_attack_steps_read_no_tensor_values(digits, space, keep_first_hit):
     """Input checks read values once per call; the steps themselves never do (no host sync per step on a GPU), so
-    the count does not grow with the number of steps."""
+    the count does not grow with the number of steps; holding broken samples in place does not add one."""
     model, x, y = digits
     stats = dict(space="normalized", mean=torch.tensor([0.3]), std=torch.tensor([0.4])) if space == "normalized" else {}
     norm_model = nn.Sequential(nn.Identity(), model) if space == "pixel" else model
     images = x[:32] if space == "pixel" else (x[:32] - 0.3) / 0.4
     counts = []
     for steps in (2, 8):
-        attack = PGD(norm_model, eps=EPS, alpha=0.02, steps=steps, seed=0, fold_batchnorm=False, **stats)
+        attack = PGD(norm_model, eps=EPS, alpha=0.02, steps=steps, seed=0, fold_batchnorm=False,
+                     keep_first_hit=keep_first_hit, **stats)
         with ScalarReads() as reads:
             attack(images, y[:32])
         counts.append(reads.count)

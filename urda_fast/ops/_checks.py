@@ -54,11 +54,14 @@ def check_nonneg(value, name: str, *, count: int, count_name: str, finite: bool 
                              f"{count_name}), got shape {tuple(value.shape)}")
         if _values_checkable(value) and value.numel() > 0:
             v = value.detach()
-            if bool(torch.isnan(v).any()):
+            # One host read for the three checks (a sync per call on a GPU): NaN, negative, infinite.
+            has_nan, has_negative, has_inf = torch.stack(
+                [torch.isnan(v).any(), (v < 0).any(), torch.isinf(v).any()]).tolist()
+            if has_nan:
                 raise ValueError(f"urda_fast: {name} contains NaN")
-            if bool((v < 0).any()):
+            if has_negative:
                 raise ValueError(f"urda_fast: {name} must be >= 0, got a minimum of {v.min().item()}")
-            if finite and bool(torch.isinf(v).any()):
+            if finite and has_inf:
                 raise ValueError(_infinite(name))
         return
     if not isinstance(value, Real) or isinstance(value, bool):

@@ -80,6 +80,10 @@ def worker(out):
     pretrain(pretrain_cfg(f"{out}/resumed", resume=True))
     for forward in ("split-bn", "separate"):  # one student forward of clean+adversarial, or two before a backward
         robustify(robustify_cfg(f"{out}/pretrain/best.pt", f"{out}/dart-{forward}", forward=forward))
+    code = dict(forward="separate", weighting="code", iterations=3)  # the code's loss: batch-mean KL * summed weight
+    robustify(robustify_cfg(f"{out}/pretrain/best.pt", f"{out}/dart-code", **code))
+    robustify(robustify_cfg(f"{out}/pretrain/best.pt", f"{out}/dart-code-resumed", **code, stop_after=2))
+    robustify(robustify_cfg(f"{out}/pretrain/best.pt", f"{out}/dart-code-resumed", **code, resume=True))
     test_train.run(f"{out}/linear", iterations=4, batch_size=BATCH // 2, rank=rank, world_size=WORLD)  # no wrap_ddp
     # A SIGTERM to rank 0 alone in step 2 (no checkpoint due there): both ranks save step 2 and stop together.
     try:
@@ -205,6 +209,30 @@ def test_ddp_robustify_trains_the_student_only(ddp_runs):
         assert all(torch.isfinite(v.float()).all() for v in state["modules"]["student"].values())
 
 
+def test_ddp_robustify_equals_one_process_with_twice_the_batch(ddp_runs, tmp_path):
+    """Three steps of the code's weighting. Its summed weight is the global batch's, and from step 2 on the attack
+    (an eval-mode forward) runs on rank 0's BatchNorm statistics on every rank, as in the rank-wise reference (each
+    rank's own, before they were synced at each step: the losses drifted from step 2 on)."""
+    from urda_fast.dart import robustify
+
+    with rankwise_batchnorm():
+        robustify(robustify_cfg(ddp_runs / "pretrain" / "best.pt", tmp_path / "single", forward="separate",
+                                weighting="code", iterations=3, batch_size=WORLD * BATCH))
+    ddp, reference = checkpoint(ddp_runs / "dart-code"), checkpoint(tmp_path / "single")
+    assert_states_close(ddp["modules"]["student"], reference["modules"]["student"])
+    (ours,), (theirs,) = ([row for row in log_rows(folder) if row["loss"]] for folder in (ddp_runs / "dart-code",
+                                                                                          tmp_path / "single"))
+    for key in ("loss", "robust_loss", "transfer_loss", "feature_loss"):
+        assert float(ours[key]) == pytest.approx(float(theirs[key]), rel=1e-4, abs=1e-6), key
+
+
+def test_ddp_robustify_resume_equals_the_uninterrupted_run(ddp_runs):
+    """Its attack runs on BatchNorm statistics, which a resume gives every rank from rank 0's checkpoint."""
+    full, resumed = checkpoint(ddp_runs / "dart-code"), checkpoint(ddp_runs / "dart-code-resumed")
+    assert resumed["iteration"] == 3
+    assert_states_close(full["modules"]["student"], resumed["modules"]["student"], rtol=0, atol=0)
+
+
 def test_task_without_ddp_hook_averages_gradients(ddp_runs, tmp_path):
     from test_train import run as run_linear
 
@@ -229,6 +257,11 @@ def test_ddp_hpt_equals_one_process_with_twice_the_batch(ddp_runs, tmp_path):
     ddp, single = checkpoint(ddp_runs / "hpt"), checkpoint(tmp_path / "single")
     assert ddp["world_size"] == WORLD and ddp["iteration"] == 3
     assert_states_close(ddp["modules"]["target"], single["modules"]["target"], rtol=1e-4, atol=1e-5)
+    # the logged KL parts too (each rank's sum, logged as the rank mean times W: the global batch's sum)
+    (ours,), (theirs,) = ([row for row in log_rows(folder) if row["loss"]] for folder in (ddp_runs / "hpt",
+                                                                                          tmp_path / "single"))
+    for key in ("loss", "proxy_loss", "anchor_loss"):
+        assert float(ours[key]) == pytest.approx(float(theirs[key]), rel=1e-4, abs=1e-6), key
     start = torch.load(str(ddp_runs / "world" / "target.pt"))
     assert max_difference(start, single["modules"]["target"]) > 1e-3  # it did train
 

@@ -150,6 +150,19 @@ def test_training_time_evaluation_sees_hpt_evals_seeded_sample(fake_world, tmp_p
     assert seen == expected and len(set(seen)) > 2
 
 
+def test_training_time_evaluation_under_ddp_sees_the_global_batchs_sample(fake_world, tmp_path, monkeypatch):
+    """batch_size is per process: W processes validate on eval_max_batches x W*B images (rank 0 evaluates), the
+    sample one process with batch W*B takes."""
+    from urda_fast import distributed
+    from urda_fast.hpt.train import validation_sets
+
+    cfg = cfg_for(fake_world, tmp_path, val_data="world:digits", batch_size=8, eval_max_batches=1, seed=3)
+    (single,) = validation_sets(replace(cfg, batch_size=16), fake_world, None)
+    monkeypatch.setattr(distributed, "context", lambda: distributed.Context(rank=0, world_size=2))
+    (ddp,) = validation_sets(cfg, fake_world, None)
+    assert len(ddp.dataset) == 16 and ddp.dataset.indices == single.dataset.indices
+
+
 # ------------------------------------------------------------------------------------------------ finding 5
 def test_a_world_folder_of_another_recipe_is_not_rebuilt_in_place(tmp_path):
     recipe = WorldRecipe().scaled(0.01)

@@ -7,7 +7,8 @@ training forward through ``DistributedDataParallel``, and leaves checkpoints, lo
 Without those variables (a plain ``python`` run) everything here reads as one process and does nothing.
 
 The batch size of a task is per process: N processes with batch B train like one process with batch N*B (DDP
-averages the gradients), except that BatchNorm normalises each process's B samples by their own statistics.
+averages the gradients), except that BatchNorm normalises each process's B samples by their own statistics (its
+running statistics are rank 0's on every rank at the start of each step: ``broadcast_buffers``).
 """
 
 from __future__ import annotations
@@ -131,11 +132,40 @@ def mean_metrics(values: dict[str, float]) -> dict[str, float]:
 
 
 @torch.no_grad()
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum of ``value`` over ranks (a new tensor, no gradient); ``value`` itself in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
+@torch.no_grad()
 def broadcast_modules(modules) -> None:
     """Copy rank 0's parameters and buffers to every rank (what DDP does when it wraps a module)."""
     for module in modules:
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor, src=0)
+
+
+@torch.no_grad()
+def broadcast_buffers(modules) -> None:
+    """Copy rank 0's buffers to every rank, one collective per dtype and device. Each rank's training forward updates
+    its own BatchNorm running statistics, and DDP syncs them only at its next forward: an eval-mode forward before
+    that (the attack of the next step) would run on rank-local statistics, and a resume, which gives every rank rank
+    0's, would then take another path than the uninterrupted run."""
+    groups: dict = {}
+    for buffer in dict.fromkeys(b for module in modules for b in module.buffers()):  # shared buffers once
+        groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+    for (dtype, _), buffers in groups.items():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        flat = flat.to(torch.uint8) if dtype == torch.bool else flat  # gloo broadcasts no bool
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset:offset + b.numel()].view(b.shape))
+            offset += b.numel()
 
 
 @torch.no_grad()

@@ -625,6 +625,8 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
         torch.backends.cudnn.benchmark = settings.cudnn_benchmark
         for iteration in bar:
             with nvtx_range(f"step {iteration}"):
+                if ctx.enabled:  # rank 0's BatchNorm statistics for the step's eval-mode forwards (the attack)
+                    distributed.broadcast_buffers(task.modules().values())
                 with _autocast(settings.amp, device.type):
                     metrics = task.training_step()
                 with nvtx_range("backward"):

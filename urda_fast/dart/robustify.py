@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from urda_fast import ops
+from urda_fast import distributed, ops
 from urda_fast.attacks import PGD
 from urda_fast.data import train_stream
 from urda_fast.models import ModelSpec
@@ -46,7 +46,9 @@ def dart_loss(student_adv_logits, student_logits, student_features, teacher_logi
         robust = ops.kd_kl_loss(student_adv_logits, teacher_logits, temperature=cfg.tau_robust, weight=weight)
         transfer = ops.kd_kl_loss(student_logits, teacher_logits, temperature=cfg.tau_transfer, weight=weight)
     elif cfg.weighting == "code":
-        total_weight = weight.sum()
+        # The code's batch-mean KL times the batch's summed weight: under DDP the sum over the global batch, so W
+        # processes of B train as one of W * B (a rank's own sum would be 1/W of it).
+        total_weight = distributed.all_reduce_sum(weight.sum())
         robust = ops.kd_kl_loss(student_adv_logits, teacher_logits, temperature=cfg.tau_robust) * total_weight
         transfer = ops.kd_kl_loss(student_logits, teacher_logits, temperature=cfg.tau_transfer) * total_weight
     else:

@@ -36,6 +36,7 @@ from .world import World, WorldRecipe, default_world_dir
 from .zero_shot import ZeroShotClassifier, parse_templates
 
 WORLD_VAL_SETS = ("world:digits", "world:handwritten", "world:style")
+KL_SUM_PARTS = ("proxy_loss", "anchor_loss", "original_loss", "clean_loss")  # kd_kl_loss terms, summed by kl_reduction
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
@@ -67,7 +68,8 @@ def validation_sets(cfg: TrainConfig, world: World | None, train_set: ZeroShotSe
     """``cfg.val_data``'s sets; by default the world's zero-shot sets, TinyImageNet's val split, or (an ImageFolder,
     which has no other) the training data. Each is cut to the fixed random sample of ``eval_max_batches`` x
     ``batch_size`` images that ``hpt eval --max-batches`` takes with the same seed and batch size (the first batches
-    of a class-sorted set, e.g. an ImageFolder, would hold one or two classes only)."""
+    of a class-sorted set, e.g. an ImageFolder, would hold one or two classes only); under DDP with the global batch,
+    W x ``batch_size``, which rank 0 evaluates."""
     if cfg.val_data:
         sets = [open_dataset(name, cfg.root, cfg.image_size, world) for name in cfg.val_data.split(",") if name]
     elif world is not None:
@@ -76,7 +78,7 @@ def validation_sets(cfg: TrainConfig, world: World | None, train_set: ZeroShotSe
         sets = [tinyimagenet(os.path.expanduser(cfg.root), eval_transform(cfg.image_size), split="val")]
     else:
         sets = [train_set]
-    count = cfg.eval_max_batches * cfg.batch_size
+    count = cfg.eval_max_batches * cfg.batch_size * distributed.context().world_size  # the global batch under DDP
     return [ZeroShotSet(zs.name, subset(zs.dataset, count, cfg.seed), zs.classnames) for zs in sets]
 
 
@@ -167,6 +169,8 @@ class HptTask:
                                            proxy_weight=proxy_weight * kl_scale,
                                            anchor_weight=anchor_weight * kl_scale, reduction=cfg.kl_reduction)
             parts["warmup"] = float(self.schedule.phase(step) == "warmup")
+        if kl_scale != 1:  # each rank's KL sums; the logged rank mean times W is the global batch's sum
+            parts = {k: v * kl_scale if k in KL_SUM_PARTS else v for k, v in parts.items()}
         return {"loss": total, **parts}
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ table of ratios to eager and to compile is printed and added to ``--benchmark-js
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import statistics
 import time
@@ -88,15 +89,35 @@ def synchronize() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
+def last_level_cache_bytes() -> int:
+    """The CPU's largest cache, from sysfs (Python's os.sysconf has no cache names); 0 where it cannot be read."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes, default=0)
+
+
+FLUSH_MIN, FLUSH_MAX = 64 * 2**20, 256 * 2**20
+
+
 @functools.cache
 def _flush_buffer() -> torch.Tensor:
-    # Twice the last-level cache (CPU) or triton.testing.do_bench's 256 MB (GPU): every round starts cold, as the
-    # tensors of a real training step do, and the small shapes cannot be timed out of cache.
+    # Twice the last-level cache, between 64 and 256 MiB (CPU), or triton.testing.do_bench's 256 MB (GPU): every
+    # round starts cold, as the tensors of a real training step do, and the small shapes cannot be timed out of
+    # cache. The cap: a cloud VM reports its host's whole L3 (480 MiB here, shared by every core of the socket), and
+    # zeroing 2x that before each of thousands of rounds would take longer than the benchmarks.
     if DEVICE.type == "cuda":
         nbytes = 256 * 2**20
     else:
-        llc = os.sysconf("SC_LEVEL3_CACHE_SIZE") if "SC_LEVEL3_CACHE_SIZE" in os.sysconf_names else 0
-        nbytes = max(64 * 2**20, 2 * llc)
+        nbytes = min(FLUSH_MAX, max(FLUSH_MIN, 2 * last_level_cache_bytes()))
     return torch.empty(nbytes // 4, dtype=torch.int32, device=DEVICE)
 
 
@@ -237,8 +258,11 @@ class Bench:
             if images is not None:
                 info["images_per_s"] = images / median
             if paired is not None:
-                rounds = stats.stats.data  # the warm-up round had a paired round too: pair from the end
-                eager = paired_seconds[-len(rounds):]
+                # round i's twin ran in the setup just before it; the warm-up round had one too (the first), and
+                # --benchmark-cprofile calls setup once more after the rounds: pair from the start, past the warm-up
+                rounds = stats.stats.data
+                eager = paired_seconds[1:1 + len(rounds)]
+                assert len(eager) == len(rounds), (len(paired_seconds), len(rounds))
                 info["paired_eager_ms"] = statistics.median(eager) * 1e3
                 info["paired_vs_eager"] = statistics.median(e / t for e, t in zip(eager, rounds))
             _RESULTS.append(info)

@@ -121,6 +121,13 @@ def test_bench_parser_plugs_into_a_cli(capsys):
     assert "## kd_kl" in capsys.readouterr().out
 
 
+def test_an_out_that_is_a_file_is_named_before_any_output(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="--out .*afile' is a file; give a folder"):
+        main(["report", FIXTURE, "--out", str(tmp_path / "afile")])
+    assert capsys.readouterr().out == ""
+
+
 def test_missing_file_names_it(tmp_path):
     missing = str(tmp_path / "nope.json")
     with pytest.raises(ValueError, match="nope.json: no such file.*--benchmark-json"):

@@ -18,9 +18,10 @@ def test_profile_command_writes_a_chrome_trace(tmp_path, capsys):
                  "--out", str(tmp_path), "--device", "cpu"]) == 0
     trace = json.loads((tmp_path / "trace.json").read_text())
     names = {event.get("name") for event in trace["traceEvents"]}
-    assert {"step 0", "step 1", "teacher", "attack", "student", "backward", "optimizer"} <= names
+    assert {"step 0", "step 1", "data", "teacher", "attack", "student", "loss", "backward", "optimizer"} <= names
     phases = json.loads((tmp_path / "phases.json").read_text())["phases"]
-    assert phases["attack"]["calls"] == 2 and phases["attack"]["cpu_ms"] > 0
+    for phase in ("data", "teacher", "attack", "student", "loss", "backward", "optimizer"):
+        assert phases[phase]["calls"] == 2 and phases[phase]["cpu_ms"] > 0, phase
     assert "Self CPU" in (tmp_path / "top_ops.txt").read_text()
     assert "ms/step" in capsys.readouterr().out
 
@@ -33,9 +34,44 @@ def test_profile_hpt_writes_a_trace_with_the_hpt_phases(tmp_path, capsys):
     assert {"step 0", "step 1", "data", "text", "attack", "target forward", "proxy forward", "anchor forward",
             "backward", "optimizer"} <= names
     phases = json.loads((tmp_path / "phases.json").read_text())["phases"]
-    for phase in ("attack", "target forward", "proxy forward", "anchor forward"):
+    for phase in ("attack", "target forward", "proxy forward", "anchor forward", "loss"):
         assert phases[phase]["calls"] == 2 and phases[phase]["cpu_ms"] > 0, phase
     assert "ms/step" in capsys.readouterr().out
+
+
+def test_profile_runs_on_a_torch_build_without_nvtx(tmp_path, monkeypatch):
+    """A CPU-only torch wheel's torch.cuda.nvtx functions raise: the ranges then go to the profiler alone."""
+    import urda_fast.profiling as profiling
+
+    def no_nvtx(*args):
+        raise RuntimeError("NVTX functions not installed. Are you sure you have a CUDA build?")
+
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", no_nvtx)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", no_nvtx)
+    profiling._nvtx_available.cache_clear()
+    try:
+        assert main(["profile", "dart", "--steps", "1", "--warmup", "0", "--batch-size", "4", "--attack-steps", "1",
+                     "--out", str(tmp_path), "--device", "cpu"]) == 0
+    finally:
+        profiling._nvtx_available.cache_clear()
+    assert json.loads((tmp_path / "phases.json").read_text())["phases"]["attack"]["calls"] == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "steps must be >= 1, got 0"),
+    (["--warmup", "-1"], "warmup must be >= 0, got -1"),
+    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["--out", "{file}"], "is a file; give a folder"),
+])
+def test_profile_names_bad_arguments_before_building_models(tmp_path, monkeypatch, flags, message):
+    import urda_fast.profile as profile
+
+    monkeypatch.setattr(profile, "dart_step_fn", lambda **kw: pytest.fail("built the models first"))
+    (tmp_path / "afile").write_text("")
+    flags = [f.format(file=tmp_path / "afile") for f in flags]
+    out = [] if "--out" in flags else ["--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match=message):
+        main(["profile", "dart", "--device", "cpu", *out, *flags])
 
 
 def test_profile_hpt_rejects_a_bad_model_argument(tmp_path, monkeypatch):

@@ -312,12 +312,18 @@ def cmd_report(args) -> int:
         rows = rows_from_results(doc, source=args.results)
     except ValueError as err:
         raise SystemExit(f"urda-fast bench report: {err}") from None
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"urda-fast bench report: --out {args.out!r} is a file; give a folder for report.md and the "
+                         "charts")
     text = markdown(rows, doc.get("machine_info"))
     print(text, end="")  # the text ends with its newline; stdout and report.md get the same bytes
     if args.out:
         path = os.path.join(args.out, "report.md")
-        atomic_write_text(path, text)
-        charts = plot(rows, args.out)
+        try:
+            atomic_write_text(path, text)
+            charts = plot(rows, args.out)
+        except OSError as err:
+            raise SystemExit(f"urda-fast bench report: cannot write to {args.out!r}: {err}") from None
         # stderr: stdout stays the Markdown alone, for redirection into a file or a PR comment.
         print(f"wrote {path} and {len(charts)} chart(s) to {args.out}", file=sys.stderr)
     return 0

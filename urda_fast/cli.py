@@ -243,8 +243,9 @@ def _add_hpt(sub) -> None:
 
 
 def cmd_profile(args) -> int:
-    from urda_fast.profile import dart_step_fn, hpt_step_fn, profile_steps
+    from urda_fast.profile import check_profile_args, dart_step_fn, hpt_step_fn, profile_steps
 
+    check_profile_args(args.steps, args.warmup, args.batch_size, args.image_size, args.attack_steps, args.out)
     if args.loop == "hpt":
         step, device = hpt_step_fn(target_arch=args.target_arch, proxy_arch=args.proxy_arch, target=args.target,
                                    proxy=args.proxy, batch_size=args.batch_size, image_size=args.image_size,
@@ -307,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What the library raises for bad input (a missing file, a wrong flag value, an unavailable backend): the command
 # line prints its message, not a traceback. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImportError,
-               FloatingPointError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+               ImportError, FloatingPointError)
 TRACEBACK_ENV = "URDA_FAST_TRACEBACK"
 
 

@@ -23,11 +23,23 @@ PHASES = ("data", "teacher", "proxy", "anchor", "attack", "student", "target", "
           "proxy forward", "anchor forward", "uda step", "loss", "backward", "optimizer", "evaluate")
 
 
+def check_profile_args(steps: int, warmup: int, batch_size: int, image_size: int, attack_steps: int,
+                       out_dir: str) -> None:
+    """The CLI's numbers and output folder, before any model is built (a ViT-B takes a minute to)."""
+    for name, value, least in (("steps", steps, 1), ("warmup", warmup, 0), ("batch_size", batch_size, 1),
+                               ("image_size", image_size, 0), ("attack_steps", attack_steps, 0)):
+        if value < least:
+            raise ValueError(f"profile: {name} must be >= {least}, got {value}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"profile: --out {out_dir!r} is a file; give a folder for trace.json, top_ops.txt "
+                                 "and phases.json")
+
+
 def profile_steps(step, steps: int, out_dir: str, device: torch.device, warmup: int = 2, row_limit: int = 25) -> dict:
     """Run ``step()`` ``warmup`` times, then ``steps`` times under the profiler; write ``trace.json`` (open it in
     chrome://tracing or ui.perfetto.dev), ``top_ops.txt`` and ``phases.json`` under ``out_dir``."""
-    if steps < 1:
-        raise ValueError(f"profile: steps must be >= 1, got {steps}")
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"profile: steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
     os.makedirs(out_dir, exist_ok=True)
     was_enabled = nvtx_enabled()
     enable_nvtx(True)
@@ -73,6 +85,8 @@ def dart_step_fn(*, backbone: str = "digits_cnn", batch_size: int = 64, image_si
     from urda_fast.distributed import pick_device
     from urda_fast.models import ModelSpec
 
+    if batch_size < 1:
+        raise ValueError(f"profile: batch_size must be >= 1, got {batch_size}")
     torch.manual_seed(seed)
     if teacher:
         model, spec, dev = load_teacher(teacher, device)

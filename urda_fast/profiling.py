@@ -4,12 +4,13 @@
 
 Ranges go through torch.cuda.nvtx (which also works in CPU-only processes of a CUDA build) so Nsight Systems shows
 them with ``nsys profile -t cuda,nvtx``, and through ``torch.profiler.record_function`` so the same phases appear in
-a torch.profiler trace (``urda-fast profile``).
+a torch.profiler trace (``urda-fast profile``). A CPU-only torch build has no NVTX: there, the profiler's only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 _ENABLED = False
 _OFF = contextlib.nullcontext()
@@ -24,16 +25,33 @@ def nvtx_enabled() -> bool:
     return _ENABLED
 
 
+@functools.cache
+def _nvtx_available() -> bool:
+    """Whether torch.cuda.nvtx works in this build: a CPU-only torch wheel has stubs that raise. Ranges then go to
+    torch.profiler only."""
+    import torch
+
+    try:
+        torch.cuda.nvtx.range_push("urda_fast")
+        torch.cuda.nvtx.range_pop()
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def _range(name: str):
     import torch
 
-    torch.cuda.nvtx.range_push(name)
+    nvtx = _nvtx_available()
+    if nvtx:
+        torch.cuda.nvtx.range_push(name)
     try:
         with torch.profiler.record_function(name):
             yield
     finally:
-        torch.cuda.nvtx.range_pop()
+        if nvtx:
+            torch.cuda.nvtx.range_pop()
 
 
 def nvtx_range(name: str):

@@ -100,7 +100,8 @@ class DartTask:
         return {"target": self.stream}
 
     def training_step(self):
-        x = next(self.stream)[0]
+        with nvtx_range("data"):
+            x = next(self.stream)[0]
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with nvtx_range("teacher"), torch.no_grad():
@@ -122,7 +123,9 @@ class DartTask:
             else:
                 clean_logits, clean_features = self.student_forward(x, return_features=True)
                 adv_logits = self.student_forward(x_adv)
-        total, parts = dart_loss(adv_logits, clean_logits, clean_features, teacher_logits, teacher_features, self.cfg)
+        with nvtx_range("loss"):
+            total, parts = dart_loss(adv_logits, clean_logits, clean_features, teacher_logits, teacher_features,
+                                     self.cfg)
         return {"loss": total, **parts}
 
     def evaluate(self):

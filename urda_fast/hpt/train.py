@@ -151,23 +151,26 @@ class HptTask:
         # single-process sum over the global batch (CE is a mean, which averaging already preserves).
         kl_scale = distributed.context().world_size if cfg.kl_reduction == "sum" else 1
         if cfg.method == "tecoa":
-            total, parts = losses.tecoa_loss(adv_logits, y)
+            with nvtx_range("loss"):
+                total, parts = losses.tecoa_loss(adv_logits, y)
         elif cfg.method == "pmg-aft":
             with nvtx_range("anchor forward"):
                 original = self._frozen_logits(self.anchor, x_adv)
-            total, parts = losses.pmg_aft_loss(adv_logits, y, original, clean_logits,
-                                               original_weight=cfg.pmg_original_weight * kl_scale,
-                                               clean_weight=cfg.pmg_clean_weight * kl_scale,
-                                               reduction=cfg.kl_reduction)
+            with nvtx_range("loss"):
+                total, parts = losses.pmg_aft_loss(adv_logits, y, original, clean_logits,
+                                                   original_weight=cfg.pmg_original_weight * kl_scale,
+                                                   clean_weight=cfg.pmg_clean_weight * kl_scale,
+                                                   reduction=cfg.kl_reduction)
         else:
             proxy_weight, anchor_weight = self.schedule.weights_at(step)
             with nvtx_range("proxy forward"):
                 proxy_logits = self._frozen_logits(self.proxy, x_adv) if proxy_weight else None
             with nvtx_range("anchor forward"):
                 anchor_logits = self._frozen_logits(self.anchor, x) if anchor_weight else None
-            total, parts = losses.hpt_loss(adv_logits, proxy_logits, anchor_logits,
-                                           proxy_weight=proxy_weight * kl_scale,
-                                           anchor_weight=anchor_weight * kl_scale, reduction=cfg.kl_reduction)
+            with nvtx_range("loss"):
+                total, parts = losses.hpt_loss(adv_logits, proxy_logits, anchor_logits,
+                                               proxy_weight=proxy_weight * kl_scale,
+                                               anchor_weight=anchor_weight * kl_scale, reduction=cfg.kl_reduction)
             parts["warmup"] = float(self.schedule.phase(step) == "warmup")
         if kl_scale != 1:  # each rank's KL sums; the logged rank mean times W is the global batch's sum
             parts = {k: v * kl_scale if k in KL_SUM_PARTS else v for k, v in parts.items()}

@@ -128,3 +128,13 @@ def test_ctrl_c_ends_a_command_with_status_130_and_no_traceback(tmp_path, monkey
     monkeypatch.setenv("URDA_FAST_TRACEBACK", "1")
     with pytest.raises(KeyboardInterrupt):
         main(["profile", "dart", "--steps", "1", "--batch-size", "4", "--out", str(tmp_path), "--device", "cpu"])
+
+
+def test_a_run_with_nvtx_leaves_the_ranges_as_they_were(tmp_path):
+    """--nvtx is the run's: a library caller's next loop is not marked unasked."""
+    from urda_fast.dart import PretrainConfig, pretrain
+    from urda_fast.profiling import nvtx_enabled
+
+    pretrain(PretrainConfig(data="digits", method="source-only", out=str(tmp_path), iterations=1, batch_size=8,
+                            eval_every=100, progress=False, device="cpu", nvtx=True, tensorboard=False))
+    assert not nvtx_enabled()

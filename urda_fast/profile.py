@@ -17,7 +17,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from urda_fast.profiling import enable_nvtx, nvtx_enabled, nvtx_range
+from urda_fast.profiling import nvtx_for, nvtx_range
 
 PHASES = ("data", "teacher", "proxy", "anchor", "attack", "student", "target", "text", "target forward",
           "proxy forward", "anchor forward", "uda step", "loss", "backward", "optimizer", "evaluate")
@@ -41,9 +41,7 @@ def profile_steps(step, steps: int, out_dir: str, device: torch.device, warmup: 
     if steps < 1 or warmup < 0:
         raise ValueError(f"profile: steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
     os.makedirs(out_dir, exist_ok=True)
-    was_enabled = nvtx_enabled()
-    enable_nvtx(True)
-    try:
+    with nvtx_for(True):
         for _ in range(warmup):  # first calls pay for allocation, lazy init and compilation: keep them out
             step()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -55,8 +53,6 @@ def profile_steps(step, steps: int, out_dir: str, device: torch.device, warmup: 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-    finally:
-        enable_nvtx(was_enabled)
     trace = os.path.join(out_dir, "trace.json")
     prof.export_chrome_trace(trace)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

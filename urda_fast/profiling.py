@@ -25,6 +25,17 @@ def nvtx_enabled() -> bool:
     return _ENABLED
 
 
+@contextlib.contextmanager
+def nvtx_for(on: bool):
+    """Ranges on (or off) for one run, then as they were: a library caller's later loops are not profiled unasked."""
+    was = _ENABLED
+    enable_nvtx(on)
+    try:
+        yield
+    finally:
+        enable_nvtx(was)
+
+
 @functools.cache
 def _nvtx_available() -> bool:
     """Whether torch.cuda.nvtx works in this build: a CPU-only torch wheel has stubs that raise. Ranges then go to

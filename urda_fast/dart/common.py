@@ -10,7 +10,7 @@ from urda_fast.data import eval_loader
 from urda_fast.distributed import pick_device
 from urda_fast.files import load_torch_file, run_checkpoint, state_dict_mismatch
 from urda_fast.models import ModelSpec
-from urda_fast.profiling import enable_nvtx
+from urda_fast.profiling import nvtx_for
 from urda_fast.train import LoopSettings, fit
 from urda_fast.train import sgd as fused_sgd
 
@@ -95,9 +95,9 @@ def load_teacher(path: str, device_name: str):
 
 
 def run_loop(task, optimizer, scheduler, cfg, device, extra):
-    enable_nvtx(cfg.nvtx)
     settings = LoopSettings(iterations=cfg.iterations, out_dir=cfg.out, eval_every=cfg.eval_every,
                             resume=cfg.resume, overwrite=cfg.overwrite, amp=cfg.amp, progress=cfg.progress,
                             stop_after=cfg.stop_after or None, tensorboard=cfg.tensorboard,
                             cudnn_benchmark=cfg.cudnn_benchmark)
-    return fit(task, optimizer, scheduler, settings, device=device, extra=extra)
+    with nvtx_for(cfg.nvtx):
+        return fit(task, optimizer, scheduler, settings, device=device, extra=extra)

@@ -23,7 +23,7 @@ from urda_fast.attacks import PGD
 from urda_fast.config import check_ranges
 from urda_fast.data import loader_workers, train_stream
 from urda_fast.distributed import pick_device
-from urda_fast.profiling import enable_nvtx, nvtx_range
+from urda_fast.profiling import nvtx_for, nvtx_range
 from urda_fast.train import LoopSettings, fit, input_fingerprints, refuse_to_overwrite, require_metric, sgd
 
 from . import losses
@@ -311,10 +311,10 @@ def train(cfg: TrainConfig) -> dict:
 
     Returns the shared loop's result: {"best": metrics of best.pt, "last": ..., "seconds"}."""
     task, optimizer, settings, device = build_task(cfg)
-    enable_nvtx(cfg.nvtx)
-    return fit(task, optimizer, task.scheduler, settings, device=device,
-               # total_steps: GPD's phases and cosine decay are laid out over it, so a resume may not change it (as
-               # --iterations / --epochs may for DART, whose schedule does not depend on the run's length)
-               extra={"kind": "hpt", "arch": parse_model_arg(cfg.target)[0],
-                      "config": {**vars(cfg), "total_steps": settings.iterations},
-                      "inputs": input_fingerprints(input_paths(cfg))})
+    with nvtx_for(cfg.nvtx):
+        return fit(task, optimizer, task.scheduler, settings, device=device,
+                   # total_steps: GPD's phases and cosine decay are laid out over it, so a resume may not change it
+                   # (as --iterations / --epochs may for DART, whose schedule does not depend on the run's length)
+                   extra={"kind": "hpt", "arch": parse_model_arg(cfg.target)[0],
+                          "config": {**vars(cfg), "total_steps": settings.iterations},
+                          "inputs": input_fingerprints(input_paths(cfg))})

@@ -246,6 +246,34 @@ def test_unreadable_image_read_by_a_loader_worker_is_the_same_one_line(tmp_path)
     assert str(through_worker.value) == str(direct.value)
 
 
+class _ReadBy(torch.utils.data.Dataset):
+    """Each sample: its index, a draw of its (reseeded) random transform, and the pid of the process that read it."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i), float(torch.rand(())), float(os.getpid())])
+
+
+def test_train_stream_workers_persist_across_epochs_and_batches_do_not_depend_on_them():
+    """Workers are started once per stream, not once per epoch (a small domain's epoch is a few dozen steps); the
+    batches, across epochs and a mid-epoch resume that drops prefetched ones, are those of a stream without them."""
+    def run(workers, resume_at=None):
+        stream = M.train_stream(_ReadBy(), 2, 0, "cpu", num_workers=workers)
+        batches = []
+        for step in range(12):  # 3 epochs of 4 batches
+            if step == resume_at:
+                stream.load_state_dict(stream.state_dict())
+            batches.append(next(stream))
+        return torch.stack(batches)
+
+    plain, with_workers, resumed = run(0), run(2), run(2, resume_at=6)
+    assert torch.equal(plain[..., :2], with_workers[..., :2]) and torch.equal(plain[..., :2], resumed[..., :2])
+    readers = set(with_workers[..., 2].flatten().tolist())
+    assert len(readers) == 2 and os.getpid() not in readers, readers
+
+
 _GROUP_SIGNAL_RUN = """
 import os, signal, sys
 import torch
@@ -263,7 +291,7 @@ signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))  # 
 stream = train_stream(Groups(), 2, 0, "cpu", num_workers=2)
 groups = [next(stream), next(stream)]  # one batch from each worker: both are set up
 os.killpg(os.getpgrp(), signal.SIGTERM)  # a preemption / `timeout` / `kill -- -PGID`: the whole process group
-groups += [next(stream) for _ in range(8)]  # the step goes on; a new epoch starts workers again
+groups += [next(stream) for _ in range(8)]  # the step goes on, into the next epochs
 assert received == [signal.SIGTERM], received
 assert os.getpgrp() not in torch.cat(groups).tolist()
 print("ok")

@@ -266,6 +266,22 @@ def test_ddp_hpt_equals_one_process_with_twice_the_batch(ddp_runs, tmp_path):
     assert max_difference(start, single["modules"]["target"]) > 1e-3  # it did train
 
 
+def test_collectives_wait_long_enough_for_rank_0_to_evaluate(monkeypatch):
+    """The other ranks wait in a broadcast while rank 0 evaluates: NCCL's default 10 minutes ended long runs."""
+    import datetime
+
+    from urda_fast import distributed
+
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed.collective_timeout() == datetime.timedelta(minutes=120)
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "7.5")
+    assert distributed.collective_timeout() == datetime.timedelta(minutes=7.5)
+    for bad in ("0", "-3", "soon", "nan", "inf"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match="URDA_FAST_DDP_TIMEOUT_MIN must be a positive number of minutes"):
+            distributed.collective_timeout()
+
+
 if __name__ == "__main__":
     import faulthandler
 

@@ -13,6 +13,7 @@ running statistics are rank 0's on every rank at the start of each step: ``broad
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import warnings
@@ -78,11 +79,29 @@ def setup(device: torch.device) -> bool:
     # env:// rendezvous (torchrun's MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE), under a prefix of its own: a
     # second fit() in the same process (the demo's several runs) joins again, and torch names every new default
     # group alike, so without it a rank could read the address another rank published for the group it has left.
-    store, rank, world = next(dist.rendezvous("env://"))
+    timeout = collective_timeout()
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
     _joins += 1
     dist.init_process_group(backend, store=dist.PrefixStore(f"urda_fast/join{_joins}", store), rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=timeout)
     return True
+
+
+TIMEOUT_ENV = "URDA_FAST_DDP_TIMEOUT_MIN"
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a rank waits in a collective: 120 minutes, or ``URDA_FAST_DDP_TIMEOUT_MIN``. Rank 0 evaluates while the
+    others wait in a broadcast, and a full evaluation (HPT's 15 zero-shot sets, `--eval-max-batches 0`) outlasts
+    NCCL's default 10 minutes, which would end the run."""
+    text = os.environ.get(TIMEOUT_ENV, "120")
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = float("nan")
+    if not minutes > 0 or minutes == float("inf"):
+        raise ValueError(f"urda_fast: {TIMEOUT_ENV} must be a positive number of minutes, got {text!r}")
+    return datetime.timedelta(minutes=minutes)
 
 
 def teardown(initialized_here: bool) -> None:

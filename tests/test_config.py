@@ -1,8 +1,10 @@
 """Configs from YAML files and flags, and the loop's settings: bad values are errors that name them, before work."""
 
+import re
+
 import pytest
 
-from urda_fast.config import load_config, parse_float
+from urda_fast.config import check_ranges, load_config, parse_float
 from urda_fast.dart.config import PretrainConfig
 from urda_fast.train import LoopSettings
 
@@ -26,6 +28,14 @@ def test_yaml_then_flags_override_the_defaults(tmp_path):
     ("vat: maybe\n", "vat must be true/false"),
     ("- 1\n- 2\n", "must hold a mapping of option: value"),
     ("iterations: [4\n", "is not valid YAML at line 2, column 1: expected ',' or ']'"),
+    # values that only passed by a silent conversion
+    ("1: 2\n", "has key 1, which is not an option name"),
+    ("out:\n", "out has no value \\(an empty YAML key\\?\\)"),
+    ("lr: null\n", "lr has no value"),
+    ("iterations: true\n", "iterations must be a number, got True"),
+    ("momentum: true\n", "momentum must be a number, got True"),
+    ("vat: 2\n", "vat must be true/false, got 2"),
+    ("data: [digits, office31]\n", "data must be a string, written as on the command line"),
 ])
 def test_bad_yaml_files_name_the_problem(tmp_path, text, match):
     path = tmp_path / "bad.yaml"
@@ -46,8 +56,60 @@ def test_missing_yaml_file():
     (dict(save_every=-1), "save_every must be >= 0"),
     (dict(log_every=0), "log_every must be >= 1"),
     (dict(amp="fp8"), r"amp must be one of \('none', 'bf16', 'fp16'\), got 'fp8'"),
+    (dict(stop_after=-1), r"stop_after must be >= 1 \(or unset: never\), got -1"),  # was a run that did nothing
 ])
 def test_loop_settings_reject_values_that_would_train_nothing_or_crash_later(tmp_path, change, match):
     with pytest.raises(ValueError, match=match):
         LoopSettings(**{"iterations": 10, "out_dir": str(tmp_path), **change})
     LoopSettings(iterations=1, out_dir=str(tmp_path), save_every=0, amp="bf16")  # the edges themselves are fine
+
+
+@pytest.mark.parametrize("check, match", [
+    (lambda: check_ranges(Values(a=float("inf")), "t", positive=("a",)), "a must be finite, got inf"),
+    (lambda: check_ranges(Values(a=float("-inf")), "t", non_negative=("a",)), "a must be >= 0, got -inf"),
+    (lambda: check_ranges(Values(a=8.0), "t", pixel_budget=("a",)),
+     r"a is an L-inf budget in \(0, 1\] pixel units .*got 8.0; did you mean 8/255\?"),
+    (lambda: check_ranges(Values(a=float("inf")), "t", pixel_budget=("a",)), "pixel units"),
+    (lambda: check_ranges(Values(a=float("nan")), "t", pixel_budget=("a",)), "pixel units"),
+    (lambda: check_ranges(Values(a=0.0), "t", pixel_budget=("a",)), "pixel units"),
+])
+def test_ranges_refuse_infinities_and_budgets_given_in_levels(check, match):
+    with pytest.raises(ValueError, match=match):
+        check()
+    check_ranges(Values(a=1.0, b=8 / 255, c=0.0), "t", positive=("a",), pixel_budget=("a", "b"), non_negative=("c",))
+
+
+class Values:
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["dart", "robustify", "--teacher", "{missing}", "--attack-eps", "8"], "did you mean 8/255"),
+    (["dart", "pretrain", "--vat", "--vat-eps", "inf"], "vat_eps is an L-inf budget in"),
+    (["dart", "pretrain", "--batch-size", "1"], "batch_size must be >= 2 .*BatchNorm"),
+    (["dart", "pretrain", "--bottleneck-dim", "0"], "bottleneck_dim must be > 0"),
+    (["dart", "pretrain", "--trade-off", "inf"], "trade_off must be finite, got inf"),
+    (["dart", "pretrain", "--stop-after", "-1"], "stop_after must be >= 0"),
+    (["dart", "eval", "{missing}", "--eps", "8"], "eps is an L-inf budget .*did you mean 8/255"),
+    (["hpt", "eval", "--target", "urda-tiny-vit:{missing}", "--eps", "4"], "did you mean 4/255"),
+    (["hpt", "eval", "--target", "urda-tiny-vit:{missing}", "--max-batches", "-1"], "max_batches must be >= 0"),
+    (["hpt", "proxy-check", "--target", "urda-tiny-vit:{missing}", "--proxy", "urda-tiny-rn:{missing}",
+      "--steps", "0"], "steps must be > 0"),
+    (["hpt", "train", "--target", "urda-tiny-vit:{missing}", "--proxy", "urda-tiny-rn:{missing}", "--eval-eps", "8"],
+     "eval_eps is an L-inf budget"),
+    (["hpt", "train", "--target", "urda-tiny-vit:{missing}", "--proxy", "urda-tiny-rn:{missing}", "--image-size",
+      "0"], "image_size must be > 0"),
+    (["hpt", "demo", "--scale", "nan"], "argument --scale: must be a positive finite number"),
+    (["dart", "demo", "--scale", "0"], "argument --scale: must be a positive finite number"),
+    (["demo", "--repeats", "0"], "argument --repeats: must be >= 1"),
+    (["dart", "eval", "{missing}", "--eps", "abc"], "argument --eps: 'abc' is not a comma-separated list"),
+])
+def test_the_command_line_names_bad_numbers_before_any_work(tmp_path, capsys, argv, match):
+    """Checked before a model or a dataset is read (the paths given do not exist: reading them would fail first)."""
+    from urda_fast.cli import main
+
+    argv = [a.format(missing=tmp_path / "missing.pt") for a in argv]
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, *(["--out", str(tmp_path / "run")] if argv[1] in ("pretrain", "robustify", "train") else [])])
+    assert re.search(match, f"{stop.value} {capsys.readouterr().err}"), (stop.value, match)

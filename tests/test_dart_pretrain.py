@@ -61,7 +61,7 @@ def test_dann_resumes_bit_for_bit(tmp_path):
     (dict(data="office31"), ValueError, "needs --root"),
     (dict(data="office31", root="/nonexistent", source="A", target="W"), FileNotFoundError, "/nonexistent"),
     (dict(batch_size=5000), ValueError, "cannot fill a batch"),
-    (dict(batch_size=0), ValueError, "batch_size must be >= 1, got 0"),
+    (dict(batch_size=1), ValueError, r"batch_size must be >= 2 \(the bottleneck's BatchNorm"),
     (dict(trade_off=-1.0), ValueError, "trade_off must be >= 0, got -1.0"),
     (dict(iterations=-3), ValueError, "iterations must be >= 1, got -3"),
     # flags meant for a benchmark from files must not fall back to the embedded digits silently
@@ -76,7 +76,7 @@ def test_dann_resumes_bit_for_bit(tmp_path):
     (dict(vat=True, vat_threshold=2.0), ValueError, r"vat_threshold must be in \[0, 1\].*got 2.0"),
     (dict(vat=True, vat_threshold=-0.1), ValueError, r"vat_threshold must be in \[0, 1\]"),
     (dict(entropy_conditioning=True), ValueError, "entropy_conditioning is CDAN's option .* not 'dann'"),
-    (dict(bottleneck_dim=-5), ValueError, "bottleneck_dim must be >= 0, got -5"),
+    (dict(bottleneck_dim=0), ValueError, "bottleneck_dim must be > 0, got 0"),
     (dict(device="gpu"), ValueError, "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     (dict(fold_batchnorm="yes"), ValueError, "fold_batchnorm must be one of"),
 ])

@@ -129,7 +129,6 @@ def _load_config(args, cls):
 
 def cmd_dart(args) -> int:
     from urda_fast import dart
-    from urda_fast.config import parse_float
 
     if args.dart_command == "demo":
         dart.demo(args.out, scale=args.scale, device=args.device, seed=args.seed)
@@ -142,7 +141,7 @@ def cmd_dart(args) -> int:
     else:
         data_flags = {k: getattr(args, k) for k in ("data", "root", "source", "target")}
         report = dart.evaluate_runs(args.runs, attacks=tuple(args.attacks.split(",")),
-                                    eps=tuple(parse_float(e) for e in args.eps.split(",")), data_flags=data_flags,
+                                    eps=args.eps, data_flags=data_flags,
                                     out=args.out, device=args.device, batch_size=args.batch_size,
                                     num_workers=args.num_workers, max_batches=args.max_batches)
         from urda_fast.dart.report import to_markdown
@@ -160,7 +159,8 @@ def _add_dart(sub) -> None:
     commands = dart.add_subparsers(dest="dart_command", required=True)
     demo = commands.add_parser("demo", help="source-only, DANN, DANN+VAT and DART on the embedded digits")
     demo.add_argument("--out", default="runs/dart-demo")
-    demo.add_argument("--scale", type=float, default=1.0, help="multiply every iteration count (quick tries)")
+    demo.add_argument("--scale", type=_positive_float, default=1.0,
+                      help="multiply every iteration count (quick tries)")
     demo.add_argument("--device", default="auto")
     demo.add_argument("--seed", type=int, default=0, help="seed of every run (other seeds: the spread of the table)")
     for name, cls, text in (("pretrain", PretrainConfig, "step 1: a UDA model (--vat: the UDA+VAT baseline)"),
@@ -173,7 +173,8 @@ def _add_dart(sub) -> None:
     ev = commands.add_parser("eval", help="clean / FGSM / PGD target accuracy of runs, as report.md/json/png")
     ev.add_argument("runs", nargs="+", help="run folders (their best.pt) or checkpoint files")
     ev.add_argument("--attacks", default="clean,fgsm,pgd20", help="comma-separated: clean, fgsm, pgdK, autoattack")
-    ev.add_argument("--eps", default="8/255", help="comma-separated budgets, e.g. 8/255,0.1")
+    ev.add_argument("--eps", default="8/255", type=_budget_list,
+                    help="comma-separated L-inf budgets in [0, 1] pixel units, e.g. 8/255,0.1")
     ev.add_argument("--data", default=None, help="default: the data the first run was trained on")
     ev.add_argument("--root", default="", help="default: the first run's (give it when the dataset moved)")
     ev.add_argument("--source", default="", help="unused by eval (only the target's test split is read)")
@@ -226,7 +227,8 @@ def _add_hpt(sub) -> None:
     demo = commands.add_parser("demo", help="proxy check, TeCoA/PMG-AFT/HPT/HPT-GPD and zero-shot evaluation on the "
                                             "embedded world (offline, CPU)")
     demo.add_argument("--out", default="runs/hpt-demo")
-    demo.add_argument("--scale", type=float, default=1.0, help="multiply the world's sizes and every iteration count")
+    demo.add_argument("--scale", type=_positive_float, default=1.0,
+                      help="multiply the world's sizes and every iteration count")
     demo.add_argument("--device", default="auto")
     demo.add_argument("--world", default="", help="folder of the world (default: a cache folder)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning runs (other seeds: the spread of "
@@ -264,6 +266,31 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)  # argparse turns its ValueError into "invalid _positive_int value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _budget_list(text: str) -> tuple:
+    """``--eps 8/255,0.1`` as floats; argparse names the flag when one is not a number."""
+    from urda_fast.config import parse_float
+
+    try:
+        return tuple(parse_float(e) for e in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers or fractions "
+                                         "(e.g. 8/255,16/255)") from None
+
+
 def _add_profile(sub) -> None:
     prof = sub.add_parser("profile", help="a few training steps under torch.profiler (trace + top-ops table)")
     prof.add_argument("loop", choices=("dart", "hpt"), help="which training loop")
@@ -295,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=cmd_info)
     demo = sub.add_parser("demo", help="run the fused ops against the reference on built-in data")
     demo.add_argument("--size", choices=("small", "large"), default="small")
-    demo.add_argument("--repeats", type=int, default=5)
+    demo.add_argument("--repeats", type=_positive_int, default=5)
     demo.set_defaults(run=cmd_demo)
     _add_dart(sub)
     _add_hpt(sub)

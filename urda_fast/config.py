@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 
@@ -27,22 +28,32 @@ def parse_float(value) -> float:
 
 
 def _coerce(value, annotation, name):
-    origin = typing.get_origin(annotation)
+    """A flag's string or a YAML value as the field's type; anything that would only pass by a silent conversion
+    (``true`` as an int, a list as a string, an empty YAML key as a path) is an error naming the option."""
+    optional = type(None) in typing.get_args(annotation)
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if value is None:
-        return None
-    if origin is typing.Union or (origin is not None and type(None) in typing.get_args(annotation)):
-        return _coerce(value, args[0], name) if args else value
+        if optional:
+            return None
+        raise ValueError(f"config: {name} has no value (an empty YAML key?); give one, or remove the line to keep "
+                         "the default")
+    if args and (optional or typing.get_origin(annotation) is typing.Union):
+        return _coerce(value, args[0], name)
     if annotation is bool:
-        if isinstance(value, str):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"config: {name} must be true/false, got {value!r}")
-        return bool(value)
+        if isinstance(value, bool) or value in (0, 1) and isinstance(value, int):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"config: {name} must be true/false, got {value!r}")
+    if annotation in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
+        raise ValueError(f"config: {name} must be a number, got {value!r}")
     if annotation is int and isinstance(value, float) and not value.is_integer():  # int(2.5) would be 2
         raise ValueError(f"config: {name} must be a whole number, got {value!r}")
+    if annotation is str and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+        raise ValueError(f"config: {name} must be a string, written as on the command line (a list of names is one "
+                         f"string with its separator, e.g. 'cifar10,stl10'), got {value!r}")
     if annotation in (int, float, str):
         try:
             return parse_float(value) if annotation is float else annotation(value)
@@ -51,15 +62,28 @@ def _coerce(value, annotation, name):
     return value
 
 
-def check_ranges(cfg, who: str, *, positive=(), non_negative=(), fraction=()) -> None:
+def check_ranges(cfg, who: str, *, positive=(), non_negative=(), fraction=(), pixel_budget=()) -> None:
     """A ValueError naming the first field of ``cfg`` out of its range: ``positive`` (> 0), ``non_negative`` (>= 0),
-    ``fraction`` (in [0, 1), as SGD's momentum). NaN is out of every range."""
+    ``fraction`` (in [0, 1), as SGD's momentum), ``pixel_budget`` (an L-inf budget in (0, 1] pixel units). NaN and
+    infinities are out of every range."""
     for names, ok, wanted in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
                               (fraction, lambda v: 0 <= v < 1, "in [0, 1)")):
         for name in names:
             value = getattr(cfg, name)
             if not ok(value):
                 raise ValueError(f"{who}: {name} must be {wanted}, got {value}")
+            if math.isinf(value):  # a weight or lr of inf makes every loss inf, reported later as bad data
+                raise ValueError(f"{who}: {name} must be finite, got {value}")
+    for name in pixel_budget:
+        check_pixel_budget(getattr(cfg, name), name, who)
+
+
+def check_pixel_budget(value, name: str, who: str) -> None:
+    """An L-inf budget in [0, 1] pixel units: 8 (meaning 8/255) would let the attack reach any image."""
+    if not 0 < value <= 1:  # NaN too
+        hint = f"; did you mean {value:g}/255?" if 1 < value <= 255 else ""
+        raise ValueError(f"{who}: {name} is an L-inf budget in (0, 1] pixel units (write 8/255 for 8 of 255 levels), "
+                         f"got {value}{hint}")
 
 
 def load_config(cls, yaml_path: str | None = None, overrides: dict | None = None):
@@ -81,6 +105,9 @@ def load_config(cls, yaml_path: str | None = None, overrides: dict | None = None
                                  f"{getattr(err, 'problem', None) or err}") from err
         if not isinstance(loaded, dict):
             raise ValueError(f"config: {yaml_path!r} must hold a mapping of option: value")
+        keys = [k for k in loaded if not isinstance(k, str)]
+        if keys:
+            raise ValueError(f"config: {yaml_path!r} has key {keys[0]!r}, which is not an option name")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     types = _field_types(cls)

@@ -89,6 +89,8 @@ class LoopSettings:
         for name, least in (("iterations", 1), ("eval_every", 1), ("save_every", 0), ("log_every", 1)):
             if getattr(self, name) < least:
                 raise ValueError(f"urda_fast: {name} must be >= {least}, got {getattr(self, name)}")
+        if self.stop_after is not None and self.stop_after < 1:  # min(iterations, -1): a run that does nothing
+            raise ValueError(f"urda_fast: stop_after must be >= 1 (or unset: never), got {self.stop_after}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"urda_fast: amp must be one of {AMP_MODES}, got {self.amp!r}")
 

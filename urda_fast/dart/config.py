@@ -111,8 +111,11 @@ def _check_choices(cfg, choices: dict) -> None:
 
 def _check_run_config(cfg: RunConfig) -> None:
     check_device(cfg.device, "dart")
-    check_ranges(cfg, "dart", non_negative=("num_workers",))
+    check_ranges(cfg, "dart", non_negative=("num_workers", "stop_after"))
     _check_choices(cfg, {"fold_batchnorm": ("auto", "on", "off")})
+    if cfg.batch_size < 2:  # the bottleneck's BatchNorm trains on batch statistics, which one sample does not have
+        raise ValueError(f"dart: batch_size must be >= 2 (the bottleneck's BatchNorm needs batch statistics in "
+                         f"training), got {cfg.batch_size}")
 
 
 def check_pretrain_config(cfg: PretrainConfig) -> None:
@@ -123,8 +126,8 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
     from urda_fast.uda import METHODS
 
     _check_run_config(cfg)
-    check_ranges(cfg, "dart", positive=("lr", "margin"), fraction=("momentum",),
-                 non_negative=("weight_decay", "lr_gamma", "lr_decay", "trade_off", "bottleneck_dim"))
+    check_ranges(cfg, "dart", positive=("lr", "margin", "bottleneck_dim", "vat_alpha"), fraction=("momentum",),
+                 non_negative=("weight_decay", "lr_gamma", "lr_decay", "trade_off"), pixel_budget=("vat_eps",))
     if not 0 <= cfg.vat_threshold <= 1:  # a softmax confidence: above 1 no pseudo-label would ever pass
         raise ValueError(f"dart: vat_threshold must be in [0, 1] (a confidence), got {cfg.vat_threshold}")
     if cfg.method not in METHODS:
@@ -144,10 +147,13 @@ def check_robustify_config(cfg: RobustifyConfig) -> None:
     _check_run_config(cfg)
     for name in ("tau_robust", "tau_transfer"):  # kd_kl_loss's range, checked before any work
         check_temperature_range(getattr(cfg, name), name, "dart")
-    check_ranges(cfg, "dart", positive=("lr", "tau_robust", "tau_transfer"), fraction=("momentum",),
+    check_ranges(cfg, "dart", positive=("lr", "tau_robust", "tau_transfer", "attack_eps", "attack_alpha"),
+                 fraction=("momentum",),
                  non_negative=("weight_decay", "lr_gamma", "lr_decay", "kl_weight", "feature_weight"))
     _check_choices(cfg, {"forward": ("split-bn", "separate"), "weighting": ("per-sample", "code"),
                          "student_init": ("teacher", "backbone"), "attack_space": ("pixel", "normalized")})
+    if cfg.attack_space == "pixel":
+        check_ranges(cfg, "dart", pixel_budget=("attack_eps",))
     if cfg.backbone_weights and cfg.student_init != "backbone":
         raise ValueError("dart: backbone_weights are the fresh student's backbone with --student-init backbone; "
                          f"with student_init {cfg.student_init!r} the student starts from the teacher and would "

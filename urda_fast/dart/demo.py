@@ -29,6 +29,8 @@ def demo(out: str = "runs/dart-demo", *, scale: float = 1.0, progress: bool = Tr
          eps: float = DEMO_EPS, seed: int = 0) -> dict:
     """Run the whole comparison; ``scale`` shrinks the iteration counts (tests use a small one); ``seed`` seeds every
     run (initialisation, batches, attacks' random starts): other seeds show the spread of one run's figures."""
+    if not 0 < scale < float("inf"):  # NaN too
+        raise ValueError(f"dart demo: scale must be a positive finite number, got {scale}")
     its = {k: max(1, int(v * scale)) for k, v in DEMO.items() if k.endswith("iterations")}
     # a rerun starts over (the hpt demo continues instead: its runs take a fraction of the time)
     base = dict(data="digits", batch_size=DEMO["batch_size"], progress=progress, device=device, seed=seed,

@@ -6,6 +6,7 @@ import os
 
 from urda_fast.attacks import FGSM, PGD, AutoAttack
 from urda_fast.attacks.autoattack import INSTALL_HINT, autoattack_backend
+from urda_fast.config import check_pixel_budget
 from urda_fast.distributed import check_device
 from urda_fast.data import eval_loader
 from urda_fast.evaluate import check_loader_settings, robust_accuracy
@@ -93,6 +94,8 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
     check_attack_names(attacks)
     if not eps or not all(isinstance(e, (int, float)) and 0 < e < float("inf") for e in eps):
         raise ValueError(f"dart eval: budgets must be positive and finite, at least one (e.g. 8/255), got {eps!r}")
+    for budget in eps:  # the attacks are L-inf in pixel space
+        check_pixel_budget(budget, "eps", "dart eval")
     # Every run checked before any evaluation; of each checkpoint only what evaluation reads is kept (no optimizer)
     states = [{k: state[k] for k in ("kind", "spec", "config", "modules") if k in state}
               for state in map(read_checkpoint, runs)]

@@ -31,8 +31,8 @@ def demo(out: str = "runs/hpt-demo", *, scale: float = 1.0, device: str = "auto"
          methods=METHOD_ROWS, progress: bool = True, seed: int = 0) -> dict:
     """Run the demo into ``out``; ``scale`` multiplies the world's sizes and every iteration count (quick tries);
     ``seed`` seeds every fine-tuning run (the world is the recipe's, the same for every seed)."""
-    if scale <= 0:
-        raise ValueError(f"hpt demo: scale must be > 0, got {scale}")
+    if not 0 < scale < float("inf"):  # NaN too
+        raise ValueError(f"hpt demo: scale must be a positive finite number, got {scale}")
     recipe = WorldRecipe() if scale == 1 else WorldRecipe().scaled(scale)
     world = build_world(world_dir or None, recipe, progress=progress)
     target, proxy = world.model_arg("target"), world.model_arg("proxy")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+from urda_fast.config import check_ranges
 from urda_fast.data import eval_loader
 from urda_fast.distributed import pick_device
 from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, load_torch_file, run_checkpoint
@@ -69,11 +70,19 @@ def head_settings(cfg: EvalConfig, model_arg: str) -> dict:
     return head
 
 
+def check_eval_numbers(cfg: EvalConfig | ProxyCheckConfig, who: str) -> None:
+    """The numbers of an evaluation, before any model or data is read (`--max-batches -1` read as "all", an eps of 8
+    attacked with 8.0)."""
+    check_ranges(cfg, who, positive=("eps", "alpha", "batch_size", "image_size"),
+                 non_negative=("max_batches", "num_workers"), pixel_budget=("eps",))
+
+
 def evaluate_models(models, cfg: EvalConfig, world=None) -> dict:
     """Evaluate each (label, "ARCH:CHECKPOINT") on ``cfg.datasets`` with ``cfg.attack`` at ``cfg.eps``, each with
     its own zero-shot head (``head_settings``: a run's logits, preprocess and templates unless ``cfg`` sets them)."""
     if not models:
         raise ValueError("hpt eval: nothing to evaluate; give run folders and/or --target ARCH:CHECKPOINT")
+    check_eval_numbers(cfg, "hpt eval")
     names = [n for n in cfg.datasets.split(",") if n.strip()]
     names = [name for n in names for name in (PAPER_DATASETS if n.strip() == "paper" else (n,))]
     sets = [open_dataset(name, cfg.root, cfg.image_size, world) for name in names]
@@ -97,6 +106,8 @@ def proxy_check(cfg: ProxyCheckConfig, world=None) -> dict:
     """The proxy-robustness table of ``cfg.target`` and ``cfg.proxy`` on ``cfg.data`` (see ``proxy_robustness``)."""
     if not cfg.target or not cfg.proxy:
         raise ValueError("hpt proxy-check: give both --target and --proxy as ARCH:CHECKPOINT")
+    check_eval_numbers(cfg, "hpt proxy-check")
+    check_ranges(cfg, "hpt proxy-check", positive=("steps",))
     device = pick_device(cfg.device)
     zs = open_dataset(cfg.data, cfg.root, cfg.image_size, world)
     heads = []

@@ -213,11 +213,12 @@ def check_config(cfg: TrainConfig) -> None:
         warnings.warn("hpt: the proxy has the target's architecture; HPT's proxy robustness needs a heterogeneous "
                       "proxy (e.g. ViT-B-16 for a ViT-B-32 target)", stacklevel=2)
     # a negative loss weight or lr trains away from its term without a word: refused, as are NaNs
-    check_ranges(cfg, "hpt", positive=("attack_eps", "attack_alpha", "eval_eps", "lr", "logit_scale_max"),
+    check_ranges(cfg, "hpt", positive=("attack_eps", "attack_alpha", "eval_eps", "lr", "logit_scale_max", "image_size"),
                  fraction=("momentum",),
                  non_negative=("weight_decay", "warmup_lr", "proxy_weight", "anchor_weight", "warmup_proxy_weight",
                                "warmup_anchor_weight", "pmg_original_weight", "pmg_clean_weight", "iterations",
-                               "warmup_steps", "eval_max_batches"))
+                               "warmup_steps", "eval_max_batches", "num_workers", "stop_after"),
+                 pixel_budget=("attack_eps", "eval_eps"))
     # a phase whose loss weights are all 0 has no loss to train on (autograd would fail at its first step)
     phases = []
     if cfg.method in ("hpt", "hpt-gpd"):

@@ -113,3 +113,26 @@ def test_the_command_line_names_bad_numbers_before_any_work(tmp_path, capsys, ar
     with pytest.raises(SystemExit) as stop:
         main([*argv, *(["--out", str(tmp_path / "run")] if argv[1] in ("pretrain", "robustify", "train") else [])])
     assert re.search(match, f"{stop.value} {capsys.readouterr().err}"), (stop.value, match)
+
+
+@pytest.mark.parametrize("check, cfg, match", [
+    ("dart", dict(method="dann", margin=2.0), "--margin 2.0 has no effect in this run: it is MDD's margin"),
+    ("dart", dict(method="source-only", trade_off=5.0), "source-only has no transfer loss"),
+    ("dart", dict(vat_steps=3), "--vat-steps 3 has no effect .*need --vat"),
+    ("dart", dict(vat=True, vat_threshold=0.5), "--vat-threshold 0.5 has no effect .*needs --vat-target"),
+    ("hpt", dict(method="hpt", warmup_proxy_weight=0.5), "only hpt-gpd has a warm-up phase"),
+    ("hpt", dict(method="hpt-gpd", pmg_clean_weight=3.0), "PMG-AFT's loss weights need --method pmg-aft"),
+])
+def test_options_the_run_ignores_are_named(tmp_path, check, cfg, match):
+    """A warning, not an error: one config is often run with a switch on and off (UDA with and without --vat)."""
+    if check == "dart":
+        from urda_fast.dart.config import check_pretrain_config as check_fn
+
+        config = PretrainConfig(**cfg)
+    else:
+        from urda_fast.hpt import TrainConfig
+        from urda_fast.hpt.train import check_config as check_fn
+
+        config = TrainConfig(target="urda-tiny-vit:t.pt", proxy="urda-tiny-rn:p.pt", **cfg)
+    with pytest.warns(UserWarning, match=match):
+        check_fn(config)

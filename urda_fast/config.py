@@ -139,3 +139,17 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
 
 def flags_to_overrides(args: argparse.Namespace, cls) -> dict:
     return {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+
+
+def warn_unused(cfg, who: str, unused: dict) -> None:
+    """A warning for each option set away from its default that ``cfg`` will ignore: ``unused`` maps option names to
+    the reason they have no effect (the caller includes only those). Not an error: one config is often run with a
+    switch on and off (UDA with and without --vat, hpt beside hpt-gpd), but a flag given to no effect usually means
+    another setting was meant."""
+    import warnings
+
+    defaults = type(cfg)()
+    for name, why in unused.items():
+        if getattr(cfg, name) != getattr(defaults, name):
+            flag = "--" + name.replace("_", "-")
+            warnings.warn(f"{who}: {flag} {getattr(cfg, name)!r} has no effect in this run: {why}", stacklevel=3)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from urda_fast.config import check_ranges
+from urda_fast.config import check_ranges, warn_unused
 from urda_fast.distributed import check_device
 
 
@@ -48,7 +48,8 @@ class PretrainConfig(RunConfig):
     iterations: int = 20000  # tllib: 20 epochs x 1000 iterations (step 2, RobustifyConfig: 10,000)
     arch: str = "digits_cnn"  # backbone: digits_cnn | resnet18 | resnet50
     backbone_weights: str = ""  # local file of pretrained backbone weights ("" = random init)
-    bottleneck_dim: int | None = None  # None: tllib's for the method, 256 (1024 for MDD)
+    bottleneck_dim: int | None = field(  # None: tllib's for the method, 256 (1024 for MDD)
+        default=None, metadata={"help": "(default: the method's, as tllib: 256, or 1024 for mdd)"})
     trade_off: float = 1.0
     entropy_conditioning: bool = False  # CDAN+E
     margin: float = 4.0  # MDD's gamma
@@ -135,6 +136,17 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
     if cfg.vat_target and not cfg.vat:
         raise ValueError("dart: vat_target adds adversarial pseudo-labelled target batches to the UDA+VAT baseline: "
                          "it needs --vat too")
+    unused = {}
+    if not cfg.vat:
+        unused.update(dict.fromkeys(("vat_eps", "vat_alpha", "vat_steps"),
+                                    "the UDA+VAT baseline's attack options need --vat"))
+    if not cfg.vat_target:
+        unused["vat_threshold"] = "the pseudo-label confidence of --vat-target's target batches needs --vat-target"
+    if cfg.method != "mdd":
+        unused["margin"] = f"it is MDD's margin (--method mdd), not {cfg.method}'s"
+    if cfg.method == "source-only":
+        unused["trade_off"] = "source-only has no transfer loss to weigh"
+    warn_unused(cfg, "dart", unused)
     if cfg.entropy_conditioning and cfg.method != "cdan":
         raise ValueError(f"dart: entropy_conditioning is CDAN's option (CDAN+E): it needs --method cdan, not "
                          f"{cfg.method!r}")

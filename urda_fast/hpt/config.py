@@ -46,7 +46,9 @@ class TrainConfig(ModelsConfig, DataConfig):
     # tower (the code's --last_num_ft N). With the text tower frozen its features are cached. None: each method's
     # code's, "visual" for tecoa and pmg-aft (the PMG-AFT code, which also runs TeCoA, fine-tunes model.visual),
     # "all" for hpt and hpt-gpd.
-    trainable: str | None = None
+    trainable: str | None = field(default=None, metadata={
+        "help": "all | visual | last:N (default: the method's code's: visual for tecoa and pmg-aft, all for hpt and "
+                "hpt-gpd)"})
     out: str = "runs/hpt"
     epochs: int = 10
     iterations: int = 0  # 0 = epochs x batches per epoch

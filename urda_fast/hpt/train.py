@@ -20,7 +20,7 @@ from torch.utils.data import TensorDataset
 
 from urda_fast import distributed
 from urda_fast.attacks import PGD
-from urda_fast.config import check_ranges
+from urda_fast.config import check_ranges, warn_unused
 from urda_fast.data import loader_workers, train_stream
 from urda_fast.distributed import pick_device
 from urda_fast.profiling import nvtx_for, nvtx_range
@@ -207,6 +207,15 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.method in ("hpt", "hpt-gpd") and not cfg.proxy:
         raise ValueError(f"hpt: method {cfg.method} distils a proxy CLIP: give --proxy ARCH:CHECKPOINT (a CLIP of "
                          "another architecture)")
+    # (--proxy with tecoa / pmg-aft is not loaded, and not warned about: one command line can sweep every method)
+    unused = {}
+    if cfg.method != "pmg-aft":
+        unused.update(dict.fromkeys(("pmg_original_weight", "pmg_clean_weight"), "PMG-AFT's loss weights need "
+                                    "--method pmg-aft"))
+    if cfg.method != "hpt-gpd":
+        unused.update(dict.fromkeys(("warmup_proxy_weight", "warmup_anchor_weight"), "only hpt-gpd has a warm-up "
+                                    "phase with loss weights of its own"))
+    warn_unused(cfg, "hpt", unused)
     if cfg.proxy and parse_model_arg(cfg.proxy, "proxy")[0] == parse_model_arg(cfg.target, "target")[0]:
         import warnings
 

@@ -104,12 +104,15 @@ class Values:
     (["dart", "demo", "--scale", "0"], "argument --scale: must be a positive finite number"),
     (["demo", "--repeats", "0"], "argument --repeats: must be >= 1"),
     (["dart", "eval", "{missing}", "--eps", "abc"], "argument --eps: 'abc' is not a comma-separated list"),
+    (["dart", "eval", "{missing}", "--out", "{file}"], "--out .*afile' is a file; give a folder"),
+    (["hpt", "eval", "--target", "urda-tiny-vit:{missing}", "--out", "{file}"], "--out .*afile' is a file"),
 ])
 def test_the_command_line_names_bad_numbers_before_any_work(tmp_path, capsys, argv, match):
     """Checked before a model or a dataset is read (the paths given do not exist: reading them would fail first)."""
     from urda_fast.cli import main
 
-    argv = [a.format(missing=tmp_path / "missing.pt") for a in argv]
+    (tmp_path / "afile").write_text("")
+    argv = [a.format(missing=tmp_path / "missing.pt", file=tmp_path / "afile") for a in argv]
     with pytest.raises(SystemExit) as stop:
         main([*argv, *(["--out", str(tmp_path / "run")] if argv[1] in ("pretrain", "robustify", "train") else [])])
     assert re.search(match, f"{stop.value} {capsys.readouterr().err}"), (stop.value, match)

@@ -26,6 +26,12 @@ def atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_out_folder(out: str, who: str) -> None:
+    """An ``--out`` that is a file, named before the work whose results it would hold (not after an evaluation)."""
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"{who}: --out {out!r} is a file; give a folder for the results")
+
+
 def atomic_write_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2))
 

@@ -17,6 +17,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from urda_fast.files import check_out_folder
 from urda_fast.profiling import nvtx_for, nvtx_range
 
 PHASES = ("data", "teacher", "proxy", "anchor", "attack", "student", "target", "text", "target forward",
@@ -30,9 +31,7 @@ def check_profile_args(steps: int, warmup: int, batch_size: int, image_size: int
                                ("image_size", image_size, 0), ("attack_steps", attack_steps, 0)):
         if value < least:
             raise ValueError(f"profile: {name} must be >= {least}, got {value}")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise NotADirectoryError(f"profile: --out {out_dir!r} is a file; give a folder for trace.json, top_ops.txt "
-                                 "and phases.json")
+    check_out_folder(out_dir, "profile")
 
 
 def profile_steps(step, steps: int, out_dir: str, device: torch.device, warmup: int = 2, row_limit: int = 25) -> dict:

@@ -10,7 +10,7 @@ from urda_fast.config import check_pixel_budget
 from urda_fast.distributed import check_device
 from urda_fast.data import eval_loader
 from urda_fast.evaluate import check_loader_settings, robust_accuracy
-from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, run_checkpoint
+from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, check_out_folder, run_checkpoint
 from urda_fast.models import ModelSpec
 
 from .common import load_checkpoint_model, read_checkpoint
@@ -96,6 +96,7 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
         raise ValueError(f"dart eval: budgets must be positive and finite, at least one (e.g. 8/255), got {eps!r}")
     for budget in eps:  # the attacks are L-inf in pixel space
         check_pixel_budget(budget, "eps", "dart eval")
+    check_out_folder(out, "dart eval")
     # Every run checked before any evaluation; of each checkpoint only what evaluation reads is kept (no optimizer)
     states = [{k: state[k] for k in ("kind", "spec", "config", "modules") if k in state}
               for state in map(read_checkpoint, runs)]

@@ -16,7 +16,8 @@ import os
 from urda_fast.config import check_ranges
 from urda_fast.data import eval_loader
 from urda_fast.distributed import pick_device
-from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, load_torch_file, run_checkpoint
+from urda_fast.files import (atomic_savefig, atomic_write_json, atomic_write_text, check_out_folder, load_torch_file,
+                             run_checkpoint)
 
 from .clip_models import load_clip_arg, parse_model_arg
 from .config import EvalConfig, ModelsConfig, ProxyCheckConfig
@@ -71,10 +72,11 @@ def head_settings(cfg: EvalConfig, model_arg: str) -> dict:
 
 
 def check_eval_numbers(cfg: EvalConfig | ProxyCheckConfig, who: str) -> None:
-    """The numbers of an evaluation, before any model or data is read (`--max-batches -1` read as "all", an eps of 8
-    attacked with 8.0)."""
+    """The numbers and output folder of an evaluation, before any model or data is read (`--max-batches -1` read as
+    "all", an eps of 8 attacked with 8.0, an --out found to be a file after the evaluation)."""
     check_ranges(cfg, who, positive=("eps", "alpha", "batch_size", "image_size"),
                  non_negative=("max_batches", "num_workers"), pixel_budget=("eps",))
+    check_out_folder(cfg.out, who)
 
 
 def evaluate_models(models, cfg: EvalConfig, world=None) -> dict:

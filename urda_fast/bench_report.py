@@ -25,7 +25,7 @@ import os
 import re
 import sys
 
-from urda_fast.files import atomic_savefig, atomic_write_text
+from urda_fast.files import atomic_savefig, atomic_write_text, check_out_folder
 
 # Where the bench/ files put their numbers (bench/conftest.py Bench.run, bench_attacks.py, bench_dart_step.py).
 PROVIDER_PARAMS = ("provider", "impl", "path")  # the test parameter naming the provider, if extra_info lacks it
@@ -312,9 +312,10 @@ def cmd_report(args) -> int:
         rows = rows_from_results(doc, source=args.results)
     except ValueError as err:
         raise SystemExit(f"urda-fast bench report: {err}") from None
-    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise SystemExit(f"urda-fast bench report: --out {args.out!r} is a file; give a folder for report.md and the "
-                         "charts")
+    try:
+        check_out_folder(args.out, "urda-fast bench report")
+    except NotADirectoryError as err:
+        raise SystemExit(str(err)) from None
     text = markdown(rows, doc.get("machine_info"))
     print(text, end="")  # the text ends with its newline; stdout and report.md get the same bytes
     if args.out:

@@ -369,10 +369,12 @@ def _same_run(best_path: str, config: dict | None) -> bool:
     """Whether ``best_path`` was written by a run with these settings (those a resume may not change)."""
     try:
         saved = load_torch_file(best_path, who="urda_fast resume", mmap=True)
-        _check_same_run(saved.get("config") if isinstance(saved, dict) else None, config, best_path)
+        if not (config and isinstance(saved, dict) and saved.get("config")):
+            return False  # nothing to compare: not known to be this run's
+        _check_same_run(saved["config"], config, best_path)
     except ValueError:
         return False
-    return bool(config) and isinstance(saved, dict) and bool(saved.get("config"))
+    return True
 
 
 def _newer_best(best_path: str, best: dict | None, iteration: int, ctx) -> dict | None:

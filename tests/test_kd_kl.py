@@ -330,9 +330,15 @@ def test_kd_kl_cpu_gradients_in_forward_equal_the_recomputing_backward(dtype, cl
     assert_close(kl[keep], want_kl[keep], dtype, "kl")
     only_teacher = torch.ops.urda_fast.kd_kl_forward_with_grad(student, teacher, 1.5, False, True)
     assert only_teacher[2].shape == (0,) and torch.equal(only_teacher[3].nan_to_num(), d_t.nan_to_num())
+    # The student alone takes its own one-pass formula.
+    only_student = torch.ops.urda_fast.kd_kl_forward_with_grad(student, teacher, 1.5, True, False)
+    assert only_student[3].shape == (0,)
+    torch.testing.assert_close(only_student[0], kl, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(only_student[2], want_s, rtol=tol, atol=tol, equal_nan=True)
     # A student equal to its teacher gets exactly zero gradients (attacks on a KL loss rely on it).
-    same = torch.ops.urda_fast.kd_kl_forward_with_grad(teacher[keep], teacher[keep], 1.5, True, True)
-    assert not same[2].any() and not same[3].any()
+    for flags in ((True, True), (True, False)):
+        same = torch.ops.urda_fast.kd_kl_forward_with_grad(teacher[keep], teacher[keep], 1.5, *flags)
+        assert not same[2].any() and not same[3].any()
 
 
 @pytest.mark.parametrize("prescale_from", [None, 0], ids=["default", "prescaled"])

@@ -37,8 +37,8 @@ print(applied, min(windows))
 glibc = pytest.mark.skipif(allocator._glibc() is None, reason="the C library is not glibc")
 
 
-def run_faults(mode, **env):
-    out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True,
+def run_faults(mode, script=FAULTS, **env):
+    out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True,
                          env={**os.environ, **env}).stdout.split()
     return out[0] == "True", int(out[1])
 
@@ -55,6 +55,31 @@ def test_freed_buffers_stop_faulting():
     # other C libraries or versions may not, and then there is nothing to compare.
     if default > 10 * 100:
         assert kept < default / 4, (kept, default)
+
+
+# A 40 MiB buffer allocated, written and freed 20 times (glibc maps buffers over 32 MiB afresh whatever the mmap
+# threshold, unless mmap is off): print the page faults of the last 10.
+BIG_FAULTS = """
+import resource, sys, torch
+from urda_fast.allocator import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+for step in range(20):
+    if step == 10:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(10 << 20).fill_(1.0)
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+
+@glibc
+def test_buffers_above_the_largest_mmap_threshold_are_kept_too():
+    kept = run_faults("keep", script=BIG_FAULTS)
+    default = run_faults("default", script=BIG_FAULTS)
+    assert kept[0] and not default[0]
+    pages = (40 << 20) // 4096  # 10 240 per fresh buffer, at 4 KiB pages
+    assert kept[1] < pages, kept
+    if default[1] > 5 * pages:  # glibc's default maps them afresh (other C libraries may not)
+        assert kept[1] < default[1] / 10, (kept, default)
 
 
 @glibc

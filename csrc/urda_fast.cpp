@@ -23,10 +23,10 @@ TORCH_LIBRARY(urda_fast, m) {
   // log_sum_s]). The backward recomputes the softmaxes from stats, so nothing logits-sized is kept in between; it
   // returns d kl_i / d s_i and d kl_i / d t_i, each scaled by grad_rows[i], or an empty (0,) tensor if not asked for.
   m.def("kd_kl_forward(Tensor student, Tensor teacher, float temperature) -> (Tensor, Tensor)");
-  // CPU only: kd_kl_forward that also writes d kl_i / d s_i and d kl_i / d t_i ((0,) when not asked for) from the
-  // exponentials it computes anyway, so the backward is a per-row scale. float32 / float64. row_scale (B,), in the
-  // logits' dtype: the gradients come out multiplied by row_scale[i] (after the unscaled value is rounded), so a
-  // backward whose row gradients equal row_scale has nothing left to do.
+  // CPU and CUDA: kd_kl_forward that also writes d kl_i / d s_i and d kl_i / d t_i ((0,) when not asked for) from
+  // what it computes anyway, so the backward is a per-row scale (CPU: float32 / float64). row_scale (B,), in the
+  // accumulation dtype (the logits' for float32 / float64): the gradients come out multiplied by row_scale[i] (after
+  // the unscaled value is rounded), so a backward whose row gradients equal row_scale has nothing left to do.
   m.def("kd_kl_forward_with_grad(Tensor student, Tensor teacher, float temperature, bool grad_student, "
         "bool grad_teacher, Tensor? row_scale=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("kd_kl_backward(Tensor grad_rows, Tensor student, Tensor teacher, Tensor kl, Tensor stats, float temperature, "

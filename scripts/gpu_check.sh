@@ -3,7 +3,7 @@
 # build with CUDA, run the CUDA/Triton tests, take the GPU benchmarks. Files land in $OUT and come back.
 #
 #   here, once:  bash scripts/gpu_wheels.sh            # open_clip, ftfy, wcwidth, torchattacks for the device's Python
-#   device:      run(command="bash scripts/gpu_check.sh build tests ops", carry=[".whl"], timeout_s=590)
+#   device:      run(command="bash scripts/gpu_check.sh build tests ops klgrad", carry=[".whl"], timeout_s=590)
 #   then:        mkdir -p .gpubuild && cp <files_at>/_C*.so .gpubuild/   (the extensions built there come back in $OUT)
 #                run(command="bash scripts/gpu_check.sh build steps", carry=[".whl", ".gpubuild"], timeout_s=...)
 #
@@ -64,11 +64,14 @@ for phase in "$@"; do
       grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
       tail -3 "$OUT/tests.log" ;;
     ops) bench ops "${OPS_SECONDS:-200}" bench/bench_kd_kl.py bench/bench_pgd_step.py bench/bench_feature_losses.py ;;
+    # the CUDA KL with its gradients written in the forward (off by default until tests/test_kd_kl.py's
+    # test_kd_kl_cuda_* pass on a GPU); compare its kd_kl full rows with the ops phase's
+    klgrad) URDA_FAST_CUDA_KL_WITH_GRAD=1 bench klgrad "${KLGRAD_SECONDS:-90}" bench/bench_kd_kl.py -k full ;;
     # STEP_ARGS narrows it where time is short, e.g. STEP_ARGS='-k "resnet50 or b32 or 224"' for the paper-scale shapes;
     # add 'and not compile' to leave out ours_compile, whose ViT-B towers compile for minutes before the first round
     steps) eval bench steps "${STEP_SECONDS:-540}" bench/bench_dart_step.py bench/bench_hpt_step.py bench/bench_attacks.py \
              ${STEP_ARGS:-} ;;
-    *) echo "unknown phase $phase (build, tests, ops, steps)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (build, tests, ops, klgrad, steps)" >&2; exit 2 ;;
   esac
 done
 echo "== done $(date +%T)"

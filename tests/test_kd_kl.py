@@ -520,3 +520,90 @@ def test_kd_kl_temperature_range_ends_are_finite(backend, temperature):
         exact_grad, = torch.autograd.grad(exact, exact_student)
         torch.testing.assert_close(loss.double(), exact, rtol=1e-3, atol=0)
         torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-3, atol=1e-3 * exact_grad.abs().max().item())
+
+
+# The CUDA with-grad forward (csrc/cuda/kd_kl.cu), on by URDA_FAST_CUDA_KL_WITH_GRAD=1 until these pass on a GPU.
+# 1000 classes: packs kept in registers; 1023: no 16-byte packs; 12000 / 24000 (half): rows too long to keep, read
+# again; 31: one short row per block.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+CUDA_WITH_GRAD_CLASSES = [31, 1000, 1023, 12000]
+
+
+@needs_cuda
+@pytest.mark.parametrize("classes", CUDA_WITH_GRAD_CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_kd_kl_cuda_gradients_in_forward_equal_the_recomputing_backward(dtype, classes):
+    op = torch.ops.urda_fast
+    classes = 2 * classes if dtype in (torch.float16, torch.bfloat16) and classes == 12000 else classes
+    student, teacher = logits((6, classes), dtype, "cuda", 30.0), logits((6, classes), dtype, "cuda", 30.0)
+    teacher[1, ::3] = float("-inf")
+    student[2, 5] = 1e4 if dtype != torch.float16 else 6e4
+    teacher[3] = float("-inf")  # no teacher mass: NaN, as the reference
+    kl, stats, d_s, d_t = op.kd_kl_forward_with_grad(student, teacher, 1.5, True, True)
+    kl_ref, stats_ref = op.kd_kl_forward(student, teacher, 1.5)
+    acc = torch.promote_types(dtype, torch.float32)
+    assert kl.dtype == stats.dtype == acc and d_s.dtype == d_t.dtype == dtype
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6}.get(dtype, 1e-5)
+    torch.testing.assert_close(kl, kl_ref, rtol=tol, atol=tol, equal_nan=True)
+    torch.testing.assert_close(stats, stats_ref, rtol=tol, atol=tol, equal_nan=True)
+    want_s, want_t = op.kd_kl_backward(torch.ones(6, dtype=acc, device="cuda"), student, teacher, kl_ref, stats_ref,
+                                       1.5, True, True)
+    grad_tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, tol)
+    torch.testing.assert_close(d_s, want_s, rtol=grad_tol, atol=grad_tol, equal_nan=True)
+    torch.testing.assert_close(d_t, want_t, rtol=grad_tol, atol=grad_tol, equal_nan=True)
+    assert (d_t[1, ::3] == 0).all() and d_s[3].isnan().all() and not d_s[[0, 1, 2, 4, 5]].isnan().any()
+    keep = [0, 1, 2, 4, 5]
+    with torch.no_grad():
+        want_kl = reference.kd_kl_loss(student.double(), teacher.double(), temperature=1.5, reduction="none")
+    assert_close(kl[keep], want_kl[keep], dtype, "kl")
+    for flags in ((True, False), (False, True)):
+        one = op.kd_kl_forward_with_grad(student, teacher, 1.5, *flags)
+        for asked, got, full in zip(flags, one[2:], (d_s, d_t)):
+            assert torch.equal(got.nan_to_num(), full.nan_to_num()) if asked else got.shape == (0,)
+    same = op.kd_kl_forward_with_grad(teacher[keep], teacher[keep], 1.5, True, True)
+    assert not same[2].any() and not same[3].any()
+    # Row gradients written scaled: bit for bit the unscaled buffer times the scale (autograd's mul_).
+    scale = torch.rand(6, dtype=acc, device="cuda")
+    scaled = op.kd_kl_forward_with_grad(student, teacher, 1.5, True, True, scale)
+    for got, unscaled in zip(scaled[2:], (d_s, d_t)):
+        assert torch.equal(got.nan_to_num(), (unscaled * scale.unsqueeze(1)).nan_to_num())
+    with pytest.raises(RuntimeError, match="row_scale must be a contiguous"):
+        op.kd_kl_forward_with_grad(student, teacher, 1.5, True, False, scale.cpu())
+
+
+@needs_cuda
+@pytest.mark.parametrize("prescale_from", [None, 0], ids=["default", "prescaled"])
+def test_kd_kl_cuda_loss_with_gradients_in_forward(monkeypatch, prescale_from):
+    """kd_kl_loss through the CUDA with-grad forward: the reference's values and gradients over reductions, weights,
+    half types and a loss gradient other than 1; a second backward; opcheck; torch.compile(fullgraph=True)."""
+    from urda_fast.ops import kd_kl as kd_kl_module
+
+    monkeypatch.setattr(kd_kl_module, "CUDA_WITH_GRAD", True)
+    if prescale_from is not None:
+        monkeypatch.setattr(kd_kl_module, "PRESCALE_FROM", prescale_from)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for classes in CUDA_WITH_GRAD_CLASSES:
+            student, teacher = logits((5, classes), dtype, "cuda"), logits((5, classes), dtype, "cuda")
+            weight = torch.rand(5, device="cuda")
+            for kwargs in (dict(reduction="batchmean", weight=weight), dict(reduction="sum", t2_scale=True),
+                           dict(reduction="none")):
+                check_against_reference("cuda", student, teacher, dtype, f"{dtype} {classes} {kwargs}",
+                                        temperature=2.0, **kwargs)
+    student, teacher = logits((4, 37), torch.float32, "cuda"), logits((4, 37), torch.float32, "cuda")
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    loss = 0.3 * ops.kd_kl_loss(s, t, temperature=2.0, weight=torch.rand(4, device="cuda"), backend="cuda")
+    first = torch.autograd.grad(loss, (s, t), retain_graph=True)
+    second = torch.autograd.grad(loss, (s, t))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    op = torch.ops.urda_fast.kd_kl_forward_with_grad
+    for flags in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(op, (student.clone().requires_grad_(flags[0]), teacher.clone().requires_grad_(flags[1]),
+                                   2.0, *flags))
+
+    def loss_fn(s, t):
+        return ops.kd_kl_loss(s, t, temperature=2.0, backend="cuda")
+
+    eager = loss_and_grads(loss_fn, student, teacher)
+    compiled = loss_and_grads(torch.compile(loss_fn, fullgraph=True), student, teacher)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)

@@ -4,14 +4,20 @@
 //            2. log p, log q -> kl terms (block sum); the row's [max_t, log_sum_t, max_s, log_sum_s] are stored.
 //   backward: one pass recomputing p and q from those statistics: d_student = g (q - p) / T and
 //            d_teacher = g p (log p - log q - kl) / T, g the row's incoming gradient.
-// Reading the logits again in the backward costs the same traffic as writing a gradient in the forward and scaling
-// it in the backward, and keeps nothing logits-sized alive in between.
+//   forward_with_grad: the forward, its second pass also writing d_student (a third, d_teacher), rows of up to 2048
+//            16-byte packs kept in registers from the first pass: the logits are read once and the backward is a
+//            per-row scale, or nothing when the forward was handed the row gradients (row_scale).
+// The recomputing pair keeps nothing logits-sized alive between forward and backward; the with-grad forward reads
+// the logits once instead of three times.
 // The max is tracked on the raw logits and only differences (x - max) are scaled by 1/T, so log p = (t - max_t) / T
 // - log(sum) never forms an unshifted t/T of size ~1e4 whose rounding would swamp the log-probabilities.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <optional>
 #include <tuple>
 
 #include "cuda_utils.cuh"
@@ -155,6 +161,123 @@ __global__ void __launch_bounds__(max_row_threads<scalar_t>(), 1)
   }
 }
 
+// kd_kl_forward_with_grad: the forward's two passes, the second also writing d_student = (q - p) / T, and, when asked
+// for, a third writing d_teacher = p (log p - log q - kl) / T (the row's kl is known only after the second). Each is
+// rounded, then times row_scale[row] when given (scaled_gradient). With CACHED > 0 each thread keeps its (at
+// most CACHED) packs of both rows in registers from the first pass, so the logits are read from memory once; the
+// host picks it for rows of up to CACHED * kCachedThreads packs, and CACHED == 0 (longer rows) reads them again.
+constexpr int kCached = 4, kCachedThreads = 512;
+
+// The gradient rounded to the logits' dtype, then times the row's scale and rounded again: bit for bit what
+// multiplying an unscaled buffer by row_scale (autograd's in-place mul_) gives, for half types too.
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t scaled_gradient(acc_t<scalar_t> grad, acc_t<scalar_t> scale) {
+  return static_cast<scalar_t>(static_cast<acc_t<scalar_t>>(static_cast<scalar_t>(grad)) * scale);
+}
+
+// f(slot, pack) over this thread's packs of [row_begin, row_end), in the forward kernel's order; slot < CACHED.
+template <int CACHED, typename F>
+__device__ __forceinline__ void for_row_packs(int64_t row_begin, int64_t row_end, F&& f) {
+  if constexpr (CACHED > 0) {
+#pragma unroll
+    for (int slot = 0; slot < CACHED; ++slot) {
+      const int64_t p = row_begin + threadIdx.x + static_cast<int64_t>(slot) * blockDim.x;
+      if (p < row_end) f(slot, p);
+    }
+  } else {
+    for (int64_t p = row_begin + threadIdx.x; p < row_end; p += blockDim.x) f(0, p);
+  }
+}
+
+template <typename scalar_t, int VEC, int CACHED>
+__global__ void __launch_bounds__(CACHED > 0 ? kCachedThreads : max_row_threads<scalar_t>(), 1)
+    kd_kl_forward_with_grad_kernel(const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher,
+                                   acc_t<scalar_t>* __restrict__ kl, acc_t<scalar_t>* __restrict__ stats,
+                                   scalar_t* __restrict__ d_student, scalar_t* __restrict__ d_teacher,
+                                   const acc_t<scalar_t>* __restrict__ row_scale, int64_t packs,
+                                   acc_t<scalar_t> inv_t) {
+  using acc = acc_t<scalar_t>;
+  using P = Pack<scalar_t, VEC>;
+  __shared__ Vals<acc, 4> shared_softmax[cuda_utils::kMaxWarps];
+  __shared__ Vals<acc, 1> shared_kl[cuda_utils::kMaxWarps];
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * packs;
+  const int64_t row_end = row_begin + packs;
+  P teacher_cache[CACHED > 0 ? CACHED : 1] = {}, student_cache[CACHED > 0 ? CACHED : 1] = {};
+  auto packs_at = [&](int slot, int64_t p, P& tv, P& sv) {
+    if constexpr (CACHED > 0) {
+      tv = teacher_cache[slot];
+      sv = student_cache[slot];
+    } else {
+      tv = cuda_utils::load_pack<VEC>(teacher, p);
+      sv = cuda_utils::load_pack<VEC>(student, p);
+    }
+  };
+
+  // Pass 1, as the forward's.
+  Vals<acc, 4> st = {{-INFINITY, acc(0), -INFINITY, acc(0)}};
+  for_row_packs<CACHED>(row_begin, row_end, [&](int slot, int64_t p) {
+    const P tv = cuda_utils::load_pack<VEC>(teacher, p);
+    const P sv = cuda_utils::load_pack<VEC>(student, p);
+    if constexpr (CACHED > 0) {
+      teacher_cache[slot] = tv;
+      student_cache[slot] = sv;
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      online_add(st.v[0], st.v[1], static_cast<acc>(tv.v[j]), inv_t);
+      online_add(st.v[2], st.v[3], static_cast<acc>(sv.v[j]), inv_t);
+    }
+  });
+  const Vals<acc, 4> identity = {{-INFINITY, acc(0), -INFINITY, acc(0)}};
+  st = cuda_utils::block_allreduce(st, SoftmaxMerge<acc>{inv_t}, identity, shared_softmax);
+  const acc max_t = st.v[0], log_sum_t = cuda_utils::dev_log(st.v[1]);
+  const acc max_s = st.v[2], log_sum_s = cuda_utils::dev_log(st.v[3]);
+  const acc scale = row_scale != nullptr ? row_scale[blockIdx.x] : acc(1);
+
+  // Pass 2: the kl terms, and d_student. Equal rows give equal log p and log q, so exactly zero gradients.
+  Vals<acc, 1> kl_sum = {{acc(0)}};
+  for_row_packs<CACHED>(row_begin, row_end, [&](int slot, int64_t p) {
+    P tv, sv, ds;
+    packs_at(slot, p, tv, sv);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const acc log_p = (static_cast<acc>(tv.v[j]) - max_t) * inv_t - log_sum_t;
+      const acc log_q = (static_cast<acc>(sv.v[j]) - max_s) * inv_t - log_sum_s;
+      const acc prob_p = cuda_utils::dev_exp(log_p);
+      if (!(prob_p <= acc(0))) kl_sum.v[0] += prob_p * (log_p - log_q);  // a NaN p keeps its NaN
+      const acc grad = (cuda_utils::dev_exp(log_q) - prob_p) * inv_t;
+      ds.v[j] = scaled_gradient<scalar_t>(grad, scale);
+    }
+    if (d_student != nullptr) cuda_utils::store_pack<VEC>(d_student, p, ds);
+  });
+  kl_sum = cuda_utils::block_sum(kl_sum, shared_kl);
+  const acc row_kl = kl_sum.v[0];
+  if (threadIdx.x == 0) {
+    kl[blockIdx.x] = row_kl;
+    acc* row_stats = stats + 4 * static_cast<int64_t>(blockIdx.x);
+    row_stats[0] = max_t;
+    row_stats[1] = log_sum_t;
+    row_stats[2] = max_s;
+    row_stats[3] = log_sum_s;
+  }
+  if (d_teacher == nullptr) return;
+
+  // Pass 3: d_teacher, 0 where p == 0 (masked classes).
+  for_row_packs<CACHED>(row_begin, row_end, [&](int slot, int64_t p) {
+    P tv, sv, dt;
+    packs_at(slot, p, tv, sv);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const acc log_p = (static_cast<acc>(tv.v[j]) - max_t) * inv_t - log_sum_t;
+      const acc log_q = (static_cast<acc>(sv.v[j]) - max_s) * inv_t - log_sum_s;
+      const acc prob_p = cuda_utils::dev_exp(log_p);
+      const acc grad = prob_p <= acc(0) ? acc(0) : prob_p * (log_p - log_q - row_kl) * inv_t;
+      dt.v[j] = scaled_gradient<scalar_t>(grad, scale);
+    }
+    cuda_utils::store_pack<VEC>(d_teacher, p, dt);
+  });
+}
+
 // Enough threads that each loads a handful of packs per pass, at least 4 warps.
 int threads_for_row(int64_t packs, int max_threads) {
   if (packs <= 512) return 128;
@@ -212,6 +335,57 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_forward_cuda(const at::Tensor& student,
   return {kl, stats};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_forward_with_grad_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, double temperature, bool grad_student, bool grad_teacher,
+    const std::optional<at::Tensor>& row_scale) {
+  check_pair_2d(student, "student", teacher, "teacher", c10::DeviceType::CUDA);
+  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "urda_fast: temperature must be positive and finite, "
+              "got ", temperature);
+  const int64_t rows = student.size(0);
+  TORCH_CHECK(rows == 0 || student.size(1) > 0, "urda_fast: logits need at least one class, got shape ",
+              student.sizes());
+  const auto acc_type = acc_scalar_type(student.scalar_type());
+  const bool scaled = row_scale.has_value() && row_scale->defined();
+  if (scaled) {
+    TORCH_CHECK(row_scale->device() == student.device() && row_scale->scalar_type() == acc_type &&
+                    row_scale->dim() == 1 && row_scale->size(0) == rows && row_scale->is_contiguous(),
+                "urda_fast: kd_kl_forward_with_grad's row_scale must be a contiguous (", rows, ",) tensor of dtype ",
+                acc_type, " on ", student.device(), ", got ", row_scale->sizes(), " ", row_scale->scalar_type(),
+                " on ", row_scale->device());
+  }
+  const at::cuda::OptionalCUDAGuard device_guard(at::device_of(student));
+  const auto acc_options = student.options().dtype(acc_type);
+  at::Tensor kl = at::empty({rows}, acc_options), stats = at::empty({rows, 4}, acc_options);
+  at::Tensor d_student = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor d_teacher = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  if (rows == 0) return {kl, stats, d_student, d_teacher};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_kl_forward_with_grad_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    scalar_t* ds_ptr = grad_student ? d_student.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dt_ptr = grad_teacher ? d_teacher.data_ptr<scalar_t>() : nullptr;
+    RowLaunch l = row_launch<scalar_t>(student, {student.data_ptr(), teacher.data_ptr(), ds_ptr, dt_ptr});
+    const bool cached = l.packs <= static_cast<int64_t>(kCached) * kCachedThreads;
+    if (cached) {  // enough threads for kCached packs each, and never fewer than the forward's
+      const int64_t needed = cuda_utils::ceil_div(l.packs, kCached);
+      const int64_t warps = cuda_utils::ceil_div(needed, cuda_utils::kWarpSize);
+      l.threads = std::max<int>(std::min<int>(l.threads, kCachedThreads), warps * cuda_utils::kWarpSize);
+    }
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const acc inv_t = static_cast<acc>(1.0 / temperature);
+    const acc* scale_ptr = scaled ? row_scale->const_data_ptr<acc>() : nullptr;
+    cuda_utils::dispatch_vec<cuda_utils::max_vec<scalar_t>()>(l.vectorise, [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      auto kernel = cached ? kd_kl_forward_with_grad_kernel<scalar_t, V, kCached>
+                           : kd_kl_forward_with_grad_kernel<scalar_t, V, 0>;
+      kernel<<<l.grid, l.threads, 0, stream>>>(student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(),
+                                               kl.data_ptr<acc>(), stats.data_ptr<acc>(), ds_ptr, dt_ptr, scale_ptr,
+                                               l.packs, inv_t);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {kl, stats, d_student, d_teacher};
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_kl_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& student,
                                                        const at::Tensor& teacher, const at::Tensor& kl,
                                                        const at::Tensor& stats, double temperature,
@@ -246,5 +420,6 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_backward_cuda(const at::Tensor& grad_ro
 
 TORCH_LIBRARY_IMPL(urda_fast, CUDA, m) {
   m.impl("kd_kl_forward", &urda_fast::kd_kl_forward_cuda);
+  m.impl("kd_kl_forward_with_grad", &urda_fast::kd_kl_forward_with_grad_cuda);
   m.impl("kd_kl_backward", &urda_fast::kd_kl_backward_cuda);
 }

@@ -4,9 +4,13 @@ the gradients it returns. On the CPU backend a float32/float64 call that will ne
 forward instead (``kd_kl_forward_with_grad``: the exps, which bound the CPU kernel, are computed once), already
 scaled by the row gradients a loss gradient of 1 gives (``unit_row_gradients``), so the usual backward hands the
 buffer on untouched and any other scales it in place: still one (B, C) buffer per gradient, and no second pass over
-it for large logits (``PRESCALE_FROM``)."""
+it for large logits (``PRESCALE_FROM``). The CUDA backend has the same op (the logits read once instead of three
+times, half types included); it has compiled but not yet run on a GPU, so it is used only when
+``URDA_FAST_CUDA_KL_WITH_GRAD=1`` (``CUDA_WITH_GRAD``) until a GPU run has passed its tests."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -17,6 +21,7 @@ REDUCTIONS = ("batchmean", "sum", "none")
 # (B, C) buffers it saves is 8-12% of forward + backward at 4096 x 1000 (from a cold cache), and the few (B,)-sized
 # operations that make the scale cost more than that pass below about this size (256 x 1000: 0.95-1.0x).
 PRESCALE_FROM = 1 << 18
+CUDA_WITH_GRAD = os.environ.get("URDA_FAST_CUDA_KL_WITH_GRAD", "0") == "1"
 
 
 TEMPERATURE_RANGE = (1e-6, 1e6)
@@ -85,10 +90,10 @@ def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, 
     teacher = teacher_logits.to(dtype).contiguous()
     grad_student = torch.is_grad_enabled() and student.requires_grad
     grad_teacher = torch.is_grad_enabled() and teacher.requires_grad
-    if name == "cpu" and dtype in (torch.float32, torch.float64) and (grad_student or grad_teacher):
+    if _forward_writes_gradients(name, dtype) and (grad_student or grad_teacher):
         prescale = reduction != "none" and student.numel() >= PRESCALE_FROM
-        row_scale = unit_row_gradients(student.shape[0], weight, reduction, t2_scale, temperature, dtype) \
-            if prescale else None
+        row_scale = unit_row_gradients(student.shape[0], weight, reduction, t2_scale, temperature,
+                                       torch.promote_types(dtype, torch.float32), student.device) if prescale else None
         rows = torch.ops.urda_fast.kd_kl_forward_with_grad(student, teacher, float(temperature), grad_student,
                                                            grad_teacher, row_scale)[0]
     else:
@@ -97,12 +102,18 @@ def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, 
     return reference.reduce_kd_rows(rows, weight, reduction, t2_scale, temperature)
 
 
-def unit_row_gradients(rows, weight, reduction, t2_scale, temperature, dtype):
+def _forward_writes_gradients(backend: str, dtype: torch.dtype) -> bool:
+    if backend == "cpu":
+        return dtype in (torch.float32, torch.float64)
+    return backend == "cuda" and CUDA_WITH_GRAD
+
+
+def unit_row_gradients(rows, weight, reduction, t2_scale, temperature, dtype, device=None):
     """d loss / d rows_i of ``reference.reduce_kd_rows`` for a loss gradient of 1, computed with the operations
     autograd runs backwards through it (div by B, expand, times T^2, times weight), so that a backward whose loss
-    gradient is 1 receives exactly these row gradients. The CPU forward writes its gradients scaled by them; the
-    backward then only compares (B values) instead of scaling the (B, C) buffers."""
-    grad = torch.ones((), dtype=dtype)
+    gradient is 1 receives exactly these row gradients. The with-grad forward writes its gradients scaled by them;
+    the backward then only compares (B values) instead of scaling the (B, C) buffers."""
+    grad = torch.ones((), dtype=dtype, device=device)
     if reduction == "batchmean":
         grad = grad / rows
     grad = grad.expand(rows)
@@ -218,7 +229,7 @@ def register(suffix: str, *, fake: bool) -> None:
         return *_recomputing_backward(ctx, grad_rows, backward_op), None
 
     torch.library.register_autograd(forward, backward, setup_context=_setup_context_kd_kl_forward)
-    if suffix == "":  # the CPU-only op has no Triton twin
+    if suffix == "":  # the CPU and CUDA op has no Triton twin
         with_grad = "urda_fast::kd_kl_forward_with_grad"
         if fake:
             torch.library.register_fake(with_grad)(_fake_kd_kl_forward_with_grad)

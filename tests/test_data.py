@@ -157,6 +157,33 @@ def test_digits_image_folder_tree(tmp_path):
     assert x.shape == (1, 28, 28) and torch.allclose(x, torch.full_like(x, 25 * y / 255), atol=1 / 255)
 
 
+def test_digits_in_tllibs_folder_per_domain(tmp_path, monkeypatch):
+    """tllib's data/digits: each domain's lists in <root>/<DOMAIN>/image_list/, paths relative to <root>/<DOMAIN>;
+    the error for a missing one names both layouts, and a root given with ~ is expanded."""
+    for domain, prefix in (("MNIST", "mnist_train"), ("USPS", "usps_train")):
+        lines = []
+        for digit in (3, 7):
+            rel = f"{prefix}_image/{digit}.png"
+            _png(str(tmp_path / "digits" / domain / rel), 20 * digit, size=(28, 28), mode="L")
+            lines.append(f"{rel} {digit}")
+        os.makedirs(tmp_path / "digits" / domain / "image_list")
+        (tmp_path / "digits" / domain / "image_list" / f"{prefix}.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for domain in ("MNIST", "USPS"):
+        ds = M.open_domain("Digits", "~/digits", domain, "train", transform=M.default_transforms("Digits")[1])
+        assert [ds[i][1] for i in range(2)] == [3, 7] and ds[1][0].shape == (1, 28, 28)
+        assert torch.allclose(ds[1][0], torch.full((1, 28, 28), 140 / 255), atol=1 / 255)
+    with pytest.raises(FileNotFoundError, match=r"image_list/svhn_balanced\.txt.*digits/SVHN/image_list"):
+        M.open_domain("Digits", str(tmp_path / "digits"), "SVHN", "train")
+
+
+def test_missing_image_is_named_with_its_line(tmp_path):
+    _png(str(tmp_path / "a.png"), 0)
+    (tmp_path / "list.txt").write_text("\na.png 1\n\nb.png 2\n")
+    with pytest.raises(FileNotFoundError, match=r"b\.png.*\(line 4\)"):
+        M.ImageList(str(tmp_path), "list.txt", num_classes=10)
+
+
 def test_digit_folders_must_be_digits(tmp_path):
     for name in ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]:
         _png(str(tmp_path / "USPS" / "test" / name / "0.png"), 0, mode="L")

@@ -107,9 +107,9 @@ class ImageList(Dataset):
             raise ValueError(f"urda_fast: image list {self.list_file} holds no images (expected lines like "
                              "'relative/path.jpg <label>')")
         if check_files:
-            for lineno, (path, _) in enumerate(self.samples, 1):
+            for lineno, (path, _) in zip(self.lines, self.samples):
                 if not os.path.isfile(path):
-                    raise FileNotFoundError(f"urda_fast: image {path!r} listed in {self.list_file} (entry {lineno}) "
+                    raise FileNotFoundError(f"urda_fast: image {path!r} listed in {self.list_file} (line {lineno}) "
                                             f"does not exist; paths in the list are relative to {root!r}")
         self.targets = [label for _, label in self.samples]
 
@@ -146,6 +146,8 @@ class DatasetSpec:
 
     lists: domain -> {split: image list relative to root}; folders: domain -> {split: ImageFolder dir} (digits only);
     example: domain -> a typical list line, for error messages. Resize/crop/flip are tllib's defaults for it.
+    domain_roots: each domain may also live in a folder of its own, ``root/<domain>/<list>`` with paths relative to
+    it (tllib's digits: ``data/digits/MNIST/image_list/mnist_train.txt``).
     """
 
     name: str
@@ -154,6 +156,7 @@ class DatasetSpec:
     example: dict
     folders: dict = field(default_factory=dict)
     mode: str = "RGB"
+    domain_roots: bool = False
     resize_size: int = 256
     crop_size: int | None = 224
     hflip: bool = True
@@ -187,7 +190,7 @@ DATASETS = {
     "Digits": DatasetSpec(
         "Digits", 10, lists={n: lists for n, lists, _ in _DIGITS}, example={n: ex for n, _, ex in _DIGITS},
         folders={n: {s: f"{n}/{s}" for s in ("train", "test")} for n, _, _ in _DIGITS},
-        mode="L", resize_size=28, crop_size=None, hflip=False),
+        mode="L", domain_roots=True, resize_size=28, crop_size=None, hflip=False),
 }
 
 
@@ -220,12 +223,14 @@ def open_domain(dataset: str, root: str, domain: str, split: str = "train", tran
     if split not in ("train", "test"):
         raise ValueError(f"urda_fast: split must be 'train' or 'test', not {split!r}")
     mode = mode or spec.mode
+    root = os.path.expanduser(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"urda_fast: {dataset} root {root!r} does not exist; "
                                 f"{_layout(spec, root, domain, split)}")
     list_file = spec.lists[domain][split]  # relative to root: ImageList joins them (so does a relative root)
-    if os.path.isfile(os.path.join(root, list_file)):
-        return ImageList(root, list_file, transform, spec.num_classes, mode, check_files)
+    for list_root in [root] + ([os.path.join(root, domain)] if spec.domain_roots else []):
+        if os.path.isfile(os.path.join(list_root, list_file)):
+            return ImageList(list_root, list_file, transform, spec.num_classes, mode, check_files)
     folder = spec.folders.get(domain, {}).get(split)
     if folder and os.path.isdir(os.path.join(root, folder)):
         data = image_folder(os.path.join(root, folder), transform, mode, spec.num_classes)
@@ -237,6 +242,8 @@ def open_domain(dataset: str, root: str, domain: str, split: str = "train", tran
 def _layout(spec: DatasetSpec, root: str, domain: str, split: str) -> str:
     text = (f"expected {os.path.join(root, spec.lists[domain][split])} with lines like {spec.example[domain]!r} "
             f"(tllib image list: path relative to {root}, label in [0, {spec.num_classes}))")
+    if spec.domain_roots:
+        text += f", or {os.path.join(root, domain, spec.lists[domain][split])} (tllib's digits: one folder per domain)"
     if domain in spec.folders:
         text += (f", or an ImageFolder tree {os.path.join(root, spec.folders[domain][split])}/<digit>/*.png "
                  f"with class folders 0..9")

@@ -3,6 +3,7 @@
 ViT's weights), TinyImageNet's val layout, and evaluation loaders for a GPU."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -153,6 +154,89 @@ def test_tinyimagenets_val_split_is_read_from_its_annotations(tiny_imagenet):
     for index, (_, wnid) in enumerate(VAL):
         image, label = val.dataset[index]
         assert label == order.index(wnid) and image.shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("sorted_layout", ["val/<wnid>/images", "val/<wnid>"])
+def test_tinyimagenets_val_split_sorted_into_class_folders(tiny_imagenet, sorted_layout):
+    """The val split after the widely used script that sorts it into class folders (val_annotations.txt kept); a
+    listed image that is missing is an error when the set is opened, not at a run's first evaluation."""
+    from urda_fast.hpt.data import open_dataset
+
+    val = tiny_imagenet / "tiny-imagenet-200" / "val"
+    for name, wnid in VAL:
+        folder = val / wnid / "images" if sorted_layout.endswith("images") else val / wnid
+        folder.mkdir(parents=True, exist_ok=True)
+        (val / "images" / name).rename(folder / name)
+    (val / "images").rmdir()
+    zs = open_dataset("tinyimagenet", root=str(tiny_imagenet), image_size=32)
+    assert [label for _, label in zs.dataset.samples] == [sorted(WNIDS).index(w) for _, w in VAL]
+    assert zs.dataset[3][0].shape == (3, 32, 32)
+    os.remove(zs.dataset.samples[2][0])
+    with pytest.raises(FileNotFoundError, match=r"1 of the 4 images that val_annotations\.txt lists are missing, "
+                                                r"e\.g\. .*val_2\.JPEG"):
+        open_dataset("tinyimagenet", root=str(tiny_imagenet), image_size=32)
+
+
+def test_tinyimagenet_beside_imagenet_under_one_root(tiny_imagenet):
+    """One --root for every set: ImageNet's train/ beside tiny-imagenet-200/ must not be taken for TinyImageNet's."""
+    from urda_fast.hpt.data import open_dataset, tinyimagenet
+
+    (tiny_imagenet / "train" / "n01440764").mkdir(parents=True)
+    assert len(tinyimagenet(str(tiny_imagenet)).dataset) == 6
+    assert len(open_dataset("tinyimagenet", root=str(tiny_imagenet)).dataset) == len(VAL)
+    assert len(tinyimagenet(str(tiny_imagenet / "tiny-imagenet-200")).dataset) == 6  # the folder itself
+
+
+def test_wordnet_class_names_that_collide_are_told_apart():
+    """ImageNet's devkit: two synsets named only 'crane' (bird, machine), 'maillot' and 'maillot, tank suit'."""
+    from urda_fast.hpt.data import wordnet_classnames
+
+    wnids = ["n01440764", "n02012849", "n03126707", "n03710637", "n03710721"]
+    synonyms = [("tench", "Tinca tinca"), ("crane",), ("crane",), ("maillot",), ("maillot", "tank suit")]
+    assert wordnet_classnames("imagenet", wnids, synonyms) == ["tench", "crane bird", "construction crane", "maillot",
+                                                               "tank suit"]
+    with pytest.warns(UserWarning, match=r"share the zero-shot names \['ray'\]"):
+        wordnet_classnames("other", ["n1", "n2"], [("ray",), ("ray",)])
+
+
+def test_zero_shot_sets_pickle_for_spawned_loader_workers(tiny_imagenet):
+    """Loader workers started by spawn / forkserver (macOS, Windows, Python 3.14's Linux default) pickle the set."""
+    import pickle
+
+    from PIL import Image
+
+    from urda_fast.hpt.data import eval_transform, open_dataset, tinyimagenet
+
+    for label in ("cat", "dog"):
+        (tiny_imagenet / "pets" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 30), (60 * i, 90, 0)).save(tiny_imagenet / "pets" / label / f"{i}.png")
+    for zs in (open_dataset("tinyimagenet", root=str(tiny_imagenet), image_size=32),
+               tinyimagenet(str(tiny_imagenet), eval_transform(32)),
+               open_dataset(f"folder:{tiny_imagenet / 'pets'}", image_size=32)):
+        copy = pickle.loads(pickle.dumps(zs.dataset))
+        assert torch.equal(copy[1][0], zs.dataset[1][0]) and copy[1][1] == zs.dataset[1][1]
+
+
+def test_an_unreadable_image_in_a_class_folder_set_is_one_line(tmp_path):
+    from urda_fast.data.domains import ImageReadError
+    from urda_fast.hpt.data import open_dataset
+
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "a.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ImageReadError, match=r"cannot read image .*cat/a\.jpg"):
+        open_dataset(f"folder:{tmp_path}").dataset[0]
+
+
+def test_a_corrupt_torchvision_set_is_not_called_missing(tmp_path):
+    from urda_fast.hpt.data import open_dataset
+
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"truncated")
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py is there, but torchvision found it incomplete "
+                                                "or corrupted"):
+        open_dataset("cifar10", root=str(tmp_path))
 
 
 def test_an_image_folder_without_class_folders_is_an_error(tiny_imagenet):

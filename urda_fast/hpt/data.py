@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -90,22 +91,57 @@ def distinct_classnames(name: str, raw, what: str) -> list:
 NATIVE_RESOLUTION = ("cifar10", "cifar100", "stl10")
 
 
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
 def eval_transform(image_size: int, native: bool = False):
     """RGB, ToTensor, in [0, 1]: at the image's own resolution (``native``), else the code's ImageNet-style
     Resize(size * 256 / 224) of the short side and CenterCrop(size) (224: Resize(256), CenterCrop(224))."""
     import torchvision.transforms as T
 
-    rgb = T.Lambda(lambda img: img.convert("RGB"))
+    rgb = T.Lambda(_to_rgb)  # a module-level function: loader workers started by spawn / forkserver pickle it
     if native:
         return T.Compose([rgb, T.ToTensor()])
     return T.Compose([rgb, T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor()])
+
+
+# WordNet synsets whose synonyms are all another class's first one too (ImageNet's two "crane"s): the names CLIP's
+# curated ImageNet list gives them.
+WORDNET_NAME_FIXES = {"n02012849": "crane bird", "n03126707": "construction crane"}
+
+
+def wordnet_classnames(name: str, wnids, synonyms) -> list:
+    """Zero-shot class names of WordNet classes (ImageNet, TinyImageNet): each class's first synonym, refined; a class
+    whose first synonym another class has too takes its first synonym that no class has first (ImageNet's 'maillot'
+    and 'maillot, tank suit' -> 'maillot' and 'tank suit'), or its WORDNET_NAME_FIXES name. Identical prompts left
+    after that (another devkit's synsets) are a warning: one of each could never be predicted, but a fixed benchmark
+    cannot be renamed."""
+    first = [refine_classname(syns[0]) for syns in synonyms]
+    taken = set(first)
+    counts = {n: first.count(n) for n in taken}
+    names = []
+    for wnid, syns, own in zip(wnids, synonyms, first):
+        if counts[own] > 1:
+            if wnid in WORDNET_NAME_FIXES:
+                own = WORDNET_NAME_FIXES[wnid]
+            else:
+                own = next((refine_classname(s) for s in syns[1:] if refine_classname(s) not in taken), own)
+            taken.add(own)
+        names.append(own)
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        warnings.warn(f"hpt: {name}: classes share the zero-shot names {clashes[:5]}: of each, only the first can be "
+                      "predicted", stacklevel=2)
+    return names
 
 
 def _classnames_of(name, dataset):
     if name == "pcam":
         return list(PCAM_CLASSES)
     if name == "imagenet":
-        return [refine_classname(c[0] if isinstance(c, (tuple, list)) else c) for c in dataset.classes]
+        return wordnet_classnames(name, dataset.wnids, [c if isinstance(c, (tuple, list)) else (c,)
+                                                        for c in dataset.classes])
     names = getattr(dataset, "classes", None) or getattr(dataset, "categories", None)
     if not names:
         raise ValueError(f"hpt: {name}: the dataset has no class names (classes/categories) for its zero-shot head")
@@ -141,7 +177,9 @@ def tinyimagenet(root: str, transform=None, split: str = "train") -> ZeroShotSet
     if split not in TINYIMAGENET_SPLITS:
         raise ValueError(f"hpt: TinyImageNet split must be one of {TINYIMAGENET_SPLITS}, got {split!r} (its test "
                          "split has no labels)")
-    base = root if os.path.isdir(os.path.join(root, "train")) else os.path.join(root, "tiny-imagenet-200")
+    # root may be the unpacked folder itself or hold it beside other sets (ImageNet's train/ among them)
+    nested = os.path.join(root, "tiny-imagenet-200")
+    base = nested if os.path.isdir(nested) or not os.path.isfile(os.path.join(root, "words.txt")) else root
     train, words = os.path.join(base, "train"), os.path.join(base, "words.txt")
     if not (os.path.isdir(train) and os.path.isfile(words)):
         raise FileNotFoundError(f"hpt: TinyImageNet not found under {root!r}: expected "
@@ -150,7 +188,7 @@ def tinyimagenet(root: str, transform=None, split: str = "train") -> ZeroShotSet
     with open(words) as f:
         names = dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
     if split == "train":
-        dataset = ImageFolder(train, transform=transform)
+        dataset = ImageFolder(train, transform=transform, loader=_rgb_loader)
     else:
         classes, index = find_classes(train)  # the training split's order: a run's head scores both alike
         annotations = os.path.join(base, "val", "val_annotations.txt")
@@ -164,13 +202,35 @@ def tinyimagenet(root: str, transform=None, split: str = "train") -> ZeroShotSet
         if unknown:
             raise ValueError(f"hpt: {annotations} labels images with class(es) {unknown[:3]} that {train} has no "
                              "folder for; are train/ and val/ from the same tiny-imagenet-200?")
-        samples = [(os.path.join(base, "val", "images", row[0]), index[row[1]]) for row in rows]
-        dataset = ListedImages(samples, classes, transform)
+        dataset = ListedImages(_tinyimagenet_val_samples(base, rows, index), classes, transform)
     missing = [w for w in dataset.classes if w not in names]
     if missing:
         raise ValueError(f"hpt: {words} has no name for class folder(s) {missing[:3]}; is it TinyImageNet's words.txt?")
-    return ZeroShotSet("tinyimagenet" if split == "train" else "tinyimagenet:val", dataset,
-                       [refine_classname(names[w].split(",")[0]) for w in dataset.classes])
+    return ZeroShotSet("tinyimagenet" if split == "train" else "tinyimagenet:val", dataset, wordnet_classnames(
+        "tinyimagenet", dataset.classes, [names[w].split(", ") for w in dataset.classes]))
+
+
+def _tinyimagenet_val_samples(base, rows, index):
+    """(path, label) of the annotated val images, as unpacked (val/images/) or sorted into class folders by the
+    widely used script (val/<wnid>/images/ or val/<wnid>/); every file checked now, not at the first evaluation."""
+    val = os.path.join(base, "val")
+    layouts = [lambda file, wnid: os.path.join(val, "images", file),
+               lambda file, wnid: os.path.join(val, wnid, "images", file),
+               lambda file, wnid: os.path.join(val, wnid, file)]
+    file, wnid = rows[0][0], rows[0][1]
+    where = next((layout for layout in layouts if os.path.isfile(layout(file, wnid))), layouts[0])
+    samples = [(where(row[0], row[1]), index[row[1]]) for row in rows]
+    missing = [path for path, _ in samples if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"hpt: TinyImageNet's val split: {len(missing)} of the {len(samples)} images that "
+                                f"val_annotations.txt lists are missing, e.g. {missing[0]!r} (expected "
+                                f"{val}/images/<file>, or {val}/<wnid>/images/<file> or {val}/<wnid>/<file> when "
+                                "sorted into class folders)")
+    return samples
+
+
+def _rgb_loader(path):
+    return pil_loader(path, "RGB")  # an unreadable file: one line naming it, as in DART's image lists
 
 
 def check_class_folders(name: str, classes) -> None:
@@ -205,7 +265,7 @@ def open_dataset(name: str, root: str = "", image_size: int = 224, world=None) -
         path = os.path.expanduser(name[len("folder:"):])
         if not os.path.isdir(path):
             raise FileNotFoundError(f"hpt: {name}: folder {path!r} not found (expected {path}/<class>/<image>)")
-        dataset = ImageFolder(path, transform=transform)
+        dataset = ImageFolder(path, transform=transform, loader=_rgb_loader)
         check_class_folders(name, dataset.classes)
         return ZeroShotSet(name, dataset, distinct_classnames(name, dataset.classes, "class folders"))
     if name in ("tinyimagenet", "tinyimagenet:val"):  # an evaluation set: the labelled held-out split
@@ -235,6 +295,11 @@ def open_dataset(name: str, root: str = "", image_size: int = 224, world=None) -
         # torchvision says "Dataset not found or corrupted. You can use download=True": say where it looked instead
         # (and keep its own words only when they say something else).
         detail = "" if "download=True" in str(err) else f": {err}"
+        folder = os.path.join(root, layout.split("/")[0])
+        if detail == "" and "corrupted" in str(err) and os.path.isdir(folder):
+            raise FileNotFoundError(f"hpt: {name}: {folder} is there, but torchvision found it incomplete or corrupted "
+                                    "(its checksums or file list do not match: a partial download or extraction, or "
+                                    "another release); extract the official archive again") from err
         raise FileNotFoundError(f"hpt: {name} not found under {root!r} (expected {os.path.join(root, layout)}, the "
                                 f"layout torchvision's download creates; nothing is downloaded here){detail}") from err
     return ZeroShotSet(name, dataset, _classnames_of(name, dataset))

@@ -5,6 +5,7 @@ and the errors for unreadable or foreign checkpoints and datasets."""
 import json
 import os
 import sys
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -98,6 +99,8 @@ def _fake_run(world, folder, **config):
 
 
 def test_hpt_eval_uses_each_runs_own_head_unless_a_flag_is_given(fake_world, tmp_path, capsys):
+    """Each run with its training-time head; the plain --target CLIP with the head its runs share (scored with the
+    default cosine head beside runs trained with CLIP logits, its PGD accuracy moved by points: another attack)."""
     from urda_fast.hpt.evaluate import zero_shot_robustness
     from urda_fast.hpt.report import evaluate_models
 
@@ -108,10 +111,12 @@ def test_hpt_eval_uses_each_runs_own_head_unless_a_flag_is_given(fake_world, tmp
     assert main(["hpt", "eval", run, "--target", fake_world.model_arg("target"), "--out", str(tmp_path / "r")]
                 + common) == 0
     rows = json.loads((tmp_path / "r" / "report.json").read_text())["rows"]
-    assert rows[0]["head"] == {"logits": "cosine", "preprocess": "imagenet", "templates": "This is a photo of a {}",
-                               "from": dict.fromkeys(("logits", "preprocess", "templates"), "default")}
+    assert rows[0]["head"] == {**trained, "from": dict.fromkeys(("logits", "preprocess", "templates"), "runs")}
     assert rows[1]["head"] == {**trained, "from": dict.fromkeys(("logits", "preprocess", "templates"), "run")}
-    assert "tecoa: logits 'clip' (run's), preprocess 'clip' (run's)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tecoa: logits 'clip' (run's), preprocess 'clip' (run's)" in out
+    assert "zero-shot: logits 'clip' (the runs')" in out
+    assert "averages over these 1 set\n" in out and "--datasets paper" not in out  # world sets: no papers' note
     # the numbers are those of the run's head
     clip, tokenizer = load_clip("urda-tiny-vit", run)
     zs = open_dataset("world:digits", world=fake_world)
@@ -125,6 +130,22 @@ def test_hpt_eval_uses_each_runs_own_head_unless_a_flag_is_given(fake_world, tmp
                                         batch_size=16, max_batches=1, device="cpu", progress=False), fake_world)
     head = report["rows"][0]["head"]
     assert head["preprocess"] == "imagenet" and head["from"]["preprocess"] == "flag" and head["logits"] == "clip"
+
+
+def test_hpt_eval_warns_when_its_rows_have_different_heads(fake_world, tmp_path):
+    from urda_fast.hpt.report import report_heads
+
+    first = _fake_run(fake_world, tmp_path / "a", logits="clip", preprocess="imagenet")
+    second = _fake_run(fake_world, tmp_path / "b", logits="cosine", preprocess="imagenet")
+    plain = fake_world.model_arg("target")
+    with pytest.warns(UserWarning, match="different zero-shot logits .*give --logits to score every row alike"):
+        heads = report_heads(EvalConfig(), [plain, f"urda-tiny-vit:{first}", f"urda-tiny-vit:{second}"])
+    assert [h["logits"] for h in heads] == ["cosine", "clip", "cosine"]  # the runs disagree: the default
+    assert heads[0]["from"] == {"logits": "default", "preprocess": "runs", "templates": "default"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        heads = report_heads(EvalConfig(logits="clip"), [plain, f"urda-tiny-vit:{first}", f"urda-tiny-vit:{second}"])
+    assert {h["logits"] for h in heads} == {"clip"}
 
 
 # ------------------------------------------------------------------------------------------------ finding 4

@@ -12,6 +12,7 @@ settings unless ``EvalConfig`` gives one).
 from __future__ import annotations
 
 import os
+import warnings
 
 from urda_fast.config import check_ranges
 from urda_fast.data import eval_loader
@@ -54,11 +55,12 @@ def run_config(path: str) -> dict | None:
     return None
 
 
-def head_settings(cfg: EvalConfig, model_arg: str) -> dict:
+def head_settings(cfg: EvalConfig, model_arg: str, shared: dict | None = None) -> dict:
     """The zero-shot head to evaluate ``model_arg`` with: each of ``HEAD_SETTINGS`` from ``cfg`` when given (not
-    None), else the run's own (an ``hpt train`` checkpoint's config), else ``ModelsConfig``'s default; "from" says
-    which."""
+    None), else the run's own (an ``hpt train`` checkpoint's config), else ``shared`` (what the report's runs agree
+    on: a plain CLIP in their table is scored as they are), else ``ModelsConfig``'s default; "from" says which."""
     saved = run_config(parse_model_arg(model_arg, "target")[1]) or {}
+    shared = shared or {}
     head = {"from": {}}
     for key in HEAD_SETTINGS:
         given = getattr(cfg, key, None)
@@ -66,9 +68,29 @@ def head_settings(cfg: EvalConfig, model_arg: str) -> dict:
             head[key], head["from"][key] = given, "flag"
         elif saved.get(key) is not None:
             head[key], head["from"][key] = saved[key], "run"
+        elif key in shared:
+            head[key], head["from"][key] = shared[key], "runs"
         else:
             head[key], head["from"][key] = getattr(ModelsConfig, key), "default"
     return head
+
+
+def report_heads(cfg: EvalConfig, model_args) -> list:
+    """``head_settings`` of each model of one report, plain CLIPs taking the settings its runs share. Rows whose
+    heads still differ (runs trained with other logits, say) get a warning: PGD's strength depends on the head, so
+    their robust accuracies are not comparable."""
+    own = [head_settings(cfg, arg) for arg in model_args]
+    runs = [head for head in own if "run" in head["from"].values()]
+    shared = {key: runs[0][key] for key in HEAD_SETTINGS
+              if runs and all(head["from"][key] == "run" and head[key] == runs[0][key] for head in runs)}
+    heads = [head_settings(cfg, arg, shared) for arg in model_args]
+    differ = [key for key in HEAD_SETTINGS if len({repr(head[key]) for head in heads}) > 1]
+    if differ:
+        warnings.warn(f"hpt eval: the rows are evaluated with different zero-shot {' and '.join(differ)} (their "
+                      "runs' own): attacks through different heads differ in strength, so the rows' robust "
+                      f"accuracies are not comparable; give {' '.join('--' + key for key in differ)} to score every "
+                      "row alike", stacklevel=2)
+    return heads
 
 
 def check_eval_numbers(cfg: EvalConfig | ProxyCheckConfig, who: str) -> None:
@@ -81,7 +103,8 @@ def check_eval_numbers(cfg: EvalConfig | ProxyCheckConfig, who: str) -> None:
 
 def evaluate_models(models, cfg: EvalConfig, world=None) -> dict:
     """Evaluate each (label, "ARCH:CHECKPOINT") on ``cfg.datasets`` with ``cfg.attack`` at ``cfg.eps``, each with
-    its own zero-shot head (``head_settings``: a run's logits, preprocess and templates unless ``cfg`` sets them)."""
+    its own zero-shot head (``report_heads``: a run's logits, preprocess and templates unless ``cfg`` sets them; a
+    plain CLIP takes what the runs share)."""
     if not models:
         raise ValueError("hpt eval: nothing to evaluate; give run folders and/or --target ARCH:CHECKPOINT")
     check_eval_numbers(cfg, "hpt eval")
@@ -92,8 +115,7 @@ def evaluate_models(models, cfg: EvalConfig, world=None) -> dict:
         for zs in sets:
             zs.dataset = subset(zs.dataset, cfg.max_batches * cfg.batch_size, cfg.seed)
     rows = []
-    for label, arg in models:
-        head = head_settings(cfg, arg)
+    for (label, arg), head in zip(models, report_heads(cfg, [arg for _, arg in models])):
         clip, tokenizer, _ = load_clip_arg(arg, "target", pick_device(cfg.device))
         result = zero_shot_robustness(clip, tokenizer, sets, attack=cfg.attack, eps=cfg.eps, alpha=cfg.alpha,
                                       batch_size=cfg.batch_size, templates=parse_templates(head["templates"]),
@@ -127,15 +149,18 @@ def proxy_check(cfg: ProxyCheckConfig, world=None) -> dict:
 def to_markdown(report: dict) -> str:
     names = report["datasets"]
     head = "| method | " + " | ".join(f"{n} clean / robust" for n in names) + " | average clean | average robust |"
-    lines = [f"Zero-shot accuracy (%), clean and under {report['attack']} at eps {report['eps'] * 255:.3g}/255", "",
-             head, "|---|" + "---:|" * (len(names) + 2)]
+    scope = f"averages over these {len(names)} set{'s' * (len(names) != 1)}"
+    if set(names) != set(PAPER_DATASETS) and not all(n.startswith(("world:", "folder:")) for n in names):
+        scope += " (the papers' averages are over the 15 of --datasets paper)"
+    lines = [f"Zero-shot accuracy (%), clean and under {report['attack']} at eps {report['eps'] * 255:.3g}/255; "
+             f"{scope}", "", head, "|---|" + "---:|" * (len(names) + 2)]
     for row in report["rows"]:
         cells = [f"{row['per_dataset'][n]['clean']:.1f} / {_fmt(row['per_dataset'][n].get('robust'))}" for n in names]
         lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {row['clean']:.2f} | {_fmt(row['robust'])} |")
     heads = [row for row in report["rows"] if "head" in row]
     if heads:
-        lines += ["", "Zero-shot heads (logits, preprocessing, templates; the run's own unless a flag or the default "
-                      "set it):"]
+        lines += ["", "Zero-shot heads (logits, preprocessing, templates; the run's own unless a flag set it; a plain "
+                      "CLIP takes what the runs share, else the default):"]
         for row in heads:
             head = row["head"]
             lines.append(f"- {row['method']}: " + ", ".join(
@@ -150,7 +175,7 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-_SOURCE = {"run": "run's", "flag": "--{flag}", "default": "default"}
+_SOURCE = {"run": "run's", "runs": "the runs'", "flag": "--{flag}", "default": "default"}
 
 
 def _fmt(value) -> str:

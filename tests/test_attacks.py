@@ -393,6 +393,16 @@ def test_non_finite_loss_is_a_clear_error(digits):
         PGD(nan_model, eps=EPS, alpha=0.02, steps=3)(x[:8], y[:8])
 
 
+def test_inference_mode_is_named_and_no_grad_is_fine(digits):
+    model, x, y = digits
+    attack = PGD(model, eps=EPS, alpha=0.02, steps=2, random_start=False)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"torch\.inference_mode\(\)"):
+        attack(x[:8], y[:8])
+    with torch.no_grad():
+        inside = attack(x[:8], y[:8])
+    assert torch.equal(inside, attack(x[:8], y[:8])) and (inside != x[:8]).any()
+
+
 class _NanGradientAt(torch.autograd.Function):
     """Identity forward; a NaN input gradient for sample 0 in backward (finite logits and loss throughout)."""
 

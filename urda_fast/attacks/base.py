@@ -229,6 +229,9 @@ class Attack:
         ``labels`` are the true classes (untargeted) or the targets (``targeted=True``); ``soft_targets`` are the
         teacher logits for ``loss="kl"``. ``generator`` overrides ``seed`` for the random start.
         """
+        if torch.is_inference_mode_enabled():  # torch.enable_grad() cannot lift it: no input gradient could exist
+            raise RuntimeError("urda_fast.attacks: called under torch.inference_mode(), where no input gradient can "
+                               "be taken; call the attack outside it (under torch.no_grad() it works)")
         self._check(images, labels, soft_targets)
         if generator is not None and (not isinstance(generator, torch.Generator)
                                       or generator.device.type != images.device.type):

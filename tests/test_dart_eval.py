@@ -2,6 +2,7 @@
 is asked for, and gives the figures that evaluating each budget on its own gives."""
 
 import dataclasses
+import os
 from collections import Counter
 
 import pytest
@@ -103,3 +104,66 @@ def test_autoattack_is_one_of_the_attacks(checkpoint, monkeypatch):
     monkeypatch.setattr(report_module, "autoattack_backend", lambda: None)
     with pytest.raises(ImportError, match="pip install"):
         evaluate_runs([path], attacks=("clean", "autoattack"), device="cpu", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ dart summary
+def _report(folder, task, rows):
+    import json
+
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps({"data": task, "eps": [8 / 255], "rows": rows}))
+    return str(folder)
+
+
+def test_summary_averages_each_method_over_the_tasks(tmp_path):
+    from urda_fast.dart.summary import summarize, to_markdown
+
+    a2w = _report(tmp_path / "a2w", "Office31 A->W", [
+        {"method": "dann", "run": "x", "clean": 80.0, "pgd20@0.03137": 10.0, "fgsm@0.03137": 30.0},
+        {"method": "dart", "run": "y", "clean": 78.0, "pgd20@0.03137": 40.0, "fgsm@0.03137": 50.0}])
+    d2w = _report(tmp_path / "d2w", "Office31 D->W", [
+        {"method": "dann", "run": "x", "clean": 96.0, "pgd20@0.03137": 20.0},
+        {"method": "dart", "run": "y", "clean": 95.0, "pgd20@0.03137": 61.0},
+        {"method": "cdan", "run": "z", "clean": 97.0, "pgd20@0.03137": 5.0}])
+    summary = summarize([a2w, d2w + "/report.json"], out=str(tmp_path / "out"))
+    assert summary["tasks"] == ["Office31 A->W", "Office31 D->W"] and summary["keys"] == ["clean", "pgd20@0.03137"]
+    assert summary["dropped"] == ["fgsm@0.03137"]
+    means = {row["method"]: row["mean"] for row in summary["rows"]}
+    assert means == {"dann": {"clean": 88.0, "pgd20@0.03137": 15.0}, "dart": {"clean": 86.5, "pgd20@0.03137": 50.5},
+                     "cdan": None}  # cdan ran on one task only: no mean over two
+    text = to_markdown(summary)
+    assert "| dart | 86.50 | 50.50 |" in text and "| cdan | - | - |" in text and "| 97.00 / 5.00 |" in text
+    assert (tmp_path / "out" / "summary.md").read_text() == text
+
+
+def test_summary_refuses_what_would_not_pair_up(tmp_path):
+    from urda_fast.dart.summary import summarize
+
+    row = {"method": "uda", "run": "x", "clean": 80.0}
+    twice = _report(tmp_path / "twice", "A->W", [row, {**row, "run": "z"}])
+    with pytest.raises(ValueError, match=r"several rows labelled \['uda'\].*--label RUN=NAME"):
+        summarize([twice])
+    one = _report(tmp_path / "one", "A->W", [row])
+    with pytest.raises(ValueError, match="a task is given twice"):
+        summarize([one, one])
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a `dart eval` report"):
+        summarize([str(tmp_path / "junk.json")])
+    with pytest.raises(FileNotFoundError, match="nowhere' not found; give `dart eval --out` folders"):
+        summarize([str(tmp_path / "nowhere")])
+
+
+def test_eval_labels_its_rows_and_the_summary_reads_the_cli_report(checkpoint, tmp_path, capsys):
+    from urda_fast.cli import main
+
+    path, _ = checkpoint
+    common = ["--attacks", "clean,pgd2", "--device", "cpu", "--batch-size", "32", "--max-batches", "1",
+              "--num-workers", "0"]
+    folder = os.path.dirname(path)
+    assert main(["dart", "eval", path, folder, "--label", f"{path}=dann", "--label", f"{folder}=again",
+                 "--out", str(tmp_path / "r")] + common) == 0
+    assert main(["dart", "summary", str(tmp_path / "r"), "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "mean over 1 task" in out and "| dann |" in out and "| again |" in out
+    with pytest.raises(SystemExit, match="--label 'elsewhere=x' names 'elsewhere', which is not one of the runs"):
+        main(["dart", "eval", path, "--label", "elsewhere=x"] + common)

@@ -138,16 +138,34 @@ def cmd_dart(args) -> int:
     elif args.dart_command == "robustify":
         cfg = _load_config(args, dart.RobustifyConfig)
         print(json.dumps(dart.robustify(cfg)["best"]))
+    elif args.dart_command == "summary":
+        from urda_fast.dart.summary import summarize, to_markdown
+
+        print(to_markdown(summarize(args.reports, out=args.out)))
     else:
         data_flags = {k: getattr(args, k) for k in ("data", "root", "source", "target")}
         report = dart.evaluate_runs(args.runs, attacks=tuple(args.attacks.split(",")),
-                                    eps=args.eps, data_flags=data_flags,
+                                    eps=args.eps, data_flags=data_flags, labels=_run_labels(args.label, args.runs),
                                     out=args.out, device=args.device, batch_size=args.batch_size,
                                     num_workers=args.num_workers, max_batches=args.max_batches)
         from urda_fast.dart.report import to_markdown
 
         print(to_markdown(report))
     return 0
+
+
+def _run_labels(given, runs) -> dict:
+    """`--label RUN=NAME` flags as {run: name}; RUN must be one of the runs as given."""
+    labels = {}
+    for item in given or ():
+        run, sep, name = item.rpartition("=")
+        if not sep or not run or not name.strip():
+            raise ValueError(f"dart eval: --label takes RUN=NAME (e.g. runs/A2W-cdan=cdan), got {item!r}")
+        if run not in runs:
+            raise ValueError(f"dart eval: --label {item!r} names {run!r}, which is not one of the runs given "
+                             f"({', '.join(runs)}); write it as on the command line")
+        labels[run] = name.strip()
+    return labels
 
 
 def _add_dart(sub) -> None:
@@ -184,6 +202,11 @@ def _add_dart(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--num-workers", type=int, default=4, help="image-decoding processes (none for in-memory data)")
     ev.add_argument("--max-batches", type=int, default=0, help="evaluate only the first N batches (0 = all)")
+    ev.add_argument("--label", action="append", metavar="RUN=NAME",
+                    help="the row's name for RUN (default: source-only / uda / uda+vat / dart); repeatable")
+    summary = commands.add_parser("summary", help="per task and mean over tasks, from `dart eval` reports")
+    summary.add_argument("reports", nargs="+", help="`dart eval --out` folders or their report.json, one per task")
+    summary.add_argument("--out", default=None, help="folder for summary.md/json")
 
 
 def cmd_hpt(args) -> int:

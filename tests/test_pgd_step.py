@@ -63,19 +63,26 @@ def test_pgd_step_matches_reference(backend, shape, dtype, norm):
 
 
 @pytest.mark.skipif("cpu" not in ops.available_backends(), reason="the CPU extension is not built")
-@pytest.mark.parametrize("shape", [(5, 3, 32, 32), (3, 3, 100, 100)], ids=["cached_samples", "large_samples"])
+@pytest.mark.parametrize("shape", [(5, 3, 32, 32), (3, 3, 100, 100), (9, 3, 100, 100)],
+                         ids=["cached_samples", "large_samples", "many_large_samples"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_l2_both_paths(shape, dtype):
     """The CPU kernel reduces and steps a sample in one visit when its three tensors fit in 256 KiB (CIFAR-sized
-    images), and in two passes over the batch otherwise (3x100x100 float32 is 360 KiB): both match the reference."""
+    images) or the batch holds 4 samples per thread, and in two passes over the batch otherwise (3 samples of
+    3x100x100 float32, 360 KiB each, on 2 threads): all match the reference."""
     x_adv, grad, x_orig = make_batch(shape, dtype, "cpu")
-    for label, kwargs in param_sets(shape):
-        kwargs = dict(kwargs, eps=kwargs["eps"] * 20 if isinstance(kwargs["eps"], torch.Tensor) else 0.3)
-        out = ops.pgd_step(x_adv, grad, x_orig, norm="l2", backend="cpu", **kwargs)
-        assert_close(out, expected(x_adv, grad, x_orig, "l2", kwargs), dtype, f"l2 {label}")
-        inplace = x_adv.clone()
-        ops.pgd_step_(inplace, grad, x_orig, norm="l2", backend="cpu", **kwargs)
-        torch.testing.assert_close(inplace, out, atol=0, rtol=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the path depends on the thread count
+    try:
+        for label, kwargs in param_sets(shape):
+            kwargs = dict(kwargs, eps=kwargs["eps"] * 20 if isinstance(kwargs["eps"], torch.Tensor) else 0.3)
+            out = ops.pgd_step(x_adv, grad, x_orig, norm="l2", backend="cpu", **kwargs)
+            assert_close(out, expected(x_adv, grad, x_orig, "l2", kwargs), dtype, f"l2 {label}")
+            inplace = x_adv.clone()
+            ops.pgd_step_(inplace, grad, x_orig, norm="l2", backend="cpu", **kwargs)
+            torch.testing.assert_close(inplace, out, atol=0, rtol=0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("shape", [(3, 3, 9, 11), (2, 1, 40, 33)], ids=["small", "planes_of_1320"])

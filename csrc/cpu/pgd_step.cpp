@@ -1,5 +1,5 @@
-// PGD step on CPU: one fused pass for L-inf; for L2 a reduction and a fused step per sample, back to back for samples
-// that fit in cache, else as two passes over the batch.
+// PGD step on CPU: one fused pass for L-inf; for L2 a reduction and a fused step per sample, back to back when the
+// samples fit in cache or are enough to share out among the threads, else as two passes over the batch.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -18,8 +18,12 @@ namespace {
 // Elements per parallel task: large enough to amortise the task, small enough to balance two cores.
 constexpr int64_t kGrainElems = 1 << 15;
 constexpr double kNormFloor = 1e-12;
-// L2 samples whose three input tensors fit this (within a core's L2 cache) are reduced and stepped in one visit.
+// L2 samples whose three input tensors fit this (within a core's L2 cache) are reduced and stepped in one visit; so
+// are larger ones when the batch has kSamplesPerThread per thread, the step then reading each from L2 or L3 instead
+// of memory (64x3x224x224 float32 in place: 7.2 -> 6.1 ms on this project's 2-core machine). Fewer samples than that
+// would leave threads idle or unequally loaded: they are shared out by planes, in two passes over the batch.
 constexpr int64_t kCachedSampleBytes = 256 << 10;
+constexpr int64_t kSamplesPerThread = 4;
 
 template <typename scalar_t, typename acc_t>
 struct PlaneArgs {
@@ -97,9 +101,10 @@ void pgd_step_kernel(const at::Tensor& x_adv, const at::Tensor& grad, const at::
     scale = static_cast<acc_t>(st);
     factor = static_cast<acc_t>(std::min(1.0, static_cast<double>(budgets[b]) / std::max(std::sqrt(dn2), kNormFloor)));
   };
-  if (norm == PgdNorm::L2 && 3 * sample * static_cast<int64_t>(sizeof(scalar_t)) <= kCachedSampleBytes) {
-    // Small samples (CIFAR-sized images): reduce and step one sample at a time, so the step reads the three tensors
-    // from cache instead of a second time from memory.
+  const bool cached_sample = 3 * sample * static_cast<int64_t>(sizeof(scalar_t)) <= kCachedSampleBytes;
+  if (norm == PgdNorm::L2 && (cached_sample || s.batch >= kSamplesPerThread * at::get_num_threads())) {
+    // Reduce and step one sample at a time, so the step reads the three tensors from cache instead of a second time
+    // from memory.
     at::parallel_for(0, s.batch, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(sample, 1)),
                      [&](int64_t begin, int64_t end) {
                        for (int64_t b = begin; b < end; ++b) {

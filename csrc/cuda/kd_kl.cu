@@ -77,60 +77,6 @@ constexpr int max_row_threads() {
   return sizeof(scalar_t) == 8 ? 512 : cuda_utils::kMaxThreads;
 }
 
-// blockDim.x: a multiple of 32, at most max_row_threads. Row r spans packs [r * packs, (r + 1) * packs).
-template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(max_row_threads<scalar_t>(), 1)
-    kd_kl_forward_kernel(const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher,
-                         acc_t<scalar_t>* __restrict__ kl, acc_t<scalar_t>* __restrict__ stats, int64_t packs,
-                         acc_t<scalar_t> inv_t) {
-  using acc = acc_t<scalar_t>;
-  using P = Pack<scalar_t, VEC>;
-  __shared__ Vals<acc, 4> shared_softmax[cuda_utils::kMaxWarps];
-  __shared__ Vals<acc, 1> shared_kl[cuda_utils::kMaxWarps];
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * packs;
-  const int64_t row_end = row_begin + packs;
-
-  // Pass 1: [max_t, sum_t, max_s, sum_s]; (-inf, 0) is the identity of the merge.
-  Vals<acc, 4> st = {{-INFINITY, acc(0), -INFINITY, acc(0)}};
-  for (int64_t p = row_begin + threadIdx.x; p < row_end; p += blockDim.x) {
-    const P tv = cuda_utils::load_pack<VEC>(teacher, p);
-    const P sv = cuda_utils::load_pack<VEC>(student, p);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      online_add(st.v[0], st.v[1], static_cast<acc>(tv.v[j]), inv_t);
-      online_add(st.v[2], st.v[3], static_cast<acc>(sv.v[j]), inv_t);
-    }
-  }
-  const Vals<acc, 4> identity = {{-INFINITY, acc(0), -INFINITY, acc(0)}};
-  st = cuda_utils::block_allreduce(st, SoftmaxMerge<acc>{inv_t}, identity, shared_softmax);
-  const acc max_t = st.v[0], log_sum_t = cuda_utils::dev_log(st.v[1]);
-  const acc max_s = st.v[2], log_sum_s = cuda_utils::dev_log(st.v[3]);
-
-  // Pass 2: kl = sum over p_j > 0 of p_j (log p_j - log q_j).
-  Vals<acc, 1> kl_sum = {{acc(0)}};
-  for (int64_t p = row_begin + threadIdx.x; p < row_end; p += blockDim.x) {
-    const P tv = cuda_utils::load_pack<VEC>(teacher, p);
-    const P sv = cuda_utils::load_pack<VEC>(student, p);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const acc log_p = (static_cast<acc>(tv.v[j]) - max_t) * inv_t - log_sum_t;
-      const acc log_q = (static_cast<acc>(sv.v[j]) - max_s) * inv_t - log_sum_s;
-      const acc prob_p = cuda_utils::dev_exp(log_p);
-      // p_j == 0 (teacher masked with -inf, or underflow) contributes 0, never 0 * (-inf - x) = NaN.
-      if (!(prob_p <= acc(0))) kl_sum.v[0] += prob_p * (log_p - log_q);  // a NaN p keeps its NaN
-    }
-  }
-  kl_sum = cuda_utils::block_sum(kl_sum, shared_kl);
-  if (threadIdx.x == 0) {
-    kl[blockIdx.x] = kl_sum.v[0];
-    acc* row_stats = stats + 4 * static_cast<int64_t>(blockIdx.x);
-    row_stats[0] = max_t;
-    row_stats[1] = log_sum_t;
-    row_stats[2] = max_s;
-    row_stats[3] = log_sum_s;
-  }
-}
-
 // d_student / d_teacher are nullptr when not requested (not both).
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(max_row_threads<scalar_t>(), 1)
@@ -161,11 +107,13 @@ __global__ void __launch_bounds__(max_row_threads<scalar_t>(), 1)
   }
 }
 
-// kd_kl_forward_with_grad: the forward's two passes, the second also writing d_student = (q - p) / T, and, when asked
-// for, a third writing d_teacher = p (log p - log q - kl) / T (the row's kl is known only after the second). Each is
-// rounded, then times row_scale[row] when given (scaled_gradient). With CACHED > 0 each thread keeps its (at
-// most CACHED) packs of both rows in registers from the first pass, so the logits are read from memory once; the
-// host picks it for rows of up to CACHED * kCachedThreads packs, and CACHED == 0 (longer rows) reads them again.
+// The forward, one block per row: pass 1 the row's softmax statistics, pass 2 its kl terms and, for
+// kd_kl_forward_with_grad, d_student = (q - p) / T, a pass 3 d_teacher = p (log p - log q - kl) / T (the row's kl is
+// known only after pass 2); null gradient pointers skip them (kd_kl_forward). Each gradient is rounded, then times
+// row_scale[row] when given (scaled_gradient). With CACHED > 0 each thread keeps its (at most CACHED) packs of both
+// rows in registers from pass 1, so the logits are read from memory once; the host picks it for rows of up to
+// CACHED * kCachedThreads packs, and CACHED == 0 (longer rows, and kd_kl_forward) reads them again.
+// blockDim.x: a multiple of 32, at most the launch bound. Row r spans packs [r * packs, (r + 1) * packs).
 constexpr int kCached = 4, kCachedThreads = 512;
 
 // The gradient rounded to the logits' dtype, then times the row's scale and rounded again: bit for bit what
@@ -191,7 +139,7 @@ __device__ __forceinline__ void for_row_packs(int64_t row_begin, int64_t row_end
 
 template <typename scalar_t, int VEC, int CACHED>
 __global__ void __launch_bounds__(CACHED > 0 ? kCachedThreads : max_row_threads<scalar_t>(), 1)
-    kd_kl_forward_with_grad_kernel(const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher,
+    kd_kl_forward_kernel(const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher,
                                    acc_t<scalar_t>* __restrict__ kl, acc_t<scalar_t>* __restrict__ stats,
                                    scalar_t* __restrict__ d_student, scalar_t* __restrict__ d_teacher,
                                    const acc_t<scalar_t>* __restrict__ row_scale, int64_t packs,
@@ -213,7 +161,7 @@ __global__ void __launch_bounds__(CACHED > 0 ? kCachedThreads : max_row_threads<
     }
   };
 
-  // Pass 1, as the forward's.
+  // Pass 1: [max_t, sum_t, max_s, sum_s]; (-inf, 0) is the identity of the merge.
   Vals<acc, 4> st = {{-INFINITY, acc(0), -INFINITY, acc(0)}};
   for_row_packs<CACHED>(row_begin, row_end, [&](int slot, int64_t p) {
     const P tv = cuda_utils::load_pack<VEC>(teacher, p);
@@ -234,7 +182,8 @@ __global__ void __launch_bounds__(CACHED > 0 ? kCachedThreads : max_row_threads<
   const acc max_s = st.v[2], log_sum_s = cuda_utils::dev_log(st.v[3]);
   const acc scale = row_scale != nullptr ? row_scale[blockIdx.x] : acc(1);
 
-  // Pass 2: the kl terms, and d_student. Equal rows give equal log p and log q, so exactly zero gradients.
+  // Pass 2: kl = sum over p_j > 0 of p_j (log p_j - log q_j), and d_student. Equal rows give equal log p and log q,
+  // so exactly zero gradients.
   Vals<acc, 1> kl_sum = {{acc(0)}};
   for_row_packs<CACHED>(row_begin, row_end, [&](int slot, int64_t p) {
     P tv, sv, ds;
@@ -244,9 +193,11 @@ __global__ void __launch_bounds__(CACHED > 0 ? kCachedThreads : max_row_threads<
       const acc log_p = (static_cast<acc>(tv.v[j]) - max_t) * inv_t - log_sum_t;
       const acc log_q = (static_cast<acc>(sv.v[j]) - max_s) * inv_t - log_sum_s;
       const acc prob_p = cuda_utils::dev_exp(log_p);
+      // p_j == 0 (teacher masked with -inf, or underflow) contributes 0, never 0 * (-inf - x) = NaN.
       if (!(prob_p <= acc(0))) kl_sum.v[0] += prob_p * (log_p - log_q);  // a NaN p keeps its NaN
-      const acc grad = (cuda_utils::dev_exp(log_q) - prob_p) * inv_t;
-      ds.v[j] = scaled_gradient<scalar_t>(grad, scale);
+      if (d_student != nullptr) {
+        ds.v[j] = scaled_gradient<scalar_t>((cuda_utils::dev_exp(log_q) - prob_p) * inv_t, scale);
+      }
     }
     if (d_student != nullptr) cuda_utils::store_pack<VEC>(d_student, p, ds);
   });
@@ -326,9 +277,9 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_forward_cuda(const at::Tensor& student,
     const auto stream = at::cuda::getCurrentCUDAStream();
     const acc inv_t = static_cast<acc>(1.0 / temperature);
     cuda_utils::dispatch_vec<cuda_utils::max_vec<scalar_t>()>(l.vectorise, [&](auto vec) {
-      kd_kl_forward_kernel<scalar_t, decltype(vec)::value><<<l.grid, l.threads, 0, stream>>>(
+      kd_kl_forward_kernel<scalar_t, decltype(vec)::value, 0><<<l.grid, l.threads, 0, stream>>>(
           student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), kl.data_ptr<acc>(),
-          stats.data_ptr<acc>(), l.packs, inv_t);
+          stats.data_ptr<acc>(), nullptr, nullptr, nullptr, l.packs, inv_t);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -375,8 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_forward_with_gr
     const acc* scale_ptr = scaled ? row_scale->const_data_ptr<acc>() : nullptr;
     cuda_utils::dispatch_vec<cuda_utils::max_vec<scalar_t>()>(l.vectorise, [&](auto vec) {
       constexpr int V = decltype(vec)::value;
-      auto kernel = cached ? kd_kl_forward_with_grad_kernel<scalar_t, V, kCached>
-                           : kd_kl_forward_with_grad_kernel<scalar_t, V, 0>;
+      auto kernel = cached ? kd_kl_forward_kernel<scalar_t, V, kCached> : kd_kl_forward_kernel<scalar_t, V, 0>;
       kernel<<<l.grid, l.threads, 0, stream>>>(student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(),
                                                kl.data_ptr<acc>(), stats.data_ptr<acc>(), ds_ptr, dt_ptr, scale_ptr,
                                                l.packs, inv_t);

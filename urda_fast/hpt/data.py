@@ -207,7 +207,7 @@ def tinyimagenet(root: str, transform=None, split: str = "train") -> ZeroShotSet
     if missing:
         raise ValueError(f"hpt: {words} has no name for class folder(s) {missing[:3]}; is it TinyImageNet's words.txt?")
     return ZeroShotSet("tinyimagenet" if split == "train" else "tinyimagenet:val", dataset, wordnet_classnames(
-        "tinyimagenet", dataset.classes, [names[w].split(", ") for w in dataset.classes]))
+        "tinyimagenet", dataset.classes, [[n.strip() for n in names[w].split(",")] for w in dataset.classes]))
 
 
 def _tinyimagenet_val_samples(base, rows, index):

@@ -32,9 +32,9 @@ _RESULTS: list[dict] = []  # one entry per finished benchmark; read by the sessi
 
 
 def pytest_configure(config):
-    # Every provider, eager twins included, runs with freed CPU memory kept (urda_fast/allocator.py): as urda-fast
-    # runs, and without the page faults that otherwise swamp a step's buffers on this VM.
-    keep_freed_memory()
+    # Every provider, eager twins included, runs with freed CPU memory kept (urda_fast/allocator.py), buffers over
+    # 32 MiB too: no provider's time holds the page faults that otherwise swamp a step's buffers on this VM.
+    keep_freed_memory(large_buffers=True)
 
 
 def pytest_addoption(parser):

@@ -40,7 +40,7 @@ glibc = pytest.mark.skipif(allocator._glibc() is None, reason="the C library is 
 def run_faults(mode, script=FAULTS, **env):
     out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True,
                          env={**os.environ, **env}).stdout.split()
-    return out[0] == "True", int(out[1])
+    return (out[0] == "True", *map(int, out[1:]))
 
 
 @glibc
@@ -58,28 +58,40 @@ def test_freed_buffers_stop_faulting():
 
 
 # A 40 MiB buffer allocated, written and freed 20 times (glibc maps buffers over 32 MiB afresh whatever the mmap
-# threshold, unless mmap is off): print the page faults of the last 10.
+# threshold, unless mmap is off): print the page faults of the last 10, then the resident memory (MiB) that freeing
+# a 256 MiB buffer below a live small one leaves behind.
 BIG_FAULTS = """
 import resource, sys, torch
 from urda_fast.allocator import keep_freed_memory
-applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+applied = keep_freed_memory(large_buffers=sys.argv[1] == "large") if sys.argv[1] != "default" else False
 for step in range(20):
     if step == 10:
         start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(10 << 20).fill_(1.0)
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+before = rss()
+big = torch.ones(64 << 20)
+small = torch.ones(1000)
+del big
+print(applied, faults, rss() - before)
 """
 
 
 @glibc
-def test_buffers_above_the_largest_mmap_threshold_are_kept_too():
+def test_buffers_above_the_largest_mmap_threshold_are_kept_only_when_asked():
+    """large_buffers keeps them (no page faults) and so never hands a freed one back; the default hands it back."""
+    large = run_faults("large", script=BIG_FAULTS)
     kept = run_faults("keep", script=BIG_FAULTS)
     default = run_faults("default", script=BIG_FAULTS)
-    assert kept[0] and not default[0]
+    assert large[0] and kept[0] and not default[0]
     pages = (40 << 20) // 4096  # 10 240 per fresh buffer, at 4 KiB pages
-    assert kept[1] < pages, kept
+    assert large[1] < pages, large
     if default[1] > 5 * pages:  # glibc's default maps them afresh (other C libraries may not)
-        assert kept[1] < default[1] / 10, (kept, default)
+        assert large[1] < default[1] / 10 and kept[1] > 5 * pages, (large, kept, default)
+    assert kept[2] < 64 and default[2] < 64, (kept, default)  # the 256 MiB went back to the OS
+    assert large[2] > 200, large  # ... and stayed resident with mmap off: the price, documented
 
 
 @glibc

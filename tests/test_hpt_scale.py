@@ -177,6 +177,16 @@ def test_tinyimagenets_val_split_sorted_into_class_folders(tiny_imagenet, sorted
         open_dataset("tinyimagenet", root=str(tiny_imagenet), image_size=32)
 
 
+def test_tinyimagenet_val_annotations_that_are_empty_or_short_are_named(tiny_imagenet):
+    from urda_fast.hpt.data import open_dataset
+
+    annotations = tiny_imagenet / "tiny-imagenet-200" / "val" / "val_annotations.txt"
+    for text, match in (("\n", "lists no images"), ("val_0.JPEG\tn02124075\nval_1.JPEG\n", "entry 2 has no class")):
+        annotations.write_text(text)
+        with pytest.raises(ValueError, match=f"val_annotations.txt {match}: expected tab-separated lines"):
+            open_dataset("tinyimagenet", root=str(tiny_imagenet))
+
+
 def test_tinyimagenet_beside_imagenet_under_one_root(tiny_imagenet):
     """One --root for every set: ImageNet's train/ beside tiny-imagenet-200/ must not be taken for TinyImageNet's."""
     from urda_fast.hpt.data import open_dataset, tinyimagenet

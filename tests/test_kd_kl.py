@@ -523,18 +523,20 @@ def test_kd_kl_temperature_range_ends_are_finite(backend, temperature):
 
 
 # The CUDA with-grad forward (csrc/cuda/kd_kl.cu), on by URDA_FAST_CUDA_KL_WITH_GRAD=1 until these pass on a GPU.
-# 1000 classes: packs kept in registers; 1023: no 16-byte packs; 12000 / 24000 (half): rows too long to keep, read
-# again; 31: one short row per block.
+# Rows of 16-byte packs (4 float32, 2 float64, 8 half values): 250 and 2000 kept in registers (128 and 512 threads),
+# 2048 the most kept, 2049 and 3000 read again; 31 and 1023 classes take no packs (one value at a time).
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 CUDA_WITH_GRAD_CLASSES = [31, 1000, 1023, 12000]
+CUDA_ROW_SHAPES = {"31": lambda vec: 31, "1023": lambda vec: 1023, **{f"{packs}packs": (lambda vec, p=packs: p * vec)
+                                                                    for packs in (250, 2000, 2048, 2049, 3000)}}
 
 
 @needs_cuda
-@pytest.mark.parametrize("classes", CUDA_WITH_GRAD_CLASSES)
+@pytest.mark.parametrize("row", CUDA_ROW_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_kd_kl_cuda_gradients_in_forward_equal_the_recomputing_backward(dtype, classes):
+def test_kd_kl_cuda_gradients_in_forward_equal_the_recomputing_backward(dtype, row):
     op = torch.ops.urda_fast
-    classes = 2 * classes if dtype in (torch.float16, torch.bfloat16) and classes == 12000 else classes
+    classes = CUDA_ROW_SHAPES[row](16 // torch.empty((), dtype=dtype).element_size())
     student, teacher = logits((6, classes), dtype, "cuda", 30.0), logits((6, classes), dtype, "cuda", 30.0)
     teacher[1, ::3] = float("-inf")
     student[2, 5] = 1e4 if dtype != torch.float16 else 6e4
@@ -572,15 +574,16 @@ def test_kd_kl_cuda_gradients_in_forward_equal_the_recomputing_backward(dtype, c
 
 
 @needs_cuda
-@pytest.mark.parametrize("prescale_from", [None, 0], ids=["default", "prescaled"])
-def test_kd_kl_cuda_loss_with_gradients_in_forward(monkeypatch, prescale_from):
+def test_kd_kl_cuda_loss_with_gradients_in_forward(monkeypatch):
     """kd_kl_loss through the CUDA with-grad forward: the reference's values and gradients over reductions, weights,
-    half types and a loss gradient other than 1; a second backward; opcheck; torch.compile(fullgraph=True)."""
+    half types and a loss gradient other than 1; a second backward; opcheck; torch.compile(fullgraph=True); no host
+    sync (the CPU's prescaled buffers are not used on a GPU: their backward compares on the host)."""
+    from conftest import ScalarReads
+
     from urda_fast.ops import kd_kl as kd_kl_module
 
     monkeypatch.setattr(kd_kl_module, "CUDA_WITH_GRAD", True)
-    if prescale_from is not None:
-        monkeypatch.setattr(kd_kl_module, "PRESCALE_FROM", prescale_from)
+    monkeypatch.setattr(kd_kl_module, "PRESCALE_FROM", 0)  # would prescale every call on a CPU
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         for classes in CUDA_WITH_GRAD_CLASSES:
             student, teacher = logits((5, classes), dtype, "cuda"), logits((5, classes), dtype, "cuda")
@@ -591,6 +594,9 @@ def test_kd_kl_cuda_loss_with_gradients_in_forward(monkeypatch, prescale_from):
                                         temperature=2.0, **kwargs)
     student, teacher = logits((4, 37), torch.float32, "cuda"), logits((4, 37), torch.float32, "cuda")
     s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    with ScalarReads() as reads:
+        torch.autograd.grad(ops.kd_kl_loss(s, t, temperature=2.0, backend="cuda"), (s, t))
+    assert reads.count == 0, reads.count
     loss = 0.3 * ops.kd_kl_loss(s, t, temperature=2.0, weight=torch.rand(4, device="cuda"), backend="cuda")
     first = torch.autograd.grad(loss, (s, t), retain_graph=True)
     second = torch.autograd.grad(loss, (s, t))

@@ -165,6 +165,11 @@ def _run_labels(given, runs) -> dict:
             raise ValueError(f"dart eval: --label {item!r} names {run!r}, which is not one of the runs given "
                              f"({', '.join(runs)}); write it as on the command line")
         labels[run] = name.strip()
+    named = list(labels.values())
+    twice = sorted({n for n in named if named.count(n) > 1})
+    if twice:
+        raise ValueError(f"dart eval: --label gives two runs the same name ({twice}); rows are told apart by their "
+                         "names (dart summary pairs them across tasks)")
     return labels
 
 

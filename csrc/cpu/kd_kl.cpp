@@ -42,7 +42,7 @@ struct NextRow {
   const void* t = nullptr;
   void* grad_s = nullptr;
   void* grad_t = nullptr;
-  int64_t bytes = 0;  // of each
+  int64_t elem_bytes = 0, bytes = 0;  // of one value, of a row
 };
 
 template <typename scalar_t>
@@ -50,8 +50,9 @@ NextRow next_row(const scalar_t* s, const scalar_t* t, scalar_t* grad_s, scalar_
                  int64_t cols) {
   if (i + 1 >= end) return {};  // the next row is another task's
   const int64_t off = (i + 1) * cols;
-  return {s + off, t + off, grad_s ? grad_s + off : nullptr, grad_t ? grad_t + off : nullptr,
-          cols * static_cast<int64_t>(sizeof(scalar_t))};
+  constexpr int64_t kElemBytes = sizeof(scalar_t);
+  return {s + off, t + off, grad_s ? grad_s + off : nullptr, grad_t ? grad_t + off : nullptr, kElemBytes,
+          cols * kElemBytes};
 }
 
 // Bytes [begin, end) of p, one cache line at a time (kWrite: for writing, so the lines come in owned).
@@ -88,7 +89,7 @@ __attribute__((always_inline)) inline acc_t kl_row(const in_t* __restrict__ s, c
   acc_t* __restrict__ exp_s = kGrad ? scratch + n : nullptr;
   // In chunks of 128 elements, each followed by the next row's lines at the same place: spread over the row, the
   // fetches overlap the arithmetic (chunks of 512, or all of them before the loop, overlapped less).
-  constexpr int64_t kChunk = 128, in_size = sizeof(in_t);
+  constexpr int64_t kChunk = 128;
   for (int64_t start = 0; start < n; start += kChunk) {
     const int64_t stop = std::min(n, start + kChunk);
 #pragma omp simd reduction(+ : sum_t, sum_s, weighted)
@@ -104,7 +105,8 @@ __attribute__((always_inline)) inline acc_t kl_row(const in_t* __restrict__ s, c
       sum_s += eb;
       weighted += ea <= 0 ? acc_t(0) : ea * (a - b);  // NaN kept
     }
-    const int64_t lo = start * in_size, hi = std::min(next.bytes, stop * in_size);
+    // In the next row's own values (a half row's padded copy here is float; the next row is still half).
+    const int64_t lo = start * next.elem_bytes, hi = std::min(next.bytes, stop * next.elem_bytes);
     prefetch_lines<0>(next.s, lo, hi);
     prefetch_lines<0>(next.t, lo, hi);
     prefetch_lines<1>(next.grad_s, lo, hi);

@@ -262,7 +262,8 @@ RowLaunch row_launch(const at::Tensor& student, std::initializer_list<const void
 std::tuple<at::Tensor, at::Tensor> kd_kl_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                       double temperature) {
   check_pair_2d(student, "student", teacher, "teacher", c10::DeviceType::CUDA);
-  TORCH_CHECK(temperature > 0.0, "urda_fast: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "urda_fast: temperature must be positive and finite, "
+              "got ", temperature);
   const at::cuda::OptionalCUDAGuard device_guard(at::device_of(student));
   const int64_t rows = student.size(0);
   const auto acc_options = student.options().dtype(acc_scalar_type(student.scalar_type()));

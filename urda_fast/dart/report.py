@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 from urda_fast.attacks import FGSM, PGD, AutoAttack
 from urda_fast.attacks.autoattack import INSTALL_HINT, autoattack_backend
@@ -113,13 +114,19 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
             raise ValueError(f"dart eval: {run_checkpoint(run)!r} has {classes} classes but the evaluation data "
                              f"({data.description}) has {data.num_classes}: runs of different tasks cannot share one "
                              "report; evaluate them separately")
+    names = [(labels or {}).get(run) or method_label(state) for run, state in zip(runs, states)]
+    shared = sorted({n for n in names if names.count(n) > 1})
+    if shared:
+        warnings.warn(f"dart eval: several rows are named {shared} (runs of one kind); give each its own with "
+                      "--label RUN=NAME, or `dart summary` cannot pair this report's rows with other tasks'",
+                      stacklevel=2)
     rows = []
-    for run, state in zip(runs, states):
+    for run, state, name in zip(runs, states, names):
         model, _, dev = load_checkpoint_model(run, device, state)
         loader = eval_loader(data.target_test, batch_size, num_workers, dev)
         table = robust_accuracy(model, loader, budget_attacks(model, attacks, eps, data.num_classes), device=dev,
                                 max_batches=max_batches or None, progress=progress)
-        row = {"method": (labels or {}).get(run) or method_label(state), "run": run}
+        row = {"method": name, "run": run}
         for budget_index, budget in enumerate(eps):
             for name in attacks:
                 value = round(table[budget_key(name, budget)].accuracy, 2)

@@ -198,6 +198,11 @@ def tinyimagenet(root: str, transform=None, split: str = "train") -> ZeroShotSet
                                     "tiny-imagenet-200.zip)")
         with open(annotations) as f:
             rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+        short = next((i for i, row in enumerate(rows, 1) if len(row) < 2), None)
+        if not rows or short is not None:
+            what = "lists no images" if not rows else f"entry {short} has no class"
+            raise ValueError(f"hpt: {annotations} {what}: expected tab-separated lines "
+                             "'val_0.JPEG<TAB>n03444034<TAB>...' (TinyImageNet's own file)")
         unknown = sorted({row[1] for row in rows if row[1] not in index})
         if unknown:
             raise ValueError(f"hpt: {annotations} labels images with class(es) {unknown[:3]} that {train} has no "

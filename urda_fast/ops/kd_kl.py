@@ -91,7 +91,9 @@ def kd_kl_loss(student_logits, teacher_logits, *, temperature=1.0, weight=None, 
     grad_student = torch.is_grad_enabled() and student.requires_grad
     grad_teacher = torch.is_grad_enabled() and teacher.requires_grad
     if _forward_writes_gradients(name, dtype) and (grad_student or grad_teacher):
-        prescale = reduction != "none" and student.numel() >= PRESCALE_FROM
+        # Not on a GPU: there the backward's pass over the buffers is cheap, and the comparison that skips it
+        # (_remaining_scale) a host sync.
+        prescale = name == "cpu" and reduction != "none" and student.numel() >= PRESCALE_FROM
         row_scale = unit_row_gradients(student.shape[0], weight, reduction, t2_scale, temperature,
                                        torch.promote_types(dtype, torch.float32), student.device) if prescale else None
         rows = torch.ops.urda_fast.kd_kl_forward_with_grad(student, teacher, float(temperature), grad_student,

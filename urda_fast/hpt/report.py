@@ -55,11 +55,11 @@ def run_config(path: str) -> dict | None:
     return None
 
 
-def head_settings(cfg: EvalConfig, model_arg: str, shared: dict | None = None) -> dict:
-    """The zero-shot head to evaluate ``model_arg`` with: each of ``HEAD_SETTINGS`` from ``cfg`` when given (not
-    None), else the run's own (an ``hpt train`` checkpoint's config), else ``shared`` (what the report's runs agree
-    on: a plain CLIP in their table is scored as they are), else ``ModelsConfig``'s default; "from" says which."""
-    saved = run_config(parse_model_arg(model_arg, "target")[1]) or {}
+def head_settings(cfg: EvalConfig, saved: dict, shared: dict | None = None) -> dict:
+    """The zero-shot head to evaluate a model with: each of ``HEAD_SETTINGS`` from ``cfg`` when given (not None),
+    else the run's own (``saved``: an ``hpt train`` checkpoint's config, {} for a plain CLIP), else ``shared`` (what
+    the report's runs agree on: a plain CLIP in their table is scored as they are), else ``ModelsConfig``'s default;
+    "from" says which."""
     shared = shared or {}
     head = {"from": {}}
     for key in HEAD_SETTINGS:
@@ -79,11 +79,12 @@ def report_heads(cfg: EvalConfig, model_args) -> list:
     """``head_settings`` of each model of one report, plain CLIPs taking the settings its runs share. Rows whose
     heads still differ (runs trained with other logits, say) get a warning: PGD's strength depends on the head, so
     their robust accuracies are not comparable."""
-    own = [head_settings(cfg, arg) for arg in model_args]
+    saved = [run_config(parse_model_arg(arg, "target")[1]) or {} for arg in model_args]  # each checkpoint read once
+    own = [head_settings(cfg, config) for config in saved]
     runs = [head for head in own if "run" in head["from"].values()]
     shared = {key: runs[0][key] for key in HEAD_SETTINGS
               if runs and all(head["from"][key] == "run" and head[key] == runs[0][key] for head in runs)}
-    heads = [head_settings(cfg, arg, shared) for arg in model_args]
+    heads = [head_settings(cfg, config, shared) for config in saved]
     differ = [key for key in HEAD_SETTINGS if len({repr(head[key]) for head in heads}) > 1]
     if differ:
         warnings.warn(f"hpt eval: the rows are evaluated with different zero-shot {' and '.join(differ)} (their "

@@ -167,7 +167,7 @@ def test_eval_labels_its_rows_and_the_summary_reads_the_cli_report(checkpoint, t
     assert "mean over 1 task" in out and "| dann |" in out and "| again |" in out
     with pytest.raises(SystemExit, match="--label 'elsewhere=x' names 'elsewhere', which is not one of the runs"):
         main(["dart", "eval", path, "--label", "elsewhere=x"] + common)
-    with pytest.raises(SystemExit, match=r"--label gives two runs the same name \(\['x'\]\)"):
+    with pytest.raises(SystemExit, match=r"the labels given name two runs alike \(\['x'\]\)"):
         main(["dart", "eval", path, folder, "--label", f"{path}=x", "--label", f"{folder}=x"] + common)
     with pytest.warns(UserWarning, match=r"several rows are named \['uda'\].*--label RUN=NAME"):
         main(["dart", "eval", path, folder] + common)

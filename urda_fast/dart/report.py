@@ -98,6 +98,11 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
     for budget in eps:  # the attacks are L-inf in pixel space
         check_pixel_budget(budget, "eps", "dart eval")
     check_out_folder(out, "dart eval")
+    named = list((labels or {}).values())
+    twice = sorted({n for n in named if named.count(n) > 1})
+    if twice:
+        raise ValueError(f"dart eval: the labels given name two runs alike ({twice}); rows are told apart by their "
+                         "names (dart summary pairs them across tasks)")
     # Every run checked before any evaluation; of each checkpoint only what evaluation reads is kept (no optimizer)
     states = [{k: state[k] for k in ("kind", "spec", "config", "modules") if k in state}
               for state in map(read_checkpoint, runs)]
@@ -114,19 +119,19 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
             raise ValueError(f"dart eval: {run_checkpoint(run)!r} has {classes} classes but the evaluation data "
                              f"({data.description}) has {data.num_classes}: runs of different tasks cannot share one "
                              "report; evaluate them separately")
-    names = [(labels or {}).get(run) or method_label(state) for run, state in zip(runs, states)]
-    shared = sorted({n for n in names if names.count(n) > 1})
+    row_labels = [(labels or {}).get(run) or method_label(state) for run, state in zip(runs, states)]
+    shared = sorted({n for n in row_labels if row_labels.count(n) > 1})
     if shared:
         warnings.warn(f"dart eval: several rows are named {shared} (runs of one kind); give each its own with "
                       "--label RUN=NAME, or `dart summary` cannot pair this report's rows with other tasks'",
                       stacklevel=2)
     rows = []
-    for run, state, name in zip(runs, states, names):
+    for run, state, label in zip(runs, states, row_labels):
         model, _, dev = load_checkpoint_model(run, device, state)
         loader = eval_loader(data.target_test, batch_size, num_workers, dev)
         table = robust_accuracy(model, loader, budget_attacks(model, attacks, eps, data.num_classes), device=dev,
                                 max_batches=max_batches or None, progress=progress)
-        row = {"method": name, "run": run}
+        row = {"method": label, "run": run}
         for budget_index, budget in enumerate(eps):
             for name in attacks:
                 value = round(table[budget_key(name, budget)].accuracy, 2)

@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <string>
 #include <string_view>
 
@@ -26,6 +27,12 @@ template <>
 struct AccType<double> {
   using type = double;
 };
+
+// The KL's temperature: its reciprocal scales every logit, so 0, a negative, inf or NaN gives no softmax.
+inline void check_temperature(double temperature) {
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "urda_fast: temperature must be positive and finite, got ",
+              temperature);
+}
 
 // `t` must live on `device_type`, be contiguous, and share dtype and shape with `ref`.
 inline void check_like(const at::Tensor& ref, const char* ref_name, const at::Tensor& t, const char* name,

@@ -217,11 +217,6 @@ URDA_FAST_CLONES void kl_row_backward(
   }
 }
 
-void check_temperature(double temperature) {
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "urda_fast: temperature must be positive and finite, got ",
-              temperature);
-}
-
 // Both forwards' argument checks, and their kl (B,) and stats (B, 4) outputs in the accumulation dtype.
 std::tuple<at::Tensor, at::Tensor> checked_forward_outputs(const at::Tensor& student, const at::Tensor& teacher,
                                                            double temperature) {

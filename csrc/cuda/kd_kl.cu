@@ -16,7 +16,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -262,8 +261,7 @@ RowLaunch row_launch(const at::Tensor& student, std::initializer_list<const void
 std::tuple<at::Tensor, at::Tensor> kd_kl_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                       double temperature) {
   check_pair_2d(student, "student", teacher, "teacher", c10::DeviceType::CUDA);
-  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "urda_fast: temperature must be positive and finite, "
-              "got ", temperature);
+  check_temperature(temperature);
   const at::cuda::OptionalCUDAGuard device_guard(at::device_of(student));
   const int64_t rows = student.size(0);
   const auto acc_options = student.options().dtype(acc_scalar_type(student.scalar_type()));
@@ -291,8 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_forward_with_gr
     const at::Tensor& student, const at::Tensor& teacher, double temperature, bool grad_student, bool grad_teacher,
     const std::optional<at::Tensor>& row_scale) {
   check_pair_2d(student, "student", teacher, "teacher", c10::DeviceType::CUDA);
-  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "urda_fast: temperature must be positive and finite, "
-              "got ", temperature);
+  check_temperature(temperature);
   const int64_t rows = student.size(0);
   TORCH_CHECK(rows == 0 || student.size(1) > 0, "urda_fast: logits need at least one class, got shape ",
               student.sizes());

@@ -34,9 +34,10 @@ TORCH_LIBRARY(urda_fast, m) {
   // mean((a - b)^2) over all elements of (B, D) inputs, and its gradient w.r.t. a scaled by grad (0-d).
   m.def("feature_mse_forward(Tensor a, Tensor b) -> Tensor");
   m.def("feature_mse_backward(Tensor grad, Tensor a, Tensor b) -> Tensor");
-  // Row-wise cosine similarity of (B, D) inputs: (cos (B,), stats (B, 3) = [dot, |a|, |b|]).
+  // Mean row-wise cosine distance of (B, D) inputs: (loss (0-d), stats (B, 3) = [dot, |a|, |b|]), and the gradients
+  // w.r.t. a and b scaled by grad (0-d).
   m.def("feature_cosine_forward(Tensor a, Tensor b, float eps) -> (Tensor, Tensor)");
-  m.def("feature_cosine_backward(Tensor grad_cos, Tensor a, Tensor b, Tensor stats, float eps, bool grad_a, "
+  m.def("feature_cosine_backward(Tensor grad, Tensor a, Tensor b, Tensor stats, float eps, bool grad_a, "
         "bool grad_b) -> (Tensor, Tensor)");
   // F.conv2d(x, weight, bias, stride, padding) (no dilation, one group), whose input gradient (registered in Python)
   // is conv2d_input_grad: the gradient w.r.t. the input of a convolution with 1-4 input channels (weight (O, C, kh,

@@ -140,17 +140,18 @@ def _feature_cosine_finish_kernel(part_ptr, stats_ptr, cos_ptr, B, S, eps: tl.fl
 
 
 @triton.jit
-def _feature_cosine_bwd_kernel(gc_ptr, a_ptr, b_ptr, stats_ptr, da_ptr, db_ptr, N, D, eps: tl.float64,
-                               GRAD_A: tl.constexpr, GRAD_B: tl.constexpr, WIDE: tl.constexpr,
-                               BLOCK: tl.constexpr):
+def _feature_cosine_bwd_kernel(grad_ptr, a_ptr, b_ptr, stats_ptr, da_ptr, db_ptr, N, D, eps: tl.float64,
+                               row_scale: tl.float64, GRAD_A: tl.constexpr, GRAD_B: tl.constexpr,
+                               WIDE: tl.constexpr, BLOCK: tl.constexpr):
     acc_t = stats_ptr.dtype.element_ty
     eps_c = tl.full([], eps, acc_t)
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     mask = offs < N
     row = _row_of(start, D, BLOCK, WIDE)
+    # d loss / d cos_i, the same for every row: grad * row_scale, row_scale = d mean_i (1 - cos_i) / d cos_i.
+    g = tl.load(grad_ptr) * tl.full([], row_scale, acc_t)
     # Per-row scalars: every element of a row gathers the same few addresses (cache hits).
-    g = tl.load(gc_ptr + row, mask=mask, other=0.0)
     dot = tl.load(stats_ptr + row * 3, mask=mask, other=0.0)
     na = tl.load(stats_ptr + row * 3 + 1, mask=mask, other=1.0)
     nb = tl.load(stats_ptr + row * 3 + 2, mask=mask, other=1.0)
@@ -209,8 +210,8 @@ def feature_cosine_forward_triton(a: torch.Tensor, b: torch.Tensor, eps: float) 
     acc_dtype = _acc_dtype(a.dtype)
     cos = torch.empty((rows,), dtype=acc_dtype, device=a.device)
     stats = torch.empty((rows, 3), dtype=acc_dtype, device=a.device)
-    if rows == 0:
-        return cos, stats
+    if rows == 0:  # mean of nothing, as torch.mean
+        return torch.full((), float("nan"), dtype=acc_dtype, device=a.device), stats
     nsplit, chunk = _split(rows, dim, _BLOCK)
     part = torch.empty((rows, nsplit, 3) if nsplit > 1 else (0,), dtype=acc_dtype, device=a.device)
     launch(_feature_cosine_fwd_kernel)[(rows, nsplit)](a, b, part, stats, cos, dim, chunk, float(eps),
@@ -218,19 +219,19 @@ def feature_cosine_forward_triton(a: torch.Tensor, b: torch.Tensor, eps: float) 
     if nsplit > 1:
         launch(_feature_cosine_finish_kernel)[(triton.cdiv(rows, _BLOCK_B),)](
             part, stats, cos, rows, nsplit, float(eps), BLOCK_B=_BLOCK_B, num_warps=4)
-    return cos, stats
+    return (1.0 - cos).mean(), stats
 
 
 @define_op("urda_fast::feature_cosine_backward_triton", mutates_args=())
-def feature_cosine_backward_triton(grad_cos: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stats: torch.Tensor,
+def feature_cosine_backward_triton(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stats: torch.Tensor,
                                    eps: float, grad_a: bool, grad_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
     d_a = torch.empty_like(a) if grad_a else a.new_empty((0,))
     d_b = torch.empty_like(b) if grad_b else a.new_empty((0,))
     n = a.numel()
     if n > 0 and (grad_a or grad_b):
-        dim = a.shape[1]
+        rows, dim = a.shape
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
         launch(_feature_cosine_bwd_kernel)[grid](
-            grad_cos, a, b, stats, d_a, d_b, n, dim, float(eps), GRAD_A=grad_a, GRAD_B=grad_b,
+            grad, a, b, stats, d_a, d_b, n, dim, float(eps), -1.0 / rows, GRAD_A=grad_a, GRAD_B=grad_b,
             WIDE=dim + _BLOCK > _MAX_I32, BLOCK=_BLOCK, num_warps=4)
     return d_a, d_b

@@ -108,10 +108,10 @@ def test_feature_losses_opcheck(backend):
     torch.library.opcheck(getattr(ns, f"feature_mse_forward{suffix}"), (ar, br))
     torch.library.opcheck(getattr(ns, f"feature_mse_backward{suffix}"), (torch.tensor(0.5, device=device), a, b))
     torch.library.opcheck(getattr(ns, f"feature_cosine_forward{suffix}"), (ar, br, 1e-8))
-    cos, stats = getattr(ns, f"feature_cosine_forward{suffix}")(a, b, 1e-8)
+    loss, stats = getattr(ns, f"feature_cosine_forward{suffix}")(a, b, 1e-8)
     for flags in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(getattr(ns, f"feature_cosine_backward{suffix}"), (torch.ones_like(cos), a, b, stats, 1e-8,
-                                                                                 *flags))
+        torch.library.opcheck(getattr(ns, f"feature_cosine_backward{suffix}"), (torch.full_like(loss, 0.5), a, b,
+                                                                                 stats, 1e-8, *flags))
 
 
 def test_feature_losses_compile_fullgraph(backend):
@@ -156,3 +156,19 @@ def test_feature_losses_refuse_double_backward(backend, loss_name):
     (grad,) = torch.autograd.grad(getattr(ops, loss_name)(a, b, backend=name), a, create_graph=True)
     with pytest.raises(RuntimeError, match=f"{loss_name} has no second derivative on the fused backends"):
         grad.square().sum().backward()
+
+
+def test_feature_cosine_cpu_loss_has_the_same_bits_for_any_thread_count():
+    """The CPU kernel sums the per-row distances in row order after its parallel pass: one thread or two (each
+    taking a different share of the 64 rows) give one bit pattern."""
+    a, b = torch.randn(64, 1024), torch.randn(64, 1024)
+    threads = torch.get_num_threads()
+    try:
+        losses = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            losses.append(ops.feature_cosine_loss(a, b, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(losses[0], losses[1], atol=0, rtol=0)
+    assert_close(losses[0], reference.feature_cosine_loss(a.double(), b.double()), torch.float32, "64x1024")

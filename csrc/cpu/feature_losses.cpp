@@ -1,11 +1,12 @@
-// Feature-distillation losses on CPU: MSE (one reduction pass, one elementwise backward pass) and per-sample cosine
-// (one pass for dot and both norms, one elementwise backward pass). Reductions accumulate in double.
+// Feature-distillation losses on CPU: MSE (one reduction pass, one elementwise backward pass) and the mean per-sample
+// cosine distance (one pass for dot and both norms, one elementwise backward pass). Reductions accumulate in double.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "../common.h"
 #include "cpu_math.h"
@@ -14,6 +15,9 @@ namespace urda_fast {
 namespace {
 
 constexpr int64_t kGrainElems = 1 << 15;
+
+// Rows per parallel_for task: about kGrainElems elements.
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(cols, 1)); }
 
 // `#pragma omp simd` cannot sit inside AT_DISPATCH's macro argument, so every loop lives in a function of its own
 // (with its ISA clones).
@@ -87,32 +91,35 @@ at::Tensor feature_mse_backward_cpu(const at::Tensor& grad, const at::Tensor& a,
   return out;
 }
 
+// The loss, mean_i (1 - cos_i), is summed in row order after the parallel pass: the same bits for any thread count.
 std::tuple<at::Tensor, at::Tensor> feature_cosine_forward_cpu(const at::Tensor& a, const at::Tensor& b, double eps) {
   check_pair_2d(a, "a", b, "b", c10::DeviceType::CPU);
   const int64_t rows = a.size(0), cols = a.size(1);
   const auto acc_options = a.options().dtype(acc_scalar_type(a.scalar_type()));
-  at::Tensor cos = at::empty({rows}, acc_options);
   at::Tensor stats = at::empty({rows, 3}, acc_options);
-  if (rows == 0) return {cos, stats};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "urda_fast::feature_cosine_forward_cpu", [&] {
+  std::vector<double> distance(rows);
+  const auto dtype = a.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "urda_fast::feature_cosine_forward_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
-    acc_t* pc = cos.mutable_data_ptr<acc_t>();
     acc_t* ps = stats.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* ra = pa + i * cols;
-        const scalar_t* rb = pb + i * cols;
         double sums[3];
-        dot_and_norms(ra, rb, cols, sums);
+        dot_and_norms(pa + i * cols, pb + i * cols, cols, sums);
         const double dot = sums[0], na = std::sqrt(sums[1]), nb = std::sqrt(sums[2]);
-        pc[i] = static_cast<acc_t>(dot / (std::max(na, eps) * std::max(nb, eps)));
-        ps[3 * i] = static_cast<acc_t>(dot), ps[3 * i + 1] = static_cast<acc_t>(na), ps[3 * i + 2] = static_cast<acc_t>(nb);
+        distance[i] = 1.0 - dot / (std::max(na, eps) * std::max(nb, eps));
+        ps[3 * i] = static_cast<acc_t>(dot);
+        ps[3 * i + 1] = static_cast<acc_t>(na);
+        ps[3 * i + 2] = static_cast<acc_t>(nb);
       }
     });
   });
-  return {cos, stats};
+  double total = 0;
+  for (const double d : distance) total += d;
+  // 0 / 0 = NaN for an empty batch, as torch's mean gives.
+  return {at::scalar_tensor(total / static_cast<double>(rows), acc_options), stats};
 }
 
 // d cos / d a = b / (ca cb) - cos a / na^2, the second term only where |a| > eps (below it the norm is clamped).
@@ -124,39 +131,40 @@ URDA_FAST_CLONES void cosine_grad_row(const scalar_t* x, const scalar_t* other, 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> feature_cosine_backward_cpu(const at::Tensor& grad_cos, const at::Tensor& a,
+std::tuple<at::Tensor, at::Tensor> feature_cosine_backward_cpu(const at::Tensor& grad, const at::Tensor& a,
                                                                const at::Tensor& b, const at::Tensor& stats,
                                                                double eps, bool grad_a, bool grad_b) {
   check_pair_2d(a, "a", b, "b", c10::DeviceType::CPU);
   const int64_t rows = a.size(0), cols = a.size(1);
   const auto acc_type = acc_scalar_type(a.scalar_type());
-  TORCH_CHECK(grad_cos.dim() == 1 && grad_cos.size(0) == rows && grad_cos.scalar_type() == acc_type &&
-                  grad_cos.is_contiguous(),
-              "urda_fast: grad_cos must be a contiguous (", rows, ",) ", acc_type, " tensor, got ", grad_cos.sizes(),
-              " ", grad_cos.scalar_type());
+  TORCH_CHECK(grad.numel() == 1, "urda_fast: grad of feature_cosine must be a scalar, got shape ", grad.sizes());
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == 3 && stats.scalar_type() == acc_type &&
                   stats.is_contiguous(),
               "urda_fast: stats must be the contiguous (", rows, ", 3) tensor from feature_cosine_forward");
   at::Tensor da = grad_a ? at::empty_like(a) : at::empty({0}, a.options());
   at::Tensor db = grad_b ? at::empty_like(b) : at::empty({0}, b.options());
   if (rows == 0 || (!grad_a && !grad_b)) return {da, db};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "urda_fast::feature_cosine_backward_cpu", [&] {
+  // Every row's cosine gets the same gradient: d mean_i (1 - cos_i) / d cos_i = -1 / rows.
+  const double row_grad = -grad.item<double>() / static_cast<double>(rows);
+  const auto dtype = a.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "urda_fast::feature_cosine_backward_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
-    const acc_t* pg = grad_cos.const_data_ptr<acc_t>();
+    const acc_t g = static_cast<acc_t>(row_grad);
     const acc_t* ps = stats.const_data_ptr<acc_t>();
     scalar_t* pda = grad_a ? da.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* pdb = grad_b ? db.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const acc_t dot = ps[3 * i], na = ps[3 * i + 1], nb = ps[3 * i + 2];
         const acc_t e = static_cast<acc_t>(eps);
         const acc_t inv_denom = acc_t(1) / (std::max(na, e) * std::max(nb, e));
         const acc_t cos = dot * inv_denom;
         const int64_t off = i * cols;
-        if (pda) cosine_grad_row(pa + off, pb + off, pda + off, cols, pg[i], inv_denom, na > e ? cos / (na * na) : acc_t(0));
-        if (pdb) cosine_grad_row(pb + off, pa + off, pdb + off, cols, pg[i], inv_denom, nb > e ? cos / (nb * nb) : acc_t(0));
+        const acc_t coef_a = na > e ? cos / (na * na) : acc_t(0), coef_b = nb > e ? cos / (nb * nb) : acc_t(0);
+        if (pda) cosine_grad_row(pa + off, pb + off, pda + off, cols, g, inv_denom, coef_a);
+        if (pdb) cosine_grad_row(pb + off, pa + off, pdb + off, cols, g, inv_denom, coef_b);
       }
     });
   });

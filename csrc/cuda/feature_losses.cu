@@ -252,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> feature_cosine_forward_cuda(const at::Tensor&
   const auto acc_options = a.options().dtype(acc_scalar_type(a.scalar_type()));
   at::Tensor cos = at::empty({rows}, acc_options);
   at::Tensor stats = at::empty({rows, 3}, acc_options);
-  if (rows == 0) return {cos, stats};
+  if (rows == 0) return {at::full({}, std::numeric_limits<double>::quiet_NaN(), acc_options), stats};  // torch's mean
   const int64_t dim = a.numel() / rows;
   TORCH_INTERNAL_ASSERT(rows <= INT32_MAX, "feature_cosine_forward: too many rows for one grid");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "feature_cosine_forward_cuda", [&] {
@@ -278,15 +278,15 @@ std::tuple<at::Tensor, at::Tensor> feature_cosine_forward_cuda(const at::Tensor&
                                                                     stats.data_ptr<acc>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {cos, stats};
+  return {cos.neg_().add_(1).mean(), stats};  // mean_i (1 - cos_i)
 }
 
-std::tuple<at::Tensor, at::Tensor> feature_cosine_backward_cuda(const at::Tensor& grad_cos, const at::Tensor& a,
+std::tuple<at::Tensor, at::Tensor> feature_cosine_backward_cuda(const at::Tensor& grad, const at::Tensor& a,
                                                                 const at::Tensor& b, const at::Tensor& stats,
                                                                 double eps, bool grad_a, bool grad_b) {
   check_pair_2d(a, "a", b, "b", c10::DeviceType::CUDA);
   const int64_t rows = a.size(0);
-  cuda_utils::check_acc_tensor(grad_cos, "grad_cos", a, {rows});
+  cuda_utils::check_acc_tensor(grad, "grad", a, {});
   cuda_utils::check_acc_tensor(stats, "stats", a, {rows, 3});
   const at::cuda::OptionalCUDAGuard device_guard(at::device_of(a));
   at::Tensor d_a = grad_a ? at::empty_like(a, at::MemoryFormat::Contiguous) : at::empty({0}, a.options());
@@ -294,6 +294,9 @@ std::tuple<at::Tensor, at::Tensor> feature_cosine_backward_cuda(const at::Tensor
   const int64_t n = a.numel();
   if (n == 0 || !(grad_a || grad_b)) return {d_a, d_b};
   const int64_t dim = n / rows;
+  // Every row's cosine gets the same gradient, d mean_i (1 - cos_i) / d cos_i = -1 / rows: the kernel reads it per
+  // row, so it gets a (rows,) copy (a device op: no host read of grad).
+  const at::Tensor grad_cos = grad.mul(-1.0 / static_cast<double>(rows)).expand({rows}).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "feature_cosine_backward_cuda", [&] {
     using acc = acc_t<scalar_t>;
     constexpr int V = cuda_utils::max_vec<scalar_t>();

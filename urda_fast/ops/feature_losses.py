@@ -53,9 +53,7 @@ def feature_cosine_loss(a, b, *, eps=COSINE_EPS, backend=None):
     name = _backends.resolve_backend(backend, flat_a.device)
     if name == "reference":
         return reference.feature_cosine_loss(flat_a, flat_b, eps=eps)
-    op = _backends.op_for(name, "feature_losses", "feature_cosine_forward", register)
-    cos, _ = op(flat_a, flat_b, float(eps))
-    return (1.0 - cos).mean()
+    return _backends.op_for(name, "feature_losses", "feature_cosine_forward", register)(flat_a, flat_b, float(eps))[0]
 
 
 def _acc_dtype(t):
@@ -73,10 +71,10 @@ def _fake_feature_mse_backward(grad, a, b):
 
 def _fake_feature_cosine_forward(a, b, eps):
     torch._check(a.dim() == 2 and b.shape == a.shape, lambda: "a and b must be 2-D of one shape")
-    return a.new_empty((a.shape[0],), dtype=_acc_dtype(a)), a.new_empty((a.shape[0], 3), dtype=_acc_dtype(a))
+    return a.new_empty((), dtype=_acc_dtype(a)), a.new_empty((a.shape[0], 3), dtype=_acc_dtype(a))
 
 
-def _fake_feature_cosine_backward(grad_cos, a, b, stats, eps, grad_a, grad_b):
+def _fake_feature_cosine_backward(grad, a, b, stats, eps, grad_a, grad_b):
     return (torch.empty_like(a) if grad_a else a.new_empty((0,)), torch.empty_like(b) if grad_b else b.new_empty((0,)))
 
 
@@ -108,12 +106,12 @@ def register(suffix: str, *, fake: bool) -> None:
         d_a = mse_backward(grad.contiguous(), a, b)
         return (d_a if ctx.needs_input_grad[0] else None), (-d_a if ctx.needs_input_grad[1] else None)
 
-    def backward_cosine(ctx, grad_cos, _grad_stats):
+    def backward_cosine(ctx, grad, _grad_stats):
         a, b, stats = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[:2]
         if not (need_a or need_b):
             return None, None, None
-        d_a, d_b = cos_backward(grad_cos.contiguous(), a, b, stats, ctx.eps, need_a, need_b)
+        d_a, d_b = cos_backward(grad.contiguous(), a, b, stats, ctx.eps, need_a, need_b)
         return (d_a if need_a else None), (d_b if need_b else None), None
 
     torch.library.register_autograd(mse, backward_mse, setup_context=_setup_context_feature_mse)

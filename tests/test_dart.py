@@ -194,6 +194,24 @@ def test_model_spec_builds_for_the_datas_channels():
         ModelSpec(backbone="resnet18", mean=(0.5,), std=(0.5,)).build()
 
 
+def test_backbone_learning_rate_follows_tllib(tmp_path, teacher_checkpoint):
+    """0.1x the learning rate for a backbone with pretrained or trained weights, the full rate for a random one
+    (tllib's --scratch): a DART student copied from its teacher fine-tunes, a fresh digits CNN does not."""
+    def backbone_lr(model):
+        return model.param_groups(1.0)[0]["lr"]
+
+    assert backbone_lr(ModelSpec(backbone="digits_cnn").build()) == 1.0
+    weights = tmp_path / "resnet18.pth"
+    torch.save(importlib.import_module("torchvision.models").resnet18().state_dict(), weights)
+    rgb = dict(backbone="resnet18", mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert backbone_lr(ModelSpec(**rgb, backbone_weights=str(weights)).build()) == pytest.approx(0.1)
+    assert backbone_lr(ModelSpec(**rgb).build()) == 1.0
+    robustify(_robustify_cfg(teacher_checkpoint, tmp_path / "run", iterations=1, eval_every=1))
+    groups = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["optimizer"]["param_groups"]
+    cfg = _robustify_cfg(teacher_checkpoint, tmp_path / "run")
+    assert [g["initial_lr"] for g in groups] == pytest.approx([0.1 * cfg.lr, cfg.lr, cfg.lr])
+
+
 def test_digits_cnn_refuses_pretrained_weights_and_negative_bottlenecks():
     """digits_cnn has no published weights: a path (even a missing one) was ignored without a word."""
     spec = ModelSpec(backbone="digits_cnn", backbone_weights="/nonexistent.pth")

@@ -34,6 +34,14 @@ def test_every_method_trains_and_saves_a_loadable_classifier(tmp_path, method, o
         assert "pseudo_loss" in header
 
 
+def test_a_backbone_trained_from_scratch_gets_the_full_learning_rate(tmp_path):
+    """tllib's --scratch: the 0.1x backbone rate is for pretrained weights, and the digits CNN has none."""
+    cfg = _cfg(tmp_path, method="dann", iterations=1, eval_every=1)
+    pretrain(cfg)
+    groups = torch.load(tmp_path / "last.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups[:3]] == pytest.approx([cfg.lr] * 3)
+
+
 def test_pretraining_learns_the_source_task(tmp_path):
     """Not a smoke test: 150 source-only steps must beat chance (10%) on the handwritten target by a wide margin."""
     result = pretrain(_cfg(tmp_path, method="source-only", iterations=150, eval_every=150, batch_size=32))

@@ -8,7 +8,6 @@ phase in ``phases.json``.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import os
@@ -76,7 +75,7 @@ def dart_step_fn(*, backbone: str = "digits_cnn", batch_size: int = 64, image_si
     Returns ``(step, device)``."""
     from urda_fast.dart.common import load_teacher, sgd
     from urda_fast.dart.config import RobustifyConfig
-    from urda_fast.dart.robustify import DartTask
+    from urda_fast.dart.robustify import DartTask, build_student
     from urda_fast.distributed import pick_device
     from urda_fast.models import ModelSpec
 
@@ -93,8 +92,8 @@ def dart_step_fn(*, backbone: str = "digits_cnn", batch_size: int = 64, image_si
         model = spec.build().to(dev).eval()
     channels = len(spec.mean)
     size = image_size or (16 if spec.backbone == "digits_cnn" else 224)
-    student = copy.deepcopy(model)
     cfg = RobustifyConfig(attack_steps=attack_steps)
+    student = build_student(cfg, model, spec)
     batch = (torch.rand(batch_size, channels, size, size, device=dev),)
     task = DartTask(cfg, model, student, itertools.repeat(batch), None, spec.mean, spec.std)
     optimizer = sgd(student.param_groups(cfg.lr), cfg)

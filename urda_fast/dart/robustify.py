@@ -134,7 +134,9 @@ class DartTask:
 
 def build_student(cfg: RobustifyConfig, teacher, spec: ModelSpec):
     if cfg.student_init == "teacher":
-        return copy.deepcopy(teacher)
+        student = copy.deepcopy(teacher)
+        student.finetune_backbone = True  # trained weights: the backbone is fine-tuned at 0.1x the learning rate
+        return student
     if cfg.student_init == "backbone":
         fresh = ModelSpec(**{**spec.to_dict(), "backbone_weights": cfg.backbone_weights or None})
         return fresh.build()

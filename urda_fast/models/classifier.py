@@ -29,7 +29,8 @@ class ImageClassifier(nn.Module):
         mean, std: input normalisation (per channel); the model takes [0, 1] images.
 
     ``forward(x)`` returns logits (B, K); ``forward(x, return_features=True)`` returns (logits, bottleneck features).
-    ``param_groups(lr)`` gives the backbone 0.1x the learning rate, as tllib does for pretrained backbones.
+    ``param_groups(lr)`` gives the backbone 0.1x the learning rate when ``finetune_backbone`` (its weights were
+    pretrained or trained before), as tllib does, and the full rate otherwise (tllib's ``--scratch``).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, bottleneck_dim: int = 256, mean=(0.5,), std=(0.5,),

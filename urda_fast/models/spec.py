@@ -21,8 +21,11 @@ class ModelSpec:
         # the data's channels (one mean per channel): the digits CNN takes any, a ResNet says it needs 3
         backbone = create_backbone(self.backbone, weights=self.backbone_weights if with_weights else None,
                                    in_channels=len(self.mean))
+        # tllib's rule: a pretrained backbone is fine-tuned at 0.1x the learning rate, a random one (its --scratch)
+        # trains at the full rate.
+        pretrained = bool(with_weights and self.backbone_weights)
         return ImageClassifier(backbone, self.num_classes, bottleneck_dim=self.bottleneck_dim, mean=self.mean,
-                               std=self.std)
+                               std=self.std, finetune_backbone=pretrained)
 
     def to_dict(self) -> dict:
         return asdict(self)

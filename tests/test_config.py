@@ -57,6 +57,7 @@ def test_missing_yaml_file():
     (dict(log_every=0), "log_every must be >= 1"),
     (dict(amp="fp8"), r"amp must be one of \('none', 'bf16', 'fp16'\), got 'fp8'"),
     (dict(stop_after=-1), r"stop_after must be >= 1 \(or unset: never\), got -1"),  # was a run that did nothing
+    (dict(resume=True, overwrite=True), "--resume continues .* --overwrite deletes it: give one of them"),
 ])
 def test_loop_settings_reject_values_that_would_train_nothing_or_crash_later(tmp_path, change, match):
     with pytest.raises(ValueError, match=match):
@@ -100,6 +101,22 @@ class Values:
      "eval_eps is an L-inf budget"),
     (["hpt", "train", "--target", "urda-tiny-vit:{missing}", "--proxy", "urda-tiny-rn:{missing}", "--image-size",
       "0"], "image_size must be > 0"),
+    (["hpt", "train", "--target", "urda-tiny-vit:{missing}", "--proxy", "urda-tiny-rn:{missing}", "--attack-alpha",
+      "2"], "attack_alpha is an L-inf step size .*did you mean 2/255"),
+    (["dart", "pretrain", "--vat", "--vat-alpha", "2"], "vat_alpha is an L-inf step size"),
+    (["dart", "robustify", "--teacher", "{missing}", "--attack-alpha", "2"], "attack_alpha is an L-inf step size"),
+    (["hpt", "eval", "--target", "urda-tiny-vit:{missing}", "--alpha", "1.5"], "alpha is an L-inf step size"),
+    # choices the first training step or the model loading would check, after --overwrite removed the old run
+    (["hpt", "train", "--target", "urda-tiny-vit:{missing}", "--proxy", "urda-tiny-rn:{missing}", "--method", "tecoa",
+      "--kl-reduction", "mean"], "kl_reduction must be one of 'sum', 'batchmean', got 'mean'"),
+    (["hpt", "train", "--target", "urda-tiny-vit:{missing}", "--proxy", "urda-tiny-rn:{missing}", "--logits",
+      "raw"], "logits must be one of 'cosine', 'clip'"),
+    (["hpt", "train", "--target", "urda-tiny-vit:{missing}", "--proxy", "urda-tiny-rn:{missing}", "--preprocess",
+      "none"], "preprocess must be one of 'imagenet', 'clip'"),
+    (["hpt", "train", "--target", "urda-tiny-vit:{missing}", "--proxy", "urda-tiny-rn:{missing}", "--amp", "fp8"],
+     "amp must be one of 'auto', 'none', 'bf16', 'fp16'"),
+    (["hpt", "train", "--target", "urda-tiny-vit:{missing}", "--proxy", "urda-tiny-rn:{missing}", "--eval-every",
+      "0"], "eval_every must be >= 1"),
     (["hpt", "demo", "--scale", "nan"], "argument --scale: must be a positive finite number"),
     (["dart", "demo", "--scale", "0"], "argument --scale: must be a positive finite number"),
     (["demo", "--repeats", "0"], "argument --repeats: must be >= 1"),
@@ -125,6 +142,8 @@ def test_the_command_line_names_bad_numbers_before_any_work(tmp_path, capsys, ar
     ("dart", dict(vat=True, vat_threshold=0.5), "--vat-threshold 0.5 has no effect .*needs --vat-target"),
     ("hpt", dict(method="hpt", warmup_proxy_weight=0.5), "only hpt-gpd has a warm-up phase"),
     ("hpt", dict(method="hpt-gpd", pmg_clean_weight=3.0), "PMG-AFT's loss weights need --method pmg-aft"),
+    ("hpt", dict(method="tecoa", proxy_weight=5.0), "--proxy-weight 5.0 has no effect .*need --method hpt or hpt-gpd"),
+    ("hpt", dict(method="pmg-aft", anchor_weight=1.0), "--anchor-weight 1.0 has no effect"),
 ])
 def test_options_the_run_ignores_are_named(tmp_path, check, cfg, match):
     """A warning, not an error: one config is often run with a switch on and off (UDA with and without --vat)."""
@@ -139,3 +158,20 @@ def test_options_the_run_ignores_are_named(tmp_path, check, cfg, match):
         config = TrainConfig(target="urda-tiny-vit:t.pt", proxy="urda-tiny-rn:p.pt", **cfg)
     with pytest.warns(UserWarning, match=match):
         check_fn(config)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["hpt", "eval", "--proxy", "urda-tiny-rn:p.pt", "--anchor", "urda-tiny-vit:a.pt"],
+     "hpt eval: --proxy 'urda-tiny-rn:p.pt' has no effect .*the proxy and the anchor are training's"),
+    (["hpt", "proxy-check", "--proxy", "urda-tiny-rn:{missing}", "--anchor", "urda-tiny-vit:a.pt"],
+     "hpt proxy-check: --anchor 'urda-tiny-vit:a.pt' has no effect"),
+])
+def test_hpt_eval_and_proxy_check_name_the_training_options_they_ignore(tmp_path, argv, match):
+    """They inherit the CLIP options of training: a --proxy or --anchor given to them is named before any work (which
+    then stops here, on the dataset root or the missing target)."""
+    from urda_fast.cli import main
+
+    target = ["--target", f"urda-tiny-vit:{tmp_path / 'missing.pt'}"]
+    argv = [a.format(missing=tmp_path / "missing.pt") for a in argv]
+    with pytest.warns(UserWarning, match=match), pytest.raises(SystemExit, match="needs --root|missing.pt"):
+        main([*argv, *target])

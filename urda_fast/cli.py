@@ -176,7 +176,8 @@ def _add_dart(sub) -> None:
     dart.set_defaults(run=cmd_dart)
     commands = dart.add_subparsers(dest="dart_command", required=True)
     demo = commands.add_parser("demo", help="source-only, DANN, DANN+VAT and DART on the embedded digits")
-    demo.add_argument("--out", default="runs/dart-demo")
+    demo.add_argument("--out", default="runs/dart-demo",
+                      help="folder of the four runs and the report; runs already there are started over")
     demo.add_argument("--scale", type=_positive_float, default=1.0,
                       help="multiply every iteration count (quick tries)")
     demo.add_argument("--device", default="auto")
@@ -249,7 +250,8 @@ def _add_hpt(sub) -> None:
     commands = hpt.add_subparsers(dest="hpt_command", required=True)
     demo = commands.add_parser("demo", help="proxy check, TeCoA/PMG-AFT/HPT/HPT-GPD and zero-shot evaluation on the "
                                             "embedded world (offline, CPU)")
-    demo.add_argument("--out", default="runs/hpt-demo")
+    demo.add_argument("--out", default="runs/hpt-demo",
+                      help="folder of the runs and the report; runs already there are resumed")
     demo.add_argument("--scale", type=_positive_float, default=1.0,
                       help="multiply the world's sizes and every iteration count")
     demo.add_argument("--device", default="auto")

@@ -62,10 +62,16 @@ def _coerce(value, annotation, name):
     return value
 
 
+# Help of the training commands' --resume and --overwrite (the loop refuses both together).
+RESUME_HELP = ("(default: False) continue the run in --out from its last.pt, or start one where there is none; "
+               "without it, an --out that holds a run is an error")
+OVERWRITE_HELP = "(default: False) delete the run in --out (checkpoints, log) and start over; not with --resume"
+
+
 def check_ranges(cfg, who: str, *, positive=(), non_negative=(), fraction=(), pixel_budget=()) -> None:
     """A ValueError naming the first field of ``cfg`` out of its range: ``positive`` (> 0), ``non_negative`` (>= 0),
-    ``fraction`` (in [0, 1), as SGD's momentum), ``pixel_budget`` (an L-inf budget in (0, 1] pixel units). NaN and
-    infinities are out of every range."""
+    ``fraction`` (in [0, 1), as SGD's momentum), ``pixel_budget`` (an L-inf budget or step in (0, 1] pixel units).
+    NaN and infinities are out of every range."""
     for names, ok, wanted in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
                               (fraction, lambda v: 0 <= v < 1, "in [0, 1)")):
         for name in names:
@@ -79,10 +85,12 @@ def check_ranges(cfg, who: str, *, positive=(), non_negative=(), fraction=(), pi
 
 
 def check_pixel_budget(value, name: str, who: str) -> None:
-    """An L-inf budget in [0, 1] pixel units: 8 (meaning 8/255) would let the attack reach any image."""
+    """An L-inf budget or step size (``*alpha``) in [0, 1] pixel units: 8 (meaning 8/255) would let the attack reach
+    any image."""
     if not 0 < value <= 1:  # NaN too
         hint = f"; did you mean {value:g}/255?" if 1 < value <= 255 else ""
-        raise ValueError(f"{who}: {name} is an L-inf budget in (0, 1] pixel units (write 8/255 for 8 of 255 levels), "
+        kind = "step size" if name.endswith("alpha") else "budget"
+        raise ValueError(f"{who}: {name} is an L-inf {kind} in (0, 1] pixel units (write 8/255 for 8 of 255 levels), "
                          f"got {value}{hint}")
 
 

@@ -93,6 +93,9 @@ class LoopSettings:
             raise ValueError(f"urda_fast: stop_after must be >= 1 (or unset: never), got {self.stop_after}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"urda_fast: amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.resume and self.overwrite:  # one would silently win over the other
+            raise ValueError("urda_fast: --resume continues the run in the output folder and --overwrite deletes it: "
+                             "give one of them")
 
 
 FUSED_SGD_DEVICES = ("cpu", "cuda")

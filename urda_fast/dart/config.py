@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from urda_fast.config import check_ranges, warn_unused
+from urda_fast.config import OVERWRITE_HELP, RESUME_HELP, check_ranges, warn_unused
 from urda_fast.distributed import check_device
 
 
@@ -32,8 +32,8 @@ class RunConfig:
     nvtx: bool = False
     cudnn_benchmark: bool = True  # cuDNN picks the fastest convolution algorithms by timing them (GPU; off: the same
     # algorithms in every process, one condition of a bit-for-bit resume on a GPU)
-    resume: bool = False
-    overwrite: bool = False  # start over in an --out that holds a run's checkpoints (else: an error)
+    resume: bool = field(default=False, metadata={"help": RESUME_HELP})
+    overwrite: bool = field(default=False, metadata={"help": OVERWRITE_HELP})
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
     progress: bool = True
     tensorboard: bool = True  # TensorBoard scalars in <out>/tb beside log.csv
@@ -128,7 +128,8 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
 
     _check_run_config(cfg)
     check_ranges(cfg, "dart", positive=("lr", "margin", "bottleneck_dim", "vat_alpha"), fraction=("momentum",),
-                 non_negative=("weight_decay", "lr_gamma", "lr_decay", "trade_off"), pixel_budget=("vat_eps",))
+                 non_negative=("weight_decay", "lr_gamma", "lr_decay", "trade_off"),
+                 pixel_budget=("vat_eps", "vat_alpha"))
     if not 0 <= cfg.vat_threshold <= 1:  # a softmax confidence: above 1 no pseudo-label would ever pass
         raise ValueError(f"dart: vat_threshold must be in [0, 1] (a confidence), got {cfg.vat_threshold}")
     if cfg.method not in METHODS:
@@ -165,7 +166,7 @@ def check_robustify_config(cfg: RobustifyConfig) -> None:
     _check_choices(cfg, {"forward": ("split-bn", "separate"), "weighting": ("per-sample", "code"),
                          "student_init": ("teacher", "backbone"), "attack_space": ("pixel", "normalized")})
     if cfg.attack_space == "pixel":
-        check_ranges(cfg, "dart", pixel_budget=("attack_eps",))
+        check_ranges(cfg, "dart", pixel_budget=("attack_eps", "attack_alpha"))
     if cfg.backbone_weights and cfg.student_init != "backbone":
         raise ValueError("dart: backbone_weights are the fresh student's backbone with --student-init backbone; "
                          f"with student_init {cfg.student_init!r} the student starts from the teacher and would "

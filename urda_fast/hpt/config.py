@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from urda_fast.config import OVERWRITE_HELP, RESUME_HELP
+
 METHODS = ("tecoa", "pmg-aft", "hpt", "hpt-gpd")
 LOGIT_SCALE_MAX = math.log(100.0)  # the code clamps logit_scale to <= ln(100) = 4.6052 after every step
 
@@ -88,8 +90,8 @@ class TrainConfig(ModelsConfig, DataConfig):
     nvtx: bool = False
     cudnn_benchmark: bool = True  # cuDNN times its convolution algorithms (GPU; off: the same ones in every process)
     tensorboard: bool = True
-    resume: bool = False
-    overwrite: bool = False  # start over in an --out that holds a run's checkpoints (else: an error)
+    resume: bool = field(default=False, metadata={"help": RESUME_HELP})
+    overwrite: bool = field(default=False, metadata={"help": OVERWRITE_HELP})
     progress: bool = True
     stop_after: int = 0  # end the run after this iteration, as a kill would (resume tests); 0 = never
 

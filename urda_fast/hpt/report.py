@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 
-from urda_fast.config import check_ranges
+from urda_fast.config import check_ranges, warn_unused
 from urda_fast.data import eval_loader
 from urda_fast.distributed import pick_device
 from urda_fast.files import (atomic_savefig, atomic_write_json, atomic_write_text, check_out_folder, load_torch_file,
@@ -98,7 +98,7 @@ def check_eval_numbers(cfg: EvalConfig | ProxyCheckConfig, who: str) -> None:
     """The numbers and output folder of an evaluation, before any model or data is read (`--max-batches -1` read as
     "all", an eps of 8 attacked with 8.0, an --out found to be a file after the evaluation)."""
     check_ranges(cfg, who, positive=("eps", "alpha", "batch_size", "image_size"),
-                 non_negative=("max_batches", "num_workers"), pixel_budget=("eps",))
+                 non_negative=("max_batches", "num_workers"), pixel_budget=("eps", "alpha"))
     check_out_folder(cfg.out, who)
 
 
@@ -109,6 +109,8 @@ def evaluate_models(models, cfg: EvalConfig, world=None) -> dict:
     if not models:
         raise ValueError("hpt eval: nothing to evaluate; give run folders and/or --target ARCH:CHECKPOINT")
     check_eval_numbers(cfg, "hpt eval")
+    warn_unused(cfg, "hpt eval", dict.fromkeys(("proxy", "anchor"), "hpt eval evaluates the run folders and "
+                                               "--target; the proxy and the anchor are training's"))
     names = [n for n in cfg.datasets.split(",") if n.strip()]
     names = [name for n in names for name in (PAPER_DATASETS if n.strip() == "paper" else (n,))]
     sets = [open_dataset(name, cfg.root, cfg.image_size, world) for name in names]
@@ -133,6 +135,7 @@ def proxy_check(cfg: ProxyCheckConfig, world=None) -> dict:
         raise ValueError("hpt proxy-check: give both --target and --proxy as ARCH:CHECKPOINT")
     check_eval_numbers(cfg, "hpt proxy-check")
     check_ranges(cfg, "hpt proxy-check", positive=("steps",))
+    warn_unused(cfg, "hpt proxy-check", {"anchor": "the proxy check attacks the target and scores the proxy"})
     device = pick_device(cfg.device)
     zs = open_dataset(cfg.data, cfg.root, cfg.image_size, world)
     heads = []

@@ -33,18 +33,19 @@ from .data import ZeroShotSet, eval_transform, open_dataset, subset, tinyimagene
 from .evaluate import zero_shot_robustness
 from .schedule import GPDSchedule
 from .world import World, WorldRecipe, default_world_dir
-from .zero_shot import ZeroShotClassifier, parse_templates
+from .zero_shot import LOGITS, PREPROCESS, ZeroShotClassifier, parse_templates
 
 WORLD_VAL_SETS = ("world:digits", "world:handwritten", "world:style")
 KL_SUM_PARTS = ("proxy_loss", "anchor_loss", "original_loss", "clean_loss")  # kd_kl_loss terms, summed by kl_reduction
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
     """``"auto"`` = fp16 on CUDA (the code's mixed precision), none on CPU (fp16 autocast is slow there)."""
     if amp == "auto":
         return "fp16" if device.type == "cuda" else "none"
-    if amp not in ("none", "bf16", "fp16"):
-        raise ValueError(f"hpt: amp must be 'auto', 'none', 'bf16' or 'fp16', got {amp!r}")
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"hpt: amp must be one of {', '.join(map(repr, AMP_CHOICES))}, got {amp!r}")
     return amp
 
 
@@ -207,8 +208,17 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.method in ("hpt", "hpt-gpd") and not cfg.proxy:
         raise ValueError(f"hpt: method {cfg.method} distils a proxy CLIP: give --proxy ARCH:CHECKPOINT (a CLIP of "
                          "another architecture)")
+    # Choices the first step or the model loading would check, by which time --overwrite has removed the old run.
+    choices = {"kl_reduction": losses.REDUCTIONS, "logits": LOGITS, "preprocess": tuple(PREPROCESS),
+               "amp": AMP_CHOICES}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"hpt: {name} must be one of {', '.join(map(repr, allowed))}, got {getattr(cfg, name)!r}")
     # (--proxy with tecoa / pmg-aft is not loaded, and not warned about: one command line can sweep every method)
     unused = {}
+    if cfg.method not in ("hpt", "hpt-gpd"):
+        unused.update(dict.fromkeys(("proxy_weight", "anchor_weight"), "HPT's loss weights need --method hpt or "
+                                    "hpt-gpd"))
     if cfg.method != "pmg-aft":
         unused.update(dict.fromkeys(("pmg_original_weight", "pmg_clean_weight"), "PMG-AFT's loss weights need "
                                     "--method pmg-aft"))
@@ -227,7 +237,7 @@ def check_config(cfg: TrainConfig) -> None:
                  non_negative=("weight_decay", "warmup_lr", "proxy_weight", "anchor_weight", "warmup_proxy_weight",
                                "warmup_anchor_weight", "pmg_original_weight", "pmg_clean_weight", "iterations",
                                "warmup_steps", "eval_max_batches", "num_workers", "stop_after"),
-                 pixel_budget=("attack_eps", "eval_eps"))
+                 pixel_budget=("attack_eps", "attack_alpha", "eval_eps"))
     # a phase whose loss weights are all 0 has no loss to train on (autograd would fail at its first step)
     phases = []
     if cfg.method in ("hpt", "hpt-gpd"):
@@ -244,6 +254,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"hpt: epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
     if cfg.attack_steps < 1 or cfg.eval_steps < 1:
         raise ValueError("hpt: attack_steps and eval_steps must be >= 1")
+    if cfg.eval_every < 1:
+        raise ValueError(f"hpt: eval_every must be >= 1, got {cfg.eval_every}")
 
 
 def make_optimizer(target, cfg: TrainConfig) -> torch.optim.SGD:

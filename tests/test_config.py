@@ -175,3 +175,18 @@ def test_hpt_eval_and_proxy_check_name_the_training_options_they_ignore(tmp_path
     argv = [a.format(missing=tmp_path / "missing.pt") for a in argv]
     with pytest.warns(UserWarning, match=match), pytest.raises(SystemExit, match="needs --root|missing.pt"):
         main([*argv, *target])
+
+
+def test_flag_help_shows_each_fields_comment_and_budgets_in_levels(capsys):
+    """The comment on a config field's line says what its values mean: `--help` shows it beside the default, and
+    a budget that is a whole number of levels reads 2/255, not 0.00784313725490196."""
+    from urda_fast.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["hpt", "train", "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert '--method METHOD (default: hpt-gpd); "tecoa" | "pmg-aft" | "hpt"' in text
+    assert "--attack-eps ATTACK_EPS (default: 2/255)" in text
+    # no comment on momentum's line: its default alone
+    assert "(default: 5e-05); peak lr of the HPT phase --momentum MOMENTUM (default: 0.9) --weight-decay" in text

@@ -125,17 +125,54 @@ def load_config(cls, yaml_path: str | None = None, overrides: dict | None = None
     return cls(**{k: _coerce(v, types[k], k) for k, v in values.items()})
 
 
+def field_comments(cls) -> dict:
+    """``{field: comment}``: the ``# comment`` ending each field's line in the sources of dataclass ``cls`` and its
+    bases (a subclass's wins), which says what the values mean; {} where the source cannot be read."""
+    import inspect
+    import io
+    import tokenize
+
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        line_tokens = {}
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            line_tokens.setdefault(token.start[0], []).append(token)
+        for tokens in line_tokens.values():
+            words = [t for t in tokens if t.type not in (tokenize.INDENT, tokenize.DEDENT)]
+            if (len(words) > 3 and words[0].type == tokenize.NAME and words[1].string == ":"
+                    and words[-2].type == tokenize.COMMENT and words[0].string in klass.__dataclass_fields__):
+                comments[words[0].string] = words[-2].string.lstrip("#").strip()
+    return comments
+
+
+def _shown_default(name: str, default):
+    """A budget or step as 8/255 when it is a whole number of levels (0.0313725... says nothing)."""
+    if isinstance(default, float) and ("eps" in name or "alpha" in name) and 0 < default <= 1:
+        levels = default * 255
+        if abs(levels - round(levels)) < 1e-9:
+            return f"{round(levels)}/255"
+    return default
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
     """One ``--flag-name`` per field of ``cls`` (default None, so unset flags do not override the YAML file). The help
-    shows the field's default, or its ``metadata["help"]``."""
+    shows the field's default and the comment on its line in the source, or its ``metadata["help"]``."""
     types = _field_types(cls)
+    comments = field_comments(cls)
     for field in dataclasses.fields(cls):
         if field.name in skip:
             continue
         flag = "--" + field.name.replace("_", "-")
         annotation = types[field.name]
         default = field.default if field.default is not dataclasses.MISSING else None
-        text = field.metadata.get("help") or f"(default: {default})"
+        comment = f"; {comments[field.name]}" if field.name in comments else ""
+        text = field.metadata.get("help") or f"(default: {_shown_default(field.name, default)}){comment}"
         kind = str if annotation is bool else (typing.get_args(annotation) or (annotation,))[0]
         kind = kind if kind in (int, str) else parse_float if kind is float else str
         if annotation is bool:  # `--vat` alone means true; `--vat false` also works

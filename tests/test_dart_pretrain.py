@@ -20,6 +20,7 @@ def _cfg(out, **kw):
 
 @pytest.mark.parametrize("method, options", [("source-only", {}), ("dann", {}), ("cdan", {"entropy_conditioning": True}),
                                              ("mdd", {"margin": 2.0}), ("dann", {"vat": True}),
+                                             ("cdan", {"randomized": True, "randomized_dim": 64}),
                                              ("source-only", {"vat": True, "vat_target": True, "vat_threshold": 0.0})])
 def test_every_method_trains_and_saves_a_loadable_classifier(tmp_path, method, options):
     result = pretrain(_cfg(tmp_path, method=method, **options))
@@ -32,6 +33,9 @@ def test_every_method_trains_and_saves_a_loadable_classifier(tmp_path, method, o
     assert "loss" in header and len(rows) >= 1
     if options.get("vat_target"):
         assert "pseudo_loss" in header
+    if options.get("randomized"):  # the discriminator sees the randomized map's 64 columns, not 10 x 32
+        weights = torch.load(tmp_path / "last.pt", weights_only=False)["modules"]
+        assert any(v.shape == (32, 64) for v in weights["method"].values())
 
 
 def test_a_backbone_trained_from_scratch_gets_the_full_learning_rate(tmp_path):
@@ -84,6 +88,8 @@ def test_dann_resumes_bit_for_bit(tmp_path):
     (dict(vat=True, vat_threshold=2.0), ValueError, r"vat_threshold must be in \[0, 1\].*got 2.0"),
     (dict(vat=True, vat_threshold=-0.1), ValueError, r"vat_threshold must be in \[0, 1\]"),
     (dict(entropy_conditioning=True), ValueError, "entropy_conditioning is CDAN's option .* not 'dann'"),
+    (dict(randomized=True), ValueError, "randomized is CDAN's option .*randomized multilinear map.* not 'dann'"),
+    (dict(method="cdan", randomized=True, randomized_dim=0), ValueError, "randomized_dim must be > 0"),
     (dict(bottleneck_dim=0), ValueError, "bottleneck_dim must be > 0, got 0"),
     (dict(device="gpu"), ValueError, "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     (dict(fold_batchnorm="yes"), ValueError, "fold_batchnorm must be one of"),

@@ -52,6 +52,8 @@ class PretrainConfig(RunConfig):
         default=None, metadata={"help": "(default: the method's, as tllib: 256, or 1024 for mdd)"})
     trade_off: float = 1.0
     entropy_conditioning: bool = False  # CDAN+E
+    randomized: bool = False  # CDAN's randomized multilinear map (tllib --randomized), for classes x features > 4096
+    randomized_dim: int = 1024  # the randomized map's output width
     margin: float = 4.0  # MDD's gamma
     lr: float = 0.01
     momentum: float = 0.9
@@ -127,7 +129,8 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
     from urda_fast.uda import METHODS
 
     _check_run_config(cfg)
-    check_ranges(cfg, "dart", positive=("lr", "margin", "bottleneck_dim", "vat_alpha"), fraction=("momentum",),
+    check_ranges(cfg, "dart", positive=("lr", "margin", "bottleneck_dim", "vat_alpha", "randomized_dim"),
+                 fraction=("momentum",),
                  non_negative=("weight_decay", "lr_gamma", "lr_decay", "trade_off"),
                  pixel_budget=("vat_eps", "vat_alpha"))
     if not 0 <= cfg.vat_threshold <= 1:  # a softmax confidence: above 1 no pseudo-label would ever pass
@@ -147,10 +150,12 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
         unused["margin"] = f"it is MDD's margin (--method mdd), not {cfg.method}'s"
     if cfg.method == "source-only":
         unused["trade_off"] = "source-only has no transfer loss to weigh"
+    if not cfg.randomized:
+        unused["randomized_dim"] = "it is the width of CDAN's randomized map, which needs --randomized"
     warn_unused(cfg, "dart", unused)
-    if cfg.entropy_conditioning and cfg.method != "cdan":
-        raise ValueError(f"dart: entropy_conditioning is CDAN's option (CDAN+E): it needs --method cdan, not "
-                         f"{cfg.method!r}")
+    for name, what in (("entropy_conditioning", "CDAN+E"), ("randomized", "the randomized multilinear map")):
+        if getattr(cfg, name) and cfg.method != "cdan":
+            raise ValueError(f"dart: {name} is CDAN's option ({what}): it needs --method cdan, not {cfg.method!r}")
     check_backbone_weights(cfg.arch, cfg.backbone_weights or None)
 
 

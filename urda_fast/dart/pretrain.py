@@ -104,7 +104,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     spec = ModelSpec(backbone=cfg.arch, num_classes=data.num_classes, bottleneck_dim=cfg.bottleneck_dim,
                      mean=data.mean, std=data.std, backbone_weights=cfg.backbone_weights or None)
     model = spec.build()
-    options = {"cdan": {"entropy_conditioning": cfg.entropy_conditioning}, "mdd": {"margin": cfg.margin}}
+    options = {"cdan": {"entropy_conditioning": cfg.entropy_conditioning, "randomized": cfg.randomized,
+                        "randomized_dim": cfg.randomized_dim},
+               "mdd": {"margin": cfg.margin}}
     method = create_method(cfg.method, model, trade_off=cfg.trade_off, **options.get(cfg.method, {})).to(device)
     if cfg.channels_last:
         method = method.to(memory_format=torch.channels_last)

@@ -77,6 +77,7 @@ class TrainConfig(ModelsConfig, DataConfig):
     logit_scale_max: float = LOGIT_SCALE_MAX
     eval_every: int = 500
     eval_eps: float = 1 / 255
+    eval_alpha: float = 1 / 255  # the validation PGD's step (code: 1/255), as hpt eval's --alpha
     eval_steps: int = 10
     eval_max_batches: int = 4  # batches per val set at each evaluation (0 = all)
     select_metric: str = "robust_acc"  # best.pt keeps the highest value (code: mean robust accuracy)

@@ -188,7 +188,7 @@ class HptTask:
         cfg = self.cfg
         # the val sets are already the seeded sample of eval_max_batches x batch_size images (validation_sets)
         result = zero_shot_robustness(self.head.clip, self.tokenizer, self.val_sets, attack=f"pgd{cfg.eval_steps}",
-                                      eps=cfg.eval_eps, alpha=cfg.eval_eps, batch_size=cfg.batch_size,
+                                      eps=cfg.eval_eps, alpha=cfg.eval_alpha, batch_size=cfg.batch_size,
                                       templates=self.head.templates,
                                       logits=cfg.logits, preprocess=cfg.preprocess, num_workers=self.num_workers,
                                       seed=cfg.seed, progress=False)
@@ -232,12 +232,13 @@ def check_config(cfg: TrainConfig) -> None:
         warnings.warn("hpt: the proxy has the target's architecture; HPT's proxy robustness needs a heterogeneous "
                       "proxy (e.g. ViT-B-16 for a ViT-B-32 target)", stacklevel=2)
     # a negative loss weight or lr trains away from its term without a word: refused, as are NaNs
-    check_ranges(cfg, "hpt", positive=("attack_eps", "attack_alpha", "eval_eps", "lr", "logit_scale_max", "image_size"),
+    check_ranges(cfg, "hpt", positive=("attack_eps", "attack_alpha", "eval_eps", "eval_alpha", "lr",
+                                       "logit_scale_max", "image_size"),
                  fraction=("momentum",),
                  non_negative=("weight_decay", "warmup_lr", "proxy_weight", "anchor_weight", "warmup_proxy_weight",
                                "warmup_anchor_weight", "pmg_original_weight", "pmg_clean_weight", "iterations",
                                "warmup_steps", "eval_max_batches", "num_workers", "stop_after"),
-                 pixel_budget=("attack_eps", "attack_alpha", "eval_eps"))
+                 pixel_budget=("attack_eps", "attack_alpha", "eval_eps", "eval_alpha"))
     # a phase whose loss weights are all 0 has no loss to train on (autograd would fail at its first step)
     phases = []
     if cfg.method in ("hpt", "hpt-gpd"):

@@ -36,6 +36,9 @@ def test_yaml_then_flags_override_the_defaults(tmp_path):
     ("momentum: true\n", "momentum must be a number, got True"),
     ("vat: 2\n", "vat must be true/false, got 2"),
     ("data: [digits, office31]\n", "data must be a string, written as on the command line"),
+    # PyYAML keeps the last of two equal keys without a word
+    ("lr: 0.5\nmomentum: 0.8\nlr: 0.02\n", "at line 3, column 1: key 'lr' appears twice \\(first at line 1\\)"),
+    ("vat-eps: 0.1\nvat_eps: 0.2\n", "sets vat_eps twice, as 'vat-eps' and as 'vat_eps'"),
 ])
 def test_bad_yaml_files_name_the_problem(tmp_path, text, match):
     path = tmp_path / "bad.yaml"

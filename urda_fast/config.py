@@ -94,6 +94,28 @@ def check_pixel_budget(value, name: str, who: str) -> None:
                          f"got {value}{hint}")
 
 
+def _unique_key_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last without a word)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            lines = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = lines.get(key)
+                except TypeError:  # an unhashable key: the base class names it
+                    break
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice (first at line {first})", key_node.start_mark)
+                lines[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def load_config(cls, yaml_path: str | None = None, overrides: dict | None = None):
     """An instance of dataclass ``cls``: its defaults, then the YAML file's keys, then ``overrides`` (None = unset).
     Unknown keys are an error that lists the valid ones."""
@@ -105,7 +127,7 @@ def load_config(cls, yaml_path: str | None = None, overrides: dict | None = None
 
         with open(yaml_path) as f:
             try:
-                loaded = yaml.safe_load(f) or {}
+                loaded = yaml.load(f, Loader=_unique_key_loader()) or {}
             except yaml.YAMLError as err:
                 where = getattr(err, "problem_mark", None)
                 at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
@@ -116,7 +138,12 @@ def load_config(cls, yaml_path: str | None = None, overrides: dict | None = None
         keys = [k for k in loaded if not isinstance(k, str)]
         if keys:
             raise ValueError(f"config: {yaml_path!r} has key {keys[0]!r}, which is not an option name")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        spelled = {}
+        for key in loaded:
+            name = key.replace("-", "_")
+            if name in spelled:
+                raise ValueError(f"config: {yaml_path!r} sets {name} twice, as {spelled[name]!r} and as {key!r}")
+            spelled[name], values[name] = key, loaded[key]
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     types = _field_types(cls)
     unknown = sorted(set(values) - set(types))

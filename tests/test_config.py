@@ -107,6 +107,8 @@ class Values:
     (["hpt", "train", "--target", "urda-tiny-vit:{missing}", "--proxy", "urda-tiny-rn:{missing}", "--attack-alpha",
       "2"], "attack_alpha is an L-inf step size .*did you mean 2/255"),
     (["dart", "pretrain", "--vat", "--vat-alpha", "2"], "vat_alpha is an L-inf step size"),
+    (["dart", "pretrain", "--vat", "--vat-steps", "0"], "vat_steps must be > 0"),  # the flag named, not `steps`
+    (["dart", "robustify", "--teacher", "{missing}", "--attack-steps", "0"], "attack_steps must be > 0"),
     (["dart", "robustify", "--teacher", "{missing}", "--attack-alpha", "2"], "attack_alpha is an L-inf step size"),
     (["hpt", "eval", "--target", "urda-tiny-vit:{missing}", "--alpha", "1.5"], "alpha is an L-inf step size"),
     # choices the first training step or the model loading would check, after --overwrite removed the old run

@@ -129,7 +129,7 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
     from urda_fast.uda import METHODS
 
     _check_run_config(cfg)
-    check_ranges(cfg, "dart", positive=("lr", "margin", "bottleneck_dim", "vat_alpha", "randomized_dim"),
+    check_ranges(cfg, "dart", positive=("lr", "margin", "bottleneck_dim", "vat_alpha", "vat_steps", "randomized_dim"),
                  fraction=("momentum",),
                  non_negative=("weight_decay", "lr_gamma", "lr_decay", "trade_off"),
                  pixel_budget=("vat_eps", "vat_alpha"))
@@ -165,7 +165,8 @@ def check_robustify_config(cfg: RobustifyConfig) -> None:
     _check_run_config(cfg)
     for name in ("tau_robust", "tau_transfer"):  # kd_kl_loss's range, checked before any work
         check_temperature_range(getattr(cfg, name), name, "dart")
-    check_ranges(cfg, "dart", positive=("lr", "tau_robust", "tau_transfer", "attack_eps", "attack_alpha"),
+    check_ranges(cfg, "dart", positive=("lr", "tau_robust", "tau_transfer", "attack_eps", "attack_alpha",
+                                        "attack_steps"),
                  fraction=("momentum",),
                  non_negative=("weight_decay", "lr_gamma", "lr_decay", "kl_weight", "feature_weight"))
     _check_choices(cfg, {"forward": ("split-bn", "separate"), "weighting": ("per-sample", "code"),

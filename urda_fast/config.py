@@ -84,6 +84,14 @@ def check_ranges(cfg, who: str, *, positive=(), non_negative=(), fraction=(), pi
         check_pixel_budget(getattr(cfg, name), name, who)
 
 
+def check_choices(cfg, who: str, choices: dict) -> None:
+    """A ValueError naming the first field of ``cfg`` whose value is not among ``choices[field]``."""
+    for name, allowed in choices.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise ValueError(f"{who}: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
 def check_pixel_budget(value, name: str, who: str) -> None:
     """An L-inf budget or step size (``*alpha``) in [0, 1] pixel units: 8 (meaning 8/255) would let the attack reach
     any image."""

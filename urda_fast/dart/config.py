@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from urda_fast.config import OVERWRITE_HELP, RESUME_HELP, check_ranges, warn_unused
+from urda_fast.config import OVERWRITE_HELP, RESUME_HELP, check_choices, check_ranges, warn_unused
 from urda_fast.distributed import check_device
 
 
@@ -105,17 +105,10 @@ class RobustifyConfig(RunConfig):
     forward: str = "split-bn"  # "split-bn": clean+adversarial in one forward, BN stats per batch | "separate"
 
 
-def _check_choices(cfg, choices: dict) -> None:
-    for name, allowed in choices.items():
-        value = getattr(cfg, name)
-        if value not in allowed:
-            raise ValueError(f"dart: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
 def _check_run_config(cfg: RunConfig) -> None:
     check_device(cfg.device, "dart")
     check_ranges(cfg, "dart", non_negative=("num_workers", "stop_after"))
-    _check_choices(cfg, {"fold_batchnorm": ("auto", "on", "off")})
+    check_choices(cfg, "dart", {"fold_batchnorm": ("auto", "on", "off")})
     if cfg.batch_size < 2:  # the bottleneck's BatchNorm trains on batch statistics, which one sample does not have
         raise ValueError(f"dart: batch_size must be >= 2 (the bottleneck's BatchNorm needs batch statistics in "
                          f"training), got {cfg.batch_size}")
@@ -169,8 +162,8 @@ def check_robustify_config(cfg: RobustifyConfig) -> None:
                                         "attack_steps"),
                  fraction=("momentum",),
                  non_negative=("weight_decay", "lr_gamma", "lr_decay", "kl_weight", "feature_weight"))
-    _check_choices(cfg, {"forward": ("split-bn", "separate"), "weighting": ("per-sample", "code"),
-                         "student_init": ("teacher", "backbone"), "attack_space": ("pixel", "normalized")})
+    check_choices(cfg, "dart", {"forward": ("split-bn", "separate"), "weighting": ("per-sample", "code"),
+                                "student_init": ("teacher", "backbone"), "attack_space": ("pixel", "normalized")})
     if cfg.attack_space == "pixel":
         check_ranges(cfg, "dart", pixel_budget=("attack_eps", "attack_alpha"))
     if cfg.backbone_weights and cfg.student_init != "backbone":

@@ -20,11 +20,11 @@ from torch.utils.data import TensorDataset
 
 from urda_fast import distributed
 from urda_fast.attacks import PGD
-from urda_fast.config import check_ranges, warn_unused
+from urda_fast.config import check_choices, check_ranges, warn_unused
 from urda_fast.data import loader_workers, train_stream
 from urda_fast.distributed import pick_device
 from urda_fast.profiling import nvtx_for, nvtx_range
-from urda_fast.train import LoopSettings, fit, input_fingerprints, refuse_to_overwrite, require_metric, sgd
+from urda_fast.train import AMP_MODES, LoopSettings, fit, input_fingerprints, refuse_to_overwrite, require_metric, sgd
 
 from . import losses
 from .clip_models import compile_image_tower, load_clip_arg, parse_model_arg
@@ -37,7 +37,7 @@ from .zero_shot import LOGITS, PREPROCESS, ZeroShotClassifier, parse_templates
 
 WORLD_VAL_SETS = ("world:digits", "world:handwritten", "world:style")
 KL_SUM_PARTS = ("proxy_loss", "anchor_loss", "original_loss", "clean_loss")  # kd_kl_loss terms, summed by kl_reduction
-AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+AMP_CHOICES = ("auto", *AMP_MODES)
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
@@ -209,11 +209,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"hpt: method {cfg.method} distils a proxy CLIP: give --proxy ARCH:CHECKPOINT (a CLIP of "
                          "another architecture)")
     # Choices the first step or the model loading would check, by which time --overwrite has removed the old run.
-    choices = {"kl_reduction": losses.REDUCTIONS, "logits": LOGITS, "preprocess": tuple(PREPROCESS),
-               "amp": AMP_CHOICES}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"hpt: {name} must be one of {', '.join(map(repr, allowed))}, got {getattr(cfg, name)!r}")
+    check_choices(cfg, "hpt", {"kl_reduction": losses.REDUCTIONS, "logits": LOGITS, "preprocess": tuple(PREPROCESS),
+                               "amp": AMP_CHOICES})
     # (--proxy with tecoa / pmg-aft is not loaded, and not warned about: one command line can sweep every method)
     unused = {}
     if cfg.method not in ("hpt", "hpt-gpd"):

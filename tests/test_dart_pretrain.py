@@ -33,6 +33,8 @@ def test_every_method_trains_and_saves_a_loadable_classifier(tmp_path, method, o
     assert "loss" in header and len(rows) >= 1
     if options.get("vat_target"):
         assert "pseudo_loss" in header
+    assert spec.layout == ("mdd" if method == "mdd" else "standard")  # tllib's MDD classifier for MDD
+    assert isinstance(model.head, torch.nn.Sequential) == (method == "mdd")
     if options.get("randomized"):  # the discriminator sees the randomized map's 64 columns, not 10 x 32
         weights = torch.load(tmp_path / "last.pt", weights_only=False)["modules"]
         assert any(v.shape == (32, 64) for v in weights["method"].values())
@@ -259,6 +261,34 @@ def test_the_bottleneck_width_defaults_to_tllibs_for_the_method():
 
     args = build_parser().parse_args(["dart", "pretrain", "--method", "mdd"])
     assert _load_config(args, PretrainConfig).bottleneck_dim == 1024
+
+
+def test_the_classifier_layout_defaults_to_tllibs_for_the_method(tmp_path):
+    """MDD trains tllib's MDD classifier (dropout, a two-layer head), the others the standard one; either can be
+    asked for, and checkpoints written before the layout was saved load as the standard one they are."""
+    from urda_fast.dart.config import check_pretrain_config
+    from urda_fast.models import ModelSpec
+
+    assert (PretrainConfig().classifier, PretrainConfig(method="mdd").classifier) == ("standard", "mdd")
+    assert PretrainConfig(method="mdd", classifier="standard").classifier == "standard"
+    with pytest.raises(ValueError, match="classifier must be one of 'standard', 'mdd', got 'two-layer'"):
+        check_pretrain_config(PretrainConfig(classifier="two-layer"))
+    pretrain(_cfg(tmp_path / "teacher", method="dann", classifier="mdd"))
+    model, spec, _ = load_checkpoint_model(str(tmp_path / "teacher"))
+    assert spec.layout == "mdd" and isinstance(model.head, torch.nn.Sequential)
+    # DART step 2 from it: the attack folds the bottleneck's BatchNorm (dropout follows it); a fresh student keeps
+    # the layout
+    from urda_fast.dart import RobustifyConfig, robustify
+
+    for init in ("teacher", "backbone"):
+        out = tmp_path / f"student-from-{init}"
+        robustify(RobustifyConfig(teacher=str(tmp_path / "teacher"), out=str(out), iterations=2, batch_size=16,
+                                  attack_steps=2, attack_eps=0.1, attack_alpha=0.05, fold_batchnorm="on",
+                                  student_init=init, progress=False))
+        student, student_spec, _ = load_checkpoint_model(str(out))
+        assert student_spec.layout == "mdd" and [type(m) for m in student.bottleneck][-1] is torch.nn.Dropout
+    old = {k: v for k, v in ModelSpec(bottleneck_dim=32).to_dict().items() if k != "layout"}
+    assert ModelSpec.from_dict(old).build().layout == "standard"
 
 
 def test_run_lengths_default_to_the_references():

@@ -225,6 +225,44 @@ def test_mdd_discrepancy_on_fixed_logits():
           -sum(ce_s) / 2 + sum(log_t) / 2)
 
 
+def test_mdd_classifier_layout_is_tllibs():
+    """tllib's MDD ImageClassifier: Linear(N(0, .005), bias .1)-BN-ReLU-Dropout(.5) bottleneck, then a
+    Linear-ReLU-Dropout(.5)-Linear head (N(0, .01), biases 0) as wide as the bottleneck; dropout only in training."""
+    torch.manual_seed(0)
+    model = ImageClassifier(DigitsCNN(), 10, bottleneck_dim=512, layout="mdd")
+    kinds = [type(m) for m in model.bottleneck], [type(m) for m in model.head]
+    assert kinds == ([nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout], [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear])
+    linear, first, last = model.bottleneck[0], model.head[0], model.head[3]
+    assert model.bottleneck[3].p == 0.5 and model.head[2].p == 0.5
+    assert (first.in_features, first.out_features, last.in_features, last.out_features) == (512, 512, 512, 10)
+    assert torch.all(linear.bias == 0.1) and torch.all(first.bias == 0) and torch.all(last.bias == 0)
+    for layer, std in ((linear, 0.005), (first, 0.01), (last, 0.01)):
+        assert abs(layer.weight.std().item() - std) < 0.1 * std and abs(layer.weight.mean().item()) < 0.1 * std
+    x = torch.rand(8, 1, 16, 16)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    _, features = model(x, return_features=True)
+    assert (features == 0).float().mean() > 0.4  # half the ReLU outputs dropped on top of the ReLU's own zeros
+    heads = [g["params"] for g in model.param_groups(0.01)]
+    assert sum(p.numel() for group in heads for p in group) == sum(p.numel() for p in model.parameters())
+    # the standard layout is untouched: Linear-BN-ReLU and a linear head
+    standard = ImageClassifier(DigitsCNN(), 10, bottleneck_dim=32)
+    assert [type(m) for m in standard.bottleneck] == [nn.Linear, nn.BatchNorm1d, nn.ReLU]
+    assert isinstance(standard.head, nn.Linear)
+
+
+def test_mdd_layout_errors_and_adversarial_head_width():
+    with pytest.raises(ValueError, match="unknown classifier layout 'tllib'; choose one of standard, mdd"):
+        ImageClassifier(DigitsCNN(), 10, layout="tllib")
+    with pytest.raises(ValueError, match="'mdd' classifier layout needs a bottleneck"):
+        ImageClassifier(DigitsCNN(), 10, bottleneck_dim=0, layout="mdd")
+    method = create_method("mdd", ImageClassifier(DigitsCNN(), 10, bottleneck_dim=48, layout="mdd"))
+    assert method.adv_head[0].out_features == 48  # tllib's script: the heads as wide as the bottleneck
+    narrow = create_method("mdd", ImageClassifier(DigitsCNN(), 10, bottleneck_dim=48), width=20)
+    assert narrow.adv_head[0].out_features == 20
+
+
 # ---------------------------------------------------------------- the methods on a toy model
 
 CASES = {

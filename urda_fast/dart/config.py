@@ -50,6 +50,10 @@ class PretrainConfig(RunConfig):
     backbone_weights: str = ""  # local file of pretrained backbone weights ("" = random init)
     bottleneck_dim: int | None = field(  # None: tllib's for the method, 256 (1024 for MDD)
         default=None, metadata={"help": "(default: the method's, as tllib: 256, or 1024 for mdd)"})
+    classifier: str | None = field(  # None: the method's, as tllib: "mdd" for MDD, "standard" otherwise
+        default=None, metadata={"help": "standard: bottleneck (Linear-BN-ReLU) and a linear head; mdd: tllib's MDD "
+                                        "classifier, the bottleneck ends in dropout and the head is "
+                                        "Linear-ReLU-Dropout-Linear (default: the method's, as tllib)"})
     trade_off: float = 1.0
     entropy_conditioning: bool = False  # CDAN+E
     randomized: bool = False  # CDAN's randomized multilinear map (tllib --randomized), for classes x features > 4096
@@ -70,6 +74,8 @@ class PretrainConfig(RunConfig):
     def __post_init__(self):
         if self.bottleneck_dim is None:  # resolved here, so a run's saved config holds the width it built
             self.bottleneck_dim = 1024 if self.method == "mdd" else 256
+        if self.classifier is None:
+            self.classifier = "mdd" if self.method == "mdd" else "standard"
 
 
 @dataclass
@@ -118,6 +124,7 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
     """Values no run can mean (a negative lr or loss weight trains *away* from the task without a word) and options
     that would have no effect: errors before any work. The loop checks its own settings (LoopSettings) and the attacks
     their budgets."""
+    from urda_fast.models import LAYOUTS
     from urda_fast.models.backbones import check_backbone_weights
     from urda_fast.uda import METHODS
 
@@ -130,6 +137,7 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
         raise ValueError(f"dart: vat_threshold must be in [0, 1] (a confidence), got {cfg.vat_threshold}")
     if cfg.method not in METHODS:
         raise ValueError(f"dart: unknown UDA method {cfg.method!r}; choose one of {', '.join(sorted(METHODS))}")
+    check_choices(cfg, "dart", {"classifier": LAYOUTS})
     if cfg.vat_target and not cfg.vat:
         raise ValueError("dart: vat_target adds adversarial pseudo-labelled target batches to the UDA+VAT baseline: "
                          "it needs --vat too")

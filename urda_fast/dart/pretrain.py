@@ -102,7 +102,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     device = pick_device(cfg.device)
     data = task_data(cfg)
     spec = ModelSpec(backbone=cfg.arch, num_classes=data.num_classes, bottleneck_dim=cfg.bottleneck_dim,
-                     mean=data.mean, std=data.std, backbone_weights=cfg.backbone_weights or None)
+                     mean=data.mean, std=data.std, backbone_weights=cfg.backbone_weights or None,
+                     layout=cfg.classifier)
     model = spec.build()
     options = {"cdan": {"entropy_conditioning": cfg.entropy_conditioning, "randomized": cfg.randomized,
                         "randomized_dim": cfg.randomized_dim},

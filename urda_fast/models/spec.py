@@ -16,6 +16,7 @@ class ModelSpec:
     mean: tuple = (0.5,)
     std: tuple = (0.5,)
     backbone_weights: str | None = None  # a local file; only used when building a fresh model
+    layout: str = "standard"  # ImageClassifier's: "standard" | "mdd" (checkpoints from before it: standard)
 
     def build(self, with_weights: bool = True) -> ImageClassifier:
         # the data's channels (one mean per channel): the digits CNN takes any, a ResNet says it needs 3
@@ -25,7 +26,7 @@ class ModelSpec:
         # trains at the full rate.
         pretrained = bool(with_weights and self.backbone_weights)
         return ImageClassifier(backbone, self.num_classes, bottleneck_dim=self.bottleneck_dim, mean=self.mean,
-                               std=self.std, finetune_backbone=pretrained)
+                               std=self.std, finetune_backbone=pretrained, layout=self.layout)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.classifier import mdd_head
 from .base import UDAMethod
 from .modules import WarmStartGradientReverseLayer
 
@@ -83,17 +84,6 @@ class ClassificationMarginDisparityDiscrepancy(nn.Module):
         return f"margin={self.margin}"
 
 
-def mdd_head(in_features: int, num_classes: int, width: int = 1024, dropout: float = 0.5) -> nn.Sequential:
-    """tllib's MDD classifier head: Linear(in, width)-ReLU-Dropout-Linear(width, K), weights N(0, 0.01), biases 0.
-
-    MDD's adversarial head; pass it as ``ImageClassifier(..., head=mdd_head(...))`` for tllib's main head too."""
-    head = nn.Sequential(nn.Linear(in_features, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, num_classes))
-    for layer in (head[0], head[3]):
-        nn.init.normal_(layer.weight, 0.0, 0.01)
-        nn.init.zeros_(layer.bias)
-    return head
-
-
 class MDD(UDAMethod):
     r"""Margin Disparity Discrepancy (Zhang et al., ICML 2019), as tllib trains it.
 
@@ -107,10 +97,11 @@ class MDD(UDAMethod):
     :math:`-\mathcal{D}_\gamma` (:class:`ClassificationMarginDisparityDiscrepancy`).
 
     Args:
-        model (ImageClassifier): the classifier (tllib uses ``bottleneck_dim=1024`` for MDD).
+        model (ImageClassifier): the classifier; tllib's for MDD is ``layout="mdd", bottleneck_dim=1024``.
         trade_off (float): Default: 1.0
         margin (float): :math:`\gamma`. Default: 4.0
-        width (int): hidden width of the adversarial head. Default: 1024
+        width (int): hidden width of the adversarial head. Default: the model's ``features_dim`` (tllib's script
+            makes it the bottleneck width, 1024)
         dropout (float): dropout in the adversarial head. Default: 0.5
         grl_alpha, grl_lo, grl_hi, grl_max_iters: the reversal schedule. Defaults: 1.0, 0.0, 0.1, 1000 (tllib).
 
@@ -126,11 +117,11 @@ class MDD(UDAMethod):
 
     name = "mdd"
 
-    def __init__(self, model, *, trade_off: float = 1.0, margin: float = 4.0, width: int = 1024,
+    def __init__(self, model, *, trade_off: float = 1.0, margin: float = 4.0, width: int | None = None,
                  dropout: float = 0.5, grl_alpha: float = 1.0, grl_lo: float = 0.0, grl_hi: float = 0.1,
                  grl_max_iters: float = 1000):
         super().__init__(model, trade_off=trade_off)
-        self.adv_head = mdd_head(model.features_dim, model.num_classes, width, dropout)
+        self.adv_head = mdd_head(model.features_dim, model.num_classes, width or model.features_dim, dropout)
         self.grl = WarmStartGradientReverseLayer(alpha=grl_alpha, lo=grl_lo, hi=grl_hi, max_iters=grl_max_iters,
                                                  auto_step=True)
         self.mdd = ClassificationMarginDisparityDiscrepancy(margin)

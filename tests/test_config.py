@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from urda_fast.config import check_ranges, load_config, parse_float
+from urda_fast.config import check_ranges, load_config, parse_float, repeated
 from urda_fast.dart.config import PretrainConfig
 from urda_fast.train import LoopSettings
 
@@ -195,3 +195,8 @@ def test_flag_help_shows_each_fields_comment_and_budgets_in_levels(capsys):
     assert "--attack-eps ATTACK_EPS (default: 2/255)" in text
     # no comment on momentum's line: its default alone
     assert "(default: 5e-05); peak lr of the HPT phase --momentum MOMENTUM (default: 0.9) --weight-decay" in text
+
+
+def test_repeated_lists_each_name_given_more_than_once_sorted():
+    assert repeated(["dann", "cdan", "dann", "mdd", "cdan", "dann"]) == ["cdan", "dann"]
+    assert repeated(["a", "b"]) == [] and repeated([]) == []

@@ -144,7 +144,7 @@ def test_summary_refuses_what_would_not_pair_up(tmp_path):
     with pytest.raises(ValueError, match=r"several rows labelled \['uda'\].*--label RUN=NAME"):
         summarize([twice])
     one = _report(tmp_path / "one", "A->W", [row])
-    with pytest.raises(ValueError, match="a task is given twice"):
+    with pytest.raises(ValueError, match=r"a task is given twice \(\['A->W'\]\)"):
         summarize([one, one])
     (tmp_path / "junk.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a `dart eval` report"):

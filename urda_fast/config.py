@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import math
 import os
@@ -82,6 +83,12 @@ def check_ranges(cfg, who: str, *, positive=(), non_negative=(), fraction=(), pi
                 raise ValueError(f"{who}: {name} must be finite, got {value}")
     for name in pixel_budget:
         check_pixel_budget(getattr(cfg, name), name, who)
+
+
+def repeated(items) -> list:
+    """The items that occur more than once, sorted (names given twice, for the error that lists them)."""
+    counts = collections.Counter(items)
+    return sorted(item for item, count in counts.items() if count > 1)
 
 
 def check_choices(cfg, who: str, choices: dict) -> None:

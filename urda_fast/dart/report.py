@@ -7,7 +7,7 @@ import warnings
 
 from urda_fast.attacks import FGSM, PGD, AutoAttack
 from urda_fast.attacks.autoattack import INSTALL_HINT, autoattack_backend
-from urda_fast.config import check_pixel_budget
+from urda_fast.config import check_pixel_budget, repeated
 from urda_fast.distributed import check_device
 from urda_fast.data import eval_loader
 from urda_fast.evaluate import check_loader_settings, robust_accuracy
@@ -99,7 +99,7 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
         check_pixel_budget(budget, "eps", "dart eval")
     check_out_folder(out, "dart eval")
     named = list((labels or {}).values())
-    twice = sorted({n for n in named if named.count(n) > 1})
+    twice = repeated(named)
     if twice:
         raise ValueError(f"dart eval: the labels given name two runs alike ({twice}); rows are told apart by their "
                          "names (dart summary pairs them across tasks)")
@@ -120,7 +120,7 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
                              f"({data.description}) has {data.num_classes}: runs of different tasks cannot share one "
                              "report; evaluate them separately")
     row_labels = [(labels or {}).get(run) or method_label(state) for run, state in zip(runs, states)]
-    shared = sorted({n for n in row_labels if row_labels.count(n) > 1})
+    shared = repeated(row_labels)
     if shared:
         warnings.warn(f"dart eval: several rows are named {shared} (runs of one kind); give each its own with "
                       "--label RUN=NAME, or `dart summary` cannot pair this report's rows with other tasks'",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+from urda_fast.config import repeated
 from urda_fast.files import atomic_write_json, atomic_write_text, check_out_folder
 
 
@@ -23,9 +24,9 @@ def read_report(path: str) -> dict:
     if not (isinstance(report, dict) and isinstance(report.get("rows"), list) and "data" in report and report["rows"]):
         raise ValueError(f"dart summary: {file!r} is not a `dart eval` report (no rows / data)")
     methods = [row["method"] for row in report["rows"]]
-    repeated = sorted({m for m in methods if methods.count(m) > 1})
-    if repeated:
-        raise ValueError(f"dart summary: {file!r} has several rows labelled {repeated}; name them apart with "
+    twice = repeated(methods)
+    if twice:
+        raise ValueError(f"dart summary: {file!r} has several rows labelled {twice}; name them apart with "
                          "`dart eval --label RUN=NAME` (e.g. dann, cdan) so that each task's rows pair up")
     return report
 
@@ -40,7 +41,7 @@ def summarize(paths, out: str | None = None) -> dict:
     reports = [read_report(path) for path in paths]
     tasks = [report["data"] for report in reports]
     if len(set(tasks)) < len(tasks):
-        raise ValueError(f"dart summary: a task is given twice ({sorted({t for t in tasks if tasks.count(t) > 1})})")
+        raise ValueError(f"dart summary: a task is given twice ({repeated(tasks)})")
     key_sets = [[k for k in report["rows"][0] if k == "clean" or "@" in k] for report in reports]
     keys = [k for k in key_sets[0] if all(k in ks for ks in key_sets)]
     if not keys:

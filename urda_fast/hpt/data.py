@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from urda_fast.config import repeated
 from urda_fast.data.domains import pil_loader
 
 PCAM_CLASSES = ["lymph node", "lymph node containing metastatic tumor tissue"]
@@ -129,7 +130,7 @@ def wordnet_classnames(name: str, wnids, synonyms) -> list:
                 own = next((refine_classname(s) for s in syns[1:] if refine_classname(s) not in taken), own)
             taken.add(own)
         names.append(own)
-    clashes = sorted({n for n in names if names.count(n) > 1})
+    clashes = repeated(names)
     if clashes:
         warnings.warn(f"hpt: {name}: classes share the zero-shot names {clashes[:5]}: of each, only the first can be "
                       "predicted", stacklevel=2)

@@ -127,6 +127,10 @@ class Values:
     (["demo", "--repeats", "0"], "argument --repeats: must be >= 1"),
     (["dart", "eval", "{missing}", "--eps", "abc"], "argument --eps: 'abc' is not a comma-separated list"),
     (["dart", "eval", "{missing}", "--out", "{file}"], "--out .*afile' is a file; give a folder"),
+    # a negative fraction reaches the budget check (argparse alone would take it for an option)
+    (["dart", "eval", "{missing}", "--eps", "-8/255"], r"budgets must be positive .*got \(-0\.0313"),
+    (["hpt", "eval", "--target", "urda-tiny-vit:{missing}", "--eps", "-1/255"], "eps must be"),
+    (["dart", "robustify", "--teacher", "{missing}", "--attack-alpha", "-.5/255"], "attack_alpha"),
     (["hpt", "eval", "--target", "urda-tiny-vit:{missing}", "--out", "{file}"], "--out .*afile' is a file"),
 ])
 def test_the_command_line_names_bad_numbers_before_any_work(tmp_path, capsys, argv, match):

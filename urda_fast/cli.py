@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import sys
 import time
@@ -369,7 +370,23 @@ def _is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, USER_ERRORS) or (isinstance(exc, RuntimeError) and str(exc).startswith("urda_fast:"))
 
 
+NEGATIVE_FRACTION = re.compile(r"-\d*\.?\d+/\d*\.?\d+")
+
+
+def _attach_negative_fractions(argv: list) -> list:
+    """``--eps -8/255`` as ``--eps=-8/255``: argparse takes a negative fraction for an option and says only "expected
+    one argument"; attached, the value reaches its check, which says what is wrong with it."""
+    out = []
+    for word in argv:
+        if NEGATIVE_FRACTION.fullmatch(word) and out and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={word}"
+        else:
+            out.append(word)
+    return out
+
+
 def main(argv=None) -> int:
+    argv = _attach_negative_fractions(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     allocator.keep_freed_memory()  # CPU steps stop page-faulting their buffers (urda_fast/allocator.py)
     try:

@@ -7,7 +7,7 @@ loop's fused SGD) against two eager twins (urda_fast/dart/reference_step.py), sa
   adversarial forwards, ``F.kl_div`` / ``F.mse_loss``;
 - ``lean``: the same loss as a careful eager loop -- teacher under ``no_grad``, input gradients only.
 
-The twins step torch's default SGD, ours the training loop's (``urda_fast.train.sgd``: torch's fused kernel); both
+The twins step torch's default SGD, ours the training loop's (``urda_fast.optim.sgd``: torch's fused kernel); both
 with the authors' settings (momentum 0.9, nesterov, weight decay 1e-3).
 
 Both twins run the models with torch's own pooling and convolution modules; ours with urda_fast's (``MaxPool2d``,

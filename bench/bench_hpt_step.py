@@ -3,7 +3,7 @@ PGD-L-inf on the target (eps 2/255, step 1/255, no random start), the target's f
 (x_adv) and anchor (x) forwards, the KL loss, backward and an SGD step.
 
 ``ours`` is ``HptTask.training_step`` (text features once per step, cached frozen heads, fused PGD and KL) and the
-training loop's SGD (``urda_fast.train.sgd``, torch's fused kernel; the twins step torch's default SGD); ``eager``
+training loop's SGD (``urda_fast.optim.sgd``, torch's fused kernel; the twins step torch's default SGD); ``eager``
 is the twin written like the reference code (``urda_fast/hpt/reference_step.py``: every forward re-encodes the class
 prompts, the code's ``attack_pgd`` whose ``loss.backward()`` also computes the parameter gradients at every attack
 step, ``nn.KLDivLoss(sum)``); ``lean`` is that twin with input-only attack gradients (``torch.autograd.grad``). All

@@ -85,7 +85,7 @@ def test_an_attack_copies_a_frozen_weight_once_for_all_its_steps(monkeypatch):
 def test_eval_after_a_fused_sgd_step_and_a_train_forward_sees_the_new_model():
     """The training loop's updates move no version counter: torch's fused SGD and a train-mode BatchNorm's running
     statistics. An attack or evaluation after them must see the new model (it saw the first one's constants)."""
-    from urda_fast.train import sgd
+    from urda_fast.optim import sgd
 
     torch.manual_seed(0)
     net = use_fast_batch_norm(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),

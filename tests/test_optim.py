@@ -1,9 +1,9 @@
-"""The training loop's SGD (urda_fast.train.sgd): torch's fused kernel, the same trajectory as torch's default SGD."""
+"""The training loop's SGD (urda_fast.optim.sgd): torch's fused kernel, the same trajectory as torch's default SGD."""
 
 import pytest
 import torch
 
-from urda_fast.train import sgd
+from urda_fast.optim import sgd
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
@@ -49,7 +49,7 @@ def test_fused_only_where_torch_has_the_kernel():
 def test_steps_that_fp16s_scaler_skips_leave_the_update_of_torchs_sgd(skipped):
     """A first step skipped by the GradScaler (its gradients overflowed) left the fused kernel's momentum buffer
     uninitialised: the next step read garbage (weights of 1e25). The loop's SGD gives torch's default update."""
-    from urda_fast.train import sgd
+    from urda_fast.optim import sgd
 
     def run(make):
         torch.manual_seed(0)

@@ -220,7 +220,7 @@ def test_the_logged_lr_is_the_one_each_step_used(tmp_path):
 
 
 def test_resume_refuses_a_changed_input_file(tmp_path):
-    from urda_fast.train import input_fingerprints
+    from urda_fast.run_files import input_fingerprints
 
     teacher = tmp_path / "teacher.pt"
     torch.save({"w": torch.zeros(3)}, teacher)
@@ -318,9 +318,9 @@ def test_a_second_sigterm_is_ignored_and_a_second_ctrl_c_stops():
 
 
 def test_a_folder_in_use_by_another_run_is_refused(tmp_path):
-    from urda_fast.train import _RunLock
+    from urda_fast.run_files import RunLock
 
-    holder = _RunLock(str(tmp_path))
+    holder = RunLock(str(tmp_path))
     assert holder.acquire() is None
     try:
         with pytest.raises(ValueError, match=f"in use by another run \\(process {os.getpid()}"):
@@ -333,7 +333,7 @@ def test_a_folder_in_use_by_another_run_is_refused(tmp_path):
 
 def test_a_failed_save_names_the_file_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     import urda_fast.train as train_module
-    from urda_fast.train import CheckpointWriteError
+    from urda_fast.run_files import CheckpointWriteError
 
     (tmp_path / "best.pt.tmp999").write_bytes(b"a killed save")  # removed by the next run, under the lock
     fit_task(LinearTask(), tmp_path, iterations=3, overwrite=True)

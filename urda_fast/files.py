@@ -3,7 +3,7 @@
     atomic_write_text("runs/x/report.md", text); atomic_write_json("runs/x/report.json", report)
     atomic_savefig(fig, "runs/x/report.png", dpi=120)
 
-(Checkpoints: ``urda_fast.train.atomic_save``.) And the reading side of checkpoints given on the command line:
+(Checkpoints: ``urda_fast.run_files.atomic_save``.) And the reading side of checkpoints given on the command line:
 
     state = load_torch_file(run_checkpoint(path), who="dart")  # a foreign or truncated file: a ValueError naming it
     raise ValueError(f"... ({state_dict_mismatch(err)})")  # load_state_dict's error in one line

@@ -21,6 +21,7 @@ removes that run's files (``RUN_FILES``: checkpoints, log.csv, TensorBoard event
 for the new run's. ``select_metric`` must be one of the task's evaluation metrics: checked before any work when the
 task has ``metric_names()``, else at the first evaluation -- never a run whose best.pt is silently never written.
 A resumed run refuses input files (``extra["inputs"]``, see ``input_fingerprints``) that changed since it started.
+Those, the atomic checkpoint writes, the folder's lock and the logs are in ``urda_fast.run_files``.
 
 Logs: ``log.csv`` and, unless ``LoopSettings.tensorboard`` is off, TensorBoard scalars in ``out_dir/tb`` (``train/*``
 every ``log_every`` steps, ``eval/*`` at every evaluation). A resumed run drops what a killed run logged past its last
@@ -39,9 +40,6 @@ rank resumes from the same ``last.pt``, so ``out_dir`` must be on a filesystem a
 
 from __future__ import annotations
 
-import csv
-import glob
-import hashlib
 import math
 import os
 import random
@@ -55,13 +53,19 @@ import torch
 from tqdm.auto import tqdm
 
 from urda_fast import distributed
-from urda_fast.files import load_torch_file, run_checkpoint
+from urda_fast.files import load_torch_file
 from urda_fast.profiling import nvtx_range
+from urda_fast.run_files import (
+    CsvLog,
+    RunLock,
+    TensorBoardLog,
+    atomic_save,
+    remove_earlier_run,
+    remove_stale_temporaries,
+)
 
 CHECKPOINT_VERSION = 1
 AMP_MODES = ("none", "bf16", "fp16")
-# What a run writes in out_dir (TensorBoard: event files under tb/): an --overwrite removes an earlier run's first.
-RUN_FILES = ("best.pt", "last.pt", "log.csv", os.path.join("tb", "events.out.tfevents.*"))
 
 
 @dataclass
@@ -98,132 +102,6 @@ class LoopSettings:
                              "give one of them")
 
 
-FUSED_SGD_DEVICES = ("cpu", "cuda")
-
-
-def _tensor_list(params) -> list:
-    return [params] if isinstance(params, torch.Tensor) else list(params)
-
-
-def sgd(params, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-        nesterov: bool = False) -> torch.optim.SGD:
-    """torch's SGD with ``fused=True`` where torch has the fused kernel for the parameters' device (CPU, CUDA): the
-    whole update in one pass per parameter, where the default CPU implementation loops over parameters in Python
-    and makes three passes for momentum + weight decay (ResNet-18 with nesterov and weight decay on 2 cores: 29 ->
-    4.8 ms a step). The same update rule and state dict (a float rounding apart), so checkpoints load either way."""
-    # parameters or parameter groups (dicts), each made a list: a generator would be spent by the check below
-    params = [dict(item, params=_tensor_list(item["params"])) if isinstance(item, dict) else item for item in params]
-    tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
-    # torch checks the devices only at the first step; here the choice is made up front
-    fused = all(p.device.type in FUSED_SGD_DEVICES and p.is_floating_point() for p in tensors)
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                                fused=fused or None)
-    if fused and momentum != 0:
-        # The fused kernel makes its momentum buffer with empty_like and fills it in its first update; a first step
-        # that fp16's GradScaler skips (an overflow: usual while the scale settles) leaves it uninitialised, and the
-        # next step reads garbage (weights of 1e25, NaN). Zeros give torch's first update exactly (0.9 * 0 + g = g).
-        for p in tensors:
-            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return optimizer
-
-
-def file_fingerprint(path: str) -> dict:
-    """Size and SHA-256 of a file: what a resumed run compares to tell a changed input checkpoint from its own."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
-
-
-def input_fingerprints(inputs: dict) -> dict:
-    """``{flag: path}`` of a run's input checkpoints (a folder means its best.pt) -> ``{flag: {"path", "size",
-    "sha256"}}`` for ``fit``'s ``extra["inputs"]``: a resume refuses a file that has changed since the run began.
-    Empty paths and missing files (the loaders report those) are left out."""
-    found = {}
-    for flag, path in inputs.items():
-        if path and os.path.isfile(run_checkpoint(path)):
-            found[flag] = {"path": run_checkpoint(path), **file_fingerprint(run_checkpoint(path))}
-    return found
-
-
-def refuse_to_overwrite(out_dir: str, inputs: dict) -> None:
-    """A run writes ``out_dir``/best.pt and last.pt: an input checkpoint at one of those paths (``{flag: path}``; a
-    folder means its best.pt, as the loaders read it) would be replaced by the run's own, e.g. a DART teacher by its
-    student. A ValueError names the flag, before any work."""
-    written = {os.path.realpath(os.path.join(out_dir, name)) for name in ("best.pt", "last.pt")}
-    for flag, path in inputs.items():
-        if not path:
-            continue
-        if os.path.realpath(run_checkpoint(path)) in written:
-            raise ValueError(f"urda_fast: {flag} {path!r} lies where this run writes its checkpoints ({out_dir}): "
-                             "the run would overwrite it; give another --out")
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint that could not be written (disk full, no permission): names the file; the previous one stays."""
-
-
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a kill never leaves a torn checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError("... iostream error")
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise CheckpointWriteError(f"urda_fast: could not write {path} ({type(err).__name__}: {err}); the previous "
-                                   "checkpoint there, if any, is untouched: check the free space and the "
-                                   "permissions of its folder") from err
-
-
-class _RunLock:
-    """An exclusive lock on ``out_dir/.lock`` for a run's duration (rank 0): a second run writing the same folder
-    (a relaunched job while the first still runs, --overwrite of a live run) is refused, naming the process that
-    holds it. The kernel drops the lock when its process dies, so a killed run leaves none behind. POSIX advisory
-    locks (flock): not across NFS clients; no locking on Windows."""
-
-    def __init__(self, out_dir: str):
-        self.path, self.file = os.path.join(out_dir, ".lock"), None
-
-    def acquire(self) -> str | None:
-        """None when locked by us, else a description of the holder."""
-        try:
-            import fcntl
-        except ImportError:
-            return None
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.release()
-            return holder
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"process {os.getpid()} on {os.uname().nodename}")
-        self.file.flush()
-        return None
-
-    def release(self) -> None:
-        if self.file is not None:
-            self.file.close()  # closing the file releases the lock
-            self.file = None
-
-
-def _remove_stale_temporaries(out_dir: str) -> None:
-    """Temporary checkpoint files of killed saves (each checkpoint-sized); only called under the run's lock."""
-    for path in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp*")):
-        try:
-            os.remove(path)
-        except OSError:
-            pass
-
-
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -246,51 +124,6 @@ def _autocast(amp: str, device_type: str):
     return torch.autocast(device_type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-class CsvLog:
-    """Appends rows to ``log.csv``; on resume, rows past the resumed iteration (written after the last checkpoint)
-    are dropped so the log matches the weights."""
-
-    def __init__(self, path: str, resume_from: int | None):
-        self.path = path
-        self.rows = []
-        if resume_from is not None and os.path.isfile(path):
-            with open(path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= resume_from]
-
-    def append(self, row: dict) -> None:
-        self.rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-    def flush(self) -> None:
-        fields = list(dict.fromkeys(k for r in self.rows for k in r))
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
-
-
-class TensorBoardLog:
-    """The same rows as scalars in ``folder``. ``purge_step`` makes TensorBoard drop events at steps past the resumed
-    iteration (written by the killed run after its last checkpoint, or by an earlier run for a fresh start), as
-    ``CsvLog`` drops those rows: a resumed run shows each step once."""
-
-    def __init__(self, folder: str, start: int):
-        from torch.utils.tensorboard import SummaryWriter  # here: tensorboard is slow to import and optional
-
-        self.writer = SummaryWriter(folder, purge_step=start + 1)
-
-    def append(self, group: str, iteration: int, values: dict) -> None:
-        for key, value in values.items():
-            self.writer.add_scalar(f"{group}/{key}", float(value), iteration)
-
-    def flush(self) -> None:
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 def fit(task, optimizer, scheduler, settings: LoopSettings, *, device: torch.device, extra: dict | None = None) -> dict:
     """Train ``task`` for ``settings.iterations`` steps; returns {"best": metrics of best.pt, "last": last metrics,
     "seconds"} (the same on every rank).
@@ -299,7 +132,7 @@ def fit(task, optimizer, scheduler, settings: LoopSettings, *, device: torch.dev
     Under torchrun this joins the process group, and leaves it at the end, unless the caller joined it first."""
     check_select_metric(task, settings.select_metric)  # before any file is touched
     joined = distributed.setup(device)
-    lock = _RunLock(settings.out_dir)
+    lock = RunLock(settings.out_dir)
     try:
         ctx = distributed.context()
         _lock_run(lock, settings.out_dir, ctx)
@@ -309,7 +142,7 @@ def fit(task, optimizer, scheduler, settings: LoopSettings, *, device: torch.dev
         distributed.teardown(joined)
 
 
-def _lock_run(lock: _RunLock, out_dir: str, ctx) -> None:
+def _lock_run(lock: RunLock, out_dir: str, ctx) -> None:
     """Rank 0 takes the folder's lock (and, holding it, removes killed saves' temporary files); every rank raises
     alike when another run holds it. Creating the folder and the lock file also shows at once that it is writable."""
     holder = error = None
@@ -320,7 +153,7 @@ def _lock_run(lock: _RunLock, out_dir: str, ctx) -> None:
         except OSError as err:  # said on every rank, which would otherwise wait for rank 0 forever
             error = f"{type(err).__name__}: {err}"
         if holder is None and error is None:
-            _remove_stale_temporaries(out_dir)
+            remove_stale_temporaries(out_dir)
     if ctx.enabled:
         holder, error = distributed.broadcast_object((holder, error))
     if error is not None:
@@ -556,19 +389,6 @@ def require_metric(select_metric: str, names) -> None:
                          f"({', '.join(names)}): best.pt keeps the best value of one of them")
 
 
-def _remove_earlier_run(out_dir: str) -> list:
-    """``--overwrite``: the files an earlier run wrote in ``out_dir`` (``RUN_FILES``), removed before this run
-    writes any: a kill before this run's first evaluation must not leave the old best.pt or log.csv to pass for
-    this run's. Returns the removed paths."""
-    removed = []
-    for pattern in RUN_FILES:
-        for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
-            if os.path.isfile(path):
-                os.remove(path)
-                removed.append(path)
-    return removed
-
-
 def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
     main = ctx.is_main  # only rank 0 writes files
     last_path = os.path.join(settings.out_dir, "last.pt")
@@ -579,7 +399,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
     if state is None and not settings.overwrite:
         _refuse_earlier_run(last_path, best_path, ctx, settings.resume, extra.get("config"))
     elif state is None and main:
-        _remove_earlier_run(settings.out_dir)
+        remove_earlier_run(settings.out_dir)
     if state is not None:
         _restore(state, task, optimizer, scheduler, scaler, ctx, last_path, extra.get("config"), extra.get("inputs"),
                  settings.amp)

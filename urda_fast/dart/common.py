@@ -10,9 +10,9 @@ from urda_fast.data import eval_loader
 from urda_fast.distributed import pick_device
 from urda_fast.files import load_torch_file, run_checkpoint, state_dict_mismatch
 from urda_fast.models import ModelSpec
+from urda_fast.optim import sgd as fused_sgd
 from urda_fast.profiling import nvtx_for
 from urda_fast.train import LoopSettings, fit
-from urda_fast.train import sgd as fused_sgd
 
 
 def attack_folding(cfg):
@@ -24,7 +24,7 @@ def attack_folding(cfg):
 
 
 def sgd(param_groups, cfg) -> torch.optim.Optimizer:
-    """tllib's optimizer: SGD, momentum 0.9, nesterov, weight decay 1e-3 (fused: ``urda_fast.train.sgd``)."""
+    """tllib's optimizer: SGD, momentum 0.9, nesterov, weight decay 1e-3 (fused: ``urda_fast.optim.sgd``)."""
     return fused_sgd(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
 
 

@@ -14,7 +14,7 @@ from urda_fast.data import train_stream
 from urda_fast.distributed import pick_device
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import nvtx_range
-from urda_fast.train import input_fingerprints, refuse_to_overwrite
+from urda_fast.run_files import input_fingerprints, refuse_to_overwrite
 
 from .common import accuracy, attack_folding, lr_schedule, run_loop, sgd
 from .config import PretrainConfig, check_pretrain_config

@@ -24,8 +24,8 @@ from urda_fast.attacks import PGD
 from urda_fast.data import train_stream
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import nvtx_range
+from urda_fast.run_files import input_fingerprints, refuse_to_overwrite
 from urda_fast.split_bn import split_batchnorm
-from urda_fast.train import input_fingerprints, refuse_to_overwrite
 
 from .common import accuracy, attack_folding, load_checkpoint_model, lr_schedule, read_checkpoint, run_loop, sgd
 from .config import RobustifyConfig, check_robustify_config

@@ -23,8 +23,10 @@ from urda_fast.attacks import PGD
 from urda_fast.config import check_choices, check_ranges, warn_unused
 from urda_fast.data import loader_workers, train_stream
 from urda_fast.distributed import pick_device
+from urda_fast.optim import sgd
 from urda_fast.profiling import nvtx_for, nvtx_range
-from urda_fast.train import AMP_MODES, LoopSettings, fit, input_fingerprints, refuse_to_overwrite, require_metric, sgd
+from urda_fast.run_files import input_fingerprints, refuse_to_overwrite
+from urda_fast.train import AMP_MODES, LoopSettings, fit, require_metric
 
 from . import losses
 from .clip_models import compile_image_tower, load_clip_arg, parse_model_arg

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from urda_fast.files import atomic_write_json
-from urda_fast.train import atomic_save
+from urda_fast.run_files import atomic_save
 
 from .clip_models import load_clip
 

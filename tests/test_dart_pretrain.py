@@ -177,6 +177,33 @@ def files_teacher(tmp_path, monkeypatch):
     return tmp_path / "runs" / "teacher"
 
 
+def test_rgb_digit_domains_train_as_tllibs_svhn_to_mnist_recipe(tmp_path, monkeypatch):
+    """SVHNRGB -> MNISTRGB reads the digits' own files as RGB at 32x32 (tllib's recipe), normalised by 0.5 per
+    channel; a task that pairs an RGB domain with a grey one is refused before any work, naming the pair to use."""
+    from urda_fast.dart.data import task_data
+
+    _digits_files(tmp_path / "digits")
+    monkeypatch.chdir(tmp_path)
+    data = task_data(_files_run("x", source="SVHNRGB", target="MNISTRGB"))
+    (x, y), (t, _) = data.source_train[3], data.target_test[5]
+    assert x.shape == t.shape == (3, 32, 32) and data.mean == data.std == (0.5, 0.5, 0.5)
+    torch.testing.assert_close(x[0], torch.full((32, 32), 75 / 255), atol=1 / 255, rtol=0)  # the red channel kept
+    assert y == 3 and float(x[1:].abs().max()) < 1 / 255
+    assert torch.allclose(t, torch.full_like(t, 100 / 255), atol=1 / 255)  # grey files as three equal channels
+    grey = task_data(_files_run("x"))
+    assert grey.source_train[3][0].shape == (1, 28, 28) and grey.mean == (0.5,)
+    with pytest.raises(ValueError, match=r"-s SVHNRGB is read as RGB at 32x32 but -t MNIST as greyscale at 28x28.*"
+                                         r"-s SVHNRGB -t MNISTRGB"):
+        pretrain(_files_run("runs/mixed", source="SVHNRGB"))
+    with pytest.raises(ValueError, match="Digits has domains MNIST, USPS, SVHN, MNISTRGB, USPSRGB, SVHNRGB, not -t "
+                                         "'MNIST-M'"):
+        pretrain(_files_run("runs/unknown", target="MNIST-M"))
+    assert not os.path.exists("runs")
+    pretrain(_files_run("runs/rgb", source="SVHNRGB", target="MNISTRGB"))
+    model, spec, _ = load_checkpoint_model("runs/rgb")
+    assert spec.mean == (0.5, 0.5, 0.5) and model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_relative_root_trains_and_is_saved_absolute(files_teacher, tmp_path):
     config = torch.load(files_teacher / "best.pt", weights_only=False)["config"]
     assert config["root"] == str(tmp_path / "digits")  # eval and robustify read it from any folder

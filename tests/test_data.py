@@ -177,6 +177,29 @@ def test_digits_in_tllibs_folder_per_domain(tmp_path, monkeypatch):
         M.open_domain("Digits", str(tmp_path / "digits"), "SVHN", "train")
 
 
+def test_rgb_digit_domains_read_their_own_folder_or_the_grey_domains(tmp_path):
+    """tllib downloads SVHNRGB into <root>/SVHNRGB/; the same files under <root>/SVHN/ serve too. Either way the
+    images come as RGB at 32x32, and a missing one names every place looked at."""
+    rel = "svhn_image/0.png"
+    for root, colour in (("a", (10, 20, 30)), ("b", (40, 50, 60))):
+        domain = tmp_path / root / ("SVHN" if root == "a" else "SVHNRGB")
+        (domain / "svhn_image").mkdir(parents=True)
+        Image.new("RGB", (28, 28), colour).save(domain / rel)
+        folder = domain / "image_list"
+        folder.mkdir()
+        (folder / "svhn_balanced.txt").write_text(f"{rel} 4\n")
+        ds = M.open_domain("Digits", str(tmp_path / root), "SVHNRGB", "test",
+                           transform=M.default_transforms("Digits", "SVHNRGB")[1])
+        x, y = ds[0]
+        assert y == 4 and x.shape == (3, 32, 32)
+        assert torch.allclose(x, torch.tensor(colour).view(3, 1, 1) / 255 * torch.ones(3, 32, 32), atol=1 / 255)
+    grey = M.open_domain("Digits", str(tmp_path / "a"), "SVHN", "test", transform=M.default_transforms("Digits")[1])
+    assert grey[0][0].shape == (1, 28, 28)
+    with pytest.raises(FileNotFoundError, match=r"a/MNISTRGB/image_list/mnist_test\.txt.*"
+                                                r"a/MNIST/image_list/mnist_test\.txt.*a/MNIST/test/<digit>"):
+        M.open_domain("Digits", str(tmp_path / "a"), "MNISTRGB", "test")
+
+
 def test_missing_image_is_named_with_its_line(tmp_path):
     _png(str(tmp_path / "a.png"), 0)
     (tmp_path / "list.txt").write_text("\na.png 1\n\nb.png 2\n")

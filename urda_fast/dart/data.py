@@ -55,17 +55,32 @@ def task_data(cfg, splits=SPLITS) -> TaskData:
     needs_source = "source_train" in splits
     if not cfg.target or (needs_source and not cfg.source):
         raise ValueError(f"dart: --data {cfg.data} needs {'-s/--source and ' if needs_source else ''}-t/--target, "
-                         f"from {', '.join(DATASETS[name].lists)}")
-    if cfg.source and cfg.source not in DATASETS[name].lists:
-        raise ValueError(f"dart: {name} has domains {', '.join(DATASETS[name].lists)}, not -s {cfg.source!r}")
-    train_tf, test_tf = default_transforms(name)
+                         f"from {', '.join(DATASETS[name].domains)}")
+    spec = DATASETS[name]
+    for flag, domain in (("-s", cfg.source), ("-t", cfg.target)):
+        if domain and domain not in spec.domains:
+            raise ValueError(f"dart: {name} has domains {', '.join(spec.domains)}, not {flag} {domain!r}")
+    mode, size = spec.read_as(cfg.target)
+    if needs_source and spec.read_as(cfg.source) != (mode, size):
+        raise ValueError(f"dart: -s {cfg.source} is read as {_format(spec, cfg.source)} but -t {cfg.target} as "
+                         f"{_format(spec, cfg.target)}: one model takes one kind of image; pick domains read alike "
+                         f"(tllib's SVHN -> MNIST recipe: -s SVHNRGB -t MNISTRGB)")
+    train_tf, test_tf = default_transforms(name, cfg.target)
     opened = {split: open_domain(name, cfg.root, cfg.source if split == "source_train" else cfg.target,
                                  split.split("_")[1], train_tf if split.endswith("train") else test_tf)
               for split in SPLITS if split in splits}
-    mean, std = ((0.5,), (0.5,)) if DATASETS[name].mode == "L" else (IMAGENET_MEAN, IMAGENET_STD)
+    channels = 1 if mode == "L" else 3
+    mean, std = ((spec.mean,) * channels, (spec.std,) * channels) if spec.mean is not None else \
+        (IMAGENET_MEAN, IMAGENET_STD)
     shift = f"{cfg.source} -> {cfg.target}" if cfg.source else f"target {cfg.target}"
     return TaskData(*(opened.get(split) for split in SPLITS), DATASETS[name].num_classes, mean, std,
                     f"{name}: {shift} from {cfg.root}")
+
+
+def _format(spec, domain: str) -> str:
+    mode, size = spec.read_as(domain)
+    crop = f" (crops of {spec.crop_size})" if spec.crop_size else ""
+    return f"{'greyscale' if mode == 'L' else mode} at {size}x{size}{crop}"
 
 
 def absolute_root(cfg):

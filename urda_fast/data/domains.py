@@ -148,6 +148,9 @@ class DatasetSpec:
     example: domain -> a typical list line, for error messages. Resize/crop/flip are tllib's defaults for it.
     domain_roots: each domain may also live in a folder of its own, ``root/<domain>/<list>`` with paths relative to
     it (tllib's digits: ``data/digits/MNIST/image_list/mnist_train.txt``).
+    variants: domain -> (domain whose files it reads, PIL mode, resize size): tllib's RGB digits (``SVHNRGB``, its
+    SVHN -> MNIST recipe at 32x32), read from their own folder or the grey domain's.
+    mean, std: the per-channel normalisation of its models (one value: every channel); None: ImageNet's.
     """
 
     name: str
@@ -160,6 +163,21 @@ class DatasetSpec:
     resize_size: int = 256
     crop_size: int | None = 224
     hflip: bool = True
+    variants: dict = field(default_factory=dict)
+    mean: float | None = None
+    std: float | None = None
+
+    @property
+    def domains(self) -> tuple:
+        return (*self.lists, *self.variants)
+
+    def files_of(self, domain: str) -> str:
+        """The domain whose image lists and folders ``domain`` reads (itself unless a variant)."""
+        return self.variants[domain][0] if domain in self.variants else domain
+
+    def read_as(self, domain: str) -> tuple:
+        """(PIL mode, resize size) of the domain's images."""
+        return self.variants[domain][1:] if domain in self.variants else (self.mode, self.resize_size)
 
 
 def _same(path):  # Office-31 and Office-Home have no split: a domain is trained on and evaluated whole (tllib)
@@ -190,7 +208,8 @@ DATASETS = {
     "Digits": DatasetSpec(
         "Digits", 10, lists={n: lists for n, lists, _ in _DIGITS}, example={n: ex for n, _, ex in _DIGITS},
         folders={n: {s: f"{n}/{s}" for s in ("train", "test")} for n, _, _ in _DIGITS},
-        mode="L", domain_roots=True, resize_size=28, crop_size=None, hflip=False),
+        mode="L", domain_roots=True, resize_size=28, crop_size=None, hflip=False,
+        variants={f"{n}RGB": (n, "RGB", 32) for n, _, _ in _DIGITS}, mean=0.5, std=0.5),
 }
 
 
@@ -208,30 +227,31 @@ def open_domain(dataset: str, root: str, domain: str, split: str = "train", tran
 
     Args:
         dataset: "Office31" (A, D, W), "OfficeHome" (Ar, Cl, Pr, Rw), "VisDA2017" (Synthetic, Real),
-            "Digits" (MNIST, USPS, SVHN).
+            "Digits" (MNIST, USPS, SVHN; MNISTRGB, USPSRGB, SVHNRGB: the same files read as RGB, tllib's).
         root: the benchmark's folder (tllib layout).
         split: "train" or "test"; the same images for Office31/OfficeHome/VisDA2017, as in tllib.
         transform: e.g. ``train_transform()``; None returns PIL images.
-        mode: PIL mode; default "RGB", "L" for digits.
+        mode: PIL mode; default the domain's: "RGB", "L" for the grey digits.
     Returns (image, label) pairs, labels in [0, num_classes).
     """
     if dataset not in DATASETS:
         raise ValueError(f"urda_fast: unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     spec = DATASETS[dataset]
-    if domain not in spec.lists:
-        raise ValueError(f"urda_fast: {dataset} has domains {', '.join(spec.lists)}, not {domain!r}")
+    if domain not in spec.domains:
+        raise ValueError(f"urda_fast: {dataset} has domains {', '.join(spec.domains)}, not {domain!r}")
     if split not in ("train", "test"):
         raise ValueError(f"urda_fast: split must be 'train' or 'test', not {split!r}")
-    mode = mode or spec.mode
+    mode = mode or spec.read_as(domain)[0]
     root = os.path.expanduser(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"urda_fast: {dataset} root {root!r} does not exist; "
                                 f"{_layout(spec, root, domain, split)}")
-    list_file = spec.lists[domain][split]  # relative to root: ImageList joins them (so does a relative root)
-    for list_root in [root] + ([os.path.join(root, domain)] if spec.domain_roots else []):
+    files = spec.files_of(domain)
+    list_file = spec.lists[files][split]  # relative to root: ImageList joins them (so does a relative root)
+    for list_root in [root] + [os.path.join(root, d) for d in _domain_folders(spec, domain)]:
         if os.path.isfile(os.path.join(list_root, list_file)):
             return ImageList(list_root, list_file, transform, spec.num_classes, mode, check_files)
-    folder = spec.folders.get(domain, {}).get(split)
+    folder = spec.folders.get(files, {}).get(split)
     if folder and os.path.isdir(os.path.join(root, folder)):
         data = image_folder(os.path.join(root, folder), transform, mode, spec.num_classes)
         _check_digit_classes(data, os.path.join(root, folder))
@@ -239,13 +259,23 @@ def open_domain(dataset: str, root: str, domain: str, split: str = "train", tran
     raise FileNotFoundError(f"urda_fast: {dataset}/{domain} ({split}) not found; {_layout(spec, root, domain, split)}")
 
 
+def _domain_folders(spec: DatasetSpec, domain: str) -> list:
+    """The folders under the root a domain's lists may live in: its own (tllib downloads SVHNRGB into SVHNRGB/),
+    then, for a variant, the domain whose files it reads."""
+    if not spec.domain_roots:
+        return []
+    return list(dict.fromkeys((domain, spec.files_of(domain))))
+
+
 def _layout(spec: DatasetSpec, root: str, domain: str, split: str) -> str:
-    text = (f"expected {os.path.join(root, spec.lists[domain][split])} with lines like {spec.example[domain]!r} "
+    files = spec.files_of(domain)
+    list_file = spec.lists[files][split]
+    text = (f"expected {os.path.join(root, list_file)} with lines like {spec.example[files]!r} "
             f"(tllib image list: path relative to {root}, label in [0, {spec.num_classes}))")
-    if spec.domain_roots:
-        text += f", or {os.path.join(root, domain, spec.lists[domain][split])} (tllib's digits: one folder per domain)"
-    if domain in spec.folders:
-        text += (f", or an ImageFolder tree {os.path.join(root, spec.folders[domain][split])}/<digit>/*.png "
+    for folder in _domain_folders(spec, domain):
+        text += f", or {os.path.join(root, folder, list_file)} (tllib's digits: one folder per domain)"
+    if files in spec.folders:
+        text += (f", or an ImageFolder tree {os.path.join(root, spec.folders[files][split])}/<digit>/*.png "
                  f"with class folders 0..9")
     return text
 
@@ -290,11 +320,13 @@ def val_transform(resize_size: int = 256, crop_size: int | None = 224):
     return T.Compose(steps + [T.ToTensor()])
 
 
-def default_transforms(dataset: str):
-    """(train, test) transforms with the benchmark's tllib defaults (224 crops; 28x28 resize, no flip for digits)."""
+def default_transforms(dataset: str, domain: str | None = None):
+    """(train, test) transforms with the benchmark's tllib defaults (224 crops; 28x28 resize, no flip for digits,
+    32x32 for its RGB digit domains)."""
     spec = DATASETS[dataset]
-    return (train_transform(spec.resize_size, spec.crop_size, spec.hflip),
-            val_transform(spec.resize_size, spec.crop_size))
+    size = spec.read_as(domain)[1] if domain else spec.resize_size
+    return (train_transform(size, spec.crop_size, spec.hflip),
+            val_transform(size, spec.crop_size))
 
 
 # ------------------------------------------------------------------------------------------------------------ loaders

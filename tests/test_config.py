@@ -118,6 +118,8 @@ class Values:
       "raw"], "logits must be one of 'cosine', 'clip'"),
     (["hpt", "train", "--target", "urda-tiny-vit:{missing}", "--proxy", "urda-tiny-rn:{missing}", "--preprocess",
       "none"], "preprocess must be one of 'imagenet', 'clip'"),
+    (["hpt", "train", "--target", "urda-tiny-vit:{missing}", "--method", "pmg-aft", "--pmg-kl-direction",
+      "reverse"], "pmg_kl_direction must be one of 'paper', 'code', got 'reverse'"),
     (["hpt", "train", "--target", "urda-tiny-vit:{missing}", "--proxy", "urda-tiny-rn:{missing}", "--amp", "fp8"],
      "amp must be one of 'auto', 'none', 'bf16', 'fp16'"),
     (["hpt", "train", "--target", "urda-tiny-vit:{missing}", "--proxy", "urda-tiny-rn:{missing}", "--eval-every",
@@ -150,7 +152,7 @@ def test_the_command_line_names_bad_numbers_before_any_work(tmp_path, capsys, ar
     ("dart", dict(vat_steps=3), "--vat-steps 3 has no effect .*need --vat"),
     ("dart", dict(vat=True, vat_threshold=0.5), "--vat-threshold 0.5 has no effect .*needs --vat-target"),
     ("hpt", dict(method="hpt", warmup_proxy_weight=0.5), "only hpt-gpd has a warm-up phase"),
-    ("hpt", dict(method="hpt-gpd", pmg_clean_weight=3.0), "PMG-AFT's loss weights need --method pmg-aft"),
+    ("hpt", dict(method="hpt-gpd", pmg_clean_weight=3.0), "PMG-AFT's loss options need --method pmg-aft"),
     ("hpt", dict(method="tecoa", proxy_weight=5.0), "--proxy-weight 5.0 has no effect .*need --method hpt or hpt-gpd"),
     ("hpt", dict(method="pmg-aft", anchor_weight=1.0), "--anchor-weight 1.0 has no effect"),
 ])

@@ -53,6 +53,14 @@ def test_pmg_aft_loss_matches_methods_md(reduction):
     expected = F.cross_entropy(adv, y) + 0.7 * per * kl_sum(original, adv) + 1.3 * per * kl_sum(clean, adv)
     _check(total, expected, (adv, clean))
     assert parts["clean_loss"] == pytest.approx(per * float(kl_sum(clean, adv).detach()), rel=1e-5)
+    # the PMG-AFT code's direction: KLDivLoss(log_softmax(other), softmax(target(adv))) = KL(target(adv) || other)
+    total, parts = losses.pmg_aft_loss(adv, y, original, clean, original_weight=0.7, clean_weight=1.3,
+                                       reduction=reduction, direction="code")
+    expected = F.cross_entropy(adv, y) + 0.7 * per * kl_sum(adv, original) + 1.3 * per * kl_sum(adv, clean)
+    _check(total, expected, (adv, clean))
+    assert parts["original_loss"] == pytest.approx(per * float(kl_sum(adv, original).detach()), rel=1e-5)
+    with pytest.raises(ValueError, match="pmg_kl_direction must be one of"):
+        losses.pmg_aft_loss(adv, y, original, clean, direction="reverse")
 
 
 def test_hpt_loss_matches_methods_md_and_skips_zero_weight_terms():
@@ -234,7 +242,8 @@ def test_every_method_trains_and_the_cli_commands_run(world, tmp_path, capsys):
         assert main(["hpt", "train", "--target", target, "--proxy", proxy, "--train-data", "world", "--method",
                      method, "--out", str(out), "--iterations", "3", "--batch-size", "8", "--warmup-steps", "1",
                      "--attack-steps", "1", "--eval-every", "3", "--eval-steps", "1", "--eval-max-batches", "1",
-                     "--tensorboard", "false"] + common) == 0
+                     "--tensorboard", "false"] + common
+                    + (["--pmg-kl-direction", "code"] if method == "pmg-aft" else [])) == 0
         best = torch.load(out / "best.pt", weights_only=False)
         assert best["kind"] == "hpt" and best["config"]["method"] == method and best["arch"] == "urda-tiny-vit"
         rows = list(csv_rows(out / "log.csv"))

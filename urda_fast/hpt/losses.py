@@ -14,6 +14,11 @@ With :math:`s_m(\cdot)` the zero-shot logits of model m, :math:`x^{adv}` PGD on 
     L_{HPT} = w_p\,KL(s_{proxy}(x^{adv}) \| s_{tgt}(x^{adv})) + w_a\,KL(s_{anchor}(x) \| s_{tgt}(x^{adv}))
 
 HPT's code uses :math:`w_p = 1, w_a = 0.001`; GPD's warm-up changes the weights (see :mod:`.schedule`).
+
+PMG-AFT's code computes its two KL terms the other way round, ``KLDivLoss(log_softmax(s_orig(x_adv)),
+softmax(s_tgt(x_adv)))``, i.e. :math:`KL(s_{tgt}(x^{adv}) \| s_{orig}(x^{adv}))` and
+:math:`KL(s_{tgt}(x^{adv}) \| s_{tgt}(x))`: ``pmg_aft_loss(..., direction="code")``. With the code's cosine logits
+(no scale) the two directions give nearly the same gradient; with CLIP's x100 logits they differ.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 from urda_fast import ops
 
 REDUCTIONS = ("sum", "batchmean")
+PMG_DIRECTIONS = ("paper", "code")
 
 
 def _check_reduction(reduction):
@@ -44,15 +50,23 @@ def anchor_loss(target_logits: torch.Tensor, anchor_clean_logits: torch.Tensor, 
 
 
 def pmg_aft_loss(target_adv_logits, labels, original_adv_logits, target_clean_logits, *, original_weight=1.0,
-                 clean_weight=1.0, reduction="sum"):
+                 clean_weight=1.0, reduction="sum", direction="paper"):
     """PMG-AFT. ``original_adv_logits`` come from the frozen pre-trained model; both target sides are trained.
+    ``direction``: ``"paper"``, the KL terms as above (methods.md), or ``"code"``, as the PMG-AFT code computes them
+    (the target's adversarial prediction first; see the module's notes).
 
     Shapes: logits (B, C), labels (B,). Returns (total, {"ce_loss", "original_loss", "clean_loss"}).
     """
     _check_reduction(reduction)
+    if direction not in PMG_DIRECTIONS:
+        raise ValueError(f"hpt: pmg_kl_direction must be one of {PMG_DIRECTIONS}, got {direction!r}")
     ce = F.cross_entropy(target_adv_logits.float(), labels)
-    original = ops.kd_kl_loss(target_adv_logits, original_adv_logits, reduction=reduction)
-    clean = ops.kd_kl_loss(target_adv_logits, target_clean_logits, reduction=reduction)
+    if direction == "paper":  # kd_kl_loss(q, p) is KL(p || q)
+        original = ops.kd_kl_loss(target_adv_logits, original_adv_logits, reduction=reduction)
+        clean = ops.kd_kl_loss(target_adv_logits, target_clean_logits, reduction=reduction)
+    else:
+        original = ops.kd_kl_loss(original_adv_logits, target_adv_logits, reduction=reduction)
+        clean = ops.kd_kl_loss(target_clean_logits, target_adv_logits, reduction=reduction)
     total = ce + original_weight * original + clean_weight * clean
     return total, {"ce_loss": ce.detach(), "original_loss": original.detach(), "clean_loss": clean.detach()}
 

@@ -163,7 +163,7 @@ class HptTask:
                 total, parts = losses.pmg_aft_loss(adv_logits, y, original, clean_logits,
                                                    original_weight=cfg.pmg_original_weight * kl_scale,
                                                    clean_weight=cfg.pmg_clean_weight * kl_scale,
-                                                   reduction=cfg.kl_reduction)
+                                                   reduction=cfg.kl_reduction, direction=cfg.pmg_kl_direction)
         else:
             proxy_weight, anchor_weight = self.schedule.weights_at(step)
             with nvtx_range("proxy forward"):
@@ -212,15 +212,15 @@ def check_config(cfg: TrainConfig) -> None:
                          "another architecture)")
     # Choices the first step or the model loading would check, by which time --overwrite has removed the old run.
     check_choices(cfg, "hpt", {"kl_reduction": losses.REDUCTIONS, "logits": LOGITS, "preprocess": tuple(PREPROCESS),
-                               "amp": AMP_CHOICES})
+                               "amp": AMP_CHOICES, "pmg_kl_direction": losses.PMG_DIRECTIONS})
     # (--proxy with tecoa / pmg-aft is not loaded, and not warned about: one command line can sweep every method)
     unused = {}
     if cfg.method not in ("hpt", "hpt-gpd"):
         unused.update(dict.fromkeys(("proxy_weight", "anchor_weight"), "HPT's loss weights need --method hpt or "
                                     "hpt-gpd"))
     if cfg.method != "pmg-aft":
-        unused.update(dict.fromkeys(("pmg_original_weight", "pmg_clean_weight"), "PMG-AFT's loss weights need "
-                                    "--method pmg-aft"))
+        unused.update(dict.fromkeys(("pmg_original_weight", "pmg_clean_weight", "pmg_kl_direction"),
+                                    "PMG-AFT's loss options need --method pmg-aft"))
     if cfg.method != "hpt-gpd":
         unused.update(dict.fromkeys(("warmup_proxy_weight", "warmup_anchor_weight"), "only hpt-gpd has a warm-up "
                                     "phase with loss weights of its own"))

@@ -232,6 +232,16 @@ def test_image_folders_whose_class_names_collide_are_an_error(tmp_path):
         open_dataset(f"folder:{tmp_path}")
 
 
+def test_class_names_are_refined_as_the_code_does():
+    """PMG-AFT's utils.refine_classname: lower case, '_', '-' and '/' as spaces (SUN397's 'apartment_building/outdoor');
+    a torchvision Caltech-256 'NNN.' prefix dropped."""
+    from urda_fast.hpt.data import refine_classname
+
+    assert [refine_classname(n) for n in ("Abyssinian", "golden_retriever", "apartment_building/outdoor",
+                                          "t-shirt", "001.ak47")] == \
+        ["abyssinian", "golden retriever", "apartment building outdoor", "t shirt", "ak47"]
+
+
 # ------------------------------------------------------------------------------------------------ finding 9
 def test_a_cut_file_and_another_architectures_weights_name_their_cause(fake_world, tmp_path):
     import open_clip

@@ -66,9 +66,10 @@ ALIASES = {"oxfordpet": "pets", "fgvc_aircraft": "aircraft", "stanfordcars": "ca
 
 
 def refine_classname(name: str) -> str:
-    """'001.ak47' / 'Abyssinian' / 'golden_retriever' -> 'ak47' / 'abyssinian' / 'golden retriever' (the code's)."""
+    """'001.ak47' / 'Abyssinian' / 'golden_retriever' / 'apartment_building/outdoor' -> 'ak47' / 'abyssinian' /
+    'golden retriever' / 'apartment building outdoor' (the code's '_', '-', '/' as spaces)."""
     name = re.sub(r"^\d+\.", "", str(name))
-    return name.lower().replace("_", " ").replace("-", " ").strip()
+    return name.lower().replace("_", " ").replace("-", " ").replace("/", " ").strip()
 
 
 def distinct_classnames(name: str, raw, what: str) -> list:
@@ -82,7 +83,7 @@ def distinct_classnames(name: str, raw, what: str) -> list:
     clashes = [f"{' and '.join(map(repr, group))} -> {clean!r}" for clean, group in groups.items() if len(group) > 1]
     if clashes:
         raise ValueError(f"hpt: {name}: {what} {'; '.join(clashes[:5])}{'; ...' if len(clashes) > 5 else ''} give the "
-                         "same zero-shot class name (lower-cased, '_' and '-' as spaces, a leading 'NNN.' dropped): "
+                         "same zero-shot class name (lower-cased, '_', '-' and '/' as spaces, a leading 'NNN.' dropped): "
                          "identical prompts, so one of each could never be predicted; rename or merge them")
     return refined
 

@@ -185,6 +185,21 @@ def test_world_is_reused_and_its_splits_have_the_documented_shapes(world):
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")  # moved to a step, no optimizer
+def test_head_and_its_eager_twin_upsample_small_images_alike(world, tmp_path):
+    """CIFAR-sized images reach the model bicubically upsampled (the code's F.interpolate), in our head and in the
+    eager twin the benchmarks and the step test compare against."""
+    from urda_fast.hpt.reference_step import EagerZeroShot
+    from urda_fast.hpt.train import build_task
+
+    head = build_task(train_cfg(world, tmp_path, method="hpt"))[0].head
+    small = torch.rand(3, 3, 9, 9, generator=torch.Generator().manual_seed(0))
+    eager = EagerZeroShot(head.clip, head.tokens, len(head.classnames), head.mode)
+    with torch.no_grad():
+        torch.testing.assert_close(head(small), eager(small), rtol=1e-4, atol=1e-5)
+        bilinear = F.interpolate(small, size=head.image_size, mode="bilinear", align_corners=False)
+        assert not torch.allclose(head(small), head(bilinear), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("method,weights,logits,style", [
     ("hpt-gpd", "warmup", "clip", "code"), ("hpt-gpd", "hpt", "clip", "lean"), ("hpt", "hpt", "clip", "code"),
     ("hpt", "hpt", "cosine", "lean")])

@@ -44,7 +44,7 @@ class EagerZeroShot(nn.Module):
         size = self.clip.visual.image_size
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         if tuple(images.shape[-2:]) != size:
-            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+            images = F.interpolate(images, size=size, mode="bicubic", align_corners=False)
         image = F.normalize(self.clip.encode_image((images - self.mean) / self.std).float(), dim=-1)
         text = F.normalize(self.clip.encode_text(self.tokens).float(), dim=-1)
         text = F.normalize(text.reshape(self.num_classes, -1, text.shape[-1]).mean(1), dim=-1)

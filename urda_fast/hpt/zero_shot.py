@@ -62,7 +62,8 @@ class ZeroShotClassifier(nn.Module):
             they are recomputed, with gradients, at every call (a trained text tower).
 
     Shape:
-        images (B, 3, H, W) in [0, 1], resized (bilinear) to the model's input size if needed; logits (B, C).
+        images (B, 3, H, W) in [0, 1], resized (bicubic, as the code) to the model's input size if needed;
+        logits (B, C).
     """
 
     def __init__(self, clip, tokenizer, classnames, templates=DEFAULT_TEMPLATES, *, logits="cosine",

@@ -134,6 +134,8 @@ class Values:
     (["hpt", "eval", "--target", "urda-tiny-vit:{missing}", "--eps", "-1/255"], "eps must be"),
     (["dart", "robustify", "--teacher", "{missing}", "--attack-alpha", "-.5/255"], "attack_alpha"),
     (["hpt", "eval", "--target", "urda-tiny-vit:{missing}", "--out", "{file}"], "--out .*afile' is a file"),
+    (["hpt", "eval", "--target", "urda-tiny-vit:{missing}", "--prompts", "paper"],
+     "prompts must be one of 'code', 'template', got 'paper'"),
 ])
 def test_the_command_line_names_bad_numbers_before_any_work(tmp_path, capsys, argv, match):
     """Checked before a model or a dataset is read (the paths given do not exist: reading them would fail first)."""

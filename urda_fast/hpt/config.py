@@ -123,6 +123,10 @@ class EvalConfig(ModelsConfig):
     # comma-separated names (urda_fast.hpt.data.EVAL_DATASETS, imagenet, folder:PATH); "paper": the papers' 15 sets,
     # whose average the known figures are (a shorter list's average is not comparable to them)
     datasets: str = "cifar10,cifar100,stl10"
+    prompts: str = field(default="code", metadata={"help": (
+        "code: the PMG-AFT / HPT-GPD code's own prompts for the sets that have them (Food101, Pets, Flowers102, DTD, "
+        "EuroSAT, Aircraft, Cars, Caltech101/256, PCAM; urda_fast/hpt/prompts.py), --templates for the others; "
+        "template: --templates for every set (default: code)")})
     root: str = ""
     world: str = ""
     attack: str = "pgd10"  # "pgdK" | "cwK" (CW margin loss) | "autoattack" | "none"

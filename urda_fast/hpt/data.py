@@ -21,6 +21,8 @@ from torch.utils.data import Dataset, TensorDataset
 from urda_fast.config import repeated
 from urda_fast.data.domains import pil_loader
 
+from .prompts import code_prompts
+
 PCAM_CLASSES = ["lymph node", "lymph node containing metastatic tumor tissue"]
 
 
@@ -29,6 +31,7 @@ class ZeroShotSet:
     name: str
     dataset: Dataset
     classnames: list
+    prompts: list | None = None  # the PMG-AFT / HPT-GPD code's prompt per class (.prompts), where it has its own
 
 
 def _tv(cls_name: str, **kwargs):
@@ -83,8 +86,8 @@ def distinct_classnames(name: str, raw, what: str) -> list:
     clashes = [f"{' and '.join(map(repr, group))} -> {clean!r}" for clean, group in groups.items() if len(group) > 1]
     if clashes:
         raise ValueError(f"hpt: {name}: {what} {'; '.join(clashes[:5])}{'; ...' if len(clashes) > 5 else ''} give the "
-                         "same zero-shot class name (lower-cased, '_', '-' and '/' as spaces, a leading 'NNN.' dropped): "
-                         "identical prompts, so one of each could never be predicted; rename or merge them")
+                         "same zero-shot class name (lower-cased, '_', '-' and '/' as spaces, a leading 'NNN.' "
+                         "dropped): identical prompts, so one of each could never be predicted; rename or merge them")
     return refined
 
 
@@ -138,13 +141,17 @@ def wordnet_classnames(name: str, wnids, synonyms) -> list:
     return names
 
 
+def _raw_classnames(dataset):
+    return getattr(dataset, "classes", None) or getattr(dataset, "categories", None)
+
+
 def _classnames_of(name, dataset):
     if name == "pcam":
         return list(PCAM_CLASSES)
     if name == "imagenet":
         return wordnet_classnames(name, dataset.wnids, [c if isinstance(c, (tuple, list)) else (c,)
                                                         for c in dataset.classes])
-    names = getattr(dataset, "classes", None) or getattr(dataset, "categories", None)
+    names = _raw_classnames(dataset)
     if not names:
         raise ValueError(f"hpt: {name}: the dataset has no class names (classes/categories) for its zero-shot head")
     return [refine_classname(c) for c in names]
@@ -309,7 +316,8 @@ def open_dataset(name: str, root: str = "", image_size: int = 224, world=None) -
                                     "another release); extract the official archive again") from err
         raise FileNotFoundError(f"hpt: {name} not found under {root!r} (expected {os.path.join(root, layout)}, the "
                                 f"layout torchvision's download creates; nothing is downloaded here){detail}") from err
-    return ZeroShotSet(name, dataset, _classnames_of(name, dataset))
+    return ZeroShotSet(name, dataset, _classnames_of(name, dataset),
+                       code_prompts(name, _raw_classnames(dataset) if name != "pcam" else PCAM_CLASSES))
 
 
 def subset(dataset: Dataset, count: int, seed: int = 0) -> Dataset:

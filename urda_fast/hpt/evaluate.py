@@ -18,6 +18,7 @@ from urda_fast.attacks.base import frozen_eval
 from urda_fast.data import eval_loader
 from urda_fast.evaluate import robust_accuracy
 
+from .prompts import PROMPT_MODES
 from .zero_shot import ZeroShotClassifier
 
 
@@ -38,15 +39,21 @@ def make_attack(head, name: str, eps: float, alpha: float, seed: int = 0, num_cl
 def zero_shot_robustness(clip, tokenizer, sets, *, attack: str = "pgd10", eps: float = 1 / 255,
                          alpha: float = 1 / 255, batch_size: int = 256, max_batches: int = 0,
                          templates=("This is a photo of a {}",), logits: str = "cosine", preprocess: str = "imagenet",
-                         num_workers: int = 0, seed: int = 0, progress: bool = True) -> dict:
+                         prompts: str = "template", num_workers: int = 0, seed: int = 0, progress: bool = True) -> dict:
     """Clean and attacked zero-shot accuracy of ``clip`` on each ``ZeroShotSet`` of ``sets`` (class names from the
-    set, text features computed once per set). ``max_batches`` > 0 limits the batches per set."""
+    set, text features computed once per set). ``max_batches`` > 0 limits the batches per set. ``prompts``:
+    ``"template"`` puts each set's class names into ``templates``; ``"code"`` scores a set that has the code's own
+    prompts (``ZeroShotSet.prompts``, :mod:`.prompts`) with those, and the others with ``templates``."""
     if not sets:
         raise ValueError("hpt: give at least one dataset to evaluate on")
+    if prompts not in PROMPT_MODES:
+        raise ValueError(f"hpt: prompts must be one of {PROMPT_MODES}, got {prompts!r}")
     device = next(clip.parameters()).device
     per_dataset = {}
     for zs in sets:
-        head = ZeroShotClassifier(clip, tokenizer, zs.classnames, templates, logits=logits, preprocess=preprocess)
+        own = prompts == "code" and zs.prompts is not None
+        head = ZeroShotClassifier(clip, tokenizer, zs.prompts if own else zs.classnames, ("{}",) if own else templates,
+                                  logits=logits, preprocess=preprocess)
         attacks = {"clean": None}
         robust = make_attack(head, attack, eps, alpha, seed, num_classes=len(zs.classnames))
         if robust is not None:
@@ -54,7 +61,8 @@ def zero_shot_robustness(clip, tokenizer, sets, *, attack: str = "pgd10", eps: f
         loader = eval_loader(zs.dataset, batch_size, num_workers, device)
         table = robust_accuracy(head, loader, attacks, device=device, max_batches=max_batches or None,
                                 progress=progress)
-        per_dataset[zs.name] = {"clean": table["clean"].accuracy, "count": table["clean"].count}
+        per_dataset[zs.name] = {"clean": table["clean"].accuracy, "count": table["clean"].count,
+                                "prompts": "code" if own else "template"}
         if robust is not None:
             per_dataset[zs.name]["robust"] = table["robust"].accuracy
     result = {"per_dataset": per_dataset, "attack": attack, "eps": eps,

@@ -3,10 +3,11 @@
     report = evaluate_models([("zero-shot", "ViT-B-32:ckpts/vitb32.pt"), run_model("runs/hpt")], cfg)
     write_report(report, "runs/report")     # report.json, report.md, report.png
 
-``report = {"attack", "eps", "rows": [{"method", "model", "clean", "robust", "per_dataset": {name: {...}}, "head"}]}``,
-accuracies in percent, ``clean``/``robust`` averaged over datasets; ``head`` = the zero-shot head each model was
-evaluated with: {"logits", "preprocess", "templates", "from": {setting: "run" | "flag" | "default"}} (a run's own
-settings unless ``EvalConfig`` gives one).
+``report = {"attack", "eps", "prompts", "rows": [{"method", "model", "clean", "robust", "per_dataset": {name: {...}},
+"head"}]}``, accuracies in percent, ``clean``/``robust`` averaged over datasets; ``per_dataset[name]["prompts"]`` says
+whether the set was prompted with the code's own prompts ("code") or the templates; ``head`` = the zero-shot head
+each model was evaluated with: {"logits", "preprocess", "templates", "from": {setting: "run" | "flag" | "default"}}
+(a run's own settings unless ``EvalConfig`` gives one).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 
-from urda_fast.config import check_ranges, warn_unused
+from urda_fast.config import check_choices, check_ranges, warn_unused
 from urda_fast.data import eval_loader
 from urda_fast.distributed import pick_device
 from urda_fast.files import (atomic_savefig, atomic_write_json, atomic_write_text, check_out_folder, load_torch_file,
@@ -24,6 +25,7 @@ from .clip_models import load_clip_arg, parse_model_arg
 from .config import EvalConfig, ModelsConfig, ProxyCheckConfig
 from .data import PAPER_DATASETS, open_dataset, subset
 from .evaluate import proxy_robustness, zero_shot_robustness
+from .prompts import PROMPT_MODES
 from .zero_shot import ZeroShotClassifier, parse_templates
 
 
@@ -109,6 +111,7 @@ def evaluate_models(models, cfg: EvalConfig, world=None) -> dict:
     if not models:
         raise ValueError("hpt eval: nothing to evaluate; give run folders and/or --target ARCH:CHECKPOINT")
     check_eval_numbers(cfg, "hpt eval")
+    check_choices(cfg, "hpt eval", {"prompts": PROMPT_MODES})
     warn_unused(cfg, "hpt eval", dict.fromkeys(("proxy", "anchor"), "hpt eval evaluates the run folders and "
                                                "--target; the proxy and the anchor are training's"))
     names = [n for n in cfg.datasets.split(",") if n.strip()]
@@ -122,11 +125,11 @@ def evaluate_models(models, cfg: EvalConfig, world=None) -> dict:
         clip, tokenizer, _ = load_clip_arg(arg, "target", pick_device(cfg.device))
         result = zero_shot_robustness(clip, tokenizer, sets, attack=cfg.attack, eps=cfg.eps, alpha=cfg.alpha,
                                       batch_size=cfg.batch_size, templates=parse_templates(head["templates"]),
-                                      logits=head["logits"], preprocess=head["preprocess"],
+                                      logits=head["logits"], preprocess=head["preprocess"], prompts=cfg.prompts,
                                       num_workers=cfg.num_workers, seed=cfg.seed, progress=cfg.progress)
         rows.append({"method": label, "model": arg, "clean": result["clean"], "robust": result.get("robust"),
                      "per_dataset": result["per_dataset"], "head": head})
-    return {"attack": cfg.attack, "eps": cfg.eps, "datasets": names, "rows": rows}
+    return {"attack": cfg.attack, "eps": cfg.eps, "datasets": names, "prompts": cfg.prompts, "rows": rows}
 
 
 def proxy_check(cfg: ProxyCheckConfig, world=None) -> dict:
@@ -170,6 +173,10 @@ def to_markdown(report: dict) -> str:
             lines.append(f"- {row['method']}: " + ", ".join(
                 f"{key} {head[key]!r} ({_SOURCE[head['from'].get(key, 'run')].format(flag=key)})"
                 for key in HEAD_SETTINGS))
+    own = [n for n in names if any(row["per_dataset"][n].get("prompts") == "code" for row in report["rows"])]
+    if own:
+        lines += ["", f"Prompted as the PMG-AFT / HPT-GPD code prompts them (--prompts code): {', '.join(own)}; the "
+                      "other sets through the templates above."]
     if "proxy_check" in report:
         pc = report["proxy_check"]
         lines += ["", f"Proxy robustness ({pc.get('data', '')}, PGD-{pc['steps']} at eps {pc['eps'] * 255:.3g}/255 on "

@@ -13,6 +13,7 @@ optimizer step the target's logit_scale is clamped to <= ln(100). GPD's phases a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -82,7 +83,7 @@ def validation_sets(cfg: TrainConfig, world: World | None, train_set: ZeroShotSe
     else:
         sets = [train_set]
     count = cfg.eval_max_batches * cfg.batch_size * distributed.context().world_size  # the global batch under DDP
-    return [ZeroShotSet(zs.name, subset(zs.dataset, count, cfg.seed), zs.classnames) for zs in sets]
+    return [dataclasses.replace(zs, dataset=subset(zs.dataset, count, cfg.seed)) for zs in sets]
 
 
 def metric_key(set_name: str) -> str:

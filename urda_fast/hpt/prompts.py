@@ -1,10 +1,12 @@
 """The zero-shot evaluation prompts of the PMG-AFT / HPT-GPD code, per dataset.
 
-Their evaluation reads each set through a modified torchvision dataset class (TeCoA's ``replace/torchvision.datasets``
-files, which PMG-AFT's README has users copy over torchvision's) and, where that class has ``clip_prompts``, scores
-the set with those prompts, one per class; the other sets get ``"This is a photo of a {}"`` over their class names.
-The papers' figures are averages over sets prompted this way, so ``hpt eval --prompts code`` (the default) uses them
-too; ``--prompts template`` puts every set's class names into ``--templates``.
+Their evaluation reads each set through a torchvision dataset class and, where that class has ``clip_prompts``,
+scores the set with those prompts, one per class. Stock torchvision has none: they come from the modified classes
+of TeCoA's code (``replace/torchvision.datasets``), which PMG-AFT names as its code framework and ships one of
+(``caltech.py``); the other sets get ``"This is a photo of a {}"`` over their class names.
+The papers' figures must come from sets prompted this way (with stock torchvision the code cannot prompt PCAM or
+Flowers102 at all, for want of class names), so ``hpt eval --prompts code`` (the default) uses them too;
+``--prompts template`` puts every set's class names into ``--templates``.
 
 Each rule below is the expression of that dataset's file, applied to torchvision's class names (or, for Flowers102
 and EuroSAT, to the names those files ship, kept here as they are, stray spaces included). Sets without a rule

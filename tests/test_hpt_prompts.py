@@ -1,6 +1,7 @@
-"""The PMG-AFT / HPT-GPD code's per-dataset evaluation prompts (urda_fast.hpt.prompts): each rule against prompts
-written out by hand from TeCoA's replaced torchvision dataset files, their attachment to opened sets, and `hpt eval`
-scoring a set with them (--prompts code) or with the templates (--prompts template)."""
+"""Zero-shot evaluation as the PMG-AFT / HPT-GPD code does it: the per-dataset prompts (urda_fast.hpt.prompts), each
+rule against prompts written out by hand from TeCoA's replaced torchvision dataset files, their attachment to opened
+sets, `hpt eval` scoring a set with them (--prompts code) or with the templates (--prompts template); and the CW
+attack's margin."""
 
 import pytest
 import torch
@@ -103,3 +104,16 @@ def test_eval_scores_a_set_with_its_own_prompts_only_under_code(monkeypatch):
     assert again["per_dataset"]["own"]["clean"] == template["per_dataset"]["own"]["clean"]
     with pytest.raises(ValueError, match="prompts must be one of"):
         evaluate.zero_shot_robustness(clip, tokenizer, [own], prompts="paper", **common)
+
+
+def test_cw_evaluation_attack_uses_the_codes_margin():
+    """The code's CW loss -relu(z_y - max_other + 50): our margin clamped at kappa 50 (it never saturates on cosine
+    logits); PGD stays cross-entropy."""
+    from urda_fast.hpt.evaluate import make_attack
+
+    head = torch.nn.Linear(3, 2)
+    cw, pgd = make_attack(head, "cw10", 1 / 255, 1 / 255), make_attack(head, "pgd10", 1 / 255, 1 / 255)
+    assert (cw.loss, cw.kappa, cw.steps) == ("cw", 50.0, 10) and (pgd.loss, pgd.steps) == ("ce", 10)
+    logits, labels = torch.tensor([[0.9, -0.9], [0.1, 0.3]]), torch.tensor([0, 0])
+    code = -torch.relu(logits[:, 0] - logits[:, 1] + 50).sum()
+    torch.testing.assert_close(cw._objective(logits, labels, None, False), code + 50 * 2)

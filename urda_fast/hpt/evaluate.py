@@ -22,15 +22,22 @@ from .prompts import PROMPT_MODES
 from .zero_shot import ZeroShotClassifier
 
 
+# The code's CW loss, -relu(z_y - max_other + 50), is the margin clamped at kappa = 50: with cosine logits (|z| <= 1)
+# it never saturates, so broken samples keep moving, as there.
+CW_KAPPA = 50.0
+
+
 def make_attack(head, name: str, eps: float, alpha: float, seed: int = 0, num_classes: int = 10):
-    """``"pgdK"`` (PGD-L-inf, CE, random start), ``"cwK"`` (PGD on the CW margin), ``"autoattack"`` or ``"none"``."""
+    """``"pgdK"`` (PGD-L-inf, CE, random start), ``"cwK"`` (PGD on the CW margin, the code's kappa), ``"autoattack"``
+    or ``"none"``."""
     if name == "none":
         return None
     if eps <= 0 or alpha <= 0:
         raise ValueError(f"hpt: attack budgets must be > 0, got eps={eps}, alpha={alpha}")
     for prefix, loss in (("pgd", "ce"), ("cw", "cw")):
         if name.startswith(prefix) and name[len(prefix):].isdigit():
-            return PGD(head, eps=eps, alpha=alpha, steps=int(name[len(prefix):]), loss=loss, seed=seed)
+            return PGD(head, eps=eps, alpha=alpha, steps=int(name[len(prefix):]), loss=loss, seed=seed,
+                       kappa=CW_KAPPA if loss == "cw" else 0.0)
     if name == "autoattack":
         return AutoAttack(head, eps=eps, num_classes=num_classes, seed=seed)
     raise ValueError(f"hpt: unknown attack {name!r}; choose pgdK (e.g. pgd10), cwK (e.g. cw10), autoattack or none")

@@ -407,6 +407,18 @@ def test_a_resume_under_another_precision_is_refused(tmp_path):
         fit_task(LinearTask(), tmp_path, iterations=6, resume=True, amp="bf16")
 
 
+def test_a_resume_whose_model_has_another_shape_names_the_module_and_keys(tmp_path):
+    """A setting the run's saved config predates (MDD's classifier layout, say) rebuilds another model: the resume
+    says which weights do not fit, instead of load_state_dict's raw error."""
+    fit_task(LinearTask(), tmp_path, iterations=3)
+    task = LinearTask()
+    task.model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Linear(2, 1))
+    with pytest.raises(ValueError, match=r"'model' weights are another model's than this run builds \(4 missing "
+                                         r"key\(s\): 0.weight, 0.bias, 1.weight, \.\.\.; 2 unexpected key\(s\): "
+                                         r"weight, bias\); resume with the settings the run was started with"):
+        fit_task(task, tmp_path, iterations=6, resume=True)
+
+
 def test_a_signal_in_the_last_step_ends_the_run_as_usual(tmp_path):
     result = fit_task(LinearTask(signal_at=(6, signal.SIGTERM)), tmp_path, iterations=6)
     assert result["best"] is not None

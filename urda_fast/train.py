@@ -53,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from urda_fast import distributed
-from urda_fast.files import load_torch_file
+from urda_fast.files import load_torch_file, state_dict_mismatch
 from urda_fast.profiling import nvtx_range
 from urda_fast.run_files import (
     CsvLog,
@@ -270,7 +270,12 @@ def _restore(state, task, optimizer, scheduler, scaler, ctx, path, config=None, 
     _check_same_run(state.get("config"), config, path)
     _check_same_inputs(state.get("inputs"), inputs, path)
     for name, module in modules.items():
-        module.load_state_dict(state["modules"][name])
+        try:
+            module.load_state_dict(state["modules"][name])
+        except RuntimeError as err:  # the same method on another model (a setting its saved config predates)
+            raise ValueError(f"urda_fast: --resume from {path}: its {name!r} weights are another model's than this "
+                             f"run builds ({state_dict_mismatch(err)}); resume with the settings the run was started "
+                             "with, or start a new run in another --out folder") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

@@ -84,6 +84,16 @@ def test_openais_torchscript_archives_load_under_a_quickgelu_architecture(tmp_pa
     with pytest.raises(ValueError, match="TorchScript archive, the format of OpenAI's released CLIP weights, which "
                                          "were trained with QuickGELU; .* use urda-tiny-vit-quickgelu"):
         load_clip("urda-tiny-vit", str(tmp_path / "ViT-T.pt"))
+    # the archive's state_dict() saved as a plain file: its constants tell it apart, the same rule holds
+    constants = {"input_resolution": torch.tensor(32), "context_length": torch.tensor(77),
+                 "vocab_size": torch.tensor(49408)}
+    torch.save({**original.state_dict(), **constants}, tmp_path / "openai_state.pt")
+    loaded, _ = load_clip("urda-test-tiny-vit-quickgelu", str(tmp_path / "openai_state.pt"))
+    for key, value in original.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="holds the state dict of OpenAI's released CLIP weights, which were trained "
+                                         "with QuickGELU; .* use urda-tiny-vit-quickgelu"):
+        load_clip("urda-tiny-vit", str(tmp_path / "openai_state.pt"))
 
 
 def test_open_clip_training_checkpoints_load_and_image_towers_alone_are_named(tiny_clip, tmp_path):

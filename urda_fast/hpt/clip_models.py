@@ -108,28 +108,42 @@ def is_torchscript(path: str) -> bool:
         return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
 
 
+# The constants OpenAI's archives keep beside the weights (their build_model pops them): in a plain state dict they
+# mark one taken from such an archive.
+OPENAI_CONSTANTS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _refuse_gelu(path: str, arch: str | None, what: str) -> None:
+    if arch is not None and not check_architecture(arch).get("quick_gelu"):
+        raise CheckpointRefused(f"hpt: {path!r} {what} OpenAI's released CLIP weights, which were trained with "
+                                f"QuickGELU; architecture {arch} uses GELU, so every activation would differ from the "
+                                f"weights' own: use {arch}-quickgelu")
+
+
+def _without_openai_constants(state: dict) -> dict:
+    return {key: value for key, value in state.items() if key not in OPENAI_CONSTANTS}
+
+
 def _state_dict_of(path: str, arch: str | None = None) -> dict | None:
     """The open_clip weights of the files open_clip's loader cannot read -- a urda_fast HPT run checkpoint (its
-    target), a TorchScript archive -- else None (left to open_clip's loader). ``CheckpointRefused`` for the TeCoA
-    / PMG-AFT code's checkpoints (an image tower only) and, with ``arch``, for OpenAI's archives under an architecture
-    without QuickGELU: they would load without a word and compute another function."""
+    target), a TorchScript archive or its state dict -- else None (left to open_clip's loader). ``CheckpointRefused``
+    for the TeCoA / PMG-AFT code's checkpoints (an image tower only) and, with ``arch``, for OpenAI's weights under an
+    architecture without QuickGELU: they would load without a word and compute another function."""
     if is_torchscript(path):
-        if arch is not None and not check_architecture(arch).get("quick_gelu"):
-            raise CheckpointRefused(f"hpt: {path!r} is a TorchScript archive, the format of OpenAI's released CLIP "
-                                    f"weights, which were trained with QuickGELU; architecture {arch} uses GELU, so "
-                                    f"every activation would differ from the weights' own: use {arch}-quickgelu")
+        _refuse_gelu(path, arch, "is a TorchScript archive, the format of")
         with warnings.catch_warnings():  # torch's deprecation of TorchScript: the archives are what OpenAI released
             warnings.filterwarnings("ignore", category=FutureWarning)
             state = torch.jit.load(path, map_location="cpu").state_dict()
-        for key in ("input_resolution", "context_length", "vocab_size"):  # the archive's constants, not weights
-            state.pop(key, None)
-        return state
+        return _without_openai_constants(state)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 -- safetensors, legacy pickles, ...: left to open_clip's loader
         return None
     if not isinstance(state, dict):
         return None
+    if any(key in state for key in OPENAI_CONSTANTS):  # an archive's state_dict() saved as a plain file
+        _refuse_gelu(path, arch, "holds the state dict of")
+        return _without_openai_constants(state)
     if isinstance(state.get("modules"), dict) and "target" in state["modules"]:
         return state["modules"]["target"]
     if isinstance(state.get("vision_encoder_state_dict"), dict):

@@ -16,8 +16,8 @@ LOGIT_SCALE_MAX = math.log(100.0)  # the code clamps logit_scale to <= ln(100) =
 class ModelsConfig:
     """Which CLIPs, and how their zero-shot heads see images and text."""
 
-    target: str = ""  # "ARCH:CHECKPOINT", the CLIP to robustify (code: ViT-B-32)
-    proxy: str = ""  # "ARCH:CHECKPOINT", a frozen CLIP of another architecture (code: ViT-B-16)
+    target: str = ""  # "ARCH:CHECKPOINT", the CLIP to robustify (code: OpenAI ViT-B/32: ViT-B-32-quickgelu)
+    proxy: str = ""  # "ARCH:CHECKPOINT", a frozen CLIP of another architecture (code: ViT-B-16-quickgelu)
     anchor: str = ""  # "ARCH:CHECKPOINT" of the frozen anchor; "" = the target's own starting weights
     logits: str = "cosine"  # "cosine": cosine similarities, no scale (code) | "clip": x exp(logit_scale)
     preprocess: str = "imagenet"  # "imagenet": ImageNet mean/std (code) | "clip": CLIP's mean/std

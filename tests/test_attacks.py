@@ -179,6 +179,42 @@ def test_normalized_space_respects_per_channel_range():
     assert float((adv - images).abs().max()) <= 0.1 + 1e-6
 
 
+def _advertorch_bim(model, x, y, eps, alpha, steps, clip_min, clip_max):
+    """advertorch's perturb_iterative for LinfBasicIterativeAttack (no random start, summed CE), written out in
+    float64: the step on delta, delta kept in the eps-ball, then x + delta clipped to [clip_min, clip_max]."""
+    delta = torch.zeros_like(x, requires_grad=True)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta += alpha * grad.sign()
+            delta.clamp_(-eps, eps)
+            delta.copy_((x + delta).clamp(clip_min, clip_max) - x)
+    return (x + delta).clamp(clip_min, clip_max).detach()
+
+
+def test_clip_reproduces_an_attack_that_clips_normalised_images_to_0_1():
+    """DART's code (advertorch, clip_min=0, clip_max=1 on normalised images): the same iterates, though the clean
+    images lie outside [0, 1] and the clip moves them far beyond eps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).double().eval()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    pixels = torch.rand(6, 3, 8, 8, dtype=torch.float64)
+    images = (pixels - mean.double().view(1, 3, 1, 1)) / std.double().view(1, 3, 1, 1)
+    labels = torch.arange(6) % 5
+    ours = PGD(model, eps=0.1, alpha=0.05, steps=4, random_start=False, space="normalized", mean=mean, std=std,
+               clip=(0, 1))(images, labels)
+    want = _advertorch_bim(model, images, labels, 0.1, 0.05, 4, 0.0, 1.0)
+    torch.testing.assert_close(ours, want, rtol=0, atol=1e-12)
+    assert ours.min() >= 0 and ours.max() <= 1 and float((ours - images).abs().max()) > 1.0  # far beyond eps
+    bad = images.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="images contain NaN"):
+        PGD(model, eps=0.1, alpha=0.05, steps=1, space="normalized", mean=mean, std=std, clip=(0, 1))(bad, labels)
+    with pytest.raises(ValueError, match=r"clip must be \(lower, upper\) with lower < upper"):
+        PGD(model, eps=0.1, alpha=0.05, clip=(1, 0))
+
+
 def test_targeted_attack_reaches_its_targets(digits):
     model, x, y = digits
     targets = (y + 1) % 10

@@ -1,6 +1,7 @@
 """DART step 2: the loss against methods.md written out with plain torch, split-BN forwards, and a robustify run
 that resumes bit-for-bit after a kill."""
 
+import copy
 import importlib
 import math
 import os
@@ -125,10 +126,32 @@ def test_resume_refuses_a_changed_teacher(teacher_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("options", [dict(forward="separate"), dict(attack_space="normalized", weighting="code"),
-                                     dict(student_init="backbone")])
+                                     dict(student_init="backbone"), dict(attack_space="code")])
 def test_robustify_options_run(teacher_checkpoint, tmp_path, options):
     out = robustify(_robustify_cfg(teacher_checkpoint, tmp_path / "run", **options))
     assert os.path.isfile(tmp_path / "run" / "best.pt") and out["last"]["clean_acc"] >= 0
+
+
+def test_code_attack_space_clips_normalised_images_to_0_1(teacher_checkpoint):
+    """--attack-space code: the authors' advertorch attack on normalised images, clipped to [0, 1] (every negative
+    normalised value raised to 0); "normalized" keeps each channel in the range its pixels map to."""
+    import itertools
+
+    from urda_fast.dart.common import load_checkpoint_model
+    from urda_fast.dart.robustify import DartTask
+
+    teacher, _, _ = load_checkpoint_model(teacher_checkpoint)
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8) % 10
+    adv = {}
+    for space in ("code", "normalized"):
+        cfg = _robustify_cfg(teacher_checkpoint, "unused", attack_space=space, attack_eps=0.1, attack_alpha=0.05)
+        task = DartTask(cfg, teacher, copy.deepcopy(teacher), itertools.repeat((x,)), None, (0.5,), (0.5,))
+        adv[space] = task.attack(teacher.normalize(x), labels)
+    z = teacher.normalize(x)  # in [-1, 1]
+    assert adv["code"].min() >= 0 and adv["code"].max() <= 1
+    assert torch.all(adv["code"][z < -0.2] >= 0) and float((adv["code"] - z).abs().max()) > 0.5
+    assert float((adv["normalized"] - z).abs().max()) <= 0.1 + 1e-6 and adv["normalized"].min() >= -1 - 1e-6
 
 
 def test_split_bn_forward_gives_the_separate_forward_loss(teacher_checkpoint, tmp_path):

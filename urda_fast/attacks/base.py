@@ -6,6 +6,7 @@ Subclasses only set their norm and defaults; every step goes through :func:`urda
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import warnings
 
@@ -79,13 +80,17 @@ class Attack:
             with torch.fx once and its folded weights recomputed at every call; a model torch.fx cannot trace, or
             whose traced graph computes something else, gives a clear error. ``"auto"``: fold when that works,
             else warn once and attack the model as it is.
+        clip: ``(lower, upper)``, the range every iterate is clipped to instead of the space's valid range
+            (advertorch's ``clip_min`` / ``clip_max``). Images outside it are taken as they are and clipped by the
+            first step: with normalised images and ``(0, 1)`` this reproduces code that clips normalised values to
+            [0, 1] (DART's ``--attack-space code``), a threat model far beyond eps for every value outside that range.
     """
 
     norm = "linf"
 
     def __init__(self, model, *, eps, alpha, steps, random_start, restarts=1, loss="ce", kappa=0.0, temperature=1.0,
                  space="pixel", mean=None, std=None, early_stop=False, keep_first_hit=False, max_batch=None,
-                 seed=None, fold_batchnorm=False):
+                 seed=None, fold_batchnorm=False, clip=None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"urda_fast.attacks: model must be a torch.nn.Module (its train/eval mode and parameter "
                             f"flags are saved and restored around the attack), got {type(model).__name__}; wrap a "
@@ -129,6 +134,13 @@ class Attack:
         if fold_batchnorm not in (False, True, "auto"):
             raise ValueError(f"urda_fast.attacks: fold_batchnorm must be False, True or 'auto', got {fold_batchnorm!r}")
         self.fold_batchnorm = fold_batchnorm
+        if clip is not None:
+            lower, upper = (float(v) for v in clip)
+            if not -math.inf < lower < upper < math.inf:
+                raise ValueError(f"urda_fast.attacks: clip must be (lower, upper) with lower < upper, finite, got "
+                                 f"{tuple(clip)!r}")
+            clip = (lower, upper)
+        self.clip = clip
         self._folded: FoldedModel | None = None
         self._forward = model
 
@@ -139,7 +151,10 @@ class Attack:
 
     # ----------------------------------------------------------------------------------------------------------
     def bounds(self, images: torch.Tensor):
-        """The valid range of each channel: [0, 1] in pixel space, [(0-mean)/std, (1-mean)/std] normalised."""
+        """The valid range of each channel: [0, 1] in pixel space, [(0-mean)/std, (1-mean)/std] normalised, or
+        ``clip`` when given."""
+        if self.clip is not None:
+            return self.clip
         if self.space == "pixel":
             return 0.0, 1.0
         mean, std = self.mean.to(images.device), self.std.to(images.device)
@@ -163,6 +178,11 @@ class Attack:
             raise ValueError(f"urda_fast.attacks: {images.shape[0]} images but labels have shape "
                              f"{tuple(labels.shape)}")
         if images.numel() == 0:
+            return
+        if self.clip is not None:  # images outside the clip range are the point: the first step clips them
+            if bool(torch.isnan(images).any()):
+                raise ValueError("urda_fast.attacks: images contain NaN; check the data pipeline (a division by zero "
+                                 "in a normalisation, a corrupt file)")
             return
         lower, upper = self.bounds(images)
         shape = (1, -1) + (1,) * (images.dim() - 2)

@@ -100,10 +100,14 @@ class RobustifyConfig(RunConfig):
     student_init: str = "teacher"  # "teacher" | "backbone" (fresh head on backbone_weights, as the authors' code)
     backbone_weights: str = ""
     # "pixel" (eps in [0,1] units) | "normalized": eps and step in normalised units (the authors' code: give eps 0.1,
-    # step 0.05; the defaults stay 8/255, 2/255), each channel clipped to the range its [0,1] pixels map to. Their
-    # advertorch attack clipped the normalised values to [0, 1] instead, which zeroes every negative normalised value
-    # (far beyond eps): not reproduced.
-    attack_space: str = "pixel"
+    # step 0.05; the defaults stay 8/255, 2/255), each channel clipped to the range its [0,1] pixels map to |
+    # "code": as "normalized", but every value clipped to [0, 1] as the authors' advertorch attack does
+    # (clip_min=0, clip_max=1 on normalised images): it raises every negative normalised value to 0, far beyond eps.
+    attack_space: str = field(default="pixel", metadata={"help": (
+        "pixel: eps and step in [0, 1] pixel units; normalized: in normalised units, each channel clipped to the "
+        "range its pixels map to (the authors' budget: --attack-eps 0.1 --attack-alpha 0.05); code: as normalized, "
+        "but clipped to [0, 1] as the authors' advertorch attack clips normalised images, which moves every "
+        "negative normalised value far beyond eps (default: pixel)")})
     attack_eps: float = 8 / 255
     attack_alpha: float = 2 / 255
     attack_steps: int = 10
@@ -171,7 +175,7 @@ def check_robustify_config(cfg: RobustifyConfig) -> None:
                  fraction=("momentum",),
                  non_negative=("weight_decay", "lr_gamma", "lr_decay", "kl_weight", "feature_weight"))
     check_choices(cfg, "dart", {"forward": ("split-bn", "separate"), "weighting": ("per-sample", "code"),
-                                "student_init": ("teacher", "backbone"), "attack_space": ("pixel", "normalized")})
+                                "student_init": ("teacher", "backbone"), "attack_space": ("pixel", "normalized", "code")})
     if cfg.attack_space == "pixel":
         check_ranges(cfg, "dart", pixel_budget=("attack_eps", "attack_alpha"))
     if cfg.backbone_weights and cfg.student_init != "backbone":

@@ -79,12 +79,13 @@ class DartTask:
             evaluate_fn
         self.teacher.eval().requires_grad_(False)
         self.student_forward = student  # the training forwards; DDP-wrapped under torchrun
-        if cfg.attack_space == "normalized":
+        if cfg.attack_space in ("normalized", "code"):
             # The authors' code attacks normalised images (eps in normalised units): attack a view of the student
-            # that takes normalised input.
+            # that takes normalised input; "code" also clips them to [0, 1], as their advertorch call did.
             self.attack = PGD(FromNormalized(student), eps=cfg.attack_eps, alpha=cfg.attack_alpha,
                               steps=cfg.attack_steps, random_start=cfg.attack_random_start, space="normalized",
-                              mean=mean, std=std, fold_batchnorm=attack_folding(cfg))
+                              mean=mean, std=std, fold_batchnorm=attack_folding(cfg),
+                              clip=(0.0, 1.0) if cfg.attack_space == "code" else None)
         else:
             self.attack = PGD(student, eps=cfg.attack_eps, alpha=cfg.attack_alpha, steps=cfg.attack_steps,
                               random_start=cfg.attack_random_start, fold_batchnorm=attack_folding(cfg))
@@ -108,7 +109,7 @@ class DartTask:
             teacher_logits, teacher_features = self.teacher(x, return_features=True)
         with nvtx_range("attack"):
             pseudo_labels = teacher_logits.argmax(1)
-            if self.cfg.attack_space == "normalized":
+            if self.cfg.attack_space != "pixel":
                 norm = self.student.normalize
                 x_adv = self.attack(norm(x), pseudo_labels) * norm.std + norm.mean
             else:

@@ -175,7 +175,8 @@ def check_robustify_config(cfg: RobustifyConfig) -> None:
                  fraction=("momentum",),
                  non_negative=("weight_decay", "lr_gamma", "lr_decay", "kl_weight", "feature_weight"))
     check_choices(cfg, "dart", {"forward": ("split-bn", "separate"), "weighting": ("per-sample", "code"),
-                                "student_init": ("teacher", "backbone"), "attack_space": ("pixel", "normalized", "code")})
+                                "student_init": ("teacher", "backbone"),
+                                "attack_space": ("pixel", "normalized", "code")})
     if cfg.attack_space == "pixel":
         check_ranges(cfg, "dart", pixel_budget=("attack_eps", "attack_alpha"))
     if cfg.backbone_weights and cfg.student_init != "backbone":

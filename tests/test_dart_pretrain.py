@@ -199,9 +199,16 @@ def test_rgb_digit_domains_train_as_tllibs_svhn_to_mnist_recipe(tmp_path, monkey
                                          "'MNIST-M'"):
         pretrain(_files_run("runs/unknown", target="MNIST-M"))
     assert not os.path.exists("runs")
-    pretrain(_files_run("runs/rgb", source="SVHNRGB", target="MNISTRGB"))
+    pretrain(_files_run("runs/rgb", source="SVHNRGB", target="MNISTRGB", arch="resnet18"))
     model, spec, _ = load_checkpoint_model("runs/rgb")
     assert spec.mean == (0.5, 0.5, 0.5) and model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    # a fresh student on a ResNet without weights: random, unlike the authors' ImageNet start, and said so
+    from urda_fast.dart import RobustifyConfig, robustify
+
+    with pytest.warns(UserWarning, match="starts the student from a randomly initialised resnet18 .* give them as "
+                                         "--backbone-weights FILE"):
+        robustify(RobustifyConfig(teacher="runs/rgb", out="runs/dart", student_init="backbone", iterations=1,
+                                  batch_size=4, eval_every=1, attack_steps=1, progress=False, tensorboard=False))
 
 
 def test_relative_root_trains_and_is_saved_absolute(files_teacher, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 
@@ -149,7 +150,7 @@ def robustify(cfg: RobustifyConfig) -> dict:
 
     The data is the teacher's (its saved --data, --root, -s, -t) where ``cfg`` gives none; the run saves what it read,
     its root absolute."""
-    from urda_fast.models.backbones import check_backbone_weights
+    from urda_fast.models.backbones import NO_PRETRAINED, check_backbone_weights
 
     check_robustify_config(cfg)
     inputs = {"--teacher": cfg.teacher, "--backbone-weights": cfg.backbone_weights}
@@ -160,6 +161,10 @@ def robustify(cfg: RobustifyConfig) -> dict:
     teacher, spec, device = load_checkpoint_model(cfg.teacher, cfg.device, state)
     if cfg.student_init == "backbone":
         check_backbone_weights(spec.backbone, cfg.backbone_weights or None)
+        if not cfg.backbone_weights and spec.backbone not in NO_PRETRAINED:
+            warnings.warn(f"dart: --student-init backbone without --backbone-weights starts the student from a "
+                          f"randomly initialised {spec.backbone} (trained at the full learning rate); the authors' "
+                          "code starts it from ImageNet weights: give them as --backbone-weights FILE", stacklevel=2)
     data = task_data(cfg, splits=("target_train", "target_test"))  # step 2 reads no source
     if data.num_classes != spec.num_classes:
         raise ValueError(f"dart: the teacher has {spec.num_classes} classes but the target data has "

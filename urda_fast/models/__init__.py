@@ -9,6 +9,6 @@ from .pooling import MaxPool2d, use_fast_pooling, use_torch_pooling
 from .spec import ModelSpec
 
 __all__ = ["BACKBONES", "DigitsCNN", "FastConv2d", "FastMultiheadAttention", "FastSequential", "ImageClassifier",
-           "LAYOUTS", "MaxPool2d", "ModelSpec", "Normalize", "create_backbone", "mdd_head", "plain_torch", "use_fast_attention",
-           "use_fast_batch_norm", "use_fast_conv", "use_fast_pooling", "use_fast_resnet", "use_torch_attention",
-           "use_torch_batch_norm", "use_torch_conv", "use_torch_pooling"]
+           "LAYOUTS", "MaxPool2d", "ModelSpec", "Normalize", "create_backbone", "mdd_head", "plain_torch",
+           "use_fast_attention", "use_fast_batch_norm", "use_fast_conv", "use_fast_pooling", "use_fast_resnet",
+           "use_torch_attention", "use_torch_batch_norm", "use_torch_conv", "use_torch_pooling"]

@@ -180,7 +180,8 @@ def test_split_bn_forward_gives_the_separate_forward_loss(teacher_checkpoint, tm
         (dict(lr=float("nan")), ValueError, "lr must be > 0, got nan"),
         (dict(eval_every=0), ValueError, "eval_every must be >= 1"),
         # accepted and without effect: a typo of "pixel" attacked in pixels, the weights were ignored
-        (dict(attack_space="pixels"), ValueError, "attack_space must be one of 'pixel', 'normalized', got 'pixels'"),
+        (dict(attack_space="pixels"), ValueError,
+         "attack_space must be one of 'pixel', 'normalized', 'code', got 'pixels'"),
         (dict(backbone_weights="r18.pth"), ValueError, "backbone_weights .*--student-init backbone.*ignore them"),
         (dict(student_init="backbone", backbone_weights="r18.pth"), ValueError,
          "digits_cnn backbone takes no pretrained weights"),

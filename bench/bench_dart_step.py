@@ -69,7 +69,7 @@ def test_dart_step(bench, shape, path):
         if path in ("ours_cl", "ours_amp"):
             cfg.channels_last = True
             teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
-        task = DartTask(cfg, teacher, student, itertools.repeat((x,)), None, (0.5,), (0.5,))
+        task = DartTask(cfg, teacher, student, itertools.repeat((x,)), None)
         loss_fn = lambda: task.training_step()["loss"]  # noqa: E731
         if path == "ours_amp":
             loss_fn = autocast_bf16(loss_fn)

@@ -146,8 +146,8 @@ def test_code_attack_space_clips_normalised_images_to_0_1(teacher_checkpoint):
     adv = {}
     for space in ("code", "normalized"):
         cfg = _robustify_cfg(teacher_checkpoint, "unused", attack_space=space, attack_eps=0.1, attack_alpha=0.05)
-        task = DartTask(cfg, teacher, copy.deepcopy(teacher), itertools.repeat((x,)), None, (0.5,), (0.5,))
-        adv[space] = task.attack(teacher.normalize(x), labels)
+        task = DartTask(cfg, teacher, copy.deepcopy(teacher), itertools.repeat((x,)), None)
+        adv[space] = teacher.normalize(task.attack(x, labels))  # pixels in and out; compared normalised
     z = teacher.normalize(x)  # in [-1, 1]
     assert adv["code"].min() >= 0 and adv["code"].max() <= 1
     assert torch.all(adv["code"][z < -0.2] >= 0) and float((adv["code"] - z).abs().max()) > 0.5

@@ -78,10 +78,27 @@ def test_figures_equal_one_budget_at_a_time(checkpoint):
     assert row[report_module.budget_key("pgd3", 0.25)] < row["clean"]  # the attacks did something
 
 
+def test_normalised_attack_spaces_evaluate_the_training_threat_models(checkpoint):
+    """--attack-space normalized at eps 2e on the digits (mean 0.5, std 0.5: [0, 1] maps onto [-1, 1]) is the pixel
+    attack at e; "code" clips normalised values to [0, 1], which moves every dark pixel far beyond eps."""
+    path, _ = checkpoint
+    common = dict(attacks=("clean", "fgsm", "pgd3"), device="cpu", progress=False, batch_size=64, max_batches=3)
+    pixel = evaluate_runs([path], eps=(0.1,), **common)
+    normalized = evaluate_runs([path], eps=(0.2,), attack_space="normalized", **common)
+    code = evaluate_runs([path], eps=(0.2,), attack_space="code", **common)
+    for name in ("clean", "fgsm", "pgd"):
+        assert abs(normalized["rows"][0][name] - pixel["rows"][0][name]) <= 100 / 192 + 1e-9, name  # one image
+    assert code["rows"][0]["clean"] == pixel["rows"][0]["clean"] and code["rows"][0]["pgd"] < code["rows"][0]["clean"]
+    assert code["attack_space"] == "code" and "budgets in normalised units (--attack-space code)" in \
+        report_module.to_markdown(code)
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(eps=()), "at least one"), (dict(eps=(-0.1,)), "positive"), (dict(eps=(float("nan"),)), "positive"),
     (dict(batch_size=0), "batch_size"), (dict(num_workers=-1), "num_workers"), (dict(max_batches=-2), "max_batches"),
     (dict(attacks=("clean", "pgd")), "unknown attack"),
+    (dict(attack_space="normalised"), "attack_space must be one of 'pixel', 'normalized', 'code'"),
+    (dict(attacks=("clean", "autoattack"), attack_space="code"), "autoattack runs in pixel space only"),
 ])
 def test_bad_settings_fail_before_any_work(checkpoint, counted, settings, message):
     path, _ = checkpoint

@@ -70,7 +70,7 @@ def test_dart_step_reads_no_tensor_values(forward, space):
     teacher, student = _spec().build(), _spec().build()
     student.load_state_dict(teacher.state_dict())
     cfg = RobustifyConfig(attack_steps=3, forward=forward, attack_space=space)
-    task = DartTask(cfg, teacher, student, itertools.repeat((x,)), None, (0.5,), (0.5,))
+    task = DartTask(cfg, teacher, student, itertools.repeat((x,)), None)
     own, in_attack = _reads_per_step(task)
     assert own == [0] * STEPS, own
     assert len(set(in_attack)) == 1, in_attack  # the attack's input checks: a fixed count per call, whatever the step

@@ -32,7 +32,7 @@ def test_fused_step_matches_the_eager_twin(forward, style, fold):
     teacher, student = _models(torch.float64)
     twin = _models(torch.float64)[1]
     x = torch.rand(12, 1, 16, 16, dtype=torch.float64)
-    task = DartTask(cfg, teacher, student, itertools.repeat((x,)), None, (0.5,), (0.5,))
+    task = DartTask(cfg, teacher, student, itertools.repeat((x,)), None)
     ours = task.training_step()["loss"]
     ours.backward()
     # The attack ran on the student with its 4 conv/linear -> BatchNorm pairs folded (or not, as asked).
@@ -49,4 +49,4 @@ def test_fold_batchnorm_option_is_checked():
     teacher, student = _models(torch.float32)
     cfg = RobustifyConfig(fold_batchnorm="maybe")
     with pytest.raises(ValueError, match="fold_batchnorm must be one of"):
-        DartTask(cfg, teacher, student, itertools.repeat((torch.rand(2, 1, 16, 16),)), None, (0.5,), (0.5,))
+        DartTask(cfg, teacher, student, itertools.repeat((torch.rand(2, 1, 16, 16),)), None)

@@ -100,7 +100,7 @@ def _one_step_loss(nvtx: bool):
         teacher = ModelSpec(backbone="digits_cnn", num_classes=10, bottleneck_dim=16).build().eval()
         student = ModelSpec(backbone="digits_cnn", num_classes=10, bottleneck_dim=16).build()
         x = torch.rand(6, 1, 16, 16)
-        task = DartTask(RobustifyConfig(attack_steps=2), teacher, student, iter([(x,)]), None, (0.5,), (0.5,))
+        task = DartTask(RobustifyConfig(attack_steps=2), teacher, student, iter([(x,)]), None)
         loss = task.training_step()["loss"]
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in student.parameters()]

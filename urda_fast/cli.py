@@ -148,7 +148,8 @@ def cmd_dart(args) -> int:
         report = dart.evaluate_runs(args.runs, attacks=tuple(args.attacks.split(",")),
                                     eps=args.eps, data_flags=data_flags, labels=_run_labels(args.label, args.runs),
                                     out=args.out, device=args.device, batch_size=args.batch_size,
-                                    num_workers=args.num_workers, max_batches=args.max_batches)
+                                    num_workers=args.num_workers, max_batches=args.max_batches,
+                                    attack_space=args.attack_space)
         from urda_fast.dart.report import to_markdown
 
         print(to_markdown(report))
@@ -204,6 +205,10 @@ def _add_dart(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--num-workers", type=int, default=4, help="image-decoding processes (none for in-memory data)")
     ev.add_argument("--max-batches", type=int, default=0, help="evaluate only the first N batches (0 = all)")
+    ev.add_argument("--attack-space", default="pixel", choices=("pixel", "normalized", "code"),
+                    help="pixel: --eps in [0, 1] units; normalized / code: in normalised units, as `dart robustify "
+                         "--attack-space` attacks (code: the authors' clip of normalised images to [0, 1]; e.g. "
+                         "--eps 0.1)")
     ev.add_argument("--label", action="append", metavar="RUN=NAME",
                     help="the row's name for RUN (default: source-only / uda / uda+vat / dart); repeatable")
     summary = commands.add_parser("summary", help="per task and mean over tasks, from `dart eval` reports")

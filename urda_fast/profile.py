@@ -95,7 +95,7 @@ def dart_step_fn(*, backbone: str = "digits_cnn", batch_size: int = 64, image_si
     cfg = RobustifyConfig(attack_steps=attack_steps)
     student = build_student(cfg, model, spec)
     batch = (torch.rand(batch_size, channels, size, size, device=dev),)
-    task = DartTask(cfg, model, student, itertools.repeat(batch), None, spec.mean, spec.std)
+    task = DartTask(cfg, model, student, itertools.repeat(batch), None)
     optimizer = sgd(student.param_groups(cfg.lr), cfg)
 
     def step():

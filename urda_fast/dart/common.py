@@ -15,6 +15,41 @@ from urda_fast.profiling import nvtx_for
 from urda_fast.train import LoopSettings, fit
 
 
+# Where DART's attacks work: "pixel" ([0, 1] images, the model normalises), "normalized" (eps in normalised units,
+# each channel kept in the range its pixels map to) or "code" (normalised units, every value clipped to [0, 1], as
+# the authors' advertorch call did).
+ATTACK_SPACES = ("pixel", "normalized", "code")
+
+
+class FromNormalized(torch.nn.Module):
+    """``model`` seen as a function of normalised images (undoes its own first normalisation)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z):
+        return self.model(z * self.model.normalize.std + self.model.normalize.mean)
+
+
+class NormalizedSpaceAttack:
+    """``attack_cls`` on ``model`` (an ImageClassifier, which normalises its [0, 1] input itself) made on the
+    normalised images, in normalised units: called with pixel images, it attacks ``FromNormalized(model)`` on their
+    normalised values and returns pixel images again. ``space="code"`` clips every iterate to [0, 1] in normalised
+    units, as the DART authors' advertorch call did (``clip``, see :class:`urda_fast.attacks.base.Attack`)."""
+
+    def __init__(self, attack_cls, model, space: str, **kwargs):
+        if space not in ATTACK_SPACES[1:]:
+            raise ValueError(f"dart: a normalised-space attack's space is 'normalized' or 'code', got {space!r}")
+        self.normalize = model.normalize
+        mean, std = self.normalize.mean.flatten(), self.normalize.std.flatten()
+        self.attack = attack_cls(FromNormalized(model), space="normalized", mean=mean, std=std,
+                                 clip=(0.0, 1.0) if space == "code" else None, **kwargs)
+
+    def __call__(self, images, labels):
+        return self.attack(self.normalize(images), labels) * self.normalize.std + self.normalize.mean
+
+
 def attack_folding(cfg):
     """The attacks' ``fold_batchnorm`` argument for the config's ``fold_batchnorm`` ("auto" | "on" | "off")."""
     choices = {"auto": "auto", "on": True, "off": False}

@@ -14,7 +14,7 @@ from urda_fast.evaluate import check_loader_settings, robust_accuracy
 from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, check_out_folder, run_checkpoint
 from urda_fast.models import ModelSpec
 
-from .common import load_checkpoint_model, read_checkpoint
+from .common import ATTACK_SPACES, NormalizedSpaceAttack, load_checkpoint_model, read_checkpoint
 from .config import RunConfig
 from .data import DATA_FIELDS, run_data, task_data
 
@@ -40,20 +40,33 @@ def check_attack_names(names) -> None:
         raise ImportError(INSTALL_HINT)
 
 
-def make_attacks(model, names, eps: float, seed: int = 0, num_classes: int = 10):
+def check_attack_space(space: str, names) -> None:
+    if space not in ATTACK_SPACES:
+        raise ValueError(f"dart eval: attack_space must be one of {', '.join(map(repr, ATTACK_SPACES))}, got {space!r}")
+    if space != "pixel" and "autoattack" in names:
+        raise ValueError("dart eval: autoattack runs in pixel space only; drop it or use --attack-space pixel")
+
+
+def make_attacks(model, names, eps: float, seed: int = 0, num_classes: int = 10, space: str = "pixel"):
     """``{name: attack}``: FGSM, PGD-K (step eps/4, random start) and AutoAttack's standard L-inf suite (the authors'
-    package, or torchattacks' port)."""
+    package, or torchattacks' port). ``space``: "pixel", or "normalized" / "code" for eps in normalised units (the
+    threat model of DART's training options of those names; :class:`NormalizedSpaceAttack`)."""
     check_attack_names(names)
+    check_attack_space(space, names)
+
+    def make(cls, **kwargs):
+        return cls(model, **kwargs) if space == "pixel" else NormalizedSpaceAttack(cls, model, space, **kwargs)
+
     table = {}
     for name in names:
         if name == "clean":
             table[name] = None
         elif name == "fgsm":
-            table[name] = FGSM(model, eps=eps)
+            table[name] = make(FGSM, eps=eps)
         elif name == "autoattack":
             table[name] = AutoAttack(model, eps=eps, norm="Linf", num_classes=num_classes, seed=seed)
         else:
-            table[name] = PGD(model, eps=eps, alpha=eps / 4, steps=int(name[3:]), seed=seed)
+            table[name] = make(PGD, eps=eps, alpha=eps / 4, steps=int(name[3:]), seed=seed)
     return table
 
 
@@ -62,12 +75,12 @@ def budget_key(name: str, budget: float) -> str:
     return name if name == "clean" else f"{name}@{budget:.4g}"
 
 
-def budget_attacks(model, names, eps, num_classes: int = 10) -> dict:
+def budget_attacks(model, names, eps, num_classes: int = 10, space: str = "pixel") -> dict:
     """Every attack at every budget, keyed by :func:`budget_key`, clean once: one pass over the data evaluates them
     all (each attack seeds its own random start per batch, so the figures do not depend on what runs beside it)."""
     table = {}
     for budget in eps:
-        for name, attack in make_attacks(model, names, budget, num_classes=num_classes).items():
+        for name, attack in make_attacks(model, names, budget, num_classes=num_classes, space=space).items():
             table.setdefault(budget_key(name, budget), attack)
     return table
 
@@ -75,7 +88,7 @@ def budget_attacks(model, names, eps, num_classes: int = 10) -> dict:
 def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), data_cfg: RunConfig | None = None,
                   data_flags: dict | None = None, out: str | None = None, device: str = "auto",
                   max_batches: int | None = None, progress: bool = True, labels: dict | None = None,
-                  batch_size: int = 256, num_workers: int = 4) -> dict:
+                  batch_size: int = 256, num_workers: int = 4, attack_space: str = "pixel") -> dict:
     """Evaluate each run directory (its best.pt) on the target test split under each attack and budget.
 
     Returns ``{"rows": [{"method", "run", "clean", "fgsm", "pgd", ...}], "eps": [...], "data": ...}`` with accuracies
@@ -87,6 +100,8 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
     root, another target domain. Another --data than the run's takes none of its root and domains. Only the target's
     test split is read, so no source domain is needed. Each run reads it once, in batches of ``batch_size`` decoded
     by ``num_workers`` loader processes (none for in-memory data), ``max_batches`` of them when given.
+    ``attack_space``: "pixel" (eps in [0, 1] units), or "normalized" / "code", eps in normalised units as DART's
+    training options of those names attack ("code": the authors' clip of normalised images to [0, 1]).
     """
     if not runs:
         raise ValueError("dart eval: give at least one run folder or checkpoint")
@@ -95,7 +110,8 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
     check_attack_names(attacks)
     if not eps or not all(isinstance(e, (int, float)) and 0 < e < float("inf") for e in eps):
         raise ValueError(f"dart eval: budgets must be positive and finite, at least one (e.g. 8/255), got {eps!r}")
-    for budget in eps:  # the attacks are L-inf in pixel space
+    check_attack_space(attack_space, attacks)
+    for budget in eps if attack_space == "pixel" else ():  # L-inf in [0, 1] units (normalised ones have no cap)
         check_pixel_budget(budget, "eps", "dart eval")
     check_out_folder(out, "dart eval")
     named = list((labels or {}).values())
@@ -129,8 +145,8 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
     for run, state, label in zip(runs, states, row_labels):
         model, _, dev = load_checkpoint_model(run, device, state)
         loader = eval_loader(data.target_test, batch_size, num_workers, dev)
-        table = robust_accuracy(model, loader, budget_attacks(model, attacks, eps, data.num_classes), device=dev,
-                                max_batches=max_batches or None, progress=progress)
+        table = robust_accuracy(model, loader, budget_attacks(model, attacks, eps, data.num_classes, attack_space),
+                                device=dev, max_batches=max_batches or None, progress=progress)
         row = {"method": label, "run": run}
         for budget_index, budget in enumerate(eps):
             for name in attacks:
@@ -142,7 +158,8 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
         if pgd_names:
             row["pgd"] = row[max(pgd_names, key=lambda a: int(a[3:]))]
         rows.append(row)
-    report = {"rows": rows, "eps": list(eps), "attacks": list(attacks), "data": data.description}
+    report = {"rows": rows, "eps": list(eps), "attacks": list(attacks), "data": data.description,
+              "attack_space": attack_space}
     if out:
         write_report(report, out)
     return report
@@ -151,7 +168,9 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
 def to_markdown(report: dict) -> str:
     # The plain "fgsm"/"pgd20"/"pgd" keys repeat the first budget's figures (for report.json readers): not shown twice.
     keys = [k for k in report["rows"][0] if k == "clean" or "@" in k] if report["rows"] else []
-    lines = [f"Target-domain accuracy (%) on {report['data']}", "",
+    space = report.get("attack_space", "pixel")
+    units = "" if space == "pixel" else f"; budgets in normalised units (--attack-space {space})"
+    lines = [f"Target-domain accuracy (%) on {report['data']}{units}", "",
              "| method | " + " | ".join(keys) + " | run |", "|---|" + "---:|" * len(keys) + "---|"]
     for row in report["rows"]:
         lines.append(f"| {row['method']} | " + " | ".join(f"{row[k]:.2f}" for k in keys) + f" | {row['run']} |")

@@ -28,7 +28,16 @@ from urda_fast.profiling import nvtx_range
 from urda_fast.run_files import input_fingerprints, refuse_to_overwrite
 from urda_fast.split_bn import split_batchnorm
 
-from .common import accuracy, attack_folding, load_checkpoint_model, lr_schedule, read_checkpoint, run_loop, sgd
+from .common import (
+    NormalizedSpaceAttack,
+    accuracy,
+    attack_folding,
+    load_checkpoint_model,
+    lr_schedule,
+    read_checkpoint,
+    run_loop,
+    sgd,
+)
 from .config import RobustifyConfig, check_robustify_config
 from .data import absolute_root, task_data, with_teacher_data
 
@@ -59,37 +68,21 @@ def dart_loss(student_adv_logits, student_logits, student_features, teacher_logi
     return total, {"robust_loss": robust.detach(), "transfer_loss": transfer.detach(), "feature_loss": feature.detach()}
 
 
-class FromNormalized(torch.nn.Module):
-    """``model`` seen as a function of normalised images (undoes its own first normalisation)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, z):
-        return self.model(z * self.model.normalize.std + self.model.normalize.mean)
-
-
 class DartTask:
     """One DART step per call: teacher forward (no graph), attack on the student, student forward, loss."""
 
     name = "dart"
 
-    def __init__(self, cfg: RobustifyConfig, teacher, student, target_stream, evaluate_fn, mean, std):
+    def __init__(self, cfg: RobustifyConfig, teacher, student, target_stream, evaluate_fn):
         self.cfg, self.teacher, self.student, self.stream, self.evaluate_fn = cfg, teacher, student, target_stream, \
             evaluate_fn
         self.teacher.eval().requires_grad_(False)
         self.student_forward = student  # the training forwards; DDP-wrapped under torchrun
-        if cfg.attack_space in ("normalized", "code"):
-            # The authors' code attacks normalised images (eps in normalised units): attack a view of the student
-            # that takes normalised input; "code" also clips them to [0, 1], as their advertorch call did.
-            self.attack = PGD(FromNormalized(student), eps=cfg.attack_eps, alpha=cfg.attack_alpha,
-                              steps=cfg.attack_steps, random_start=cfg.attack_random_start, space="normalized",
-                              mean=mean, std=std, fold_batchnorm=attack_folding(cfg),
-                              clip=(0.0, 1.0) if cfg.attack_space == "code" else None)
-        else:
-            self.attack = PGD(student, eps=cfg.attack_eps, alpha=cfg.attack_alpha, steps=cfg.attack_steps,
-                              random_start=cfg.attack_random_start, fold_batchnorm=attack_folding(cfg))
+        options = dict(eps=cfg.attack_eps, alpha=cfg.attack_alpha, steps=cfg.attack_steps,
+                       random_start=cfg.attack_random_start, fold_batchnorm=attack_folding(cfg))
+        # The authors' code attacks normalised images (eps in normalised units): "normalized" and "code" do too.
+        self.attack = PGD(student, **options) if cfg.attack_space == "pixel" else \
+            NormalizedSpaceAttack(PGD, student, cfg.attack_space, **options)
 
     def modules(self):
         return {"student": self.student}
@@ -110,11 +103,7 @@ class DartTask:
             teacher_logits, teacher_features = self.teacher(x, return_features=True)
         with nvtx_range("attack"):
             pseudo_labels = teacher_logits.argmax(1)
-            if self.cfg.attack_space != "pixel":
-                norm = self.student.normalize
-                x_adv = self.attack(norm(x), pseudo_labels) * norm.std + norm.mean
-            else:
-                x_adv = self.attack(x, pseudo_labels)
+            x_adv = self.attack(x, pseudo_labels)
         self.student.train()
         with nvtx_range("student"):
             if self.cfg.forward == "split-bn":
@@ -174,8 +163,7 @@ def robustify(cfg: RobustifyConfig) -> dict:
         teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
     stream = train_stream(data.target_train, cfg.batch_size, cfg.seed, device, cfg.num_workers)
     task = DartTask(cfg, teacher, student, stream,
-                    lambda m: {"clean_acc": accuracy(m, data.target_test, device, num_workers=cfg.num_workers)},
-                    spec.mean, spec.std)
+                    lambda m: {"clean_acc": accuracy(m, data.target_test, device, num_workers=cfg.num_workers)})
     optimizer = sgd(student.param_groups(cfg.lr), cfg)
     return run_loop(task, optimizer, lr_schedule(optimizer, cfg), cfg, device,
                     extra={"spec": spec.to_dict(), "kind": "dart", "config": vars(cfg),

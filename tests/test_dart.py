@@ -23,6 +23,9 @@ def test_confidence_weights_match_the_definition():
     expected = 1 - (-(p * p.log()).sum(1)) / math.log(3)
     torch.testing.assert_close(confidence_weights(logits).double(), expected, rtol=1e-5, atol=1e-6)
     assert confidence_weights(logits)[1].abs() < 1e-6  # uniform teacher: weight 0
+    coded = 1 - (-(p * (p + 1e-5).log()).sum(1)) / math.log(3)  # DART.py's entropy
+    torch.testing.assert_close(confidence_weights(logits, 1e-5).double(), coded, rtol=1e-5, atol=1e-7)
+    assert float((coded - expected).abs().max()) > 1e-6  # the offset is seen
 
 
 @pytest.mark.parametrize("weighting", ["per-sample", "code"])
@@ -35,9 +38,10 @@ def test_dart_loss_matches_methods_md(weighting):
     cfg = RobustifyConfig(kl_weight=0.1, tau_robust=2.0, tau_transfer=3.0, feature_weight=1.0, weighting=weighting)
     total, parts = dart_loss(z_adv, z_s, f_s, z_t, f_t, cfg)
 
-    # methods.md §1: KL(softmax_tau(z_T) || softmax_tau(z_S)) per sample, weighted by w = 1 - H/log C.
+    # methods.md §1: KL(softmax_tau(z_T) || softmax_tau(z_S)) per sample, weighted by w = 1 - H/log C (the code's
+    # entropy: -sum p log(p + 1e-5)).
     p = torch.softmax(z_t.double(), 1)
-    w = 1 - (-(p * p.log()).sum(1)) / math.log(c)
+    w = 1 - (-(p * (p + (1e-5 if weighting == "code" else 0.0)).log()).sum(1)) / math.log(c)
 
     def kl_rows(student, tau):
         return F.kl_div(F.log_softmax(student.double() / tau, 1), F.softmax(z_t.double() / tau, 1),

@@ -42,16 +42,21 @@ from .config import RobustifyConfig, check_robustify_config
 from .data import absolute_root, task_data, with_teacher_data
 
 
-def confidence_weights(teacher_logits: torch.Tensor) -> torch.Tensor:
-    """w_i = 1 - H(p_i) / log C: 1 for a one-hot teacher, 0 for a uniform one."""
+def confidence_weights(teacher_logits: torch.Tensor, log_offset: float = 0.0) -> torch.Tensor:
+    """w_i = 1 - H(p_i) / log C: 1 for a one-hot teacher, 0 for a uniform one. ``log_offset`` > 0 takes the entropy
+    as -sum p log(p + offset), as the authors' code does with 1e-5 (weights ~1e-4 apart)."""
     log_p = torch.log_softmax(teacher_logits.float(), dim=1)
-    entropy = -(log_p.exp() * log_p).sum(1)
+    p = log_p.exp()
+    entropy = -(p * (torch.log(p + log_offset) if log_offset else log_p)).sum(1)
     return 1.0 - entropy / math.log(teacher_logits.shape[1])
+
+
+CODE_ENTROPY_OFFSET = 1e-5  # DART.py: -sum(p * log(p + 1e-5))
 
 
 def dart_loss(student_adv_logits, student_logits, student_features, teacher_logits, teacher_features, cfg):
     """The three DART terms; returns (total, {"robust_loss", "transfer_loss", "feature_loss"})."""
-    weight = confidence_weights(teacher_logits)
+    weight = confidence_weights(teacher_logits, CODE_ENTROPY_OFFSET if cfg.weighting == "code" else 0.0)
     if cfg.weighting == "per-sample":
         robust = ops.kd_kl_loss(student_adv_logits, teacher_logits, temperature=cfg.tau_robust, weight=weight)
         transfer = ops.kd_kl_loss(student_logits, teacher_logits, temperature=cfg.tau_transfer, weight=weight)

@@ -132,6 +132,30 @@ def test_hpt_eval_uses_each_runs_own_head_unless_a_flag_is_given(fake_world, tmp
     assert head["preprocess"] == "imagenet" and head["from"]["preprocess"] == "flag" and head["logits"] == "clip"
 
 
+def test_hpt_eval_runs_under_the_codes_autocast_when_asked(fake_world, monkeypatch):
+    """--amp bf16 (fp16 is the code's, on a GPU): the attack and the scoring under autocast, the figures near float32's
+    and the report saying which; a bad mode is refused before any model is read."""
+    from urda_fast.hpt import report
+    from urda_fast.hpt.report import evaluate_models
+
+    seen, real = [], report.zero_shot_robustness
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report, "zero_shot_robustness", recording)
+    common = dict(datasets="world:digits", attack="pgd2", batch_size=16, max_batches=2, device="cpu", progress=False)
+    target = fake_world.model_arg("target")
+    full = evaluate_models([("zero-shot", target)], EvalConfig(**common), fake_world)
+    half = evaluate_models([("zero-shot", target)], EvalConfig(amp="bf16", **common), fake_world)
+    assert (full["amp"], half["amp"]) == ("none", "bf16") and seen == [None, torch.bfloat16]
+    for key in ("clean", "robust"):
+        assert abs(full["rows"][0][key] - half["rows"][0][key]) <= 10.0, key  # 32 images, bf16's 8-bit mantissa
+    with pytest.raises(ValueError, match="amp must be one of 'auto', 'none', 'bf16', 'fp16', got 'fp8'"):
+        evaluate_models([("zero-shot", "urda-tiny-vit:/missing.pt")], EvalConfig(amp="fp8", **common), fake_world)
+
+
 def test_hpt_eval_warns_when_its_rows_have_different_heads(fake_world, tmp_path):
     from urda_fast.hpt.report import report_heads
 

@@ -116,7 +116,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _autocast(amp: str, device_type: str):
+def amp_autocast(amp: str, device_type: str):
+    """The autocast context of an ``amp`` mode (``AMP_MODES``): none, bf16 or fp16 on ``device_type``."""
     if amp == "none":
         return torch.autocast(device_type, enabled=False)
     if amp not in AMP_MODES:
@@ -459,7 +460,7 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
             with nvtx_range(f"step {iteration}"):
                 if ctx.enabled:  # rank 0's BatchNorm statistics for the step's eval-mode forwards (the attack)
                     distributed.broadcast_buffers(task.modules().values())
-                with _autocast(settings.amp, device.type):
+                with amp_autocast(settings.amp, device.type):
                     metrics = task.training_step()
                 with nvtx_range("backward"):
                     optimizer.zero_grad(set_to_none=True)

@@ -125,6 +125,9 @@ class EvalConfig(ModelsConfig):
     # comma-separated names (urda_fast.hpt.data.EVAL_DATASETS, imagenet, folder:PATH); "paper": the papers' 15 sets,
     # whose average the known figures are (a shorter list's average is not comparable to them)
     datasets: str = "cifar10,cifar100,stl10"
+    amp: str = field(default="none", metadata={"help": (
+        "precision of the evaluation, attack included: none (float32) | fp16 (the code's validate runs under fp16 "
+        "autocast) | bf16 | auto (fp16 on CUDA, none on CPU) (default: none)")})
     prompts: str = field(default="code", metadata={"help": (
         "code: the PMG-AFT / HPT-GPD code's own prompts for the sets that have them (Food101, Pets, Flowers102, DTD, "
         "EuroSAT, Aircraft, Cars, Caltech101/256, PCAM; urda_fast/hpt/prompts.py), --templates for the others; "

@@ -20,12 +20,14 @@ from urda_fast.data import eval_loader
 from urda_fast.distributed import pick_device
 from urda_fast.files import (atomic_savefig, atomic_write_json, atomic_write_text, check_out_folder, load_torch_file,
                              run_checkpoint)
+from urda_fast.train import amp_autocast
 
 from .clip_models import load_clip_arg, parse_model_arg
 from .config import EvalConfig, ModelsConfig, ProxyCheckConfig
 from .data import PAPER_DATASETS, open_dataset, subset
 from .evaluate import proxy_robustness, zero_shot_robustness
 from .prompts import PROMPT_MODES
+from .train import AMP_CHOICES, resolve_amp
 from .zero_shot import ZeroShotClassifier, parse_templates
 
 
@@ -111,7 +113,7 @@ def evaluate_models(models, cfg: EvalConfig, world=None) -> dict:
     if not models:
         raise ValueError("hpt eval: nothing to evaluate; give run folders and/or --target ARCH:CHECKPOINT")
     check_eval_numbers(cfg, "hpt eval")
-    check_choices(cfg, "hpt eval", {"prompts": PROMPT_MODES})
+    check_choices(cfg, "hpt eval", {"prompts": PROMPT_MODES, "amp": AMP_CHOICES})
     warn_unused(cfg, "hpt eval", dict.fromkeys(("proxy", "anchor"), "hpt eval evaluates the run folders and "
                                                "--target; the proxy and the anchor are training's"))
     names = [n for n in cfg.datasets.split(",") if n.strip()]
@@ -121,15 +123,19 @@ def evaluate_models(models, cfg: EvalConfig, world=None) -> dict:
         for zs in sets:
             zs.dataset = subset(zs.dataset, cfg.max_batches * cfg.batch_size, cfg.seed)
     rows = []
+    device = pick_device(cfg.device)
+    amp = resolve_amp(cfg.amp, device)
     for (label, arg), head in zip(models, report_heads(cfg, [arg for _, arg in models])):
-        clip, tokenizer, _ = load_clip_arg(arg, "target", pick_device(cfg.device))
-        result = zero_shot_robustness(clip, tokenizer, sets, attack=cfg.attack, eps=cfg.eps, alpha=cfg.alpha,
-                                      batch_size=cfg.batch_size, templates=parse_templates(head["templates"]),
-                                      logits=head["logits"], preprocess=head["preprocess"], prompts=cfg.prompts,
-                                      num_workers=cfg.num_workers, seed=cfg.seed, progress=cfg.progress)
+        clip, tokenizer, _ = load_clip_arg(arg, "target", device)
+        with amp_autocast(amp, device.type):
+            result = zero_shot_robustness(clip, tokenizer, sets, attack=cfg.attack, eps=cfg.eps, alpha=cfg.alpha,
+                                          batch_size=cfg.batch_size, templates=parse_templates(head["templates"]),
+                                          logits=head["logits"], preprocess=head["preprocess"], prompts=cfg.prompts,
+                                          num_workers=cfg.num_workers, seed=cfg.seed, progress=cfg.progress)
         rows.append({"method": label, "model": arg, "clean": result["clean"], "robust": result.get("robust"),
                      "per_dataset": result["per_dataset"], "head": head})
-    return {"attack": cfg.attack, "eps": cfg.eps, "datasets": names, "prompts": cfg.prompts, "rows": rows}
+    return {"attack": cfg.attack, "eps": cfg.eps, "datasets": names, "prompts": cfg.prompts, "amp": amp,
+            "rows": rows}
 
 
 def proxy_check(cfg: ProxyCheckConfig, world=None) -> dict:
@@ -159,6 +165,8 @@ def to_markdown(report: dict) -> str:
     scope = f"averages over these {len(names)} set{'s' * (len(names) != 1)}"
     if set(names) != set(PAPER_DATASETS) and not all(n.startswith(("world:", "folder:")) for n in names):
         scope += " (the papers' averages are over the 15 of --datasets paper)"
+    amp = report.get("amp", "none")
+    scope += "" if amp == "none" else f"; evaluated under {amp} autocast"
     lines = [f"Zero-shot accuracy (%), clean and under {report['attack']} at eps {report['eps'] * 255:.3g}/255; "
              f"{scope}", "", head, "|---|" + "---:|" * (len(names) + 2)]
     for row in report["rows"]:

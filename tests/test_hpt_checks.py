@@ -195,6 +195,31 @@ def test_training_time_evaluation_sees_hpt_evals_seeded_sample(fake_world, tmp_p
     assert seen == expected and len(set(seen)) > 2
 
 
+def test_training_time_evaluation_prompts_as_hpt_eval_does(fake_world, tmp_path, monkeypatch):
+    """A validation set with the code's own prompts (the HPT code's later commit watches dtd) is scored with them,
+    as `hpt eval` scores it by default; the others with the run's templates."""
+    from urda_fast.hpt.data import ZeroShotSet
+
+    train_module = sys.modules["urda_fast.hpt.train"]  # the package's `train` is the function
+
+    task = build_task(cfg_for(fake_world, tmp_path, val_data="world:digits", batch_size=8, eval_max_batches=1))[0]
+    own = task.val_sets[0]
+    task.val_sets = [ZeroShotSet("world:own", own.dataset, own.classnames,
+                                 prompts=[f"a sketch of the number {c}" for c in own.classnames]), own]
+    seen = []
+    real = train_module.zero_shot_robustness
+
+    def spy(clip, tokenizer, sets, **kw):
+        seen.append(kw["prompts"])
+        out = real(clip, tokenizer, sets, **kw)
+        seen.append([row["prompts"] for row in out["per_dataset"].values()])
+        return out
+
+    monkeypatch.setattr(train_module, "zero_shot_robustness", spy)
+    metrics = task.evaluate()
+    assert seen == ["code", ["code", "template"]] and {"own_clean", "digits_clean"} <= set(metrics)
+
+
 def test_training_time_evaluation_under_ddp_sees_the_global_batchs_sample(fake_world, tmp_path, monkeypatch):
     """batch_size is per process: W processes validate on eval_max_batches x W*B images (rank 0 evaluates), the
     sample one process with batch W*B takes."""

@@ -33,7 +33,8 @@ class DataConfig:
     root: str = ""  # dataset root (tinyimagenet: the folder holding tiny-imagenet-200/, or tiny-imagenet-200 itself)
     world: str = ""  # folder of the embedded world (`hpt demo` builds it); "" = the default cache folder
     # zero-shot sets evaluated during training, comma-separated ("" = the world's sets, TinyImageNet's val split, or
-    # an imagefolder's own training images)
+    # an imagefolder's own training images); prompted as `hpt eval --prompts code` does. The HPT code (9fb0669)
+    # selects on cifar10's robust accuracy; its later commit watches dtd.
     val_data: str = ""
     image_size: int = 224  # images are resized to this for real datasets (the model resizes again if it differs)
     num_workers: int = 4

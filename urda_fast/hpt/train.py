@@ -192,7 +192,7 @@ class HptTask:
         # the val sets are already the seeded sample of eval_max_batches x batch_size images (validation_sets)
         result = zero_shot_robustness(self.head.clip, self.tokenizer, self.val_sets, attack=f"pgd{cfg.eval_steps}",
                                       eps=cfg.eval_eps, alpha=cfg.eval_alpha, batch_size=cfg.batch_size,
-                                      templates=self.head.templates,
+                                      templates=self.head.templates, prompts="code",  # as `hpt eval` scores them
                                       logits=cfg.logits, preprocess=cfg.preprocess, num_workers=self.num_workers,
                                       seed=cfg.seed, progress=False)
         metrics = {"clean_acc": result["clean"], "robust_acc": result["robust"]}

@@ -172,7 +172,7 @@ def _run_labels(given, runs) -> dict:
 
 def _add_dart(sub) -> None:
     from urda_fast.config import add_dataclass_flags
-    from urda_fast.dart.config import PretrainConfig, RobustifyConfig
+    from urda_fast.dart.config import ATTACK_SPACES, PretrainConfig, RobustifyConfig
 
     dart = sub.add_parser("dart", help="DART: robust unsupervised domain adaptation")
     dart.set_defaults(run=cmd_dart)
@@ -205,7 +205,7 @@ def _add_dart(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--num-workers", type=int, default=4, help="image-decoding processes (none for in-memory data)")
     ev.add_argument("--max-batches", type=int, default=0, help="evaluate only the first N batches (0 = all)")
-    ev.add_argument("--attack-space", default="pixel", choices=("pixel", "normalized", "code"),
+    ev.add_argument("--attack-space", default="pixel", choices=ATTACK_SPACES,
                     help="pixel: --eps in [0, 1] units; normalized / code: in normalised units, as `dart robustify "
                          "--attack-space` attacks (code: the authors' clip of normalised images to [0, 1]; e.g. "
                          "--eps 0.1)")

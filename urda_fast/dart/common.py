@@ -14,11 +14,7 @@ from urda_fast.optim import sgd as fused_sgd
 from urda_fast.profiling import nvtx_for
 from urda_fast.train import LoopSettings, fit
 
-
-# Where DART's attacks work: "pixel" ([0, 1] images, the model normalises), "normalized" (eps in normalised units,
-# each channel kept in the range its pixels map to) or "code" (normalised units, every value clipped to [0, 1], as
-# the authors' advertorch call did).
-ATTACK_SPACES = ("pixel", "normalized", "code")
+from .config import ATTACK_SPACES
 
 
 class FromNormalized(torch.nn.Module):
@@ -39,7 +35,7 @@ class NormalizedSpaceAttack:
     units, as the DART authors' advertorch call did (``clip``, see :class:`urda_fast.attacks.base.Attack`)."""
 
     def __init__(self, attack_cls, model, space: str, **kwargs):
-        if space not in ATTACK_SPACES[1:]:
+        if space == "pixel" or space not in ATTACK_SPACES:
             raise ValueError(f"dart: a normalised-space attack's space is 'normalized' or 'code', got {space!r}")
         self.normalize = model.normalize
         mean, std = self.normalize.mean.flatten(), self.normalize.std.flatten()

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from urda_fast.config import OVERWRITE_HELP, RESUME_HELP, check_choices, check_ranges, warn_unused
 from urda_fast.distributed import check_device
 
+# Where DART's attacks work: "pixel" ([0, 1] images, the model normalises), "normalized" (eps in normalised units,
+# each channel kept in the range its pixels map to) or "code" (normalised units, every value clipped to [0, 1], as
+# the authors' advertorch call did).
+ATTACK_SPACES = ("pixel", "normalized", "code")
+
 
 @dataclass
 class RunConfig:
@@ -176,7 +181,7 @@ def check_robustify_config(cfg: RobustifyConfig) -> None:
                  non_negative=("weight_decay", "lr_gamma", "lr_decay", "kl_weight", "feature_weight"))
     check_choices(cfg, "dart", {"forward": ("split-bn", "separate"), "weighting": ("per-sample", "code"),
                                 "student_init": ("teacher", "backbone"),
-                                "attack_space": ("pixel", "normalized", "code")})
+                                "attack_space": ATTACK_SPACES})
     if cfg.attack_space == "pixel":
         check_ranges(cfg, "dart", pixel_budget=("attack_eps", "attack_alpha"))
     if cfg.backbone_weights and cfg.student_init != "backbone":

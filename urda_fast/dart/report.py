@@ -14,8 +14,8 @@ from urda_fast.evaluate import check_loader_settings, robust_accuracy
 from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, check_out_folder, run_checkpoint
 from urda_fast.models import ModelSpec
 
-from .common import ATTACK_SPACES, NormalizedSpaceAttack, load_checkpoint_model, read_checkpoint
-from .config import RunConfig
+from .common import NormalizedSpaceAttack, load_checkpoint_model, read_checkpoint
+from .config import ATTACK_SPACES, RunConfig
 from .data import DATA_FIELDS, run_data, task_data
 
 ATTACKS = ("clean", "fgsm", "pgd10", "pgd20", "autoattack")

@@ -72,9 +72,8 @@ class TrainConfig(ModelsConfig, DataConfig):
     pmg_clean_weight: float = 1.0  # PMG-AFT: KL(target(x) || target(x_adv))
     pmg_kl_direction: str = field(default="paper", metadata={"help": (
         "paper: PMG-AFT's KL(original(x_adv) || target(x_adv)) and KL(target(x) || target(x_adv)) (methods.md); "
-        "code: KL(target(x_adv) || original(x_adv)) and "
-        "KL(target(x_adv) || target(x)), as the PMG-AFT code's KLDivLoss computes them (nearly the same gradient with "
-        "cosine logits) (default: paper)")})
+        "code: KL(target(x_adv) || original(x_adv)) and KL(target(x_adv) || target(x)), as the PMG-AFT code's "
+        "KLDivLoss computes them (nearly the same gradient with cosine logits) (default: paper)")})
     kl_reduction: str = "sum"  # "sum" over the batch (code: KLDivLoss(reduction="sum")) | "batchmean"
     attack_eps: float = 2 / 255
     attack_alpha: float = 1 / 255

@@ -40,8 +40,9 @@ def summarize(paths, out: str | None = None) -> dict:
     check_out_folder(out, "dart summary")
     reports = [read_report(path) for path in paths]
     tasks = [report["data"] for report in reports]
-    if len(set(tasks)) < len(tasks):
-        raise ValueError(f"dart summary: a task is given twice ({repeated(tasks)})")
+    twice = repeated(tasks)
+    if twice:
+        raise ValueError(f"dart summary: a task is given twice ({twice})")
     key_sets = [[k for k in report["rows"][0] if k == "clean" or "@" in k] for report in reports]
     keys = [k for k in key_sets[0] if all(k in ks for ks in key_sets)]
     if not keys:

@@ -165,6 +165,7 @@ def test_dispatch():
 
 @pytest.mark.parametrize("call, error, match", [
     (lambda q: ops.packed_self_attention(q, 5), ValueError, r"3 \* heads \* head_dim"),
+    (lambda q: ops.packed_self_attention(q[..., :0], 2), ValueError, r"3 \* heads \* head_dim"),
     (lambda q: ops.packed_self_attention(q, 0), ValueError, "positive int"),
     (lambda q: ops.packed_self_attention(q[0], 2), ValueError, r"\(B, T, 3 \* heads"),
     (lambda q: ops.packed_self_attention(q.long(), 2), TypeError, "floating-point"),

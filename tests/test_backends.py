@@ -51,6 +51,50 @@ def test_torch_func_transforms_take_the_reference_and_the_models_fall_back():
         torch.testing.assert_close(got, torch.func.grad(lambda t: twin(t).square().sum())(x))
 
 
+def test_a_fused_backend_asked_for_under_torch_func_is_a_clear_error(monkeypatch):
+    x = torch.randn(3, 5, dtype=torch.float64)
+    loss_calls = (lambda t, b: ops.kd_kl_loss(t, x, backend=b), lambda t, b: ops.feature_cosine_loss(t, x, backend=b),
+                  lambda t, b: ops.max_pool2d(t[None, None], 2, backend=b).sum())
+    for call in loss_calls:
+        with pytest.raises(ValueError, match="backend='cpu' cannot run inside a torch.func transform"):
+            torch.func.grad(lambda t: call(t, "cpu"))(x)
+        torch.testing.assert_close(torch.func.grad(lambda t: call(t, "reference"))(x),
+                                   torch.autograd.grad(call(x.requires_grad_(), "reference"), x)[0])
+        x = x.detach()
+    monkeypatch.setenv("URDA_FAST_BACKEND", "cpu")  # the environment's preference yields, as the default does
+    torch.testing.assert_close(torch.func.grad(lambda t: ops.kd_kl_loss(t, x))(x), torch.zeros_like(x))
+
+
+def test_compiled_graphs_call_the_fused_ops_by_default():
+    """torch.compile keeps the device's backend: the fused op is in the graph, not the reference's composite."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    torch.manual_seed(0)
+    x, s, t = torch.rand(2, 3, 4, 4), torch.randn(4, 10), torch.randn(4, 10)
+    calls = ((lambda x: ops.pgd_step(x, x.sin(), x, step_size=0.1, eps=0.2), (x,), "pgd_step"),
+             (lambda s, t: ops.kd_kl_loss(s, t, temperature=2.0), (s, t), "kd_kl"),
+             (lambda s, t: ops.feature_cosine_loss(s, t), (s, t), "feature_cosine"),
+             (lambda s, t: ops.feature_mse_loss(s, t), (s, t), "feature_mse"))
+    for fn, args, op in calls:
+        torch._dynamo.reset()
+        graphs = EagerAndRecordGraphs()
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend=graphs)(*args), fn(*args))
+        assert f"urda_fast.{op}" in graphs.graphs[0].code, graphs.graphs[0].code
+
+
+def test_float_arguments_left_at_their_defaults_compile_with_dynamic_shapes():
+    """torch.compile(dynamic=True) traces float arguments as symbolic floats, which math.isnan / isfinite refuse."""
+    torch.manual_seed(0)
+    x, s, t, qkv = torch.rand(4, 3, 5, 5), torch.randn(6, 10), torch.randn(6, 10), torch.randn(2, 5, 24)
+    grad = torch.randn_like(x)
+    calls = ((lambda x, g: ops.pgd_step(x, g, x, step_size=2 / 255, eps=8 / 255), (x, grad)),
+             (lambda s, t: ops.kd_kl_loss(s, t), (s, t)), (lambda s, t: ops.feature_cosine_loss(s, t), (s, t)),
+             (lambda qkv: ops.packed_self_attention(qkv, 2), (qkv,)))
+    for fn, args in calls:
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True, dynamic=True)(*args), fn(*args))
+
+
 def test_environment_variable_forces_a_backend(monkeypatch):
     monkeypatch.setenv("URDA_FAST_BACKEND", "reference")
     assert _backends.resolve_backend(None, torch.device("cpu")) == "reference"

@@ -143,8 +143,18 @@ def _warn_fallback(reason: str) -> None:
 
 def functorch_active() -> bool:
     """Whether a ``torch.func`` transform (grad, vmap, jacrev...) is running: the fused ops' autograd rules (Python's
-    ``register_autograd`` and C++ autograd Functions alike) do not work under them, so the default is the reference."""
+    ``register_autograd`` and C++ autograd Functions alike) do not work under them, so the default is the reference.
+    False while torch.compile traces: Dynamo answers the interpreter-stack query with a non-None value there, which
+    had put the reference, not the fused op, into every compiled graph."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _functorch_refusal(name: str) -> str:
+    return (f"urda_fast: backend={name!r} cannot run inside a torch.func transform (grad, vmap, jacrev, ...): the fused "
+            "kernels' autograd rules do not support them (torch's own limit for custom ops); leave backend unset "
+            "there (the reference runs) or pass backend='reference'")
 
 
 def resolve_backend(requested: str | None, device: torch.device) -> str:
@@ -155,6 +165,10 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
     source = "backend=" if requested is not None else f"{ENV_VAR}="
     if name not in BACKENDS:
         raise ValueError(f"urda_fast: unknown backend {source}{name!r}; choose one of {', '.join(BACKENDS)}")
+    if name != "reference" and functorch_active():
+        if requested is None:  # the environment's preference yields to torch.func, as the device's default does
+            return "reference"
+        raise ValueError(_functorch_refusal(name))
     if name == "cpu" and device.type != "cpu":
         raise ValueError(f"urda_fast: {source}'cpu' runs CPU tensors only, but the inputs are on {device}; "
                          "use 'cuda', 'triton' or 'reference' for them")
@@ -179,6 +193,8 @@ def cpu_only_choice(op_name: str, backend: str | None, gpu_note: str) -> str | N
         if env is not None and env not in BACKENDS:  # a typo is the same error here as in the other ops
             raise ValueError(f"urda_fast: unknown backend {ENV_VAR}={env!r}; choose one of {', '.join(BACKENDS)}")
         return "reference" if env == "reference" or functorch_active() else None
+    if backend == "cpu" and functorch_active():
+        raise ValueError(_functorch_refusal(backend))
     if backend in ("cpu", "reference"):
         return backend
     if backend in BACKENDS:

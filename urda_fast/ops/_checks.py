@@ -38,6 +38,16 @@ def _values_checkable(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and t.device.type != "meta"
 
 
+# math.isnan / isfinite refuse the symbolic floats torch.compile(dynamic=True) traces a float argument as; these
+# comparisons take both (and guard on the value under tracing).
+def is_nan(value) -> bool:
+    return value != value
+
+
+def is_finite(value) -> bool:
+    return -math.inf < value < math.inf
+
+
 def _infinite(name: str) -> str:
     return (f"urda_fast: {name} must be finite, got inf (an infinite step makes NaN of every zero gradient entry "
             "instead of stepping to the budget's edge)")
@@ -66,11 +76,11 @@ def check_nonneg(value, name: str, *, count: int, count_name: str, finite: bool 
         return
     if not isinstance(value, Real) or isinstance(value, bool):
         raise TypeError(f"urda_fast: {name} must be a float or a tensor, got {type(value).__name__}")
-    if math.isnan(value):
+    if is_nan(value):
         raise ValueError(f"urda_fast: {name} is NaN")
     if value < 0:
         raise ValueError(f"urda_fast: {name} must be >= 0, got {value}")
-    if finite and math.isinf(value):
+    if finite and not is_finite(value):
         raise ValueError(_infinite(name))
 
 
@@ -90,7 +100,7 @@ def check_bounds(lower, upper, channels: int) -> None:
     lo, hi = _bound_values(lower), _bound_values(upper)
     if lo is None or hi is None:
         return
-    if any(math.isnan(v) for v in lo + hi):
+    if any(is_nan(v) for v in lo + hi):
         raise ValueError("urda_fast: lower/upper contain NaN")
     width = max(len(lo), len(hi))  # one of them may be a single value for every channel
     if any(l > h for l, h in zip(lo * (width // len(lo)), hi * (width // len(hi)))):
@@ -128,7 +138,7 @@ def _remember_checked_bounds(lower, upper) -> None:
 def check_positive_finite(value, name: str) -> None:
     if not isinstance(value, Real) or isinstance(value, bool):
         raise TypeError(f"urda_fast: {name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
+    if not is_finite(value) or value <= 0:
         raise ValueError(f"urda_fast: {name} must be a positive finite float, got {value}")
 
 

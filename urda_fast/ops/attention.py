@@ -14,8 +14,6 @@ it is still faster (``urda_fast/models/attention.py`` has the measurements). Bac
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _backends, _checks, reference
@@ -40,12 +38,12 @@ def packed_self_attention(qkv, heads, *, mask=None, scale=None, backend=None):
     _checks.check_tensor(qkv, "qkv")
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
         raise ValueError(f"urda_fast: packed_self_attention's heads must be a positive int, got {heads!r}")
-    if qkv.dim() != 3 or qkv.shape[2] % (3 * heads) != 0:
+    if qkv.dim() != 3 or qkv.shape[2] == 0 or qkv.shape[2] % (3 * heads) != 0:
         raise ValueError(f"urda_fast: packed_self_attention needs qkv of shape (B, T, 3 * heads * head_dim), got "
                          f"{tuple(qkv.shape)} with heads={heads}")
     head_dim = qkv.shape[2] // (3 * heads)
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
+    if not _checks.is_finite(scale):
         raise ValueError(f"urda_fast: packed_self_attention's scale must be finite, got {scale}")
     if mask is not None:
         _check_mask(mask, qkv)

@@ -4,6 +4,7 @@ opcheck, torch.compile; the fallbacks; FastConv2d and the models that use it."""
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,6 +151,20 @@ def test_conv2d_falls_back_to_torch(case):
     elif case != "reference":
         with pytest.raises(ValueError, match="conv2d's CPU kernel cannot run this call"):
             ops.conv2d(x, weight, bias, 1, padding, backend="cpu")
+
+
+def test_one_element_stride_and_padding_are_pairs_as_in_f_conv2d():
+    x, weight, bias = _inputs(torch.float64)
+    x = x.detach().requires_grad_()
+    for stride, padding in (((2,), (1,)), (np.int64(2), [np.int64(1)])):
+        got = ops.conv2d(x, weight, bias, stride=stride, padding=padding)
+        assert "conv2d_image_forward" in type(got.grad_fn).__name__
+        want = F.conv2d(x, weight, bias, stride=2, padding=1)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got.square().sum(), x)[0],
+                                   torch.autograd.grad(want.square().sum(), x)[0])
+    with pytest.raises(TypeError, match="conv2d's stride must be an int or a pair of ints"):
+        ops.conv2d(x, weight, bias, stride=(1, 1, 1))
 
 
 def test_conv2d_backend_errors():

@@ -1,6 +1,7 @@
 """max_pool2d: the CPU kernel gives torch's values and gradients exactly (ties, NaN, -inf, padding, overlapping
 windows, half types), through autograd, opcheck and torch.compile; the module and the model swap; errors."""
 
+import numpy as np
 import pytest
 import torch
 import torch.fx
@@ -102,6 +103,11 @@ def test_second_order_backward_is_refused():
         grad.sum().backward()
 
 
+def test_numpy_ints_and_one_element_tuples_are_sizes_as_in_torch():
+    x = torch.randn(1, 2, 6, 6)
+    torch.testing.assert_close(ops.max_pool2d(x, np.int64(2), stride=(2,)), F.max_pool2d(x, 2, (2,)))
+
+
 @pytest.mark.parametrize("call, error, match", [
     (lambda x: ops.max_pool2d(x.long(), 2), TypeError, "floating"),
     (lambda x: ops.max_pool2d(x[0, 0], 2), ValueError, r"\(N, C, H, W\)"),
@@ -109,6 +115,7 @@ def test_second_order_backward_is_refused():
     (lambda x: ops.max_pool2d(x, 0), ValueError, ">= 1"),
     (lambda x: ops.max_pool2d(x, 9), ValueError, "smaller than its padded kernel"),
     (lambda x: ops.max_pool2d(x, (2, 2, 2)), TypeError, "pair of ints"),
+    (lambda x: ops.max_pool2d(x, (2.0, 2)), TypeError, "pair of ints"),
     (lambda x: ops.max_pool2d(x, 2, backend="cuda"), ValueError, "no 'cuda' kernel"),
     (lambda x: ops.max_pool2d(x, 2, backend="bogus"), ValueError, "unknown backend"),
 ])

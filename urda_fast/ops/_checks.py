@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from numbers import Real
 
 import torch
@@ -140,6 +141,18 @@ def check_positive_finite(value, name: str) -> None:
         raise TypeError(f"urda_fast: {name} must be a float, got {type(value).__name__}")
     if not is_finite(value) or value <= 0:
         raise ValueError(f"urda_fast: {name} must be a positive finite float, got {value}")
+
+
+def int_pair(value, op: str, name: str) -> tuple[int, int]:
+    """An int or a sequence of 1 or 2 ints (numpy's too) as a pair, as torch's 2-D layers read them."""
+    values = tuple(value) if hasattr(value, "__len__") else (value,)
+    try:
+        if len(values) not in (1, 2) or any(isinstance(v, bool) for v in values):
+            raise TypeError
+        values = tuple(operator.index(v) for v in values)
+    except TypeError:
+        raise TypeError(f"urda_fast: {op}'s {name} must be an int or a pair of ints, got {value!r}") from None
+    return values * (2 // len(values))
 
 
 def check_choice(value, name: str, choices) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backends, reference
+from . import _backends, _checks, reference
 
 MAX_CHANNELS = 4
 
@@ -22,17 +22,14 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, *, backend=None):
     int/pair padding; everything else (and ``backend="reference"``) is exactly ``F.conv2d``. ``backend="cpu"`` insists
     on the kernel and says why when it cannot run.
     """
-    stride, padding = _pair(stride), padding if isinstance(padding, str) else _pair(padding)
+    stride, padding = _checks.int_pair(stride, "conv2d", "stride"), (
+        padding if isinstance(padding, str) else _checks.int_pair(padding, "conv2d", "padding"))
     reason = _kernel_unusable(x, weight, padding, backend)
     if reason is None:
         return torch.ops.urda_fast.conv2d_image_forward(x, weight, bias, list(stride), list(padding))
     if backend == "cpu":
         raise ValueError(f"urda_fast: conv2d's CPU kernel cannot run this call: {reason}; use backend='reference'")
     return reference.conv2d(x, weight, bias, stride, padding)
-
-
-def _pair(value):
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def _kernel_unusable(x, weight, padding, backend) -> str | None:

@@ -15,13 +15,6 @@ import torch
 from . import _backends, _checks, reference
 
 
-def _pair(value, name):
-    values = (value, value) if isinstance(value, int) else tuple(value)
-    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise TypeError(f"urda_fast: max_pool2d's {name} must be an int or a pair of ints, got {value!r}")
-    return values
-
-
 def max_pool2d(x, kernel_size, stride=None, padding=0, *, backend=None):
     """``F.max_pool2d(x, kernel_size, stride, padding)`` (no dilation, floor mode), differentiable w.r.t. ``x``.
 
@@ -34,9 +27,9 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, *, backend=None):
     _checks.check_tensor(x, "x")
     if x.dim() not in (3, 4):
         raise ValueError(f"urda_fast: max_pool2d needs a (N, C, H, W) or (C, H, W) tensor, got shape {tuple(x.shape)}")
-    kernel = _pair(kernel_size, "kernel_size")
-    stride = kernel if stride is None else _pair(stride, "stride")
-    padding = _pair(padding, "padding")
+    kernel = _checks.int_pair(kernel_size, "max_pool2d", "kernel_size")
+    stride = kernel if stride is None else _checks.int_pair(stride, "max_pool2d", "stride")
+    padding = _checks.int_pair(padding, "max_pool2d", "padding")
     if min(kernel) < 1 or min(stride) < 1:
         raise ValueError(f"urda_fast: max_pool2d's kernel_size and stride must be >= 1, got {kernel} and {stride}")
     if min(padding) < 0 or any(2 * p > k for p, k in zip(padding, kernel)):

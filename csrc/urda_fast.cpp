@@ -34,7 +34,8 @@ TORCH_LIBRARY(urda_fast, m) {
   // mean((a - b)^2) over all elements of (B, D) inputs, and its gradient w.r.t. a scaled by grad (0-d).
   m.def("feature_mse_forward(Tensor a, Tensor b) -> Tensor");
   m.def("feature_mse_backward(Tensor grad, Tensor a, Tensor b) -> Tensor");
-  // Mean row-wise cosine distance of (B, D) inputs: (loss (0-d), stats (B, 3) = [dot, |a|, |b|]), and the gradients
+  // Mean row-wise cosine distance of (B, D) inputs: (loss (0-d), stats (B, 3) = [cos, |a|, |b|]; cos, not the
+  // dot product, which overflows float32 for rows of norm above ~1e19), and the gradients
   // w.r.t. a and b scaled by grad (0-d).
   m.def("feature_cosine_forward(Tensor a, Tensor b, float eps) -> (Tensor, Tensor)");
   m.def("feature_cosine_backward(Tensor grad, Tensor a, Tensor b, Tensor stats, float eps, bool grad_a, "

@@ -112,7 +112,7 @@ def _feature_cosine_fwd_kernel(a_ptr, b_ptr, part_ptr, stats_ptr, cos_ptr, D, ch
         tl.store(out + 2, tl.sum(sbb, 0))
     else:
         na, nb, cos = _cosine_finish(dot, tl.sum(saa, 0), tl.sum(sbb, 0), tl.full([], eps, acc_t))
-        tl.store(stats_ptr + row * 3, dot)
+        tl.store(stats_ptr + row * 3, cos)
         tl.store(stats_ptr + row * 3 + 1, na)
         tl.store(stats_ptr + row * 3 + 2, nb)
         tl.store(cos_ptr + row, cos)
@@ -133,7 +133,7 @@ def _feature_cosine_finish_kernel(part_ptr, stats_ptr, cos_ptr, B, S, eps: tl.fl
         saa += tl.load(p + 1, mask=mask, other=0.0)
         sbb += tl.load(p + 2, mask=mask, other=0.0)
     na, nb, cos = _cosine_finish(dot, saa, sbb, tl.full([], eps, acc_t))
-    tl.store(stats_ptr + rows * 3, dot, mask=mask)
+    tl.store(stats_ptr + rows * 3, cos, mask=mask)
     tl.store(stats_ptr + rows * 3 + 1, na, mask=mask)
     tl.store(stats_ptr + rows * 3 + 2, nb, mask=mask)
     tl.store(cos_ptr + rows, cos, mask=mask)
@@ -152,20 +152,22 @@ def _feature_cosine_bwd_kernel(grad_ptr, a_ptr, b_ptr, stats_ptr, da_ptr, db_ptr
     # d loss / d cos_i, the same for every row: grad * row_scale, row_scale = d mean_i (1 - cos_i) / d cos_i.
     g = tl.load(grad_ptr) * tl.full([], row_scale, acc_t)
     # Per-row scalars: every element of a row gathers the same few addresses (cache hits).
-    dot = tl.load(stats_ptr + row * 3, mask=mask, other=0.0)
+    cos = tl.load(stats_ptr + row * 3, mask=mask, other=0.0)
     na = tl.load(stats_ptr + row * 3 + 1, mask=mask, other=1.0)
     nb = tl.load(stats_ptr + row * 3 + 2, mask=mask, other=1.0)
-    inv = 1.0 / (_norm_floor(na, eps_c) * _norm_floor(nb, eps_c))
-    g_cos = g * (dot * inv)
+    # d cos / d a = (1 / ca) (b / cb - (cos / na) a), ca = max(na, eps): no factor leaves float32's normal range
+    # for rows of large norm (1 / (ca cb) overflows, or falls to a subnormal, past ~1e19). A norm at or below eps is
+    # clamped to a constant, so it contributes no cos term of its own.
+    inv_a = 1.0 / _norm_floor(na, eps_c)
+    inv_b = 1.0 / _norm_floor(nb, eps_c)
     a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(acc_t)
     b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(acc_t)
-    # A norm at or below eps is clamped to a constant, so it contributes no gradient term of its own.
     if GRAD_A:
-        ka = tl.where(na > eps_c, g_cos / (na * na), 0.0)
-        tl.store(da_ptr + offs, (g * inv * b - ka * a).to(da_ptr.dtype.element_ty), mask=mask)
+        ka = tl.where(na > eps_c, cos / na, 0.0)
+        tl.store(da_ptr + offs, ((g * inv_a) * (b * inv_b - ka * a)).to(da_ptr.dtype.element_ty), mask=mask)
     if GRAD_B:
-        kb = tl.where(nb > eps_c, g_cos / (nb * nb), 0.0)
-        tl.store(db_ptr + offs, (g * inv * a - kb * b).to(db_ptr.dtype.element_ty), mask=mask)
+        kb = tl.where(nb > eps_c, cos / nb, 0.0)
+        tl.store(db_ptr + offs, ((g * inv_b) * (a * inv_a - kb * b)).to(db_ptr.dtype.element_ty), mask=mask)
 
 
 def _acc_dtype(dtype):

@@ -60,6 +60,33 @@ def test_feature_cosine_zero_and_tiny_rows(backend):
     check("cosine", name, a.float(), b.float(), torch.float32, "zero rows f32")
 
 
+def test_feature_cosine_huge_rows_give_finite_gradients_with_a_finite_loss(backend):
+    """Rows of norm ~1e21: the product of two norms overflows float32. A backend whose loss is finite (the CPU
+    kernel sums in double) gives the float64 reference's gradients, never NaN behind a finite loss."""
+    name, device = backend
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 7, device=device) * 1e20, torch.randn(3, 7, device=device) * 1e20
+    got = loss_and_grads(lambda x, y: ops.feature_cosine_loss(x, y, backend=name), a, b)
+    want = loss_and_grads(reference.feature_cosine_loss, a.double(), b.double())
+    if name == "cpu":
+        assert len(got) == 3
+    if torch.isfinite(got[0]):
+        torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=0)
+        for x, y in zip(got[1:], want[1:]):  # gradients ~1e-21: compared at the loss's scale
+            torch.testing.assert_close(x.double() * 1e21, y * 1e21, rtol=1e-4, atol=1e-5)
+    else:
+        assert torch.isnan(got[0])
+
+
+def test_feature_mse_beyond_float_range_is_inf(backend):
+    name, device = backend
+    a, b = torch.full((1, 2), 3e38, device=device), torch.full((1, 2), -3e38, device=device)
+    for x, y in ((a, b), (a.bfloat16(), b.bfloat16())):
+        loss = ops.feature_mse_loss(x, y, backend=name)
+        assert loss.dtype == torch.float32 and loss.item() == float("inf")
+        assert reference.feature_mse_loss(x, y).item() == float("inf")
+
+
 @pytest.mark.parametrize("loss_name", list(LOSSES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_feature_loss_nan_in_a_row_makes_the_loss_and_that_rows_gradients_nan(backend, loss_name, dtype):

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../common.h"
@@ -67,9 +68,14 @@ at::Tensor feature_mse_forward_cpu(const at::Tensor& a, const at::Tensor& b) {
         [&](int64_t begin, int64_t end, double acc) { return acc + squared_distance(pa, pb, begin, end); },
         std::plus<double>());
   });
-  // 0 / 0 = NaN for an empty input, as torch's mean gives.
-  const double mean = total / static_cast<double>(n);
-  return at::scalar_tensor(mean, a.options().dtype(acc_scalar_type(a.scalar_type())));
+  // 0 / 0 = NaN for an empty input, as torch's mean gives. A mean beyond float's range is inf, as torch's is
+  // (at::scalar_tensor refuses to narrow it).
+  double mean = total / static_cast<double>(n);
+  const auto acc_type = acc_scalar_type(a.scalar_type());
+  if (acc_type == at::kFloat && std::isfinite(mean) && std::abs(mean) > std::numeric_limits<float>::max()) {
+    mean = std::copysign(std::numeric_limits<double>::infinity(), mean);
+  }
+  return at::scalar_tensor(mean, a.options().dtype(acc_type));
 }
 
 at::Tensor feature_mse_backward_cpu(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b) {
@@ -109,8 +115,9 @@ std::tuple<at::Tensor, at::Tensor> feature_cosine_forward_cpu(const at::Tensor& 
         double sums[3];
         dot_and_norms(pa + i * cols, pb + i * cols, cols, sums);
         const double dot = sums[0], na = std::sqrt(sums[1]), nb = std::sqrt(sums[2]);
-        distance[i] = 1.0 - dot / (std::max(na, eps) * std::max(nb, eps));
-        ps[3 * i] = static_cast<acc_t>(dot);
+        const double cos = dot / (std::max(na, eps) * std::max(nb, eps));
+        distance[i] = 1.0 - cos;
+        ps[3 * i] = static_cast<acc_t>(cos);
         ps[3 * i + 1] = static_cast<acc_t>(na);
         ps[3 * i + 2] = static_cast<acc_t>(nb);
       }
@@ -122,12 +129,14 @@ std::tuple<at::Tensor, at::Tensor> feature_cosine_forward_cpu(const at::Tensor& 
   return {at::scalar_tensor(total / static_cast<double>(rows), acc_options), stats};
 }
 
-// d cos / d a = b / (ca cb) - cos a / na^2, the second term only where |a| > eps (below it the norm is clamped).
+// d cos / d a = b / (ca cb) - cos a / na^2 = (1 / ca) (b / cb - (cos / na) a), ca = max(na, eps), the cos term only
+// where |a| > eps (below it the norm is clamped). In this form no factor leaves float32's normal range for rows of
+// any norm the forward gives a finite cosine for: 1 / (ca cb) overflows, or falls to a subnormal, past norms ~1e19.
 template <typename scalar_t, typename acc_t>
-URDA_FAST_CLONES void cosine_grad_row(const scalar_t* x, const scalar_t* other, scalar_t* out, int64_t n, acc_t g,
-                                      acc_t inv_denom, acc_t self_coef) {
+URDA_FAST_CLONES void cosine_grad_row(const scalar_t* x, const scalar_t* other, scalar_t* out, int64_t n, acc_t outer,
+                                      acc_t inv_other, acc_t self_coef) {
   write_row<scalar_t, acc_t>(out, n, [&](int64_t k) __attribute__((always_inline)) {
-    return g * (static_cast<acc_t>(other[k]) * inv_denom - self_coef * static_cast<acc_t>(x[k]));
+    return outer * (static_cast<acc_t>(other[k]) * inv_other - self_coef * static_cast<acc_t>(x[k]));
   });
 }
 
@@ -157,14 +166,13 @@ std::tuple<at::Tensor, at::Tensor> feature_cosine_backward_cpu(const at::Tensor&
     scalar_t* pdb = grad_b ? db.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const acc_t dot = ps[3 * i], na = ps[3 * i + 1], nb = ps[3 * i + 2];
+        const acc_t cos = ps[3 * i], na = ps[3 * i + 1], nb = ps[3 * i + 2];
         const acc_t e = static_cast<acc_t>(eps);
-        const acc_t inv_denom = acc_t(1) / (std::max(na, e) * std::max(nb, e));
-        const acc_t cos = dot * inv_denom;
+        const acc_t inv_a = acc_t(1) / std::max(na, e), inv_b = acc_t(1) / std::max(nb, e);
         const int64_t off = i * cols;
-        const acc_t coef_a = na > e ? cos / (na * na) : acc_t(0), coef_b = nb > e ? cos / (nb * nb) : acc_t(0);
-        if (pda) cosine_grad_row(pa + off, pb + off, pda + off, cols, g, inv_denom, coef_a);
-        if (pdb) cosine_grad_row(pb + off, pa + off, pdb + off, cols, g, inv_denom, coef_b);
+        const acc_t coef_a = na > e ? cos / na : acc_t(0), coef_b = nb > e ? cos / nb : acc_t(0);
+        if (pda) cosine_grad_row(pa + off, pb + off, pda + off, cols, g * inv_a, inv_b, coef_a);
+        if (pdb) cosine_grad_row(pb + off, pa + off, pdb + off, cols, g * inv_b, inv_a, coef_b);
       }
     });
   });

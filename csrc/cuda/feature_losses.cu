@@ -125,7 +125,7 @@ __device__ __forceinline__ acc norm_floor(acc norm, acc eps) {
   return norm <= eps ? eps : norm;
 }
 
-// One thread per row: stats[r] = [dot, |a|, |b|], cos[r] = dot / (max(|a|, eps) * max(|b|, eps)).
+// One thread per row: cos[r] = dot / (max(|a|, eps) * max(|b|, eps)), stats[r] = [cos, |a|, |b|].
 template <typename acc>
 __global__ void cosine_finish_kernel(const acc* __restrict__ partial, int64_t rows, int64_t chunks, acc eps,
                                      acc* __restrict__ cos, acc* __restrict__ stats) {
@@ -140,20 +140,22 @@ __global__ void cosine_finish_kernel(const acc* __restrict__ partial, int64_t ro
   }
   const acc na = cuda_utils::dev_sqrt(aa);
   const acc nb = cuda_utils::dev_sqrt(bb);
-  stats[r * 3 + 0] = dot;
+  const acc c = dot / (norm_floor(na, eps) * norm_floor(nb, eps));
+  stats[r * 3 + 0] = c;
   stats[r * 3 + 1] = na;
   stats[r * 3 + 2] = nb;
-  cos[r] = dot / (norm_floor(na, eps) * norm_floor(nb, eps));
+  cos[r] = c;
 }
 
-// Per-row backward coefficients: d_a = g (b * v[0] - a * v[1]), d_b = g (a * v[0] - b * v[2]), v[3] = g.
+// Per-row backward coefficients, d_a = v[0] (b v[1] - a v[2]) and d_b = v[3] (a v[4] - b v[5]): d cos / d a =
+// (1 / ca) (b / cb - (cos / na) a), ca = max(na, eps), the cos term only where na > eps. In this form no factor
+// leaves float32's normal range for rows of large norm (1 / (ca cb) overflows, or falls to a subnormal, past ~1e19).
 template <typename acc>
-__device__ __forceinline__ Vals<acc, 4> cosine_coefs(const acc* __restrict__ grad, const acc* __restrict__ stats,
+__device__ __forceinline__ Vals<acc, 6> cosine_coefs(const acc* __restrict__ grad, const acc* __restrict__ stats,
                                                      int64_t row, acc eps) {
-  const acc dot = stats[row * 3 + 0], na = stats[row * 3 + 1], nb = stats[row * 3 + 2];
-  const acc inv_denom = acc(1) / (norm_floor(na, eps) * norm_floor(nb, eps));
-  const acc cos = dot * inv_denom;
-  return {{inv_denom, na > eps ? cos / (na * na) : acc(0), nb > eps ? cos / (nb * nb) : acc(0), grad[row]}};
+  const acc cos = stats[row * 3 + 0], na = stats[row * 3 + 1], nb = stats[row * 3 + 2];
+  const acc inv_a = acc(1) / norm_floor(na, eps), inv_b = acc(1) / norm_floor(nb, eps), g = grad[row];
+  return {{g * inv_a, inv_b, na > eps ? cos / na : acc(0), g * inv_b, inv_a, nb > eps ? cos / nb : acc(0)}};
 }
 
 // d_a / d_b are nullptr when not requested. When dim % VEC == 0 a pack never straddles two rows, so the row's
@@ -172,24 +174,24 @@ __global__ void cosine_backward_kernel(const acc_t<scalar_t>* __restrict__ grad,
     const Pack<scalar_t, VEC> bv = cuda_utils::load_pack<VEC>(b, p);
     Pack<scalar_t, VEC> dav, dbv;
     const int64_t base = p * VEC;
-    Vals<acc, 4> k = cosine_coefs(grad, stats, base / dim, eps);
+    Vals<acc, 6> k = cosine_coefs(grad, stats, base / dim, eps);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       if (!pack_shares_row && j > 0) k = cosine_coefs(grad, stats, (base + j) / dim, eps);
       const acc x = static_cast<acc>(av.v[j]);
       const acc y = static_cast<acc>(bv.v[j]);
-      dav.v[j] = static_cast<scalar_t>(k.v[3] * (y * k.v[0] - x * k.v[1]));
-      dbv.v[j] = static_cast<scalar_t>(k.v[3] * (x * k.v[0] - y * k.v[2]));
+      dav.v[j] = static_cast<scalar_t>(k.v[0] * (y * k.v[1] - x * k.v[2]));
+      dbv.v[j] = static_cast<scalar_t>(k.v[3] * (x * k.v[4] - y * k.v[5]));
     }
     if (d_a != nullptr) cuda_utils::store_pack<VEC>(d_a, p, dav);
     if (d_b != nullptr) cuda_utils::store_pack<VEC>(d_b, p, dbv);
   }
   for (int64_t i = num_packs * VEC + first; i < n; i += stride) {
-    const Vals<acc, 4> k = cosine_coefs(grad, stats, i / dim, eps);
+    const Vals<acc, 6> k = cosine_coefs(grad, stats, i / dim, eps);
     const acc x = static_cast<acc>(a[i]);
     const acc y = static_cast<acc>(b[i]);
-    if (d_a != nullptr) d_a[i] = static_cast<scalar_t>(k.v[3] * (y * k.v[0] - x * k.v[1]));
-    if (d_b != nullptr) d_b[i] = static_cast<scalar_t>(k.v[3] * (x * k.v[0] - y * k.v[2]));
+    if (d_a != nullptr) d_a[i] = static_cast<scalar_t>(k.v[0] * (y * k.v[1] - x * k.v[2]));
+    if (d_b != nullptr) d_b[i] = static_cast<scalar_t>(k.v[3] * (x * k.v[4] - y * k.v[5]));
   }
 }
 

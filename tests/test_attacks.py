@@ -317,6 +317,9 @@ def test_autocast_and_channels_last_inputs(digits):
         (lambda m: PGD(m, max_batch=0), None, "max_batch must be None or an integer >= 1"),
         (lambda m: PGD(m, seed="a"), None, "seed must be None or an integer"),
         (lambda m: PGD(DictModel(m)), lambda a, x, y: a(x, y), "must return logits .* got dict"),
+        (lambda m: PGD(nn.Sequential(m, nn.Flatten(0))), lambda a, x, y: a(x, y),
+         r"must return \(batch, classes\) logits, got shape \(80,\)"),
+        (lambda m: PGD(m, alpha=float("inf")), None, "alpha must be finite"),
     ],
 )
 def test_bad_input_is_rejected_before_any_work(digits, make, call, match):
@@ -354,12 +357,14 @@ def test_robust_accuracy_table(digits, tmp_path):
     ("pairs", {"PGD": 10}, TypeError, r"attacks\['PGD'\] must be None .* got int"),
     ("column labels", {"clean": None}, ValueError, r"labels must have shape \(batch,\) = \(8,\), got \(8, 1\)"),
     ("float labels", {"clean": None}, TypeError, "labels must be integer class indices"),
+    ("pairs", {1: None}, TypeError, "attack names .* must be strings, got 1"),
+    ("only empty batches", {"clean": None}, ValueError, "yielded no images"),
 ])
 def test_robust_accuracy_names_bad_loaders_and_attacks(digits, batches, attacks, error, match):
     model, x, y = digits
     loader = {"dicts": [{"image": x[:8], "label": y[:8]}], "triples": [(x[:8], y[:8], y[:8])], "none": [],
               "pairs": [(x[:8], y[:8])], "column labels": [(x[:8], y[:8, None])],
-              "float labels": [(x[:8], y[:8].float())]}[batches]
+              "float labels": [(x[:8], y[:8].float())], "only empty batches": [(x[:0], y[:0])] * 2}[batches]
     with pytest.raises(error, match=match):
         robust_accuracy(model, loader, attacks, progress=False)
 
@@ -518,6 +523,24 @@ def test_robust_accuracy_max_batches_zero_means_all(digits):
     loader = [(x[i:i + 50], y[i:i + 50]) for i in range(0, 200, 50)]
     table = robust_accuracy(model, loader, {"clean": None}, max_batches=0, progress=False)
     assert table["clean"].count == 200
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="max_batches must be None or an integer >= 0"):
+            robust_accuracy(model, loader, {"clean": None}, max_batches=bad, progress=False)
+
+
+def test_robust_accuracy_skips_empty_batches(digits):
+    """A filtered loader's empty batch is neither attacked nor counted (its progress figure divided by zero)."""
+    model, x, y = digits
+    attacks = {"clean": None, "PGD": PGD(model, eps=EPS, alpha=EPS / 4, steps=3, seed=0)}
+    with_empty = robust_accuracy(model, [(x[:0], y[:0]), (x[:40], y[:40]), (x[:0], y[:0])], attacks, progress=True)
+    plain = robust_accuracy(model, [(x[:40], y[:40])], attacks, progress=False)
+    assert [(r.correct, r.count) for r in with_empty.rows] == [(r.correct, r.count) for r in plain.rows]
+
+
+def test_int8_labels_are_class_indices(digits):
+    model, x, y = digits
+    attack = PGD(model, eps=EPS, alpha=EPS / 4, steps=2, seed=0)
+    torch.testing.assert_close(attack(x[:8], y[:8].to(torch.int8)), attack(x[:8], y[:8]))
 
 
 @pytest.mark.parametrize("options, call, match", [

@@ -1,5 +1,6 @@
 """pgd_step / pgd_step_: every backend against the float64 reference, invariants, registration and errors."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close, is_triton
@@ -343,6 +344,29 @@ def test_in_place_step_on_x_adv_that_partly_overlaps_x_orig_or_grad(backend, nor
     same = x_orig.clone()
     want = reference.pgd_step(same.clone(), grad, same.clone(), upcast=True, **kwargs)
     assert_close(ops.pgd_step_(same, grad, same, backend=name, **kwargs), want, torch.float32, "x_adv is x_orig")
+
+
+def test_in_place_step_sees_overlap_between_two_storages_of_one_buffer():
+    """torch.from_numpy of two overlapping numpy views: two storages, one memory."""
+    buffer = np.random.default_rng(0).random((5, 2, 3, 3), dtype=np.float32)
+    target, other = torch.from_numpy(buffer[1:]), torch.from_numpy(buffer[:4])
+    grad = torch.randn(4, 2, 3, 3)
+    kwargs = dict(step_size=0.01, eps=0.03)
+    want = reference.pgd_step(target.clone(), grad, other.clone(), upcast=True, **kwargs)
+    ops.pgd_step_(target, grad, other, **kwargs)
+    assert_close(target, want, torch.float32, "overlapping storages")
+
+
+def test_in_place_step_refuses_an_inference_tensor_outside_inference_mode():
+    with torch.inference_mode():
+        x = torch.rand(2, 3)
+    for backend in ("cpu", "reference"):
+        with pytest.raises(RuntimeError, match="inference tensor"):
+            ops.pgd_step_(x, torch.randn(2, 3), x.clone(), step_size=0.1, eps=0.1, backend=backend)
+    with torch.inference_mode():
+        want = x.clamp(0, 1) + 0
+        ops.pgd_step_(x, torch.zeros(2, 3), x.clone(), step_size=0.1, eps=0.1)
+        torch.testing.assert_close(x, want)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

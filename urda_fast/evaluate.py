@@ -87,9 +87,14 @@ def robust_accuracy(model, loader, attacks, *, device=None, max_batches=None, pr
     if not attacks:
         raise ValueError("urda_fast: give at least one attack, e.g. {'clean': None}")
     for name, attack in attacks.items():
+        if not isinstance(name, str):
+            raise TypeError(f"urda_fast: attack names are the table's row names and must be strings, got {name!r}")
         if attack is not None and not callable(attack):
             raise TypeError(f"urda_fast: attacks[{name!r}] must be None (the clean images) or an attack called as "
                             f"attack(images, labels), got {type(attack).__name__}")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 0):
+        raise ValueError(f"urda_fast: max_batches must be None or an integer >= 0 (0 = all), got {max_batches!r}")
     save = (save,) if isinstance(save, (str, os.PathLike)) else tuple(save)
     for path in save:  # before any work, not after the last attack
         _table_format(path)
@@ -106,6 +111,8 @@ def robust_accuracy(model, loader, attacks, *, device=None, max_batches=None, pr
         # non_blocking: a pinned batch's copy overlaps the host's work; the first kernel that reads it waits for it
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         _check_labels(images, labels)
+        if labels.shape[0] == 0:  # nothing to attack or count (a filtered batch, a last partial one of nothing)
+            continue
         for name, attack in attacks.items():
             start = time.perf_counter()
             inputs = images if attack is None else attack(images, labels)

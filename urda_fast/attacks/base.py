@@ -21,14 +21,16 @@ from .fold import FoldedModel
 
 LOSSES = ("ce", "cw", "kl")
 SPACES = ("pixel", "normalized")
-INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)  # converted to int64, which torch's losses take
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # converted to int64, which torch's losses take
 
 
-def _positive(value, name, allow_zero=False):
+def _positive(value, name, allow_zero=False, finite=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"urda_fast.attacks: {name} must be a number, got {type(value).__name__}")
     if value != value or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"urda_fast.attacks: {name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    if finite and value == math.inf:
+        raise ValueError(f"urda_fast.attacks: {name} must be finite, got inf")
 
 
 @contextlib.contextmanager
@@ -96,7 +98,7 @@ class Attack:
                             f"flags are saved and restored around the attack), got {type(model).__name__}; wrap a "
                             "function in an nn.Module whose forward calls it")
         _positive(eps, "eps")
-        _positive(alpha, "alpha")
+        _positive(alpha, "alpha", finite=True)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"urda_fast.attacks: steps must be an integer >= 1, got {steps!r}")
         if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
@@ -120,7 +122,7 @@ class Attack:
             raise ValueError(f"urda_fast.attacks: max_batch must be None or an integer >= 1, got {max_batch!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"urda_fast.attacks: seed must be None or an integer, got {seed!r}")
-        _positive(temperature, "temperature")
+        _positive(temperature, "temperature", finite=True)
         check_temperature_range(temperature, who="urda_fast.attacks")  # kd_kl_loss's, before any work
         self.model, self.eps, self.alpha, self.steps = model, float(eps), float(alpha), steps
         self.random_start, self.restarts, self.loss = random_start, restarts, loss
@@ -326,7 +328,11 @@ class Attack:
         pred = logits.argmax(1)
         return pred == reference if targeted else pred != reference
 
-    def _check_labels(self, labels, classes):
+    def _check_labels(self, labels, logits):
+        if logits.dim() != 2:
+            raise ValueError(f"urda_fast.attacks: the model must return (batch, classes) logits, got shape "
+                             f"{tuple(logits.shape)}")
+        classes = logits.shape[1]
         if labels is None or not labels.numel():
             return
         low, high = torch.stack(torch.aminmax(labels)).tolist()  # one host read for both ends
@@ -346,7 +352,7 @@ class Attack:
             with torch.enable_grad():
                 logits = self._logits(x_in)
                 if step == 0:
-                    self._check_labels(labels, logits.shape[1])
+                    self._check_labels(labels, logits)
                 objective = self._objective(logits, y, soft, targeted)
                 (grad,) = torch.autograd.grad(objective, x_in)
             finite = torch.isfinite(objective.detach()) if finite is None else finite & torch.isfinite(objective)

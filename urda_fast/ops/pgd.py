@@ -126,6 +126,10 @@ def pgd_step_(x_adv, grad, x_orig, *, step_size, eps, norm="linf", lower=0.0, up
     if x_adv.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("urda_fast: pgd_step_ writes into x_adv, which requires grad; call it on x_adv.detach() or "
                            "under torch.no_grad() (the step itself is not differentiable)")
+    if not torch.compiler.is_compiling() and x_adv.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError("urda_fast: pgd_step_ cannot write into x_adv, an inference tensor (made under "
+                           "torch.inference_mode()), outside inference mode; clone it first or call it inside "
+                           "torch.inference_mode()")
     name = _backends.resolve_backend(backend, x_adv.device)
     overlap = _partly_overlaps(x_adv, grad) or _partly_overlaps(x_adv, x_orig)
     nhwc = None if name == "reference" or overlap else _channels_last_views(x_adv, grad, x_orig, params, lower, upper)
@@ -149,8 +153,7 @@ def _partly_overlaps(written, read) -> bool:
     """Whether ``read`` shares memory with ``written`` other than as the very same view (which the kernels allow)."""
     if torch.compiler.is_compiling() or written.device.type == "meta" or written.numel() == 0 or read.numel() == 0:
         return False
-    if written.untyped_storage().data_ptr() != read.untyped_storage().data_ptr():
-        return False
+    # Byte spans, not storages: two storages can share memory (torch.from_numpy of overlapping numpy views).
     if (written.data_ptr(), written.shape, written.stride()) == (read.data_ptr(), read.shape, read.stride()):
         return False
     (a0, a1), (b0, b1) = _byte_span(written), _byte_span(read)

@@ -537,6 +537,22 @@ def test_robust_accuracy_skips_empty_batches(digits):
     assert [(r.correct, r.count) for r in with_empty.rows] == [(r.correct, r.count) for r in plain.rows]
 
 
+def test_nan_logits_are_an_error_not_predictions(digits):
+    """NaN logits have an argmax (torch puts NaN first), which would count as predictions: plausible accuracies."""
+    model, x, y = digits
+    broken = copy.deepcopy(model)
+    next(broken.parameters()).data.view(-1)[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="logits contain NaN \\(on the clean images\\)"):
+        robust_accuracy(broken, [(x[:8], y[:8])], {"clean": None}, progress=False)
+    masked = nn.Sequential(model, MaskLastClass())  # -inf logits are fine: masked classes
+    assert robust_accuracy(masked, [(x[:8], y[:8])], {"clean": None}, progress=False)["clean"].count == 8
+
+
+class MaskLastClass(nn.Module):
+    def forward(self, logits):
+        return logits.index_fill(1, torch.tensor([logits.shape[1] - 1]), float("-inf"))
+
+
 def test_int8_labels_are_class_indices(digits):
     model, x, y = digits
     attack = PGD(model, eps=EPS, alpha=EPS / 4, steps=2, seed=0)

@@ -119,7 +119,12 @@ def robust_accuracy(model, loader, attacks, *, device=None, max_batches=None, pr
             with torch.no_grad(), frozen_eval(model):
                 logits = model(inputs)
                 logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-                correct[name] += int((logits.argmax(1) == labels).sum())
+                # One host read for both: NaN logits still have an argmax, which would count as predictions.
+                hits, has_nan = torch.stack([(logits.argmax(1) == labels).sum(), logits.isnan().any()]).tolist()
+                if has_nan:
+                    raise FloatingPointError(f"urda_fast: the model's logits contain NaN ({_where(name, attack)}); "
+                                             "check its weights (a diverged run?) and the data for NaN / inf")
+                correct[name] += int(hits)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds[name] += time.perf_counter() - start
@@ -133,6 +138,10 @@ def robust_accuracy(model, loader, attacks, *, device=None, max_batches=None, pr
     for path in save:
         table.save(path)
     return table
+
+
+def _where(name: str, attack) -> str:
+    return "on the clean images" if attack is None else f"on the images of attack {name!r}"
 
 
 def check_loader_settings(batch_size, num_workers, max_batches, who: str) -> None:

@@ -250,7 +250,7 @@ def test_resume_refuses_a_changed_input_checkpoint(fake_world, tmp_path):
     cfg = cfg_for(fake_world, tmp_path / "run", target=f"urda-tiny-vit:{target}", stop_after=1)
     train(cfg)
     inputs = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["inputs"]
-    assert set(inputs) == {"--target", "--proxy"} and inputs["--target"]["size"] == target.stat().st_size
+    assert set(inputs) == {"--target", "--proxy", "--world"} and inputs["--target"]["size"] == target.stat().st_size
     weights = torch.load(target, weights_only=True)
     weights["logit_scale"] += 1.0
     torch.save(weights, target)
@@ -394,8 +394,10 @@ def test_the_paper_preset_evaluates_the_papers_15_datasets(monkeypatch):
 
     monkeypatch.setattr(report, "open_dataset", fake_open)
     with pytest.raises(Enough):
+        report.evaluate_models([("m", "urda-tiny-vit")], EvalConfig(datasets="paper,tinyimagenet"))
+    assert seen == [*PAPER_DATASETS, "tinyimagenet:val"] and len(PAPER_DATASETS) == 15
+    with pytest.raises(ValueError, match="datasets given more than once: cifar10"):  # one of the 15
         report.evaluate_models([("m", "urda-tiny-vit")], EvalConfig(datasets="paper,cifar10"))
-    assert seen == [*PAPER_DATASETS, "cifar10"] and len(PAPER_DATASETS) == 15
 
 
 def test_each_method_trains_what_its_code_trains_by_default():
@@ -403,3 +405,107 @@ def test_each_method_trains_what_its_code_trains_by_default():
     assert {m: TrainConfig(method=m).trainable for m in ("tecoa", "pmg-aft", "hpt", "hpt-gpd")} == {
         "tecoa": "visual", "pmg-aft": "visual", "hpt": "all", "hpt-gpd": "all"}
     assert TrainConfig(method="tecoa", trainable="all").trainable == "all"
+
+
+# ---------------------------------------------------------------------------------- 2026-12-08 audit of the CLI
+def test_dataset_names_are_reported_as_opened_and_a_set_given_twice_is_refused(fake_world):
+    from urda_fast.hpt.data import canonical_name
+    from urda_fast.hpt.report import evaluate_models, to_markdown
+
+    assert [canonical_name(n) for n in (" TinyImageNet", "flowers", "CIFAR10 ", "World:digits", "folder:/A/b")] == [
+        "tinyimagenet:val", "flowers102", "cifar10", "world:digits", "folder:/A/b"]
+    cfg = EvalConfig(datasets=" World:digits , world:style", attack="none", batch_size=16, max_batches=1,
+                     device="cpu", progress=False)
+    report = evaluate_models([("zero-shot", fake_world.model_arg("target"))], cfg, fake_world)
+    assert report["datasets"] == ["world:digits", "world:style"]  # the per-set results' keys: the table reads them
+    assert "| world:digits clean / robust | world:style clean / robust |" in to_markdown(report)
+    with pytest.raises(ValueError, match="datasets given more than once: world:digits"):
+        evaluate_models([("zero-shot", fake_world.model_arg("target"))],
+                        replace(cfg, datasets="world:digits,world:style,WORLD:digits"), fake_world)
+
+
+def test_rows_of_one_method_are_told_apart_by_their_run_folder(fake_world, tmp_path):
+    from urda_fast.hpt.report import distinct_labels, evaluate_models, run_model
+
+    runs = [run_model(_fake_run(fake_world, tmp_path / name)) for name in ("a", "b")]
+    assert [label for label, _ in distinct_labels([("zero-shot", "x:t.pt"), *runs])] == [
+        "zero-shot", "tecoa (a)", "tecoa (b)"]
+    with pytest.raises(ValueError, match=r"the same model given more than once: tecoa \(a\)"):
+        evaluate_models([runs[0], runs[0]], EvalConfig(datasets="world:digits"), fake_world)
+
+
+@pytest.mark.parametrize("templates", ["{{}}", "a {} {name}", "a {} {0}", "a}b{}", "{0}", "{!r}", "a photo"])
+def test_templates_must_put_the_class_name_in_once(templates):
+    from urda_fast.hpt.zero_shot import parse_templates
+
+    assert parse_templates("a photo of a {}.|{{{}}} in braces") == ("a photo of a {}.", "{{{}}} in braces")
+    with pytest.raises(ValueError, match="exactly one '{}' for the class name and no other format field"):
+        parse_templates(f"a {{}}|{templates}")
+
+
+def test_non_finite_weights_are_refused_where_they_load(fake_world, tmp_path):
+    weights = torch.load(fake_world.model_arg("proxy").split(":", 1)[1], weights_only=True)
+    name = next(k for k in weights if k.startswith("visual.") and weights[k].is_floating_point())
+    weights[name].view(-1)[0] = float("nan")
+    torch.save(weights, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=f"holds non-finite \\(NaN / inf\\) weights in 1 tensor \\({name}\\)"):
+        load_clip("urda-tiny-rn", str(tmp_path / "nan.pt"))
+
+
+def test_a_run_folder_without_best_pt_says_what_it_has(fake_world, tmp_path):
+    from urda_fast.dart.common import read_checkpoint
+    from urda_fast.hpt.report import run_model
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"has no best.pt, only last.pt.*give .*run/last.pt"):
+        run_model(str(tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match=r"has no best.pt, only last.pt"):
+        load_clip("urda-tiny-vit", str(tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match=r"has no best.pt, only last.pt"):
+        read_checkpoint(str(tmp_path / "run"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no best.pt or last.pt"):
+        run_model(str(tmp_path / "empty"))
+
+
+def test_attack_names_without_steps_and_a_list_for_the_proxy_check_are_named(fake_world):
+    from urda_fast.hpt.config import ProxyCheckConfig
+    from urda_fast.hpt.evaluate import make_attack
+    from urda_fast.hpt.report import proxy_check
+
+    for name in ("pgd0", "cw0"):
+        with pytest.raises(ValueError, match=f"attack '{name}' takes no step; give at least one"):
+            make_attack(torch.nn.Linear(2, 2), name, 1 / 255, 1 / 255)
+    with pytest.raises(ValueError, match="--data takes one set, got 'world:digits,world:style'"):
+        proxy_check(ProxyCheckConfig(target=fake_world.model_arg("target"), proxy=fake_world.model_arg("proxy"),
+                                     data="world:digits,world:style", device="cpu"), fake_world)
+
+
+def test_an_empty_image_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"hpt: folder:.*Couldn't find any class folder.*expected .*<class>"):
+        open_dataset(f"folder:{tmp_path}")
+
+
+def test_resume_refuses_another_worlds_images(fake_world, tmp_path):
+    import shutil
+
+    other = tmp_path / "other_world"
+    shutil.copytree(fake_world.folder, other)
+    data = torch.load(other / "data.pt", weights_only=True)
+    data["train"]["images"] = 255 - data["train"]["images"]
+    torch.save(data, other / "data.pt")
+    cfg = cfg_for(fake_world, tmp_path / "run", stop_after=1)
+    train(cfg)
+    with pytest.raises(ValueError, match=r"--world '.*other_world/data.pt' has changed since the run began"):
+        train(replace(cfg, stop_after=0, resume=True, world=str(other)))
+
+
+def test_hpt_demo_checks_its_device_before_building_the_world(monkeypatch, tmp_path):
+    demo_module = sys.modules["urda_fast.hpt.demo"]  # the package's `demo` is the function
+    monkeypatch.setattr(demo_module, "build_world", lambda *a, **k: pytest.fail("built the world first"))
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        demo_module.demo(str(tmp_path / "d"), device="gpu", world_dir=str(tmp_path / "w"))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU is visible"):
+            demo_module.demo(str(tmp_path / "d"), device="cuda", world_dir=str(tmp_path / "w"))

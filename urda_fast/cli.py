@@ -224,7 +224,7 @@ def cmd_hpt(args) -> int:
         return 0
     cls = {"proxy-check": hpt.ProxyCheckConfig, "train": hpt.TrainConfig, "eval": hpt.EvalConfig}[args.hpt_command]
     cfg = _load_config(args, cls)
-    names = ",".join(str(getattr(cfg, k, "")) for k in ("data", "datasets", "val_data"))
+    names = ",".join(str(getattr(cfg, k, "")) for k in ("data", "datasets", "val_data")).lower()
     uses_world = getattr(cfg, "train_data", "") == "world" or "world:" in names
     world = hpt.open_world(cfg.world) if uses_world else None
     if args.hpt_command == "proxy-check":

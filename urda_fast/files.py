@@ -68,6 +68,16 @@ def run_checkpoint(path: str) -> str:
     return os.path.join(path, "best.pt") if os.path.isdir(path) else path
 
 
+def missing_best_hint(path: str) -> str:
+    """For a folder given as a run without best.pt: what it holds instead, for the not-found error ("" otherwise)."""
+    if not os.path.isdir(path):
+        return ""
+    last = os.path.join(path, "last.pt")
+    if os.path.isfile(last):
+        return f" (the folder has no best.pt, only last.pt: a run stopped before its first evaluation? give {last})"
+    return " (the folder holds no best.pt or last.pt: not a run folder, or a run that has written no checkpoint yet)"
+
+
 def reading_error(err: Exception) -> str:
     """``Type: first line`` of an error from a file reader (unpicklers' messages run to many lines)."""
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"

@@ -256,8 +256,8 @@ def _check_same_inputs(saved: dict | None, now: dict | None, path: str) -> None:
             what = f"size {before.get('size')} -> {after.get('size')} bytes" if before.get("size") != after.get(
                 "size") else "same size, other content"
             raise ValueError(f"urda_fast: --resume from {path}: {flag} {after.get('path')!r} has changed since the "
-                             f"run began ({what}); the run would continue from other weights than it started "
-                             "with. Put the run's own file back, or start a new run in another --out folder")
+                             f"run began ({what}); the run would continue with other weights or data than it "
+                             "started with. Put the run's own file back, or start a new run in another --out folder")
 
 
 def _restore(state, task, optimizer, scheduler, scaler, ctx, path, config=None, inputs=None, amp=None) -> None:

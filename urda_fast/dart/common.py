@@ -8,7 +8,7 @@ import torch
 
 from urda_fast.data import eval_loader
 from urda_fast.distributed import pick_device
-from urda_fast.files import load_torch_file, run_checkpoint, state_dict_mismatch
+from urda_fast.files import load_torch_file, missing_best_hint, run_checkpoint, state_dict_mismatch
 from urda_fast.models import ModelSpec
 from urda_fast.optim import sgd as fused_sgd
 from urda_fast.profiling import nvtx_for
@@ -89,9 +89,10 @@ def read_checkpoint(path: str) -> dict:
     for a missing file, an `hpt train` checkpoint or any other file."""
     if not path:
         raise ValueError("dart: give the checkpoint to start from (e.g. --teacher runs/a2w/best.pt)")
-    path = run_checkpoint(path)
+    given, path = path, run_checkpoint(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"dart: checkpoint {path!r} not found; run `urda-fast dart pretrain` first")
+        raise FileNotFoundError(f"dart: checkpoint {path!r} not found{missing_best_hint(given)}; run `urda-fast dart "
+                                "pretrain` first")
     state = load_torch_file(path, who="dart")
     if isinstance(state, dict) and state.get("kind") == "hpt":
         raise ValueError(f"dart: {path!r} is an `hpt train` checkpoint (a CLIP), not a DART one; evaluate it with "

@@ -20,7 +20,7 @@ import zipfile
 
 import torch
 
-from urda_fast.files import reading_error, state_dict_mismatch
+from urda_fast.files import missing_best_hint, reading_error, state_dict_mismatch
 from urda_fast.models import use_fast_attention, use_fast_conv
 
 # Two small CLIPs of different architectures for the embedded world (32x32 images, 16-token captions): a ViT with
@@ -211,8 +211,9 @@ def load_clip(arch: str, checkpoint: str | None, device: str | torch.device = "c
         if os.path.isdir(checkpoint) and os.path.isfile(os.path.join(checkpoint, "best.pt")):
             checkpoint = os.path.join(checkpoint, "best.pt")
         if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"hpt: checkpoint {checkpoint!r} for {arch} not found; give a local weights "
-                                    "file (urda_fast never downloads weights)")
+            raise FileNotFoundError(f"hpt: checkpoint {checkpoint!r} for {arch} not found"
+                                    f"{missing_best_hint(checkpoint)}; give a local weights file (urda_fast never "
+                                    "downloads weights)")
     with _quiet_open_clip():
         # pretrained=None: open_clip resolves a string first as a release *tag* (a download), so weights are loaded
         # below from the file instead; pretrained_text/image=False keep the towers from fetching base weights.
@@ -229,12 +230,23 @@ def load_clip(arch: str, checkpoint: str | None, device: str | torch.device = "c
             raise
         except Exception as err:  # noqa: BLE001 -- classified by what the file holds: see _checkpoint_error
             raise _checkpoint_error(model, arch, checkpoint, err) from err
+        _check_finite_weights(model, checkpoint)
     tokenizer = open_clip.get_tokenizer(arch)
     # A ViT's patch embedding as a matmul, short-sequence self-attention and whole transformer blocks as fused ops,
     # on CPU (urda_fast.models.conv, .attention, .transformer): same parameters, same function.
     from urda_fast.models.transformer import use_fast_blocks
 
     return use_fast_blocks(use_fast_attention(use_fast_conv(model.float().to(device).eval()))), tokenizer
+
+
+def _check_finite_weights(model, checkpoint: str) -> None:
+    """NaN / inf weights make NaN logits, whose argmax still counts as predictions: plausible accuracies, or a
+    training run that fails later with an error about the target."""
+    bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not bool(p.isfinite().all())]
+    if bad:
+        raise ValueError(f"hpt: checkpoint {checkpoint!r} holds non-finite (NaN / inf) weights in {len(bad)} "
+                         f"tensor{'s' * (len(bad) > 1)} ({', '.join(bad[:3])}{', ...' * (len(bad) > 3)}): a run that "
+                         "diverged, or a damaged file; use an earlier checkpoint")
 
 
 def load_clip_arg(text: str, what: str, device="cpu"):

@@ -260,12 +260,33 @@ def check_class_folders(name: str, classes) -> None:
                          "tinyimagenet, which read their class names")
 
 
+def canonical_name(name: str) -> str:
+    """The name a set is opened and reported under: stripped, lower case (a folder's path keeps its case), aliases
+    resolved, ``tinyimagenet`` as ``tinyimagenet:val`` (the split an evaluation reads)."""
+    name = name.strip()
+    prefix, colon, rest = name.partition(":")
+    if colon and prefix.lower() in ("folder", "world"):
+        return f"{prefix.lower()}:{rest.strip()}"
+    name = ALIASES.get(name.lower(), name.lower())
+    return "tinyimagenet:val" if name == "tinyimagenet" else name
+
+
+def dataset_names(text: str, who: str) -> list:
+    """The comma-separated sets of ``text`` as ``canonical_name``s, ``paper`` as the papers' 15; a set named twice
+    (in any spelling) is an error: its column would repeat and the averages count it once."""
+    names = [canonical_name(n) for n in text.split(",") if n.strip()]
+    names = [name for n in names for name in (PAPER_DATASETS if n == "paper" else (n,))]
+    twice = repeated(names)
+    if twice:
+        raise ValueError(f"{who}: datasets given more than once: {', '.join(twice)}")
+    return names
+
+
 def open_dataset(name: str, root: str = "", image_size: int = 224, world=None) -> ZeroShotSet:
     """A zero-shot set by name: an ``EVAL_DATASETS`` key, ``imagenet``, ``tinyimagenet`` (its val split),
     ``folder:PATH`` or ``world:SPLIT`` (needs ``world``). Missing or mis-laid files raise FileNotFoundError naming
     the layout."""
-    name = ALIASES.get(name.strip().lower(), name.strip().lower()) if not name.startswith(("folder:", "world:")) \
-        else name.strip()
+    name = canonical_name(name)
     if name.startswith("world:"):
         if world is None:
             raise ValueError(f"hpt: {name} is a split of the embedded world; give --world (or run `hpt demo`)")
@@ -279,10 +300,13 @@ def open_dataset(name: str, root: str = "", image_size: int = 224, world=None) -
         path = os.path.expanduser(name[len("folder:"):])
         if not os.path.isdir(path):
             raise FileNotFoundError(f"hpt: {name}: folder {path!r} not found (expected {path}/<class>/<image>)")
-        dataset = ImageFolder(path, transform=transform, loader=_rgb_loader)
+        try:
+            dataset = ImageFolder(path, transform=transform, loader=_rgb_loader)
+        except FileNotFoundError as err:  # torchvision's "Couldn't find any class folder" / "Found no valid file"
+            raise FileNotFoundError(f"hpt: {name}: {err} (expected {path}/<class>/<image>)") from None
         check_class_folders(name, dataset.classes)
         return ZeroShotSet(name, dataset, distinct_classnames(name, dataset.classes, "class folders"))
-    if name in ("tinyimagenet", "tinyimagenet:val"):  # an evaluation set: the labelled held-out split
+    if name == "tinyimagenet:val":  # an evaluation set: the labelled held-out split
         return tinyimagenet(os.path.expanduser(root), transform, split="val")
     if not root:
         raise ValueError(f"hpt: dataset {name!r} needs --root, the folder holding it")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from urda_fast.distributed import pick_device
+
 from .config import EvalConfig, ProxyCheckConfig, TrainConfig
 from .report import evaluate_models, proxy_check, run_model, to_markdown, write_report
 from .train import WORLD_VAL_SETS, train
@@ -33,6 +35,7 @@ def demo(out: str = "runs/hpt-demo", *, scale: float = 1.0, device: str = "auto"
     ``seed`` seeds every fine-tuning run (the world is the recipe's, the same for every seed)."""
     if not 0 < scale < float("inf"):  # NaN too
         raise ValueError(f"hpt demo: scale must be a positive finite number, got {scale}")
+    pick_device(device)  # a bad --device before minutes of building the world, not after
     recipe = WorldRecipe() if scale == 1 else WorldRecipe().scaled(scale)
     world = build_world(world_dir or None, recipe, progress=progress)
     target, proxy = world.model_arg("target"), world.model_arg("proxy")

@@ -15,16 +15,16 @@ from __future__ import annotations
 import os
 import warnings
 
-from urda_fast.config import check_choices, check_ranges, warn_unused
+from urda_fast.config import check_choices, check_ranges, repeated, warn_unused
 from urda_fast.data import eval_loader
 from urda_fast.distributed import pick_device
 from urda_fast.files import (atomic_savefig, atomic_write_json, atomic_write_text, check_out_folder, load_torch_file,
-                             run_checkpoint)
+                             missing_best_hint, run_checkpoint)
 from urda_fast.train import amp_autocast
 
 from .clip_models import load_clip_arg, parse_model_arg
 from .config import EvalConfig, ModelsConfig, ProxyCheckConfig
-from .data import PAPER_DATASETS, open_dataset, subset
+from .data import PAPER_DATASETS, dataset_names, open_dataset, subset
 from .evaluate import proxy_robustness, zero_shot_robustness
 from .prompts import PROMPT_MODES
 from .train import AMP_CHOICES, resolve_amp
@@ -36,12 +36,31 @@ def run_model(path: str) -> tuple[str, str]:
     checkpoint = run_checkpoint(path)
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"hpt eval: {path!r} is neither an `hpt train` run folder (with best.pt) nor a "
-                                "checkpoint file; for a plain CLIP use --target ARCH:CHECKPOINT")
+                                f"checkpoint file{missing_best_hint(path)}; for a plain CLIP use --target "
+                                "ARCH:CHECKPOINT")
     state = load_torch_file(checkpoint, who="hpt eval", mmap=True)  # its metadata: the weights load later
     if not isinstance(state, dict) or state.get("kind") != "hpt":
         raise ValueError(f"hpt eval: {checkpoint!r} was not written by `hpt train`; for a plain CLIP use "
                          "--target ARCH:CHECKPOINT")
     return state.get("config", {}).get("method", "hpt"), f"{state['arch']}:{checkpoint}"
+
+
+def distinct_labels(models) -> list:
+    """Rows of one method (two runs of ``hpt``) are told apart by their run folder; a model given twice is an error."""
+    twice = repeated(label for label, _ in models)
+    if not twice:
+        return list(models)
+    named = [(f"{label} ({_run_name(arg)})" if label in twice else label, arg) for label, arg in models]
+    same = repeated(label for label, _ in named)
+    if same:
+        raise ValueError(f"hpt eval: the same model given more than once: {', '.join(same)}")
+    return named
+
+
+def _run_name(model_arg: str) -> str:
+    path = os.path.normpath(model_arg.split(":", 1)[-1])
+    folder, name = os.path.split(path)
+    return os.path.basename(folder) if name in ("best.pt", "last.pt") and folder else name
 
 
 HEAD_SETTINGS = ("logits", "preprocess", "templates")
@@ -112,12 +131,12 @@ def evaluate_models(models, cfg: EvalConfig, world=None) -> dict:
     plain CLIP takes what the runs share)."""
     if not models:
         raise ValueError("hpt eval: nothing to evaluate; give run folders and/or --target ARCH:CHECKPOINT")
+    models = distinct_labels(models)
     check_eval_numbers(cfg, "hpt eval")
     check_choices(cfg, "hpt eval", {"prompts": PROMPT_MODES, "amp": AMP_CHOICES})
     warn_unused(cfg, "hpt eval", dict.fromkeys(("proxy", "anchor"), "hpt eval evaluates the run folders and "
                                                "--target; the proxy and the anchor are training's"))
-    names = [n for n in cfg.datasets.split(",") if n.strip()]
-    names = [name for n in names for name in (PAPER_DATASETS if n.strip() == "paper" else (n,))]
+    names = dataset_names(cfg.datasets, "hpt eval")
     sets = [open_dataset(name, cfg.root, cfg.image_size, world) for name in names]
     if cfg.max_batches:  # a fixed random sample rather than the first batches (often a few classes only)
         for zs in sets:
@@ -145,6 +164,8 @@ def proxy_check(cfg: ProxyCheckConfig, world=None) -> dict:
     check_eval_numbers(cfg, "hpt proxy-check")
     check_ranges(cfg, "hpt proxy-check", positive=("steps",))
     warn_unused(cfg, "hpt proxy-check", {"anchor": "the proxy check attacks the target and scores the proxy"})
+    if "," in cfg.data:
+        raise ValueError(f"hpt proxy-check: --data takes one set, got {cfg.data!r}; run the check once per set")
     device = pick_device(cfg.device)
     zs = open_dataset(cfg.data, cfg.root, cfg.image_size, world)
     heads = []

@@ -32,7 +32,7 @@ from urda_fast.train import AMP_MODES, LoopSettings, fit, require_metric
 from . import losses
 from .clip_models import compile_image_tower, load_clip_arg, parse_model_arg
 from .config import METHODS, TrainConfig, parse_trainable, text_frozen
-from .data import ZeroShotSet, eval_transform, open_dataset, subset, tinyimagenet
+from .data import ZeroShotSet, dataset_names, eval_transform, open_dataset, subset, tinyimagenet
 from .evaluate import zero_shot_robustness
 from .schedule import GPDSchedule
 from .world import World, WorldRecipe, default_world_dir
@@ -75,7 +75,8 @@ def validation_sets(cfg: TrainConfig, world: World | None, train_set: ZeroShotSe
     of a class-sorted set, e.g. an ImageFolder, would hold one or two classes only); under DDP with the global batch,
     W x ``batch_size``, which rank 0 evaluates."""
     if cfg.val_data:
-        sets = [open_dataset(name, cfg.root, cfg.image_size, world) for name in cfg.val_data.split(",") if name]
+        sets = [open_dataset(name, cfg.root, cfg.image_size, world)
+                for name in dataset_names(cfg.val_data, "hpt train: val_data")]
     elif world is not None:
         sets = [open_dataset(name, world=world) for name in WORLD_VAL_SETS]
     elif cfg.train_data == "tinyimagenet":  # best.pt chosen on held-out images, not on the ones it trained on
@@ -284,10 +285,14 @@ def build_schedule(cfg: TrainConfig, total_steps: int) -> GPDSchedule:
 
 
 def input_paths(cfg: TrainConfig) -> dict:
-    """``{flag: checkpoint path}`` of the CLIPs a run reads: none may lie where it writes (``refuse_to_overwrite``),
-    and a resume refuses any that changed since the run began (``input_fingerprints``)."""
-    return {f"--{role}": parse_model_arg(arg, role)[1] for role, arg in
-            (("target", cfg.target), ("proxy", cfg.proxy), ("anchor", cfg.anchor)) if arg}
+    """``{flag: file}`` of the CLIPs a run reads, and the embedded world's images when it reads them: none may lie
+    where it writes (``refuse_to_overwrite``), and a resume refuses any that changed since the run began
+    (``input_fingerprints``)."""
+    paths = {f"--{role}": parse_model_arg(arg, role)[1] for role, arg in
+             (("target", cfg.target), ("proxy", cfg.proxy), ("anchor", cfg.anchor)) if arg}
+    if cfg.world and (cfg.train_data == "world" or "world:" in cfg.val_data.lower()):
+        paths["--world"] = os.path.join(cfg.world, "data.pt")  # its images: another world is other training data
+    return paths
 
 
 def build_task(cfg: TrainConfig):
@@ -297,7 +302,7 @@ def build_task(cfg: TrainConfig):
     refuse_to_overwrite(cfg.out, input_paths(cfg))
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    world = open_world(cfg.world) if cfg.train_data == "world" or "world:" in cfg.val_data else None
+    world = open_world(cfg.world) if cfg.train_data == "world" or "world:" in cfg.val_data.lower() else None
     templates = parse_templates(cfg.templates)
     train_set = training_set(cfg, world)
     val_sets = validation_sets(cfg, world, train_set)

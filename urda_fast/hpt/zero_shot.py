@@ -11,6 +11,7 @@ and the logits :math:`\langle \mathrm{normalize}(E_I(x)), t_c\rangle` -- times :
 from __future__ import annotations
 
 import contextlib
+import string
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +29,21 @@ DEFAULT_TEMPLATES = ("This is a photo of a {}",)
 def parse_templates(text) -> tuple:
     """``"a photo of a {}|a drawing of a {}"`` (or a sequence) -> a tuple of templates, each holding one ``{}``."""
     templates = tuple(t.strip() for t in text.split("|")) if isinstance(text, str) else tuple(text)
-    bad = [t for t in templates if t.count("{}") != 1]
+    bad = [t for t in templates if not _one_class_field(t)]
     if not templates or bad:
-        raise ValueError(f"hpt: each zero-shot template needs exactly one '{{}}' for the class name, got {bad or text!r}")
+        raise ValueError(f"hpt: each zero-shot template needs exactly one '{{}}' for the class name and no other "
+                         f"format field (a literal brace is written '{{{{' or '}}}}'), got {bad or text!r}")
     return templates
+
+
+def _one_class_field(template) -> bool:
+    """Whether str.format puts the class name into ``template`` once: '{{}}' is a literal '{}', '{name}' a KeyError."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except (ValueError, TypeError):  # "Single '}' encountered", a non-string
+        return False
+    return fields == [("", "", None)]
 
 
 # Prompts per text-tower forward. ImageNet's 1000 classes x 80 templates in one call took 3.8 GB on the tiny world's

@@ -425,3 +425,29 @@ def test_training_step_under_bf16_autocast(case):
         out = method.training_step(*batch())
     assert all(torch.isfinite(v) for v in out.values())
     out["loss"].backward()
+
+
+def test_the_domain_loss_of_a_diverged_discriminator_is_nan_not_a_range_error():
+    """NaN probabilities (a run whose lr made the discriminator diverge): the BCE kernel would raise "all elements
+    of input should be between 0 and 1" before the training loop could name the iteration; now the loss is NaN."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    d_s, d_t, w_s = torch.rand(5, 1), torch.rand(3, 1), torch.rand(5)  # domain_bce computes in float32
+    for args in ((d_s, d_t), (d_s, d_t, w_s)):
+        leaves = [a.clone().requires_grad_() for a in args[:2]]
+        got = domain_bce(*leaves, *args[2:])
+        want_leaves = [a.clone().requires_grad_() for a in args[:2]]
+        ws = args[2].view(-1, 1) if len(args) > 2 else None
+        want = 0.5 * (F.binary_cross_entropy(want_leaves[0], torch.ones_like(d_s), weight=ws)
+                      + F.binary_cross_entropy(want_leaves[1], torch.zeros_like(d_t)))
+        assert torch.equal(got, want)
+        for g, w in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, want_leaves)):
+            assert torch.equal(g, w)
+    d_s[2] = float("nan")
+    assert torch.isnan(domain_bce(d_s, d_t))
+    discriminator = nn.Sequential(nn.Linear(8 * 4, 1), nn.Sigmoid())
+    nn.init.constant_(discriminator[0].weight, float("nan"))
+    loss, _ = ConditionalDomainAdversarialLoss(discriminator)(torch.randn(3, 4), torch.randn(3, 8),
+                                                               torch.randn(2, 4), torch.randn(2, 8))
+    assert torch.isnan(loss)

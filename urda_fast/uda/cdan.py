@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import UDAMethod
-from .modules import DomainDiscriminator, WarmStartGradientReverseLayer, binary_accuracy, entropy
+from .modules import DomainDiscriminator, WarmStartGradientReverseLayer, binary_accuracy, entropy, probability_bce
 
 __all__ = ["CDAN", "ConditionalDomainAdversarialLoss", "MultiLinearMap", "RandomizedMultiLinearMap",
            "entropy_weights"]
@@ -125,7 +125,7 @@ class ConditionalDomainAdversarialLoss(nn.Module):
         # float32 with autocast off: binary_cross_entropy is refused under CUDA autocast.
         with torch.autocast(d.device.type, enabled=False):
             weight = entropy_weights(g.float()).view(-1, 1) if self.entropy_conditioning else None
-            loss = F.binary_cross_entropy(d.float(), labels.float(), weight=weight)
+            loss = probability_bce(d.float(), labels.float(), weight=weight)
         return loss, domain_acc
 
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import UDAMethod
-from .modules import DomainDiscriminator, WarmStartGradientReverseLayer, binary_accuracy
+from .modules import DomainDiscriminator, WarmStartGradientReverseLayer, binary_accuracy, probability_bce
 
 __all__ = ["DANN", "DomainAdversarialLoss", "domain_bce"]
 
@@ -30,8 +30,8 @@ def domain_bce(d_s: torch.Tensor, d_t: torch.Tensor, w_s: torch.Tensor | None = 
         d_s, d_t = d_s.float(), d_t.float()
         w_s = None if w_s is None else w_s.float().view_as(d_s)
         w_t = None if w_t is None else w_t.float().view_as(d_t)
-        loss_s = F.binary_cross_entropy(d_s, torch.ones_like(d_s), weight=w_s)
-        loss_t = F.binary_cross_entropy(d_t, torch.zeros_like(d_t), weight=w_t)
+        loss_s = probability_bce(d_s, torch.ones_like(d_s), weight=w_s)
+        loss_t = probability_bce(d_t, torch.zeros_like(d_t), weight=w_t)
         return 0.5 * (loss_s + loss_t)
 
 

@@ -8,9 +8,10 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ["DomainDiscriminator", "GradientReverseFunction", "GradientReverseLayer",
-           "WarmStartGradientReverseLayer", "binary_accuracy", "entropy", "warm_start_coefficient"]
+           "WarmStartGradientReverseLayer", "binary_accuracy", "entropy", "probability_bce", "warm_start_coefficient"]
 
 
 class GradientReverseFunction(torch.autograd.Function):
@@ -166,6 +167,14 @@ def entropy(probs: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
         - probs: :math:`(N, C)` probabilities; Output: :math:`(N,)`.
     """
     return -(probs * torch.log(probs + eps)).sum(dim=1)
+
+
+def probability_bce(probs: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.binary_cross_entropy(probs, targets, weight)`` (tllib's domain loss, its values and gradients) whose value
+    is NaN, instead of the kernel's range error, when a diverged discriminator gives NaN probabilities: the training
+    loop then names the iteration (and on CUDA the kernel's device assert would end the process)."""
+    loss = F.binary_cross_entropy(probs.nan_to_num(0.5), targets, weight=weight)
+    return loss + 0.0 * probs.sum()  # + 0 exactly, and its gradient 0, while the probabilities are finite
 
 
 @torch.no_grad()

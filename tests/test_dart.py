@@ -190,6 +190,8 @@ def test_split_bn_forward_gives_the_separate_forward_loss(teacher_checkpoint, tm
         (dict(student_init="backbone", backbone_weights="r18.pth"), ValueError,
          "digits_cnn backbone takes no pretrained weights"),
         (dict(device="gpu"), ValueError, "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        (dict(device="meta"), ValueError, r"got 'meta' \(urda_fast runs on CPUs and CUDA GPUs\)"),
+        (dict(kl_weight=0.0, feature_weight=0.0), ValueError, "kl_weight and feature_weight are both 0"),
     ],
 )
 def test_robustify_rejects_bad_configs(teacher_checkpoint, tmp_path, change, error, match):

@@ -94,6 +94,7 @@ def test_dann_resumes_bit_for_bit(tmp_path):
     (dict(method="cdan", randomized=True, randomized_dim=0), ValueError, "randomized_dim must be > 0"),
     (dict(bottleneck_dim=0), ValueError, "bottleneck_dim must be > 0, got 0"),
     (dict(device="gpu"), ValueError, "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (dict(device="mps"), ValueError, r"got 'mps' \(urda_fast runs on CPUs and CUDA GPUs\)"),
     (dict(fold_batchnorm="yes"), ValueError, "fold_batchnorm must be one of"),
 ])
 def test_pretrain_rejects_bad_configs(tmp_path, change, error, match):

@@ -176,6 +176,17 @@ def test_fresh_run_hides_an_earlier_run_in_the_folder(tmp_path):
     assert [s for s, _ in scalars(tmp_path)["train/loss"]] == [1, 2, 3]
 
 
+def test_a_fresh_run_clears_the_logs_of_one_killed_before_its_first_checkpoint(tmp_path):
+    """No checkpoint: nothing to refuse or resume, but its events would sit beside this run's in tb/."""
+    (tmp_path / "tb").mkdir(parents=True)
+    (tmp_path / "tb" / "events.out.tfevents.1.host.1.0").write_bytes(b"killed run")
+    (tmp_path / "log.csv").write_text("iteration,train/loss\n1,9.0\n")
+    run(tmp_path, iterations=3)
+    assert "events.out.tfevents.1.host.1.0" not in os.listdir(tmp_path / "tb")
+    assert [s for s, _ in scalars(tmp_path)["train/loss"]] == [1, 2, 3]
+    assert "9.0" not in (tmp_path / "log.csv").read_text()
+
+
 def test_tensorboard_can_be_turned_off(tmp_path):
     fit_task(LinearTask(), tmp_path, iterations=2, tensorboard=False)
     assert (tmp_path / "log.csv").exists() and not (tmp_path / "tb").exists()
@@ -386,6 +397,12 @@ def test_a_run_killed_inside_its_first_checkpoint_resumes_from_the_beginning(tmp
     with pytest.raises(ValueError, match="best.pt but no last.pt"):  # another run's best.pt is not replaced
         (tmp_path / "run" / "last.pt").unlink()
         fit_task(LinearTask(batch_size=4), tmp_path / "run", iterations=6, resume=True, extra={"config": {"batch": 4}})
+    # this run's best.pt from after its first last.pt: that last.pt was lost, not never written; no silent restart
+    best = torch.load(tmp_path / "full" / "best.pt", weights_only=False)
+    torch.save({**best, "iteration": 6}, tmp_path / "full" / "best.pt")
+    (tmp_path / "full" / "last.pt").unlink()
+    with pytest.raises(ValueError, match="best.pt but no last.pt to resume from"):
+        fit_task(seeded_task(), tmp_path / "full", iterations=6, resume=True, extra=CONFIG)
 
 
 def test_a_best_pt_newer_than_the_checkpoint_is_the_runs_best_at_a_resume(tmp_path):

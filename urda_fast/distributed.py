@@ -226,10 +226,13 @@ def check_device(name: str, who: str = "urda_fast") -> None:
     before any work (it touches no GPU)."""
     if name == "auto":
         return
+    message = f"{who}: device must be auto, cpu, cuda or cuda:N, got {name!r}"
     try:
-        torch.device(name)
+        device = torch.device(name)
     except (RuntimeError, ValueError, TypeError) as err:
-        raise ValueError(f"{who}: device must be auto, cpu, cuda or cuda:N, got {name!r}") from err
+        raise ValueError(message) from err
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu...: torch parses them; our kernels and loops do not run
+        raise ValueError(f"{message} (urda_fast runs on CPUs and CUDA GPUs)")
 
 
 def pick_device(name: str) -> torch.device:

@@ -116,9 +116,9 @@ def remove_stale_temporaries(out_dir: str) -> None:
 
 
 def remove_earlier_run(out_dir: str) -> list:
-    """``--overwrite``: the files an earlier run wrote in ``out_dir`` (``RUN_FILES``), removed before this run
-    writes any: a kill before this run's first evaluation must not leave the old best.pt or log.csv to pass for
-    this run's. Returns the removed paths."""
+    """The files an earlier run wrote in ``out_dir`` (``RUN_FILES``), removed before a fresh run writes any
+    (``--overwrite``'s, or a run's killed before its first checkpoint): a kill before this run's first evaluation
+    must not leave the old best.pt or log.csv to pass for this run's. Returns the removed paths."""
     removed = []
     for pattern in RUN_FILES:
         for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):

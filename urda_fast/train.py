@@ -180,13 +180,16 @@ def _resume_state(path: str, ctx) -> dict | None:
     return state
 
 
-def _refuse_earlier_run(last_path: str, best_path: str, ctx, resume: bool, config: dict | None) -> None:
+def _refuse_earlier_run(last_path: str, best_path: str, ctx, resume: bool, config: dict | None,
+                        first_save: int) -> None:
     """A fresh run in a folder that holds a run's checkpoints would replace them at its first evaluation: the
     relaunch of a preempted job without --resume would lose it. Rank 0 looks; every rank raises alike. With
-    --resume and a best.pt but no last.pt (a run killed between the two files of its first checkpoint) written with
-    these settings, the run starts from the beginning: it would write the same best.pt again."""
+    --resume and a best.pt but no last.pt written with these settings, the run starts from the beginning when
+    best.pt is no later than ``first_save``, the first last.pt's iteration (a run killed between the two files of
+    its first checkpoint: it would write the same best.pt again); a later best.pt means a last.pt was lost."""
     found = [path for path in (last_path, best_path) if os.path.isfile(path)]
-    restart = bool(resume and found == [best_path] and ctx.is_main and _same_run(best_path, config))
+    written_at = _same_run(best_path, config) if resume and found == [best_path] and ctx.is_main else None
+    restart = written_at is not None and written_at <= first_save
     if ctx.enabled:
         found, restart = distributed.broadcast_object((found, restart))
     if restart:
@@ -196,22 +199,24 @@ def _refuse_earlier_run(last_path: str, best_path: str, ctx, resume: bool, confi
     if found:
         where = os.path.dirname(found[0]) or "."
         if resume:  # only best.pt: nothing to continue from
-            raise ValueError(f"urda_fast: {where} holds an earlier run's best.pt but no last.pt to resume from; "
-                             "--overwrite starts over in its place, or give another --out")
+            raise ValueError(f"urda_fast: {where} holds an earlier run's best.pt but no last.pt to resume from (a "
+                             "run with other settings, or one whose last.pt was removed); --overwrite starts over "
+                             "in its place, or give another --out")
         raise ValueError(f"urda_fast: {where} holds an earlier run's {' and '.join(map(os.path.basename, found))}; "
                          "pass --resume to continue it, --overwrite to start over in its place, or another --out")
 
 
-def _same_run(best_path: str, config: dict | None) -> bool:
-    """Whether ``best_path`` was written by a run with these settings (those a resume may not change)."""
+def _same_run(best_path: str, config: dict | None) -> int | None:
+    """The iteration of ``best_path`` if a run with these settings (those a resume may not change) wrote it, else
+    None."""
     try:
         saved = load_torch_file(best_path, who="urda_fast resume", mmap=True)
         if not (config and isinstance(saved, dict) and saved.get("config")):
-            return False  # nothing to compare: not known to be this run's
+            return None  # nothing to compare: not known to be this run's
         _check_same_run(saved["config"], config, best_path)
     except ValueError:
-        return False
-    return True
+        return None
+    return int(saved.get("iteration", 0))
 
 
 def _newer_best(best_path: str, best: dict | None, iteration: int, ctx) -> dict | None:
@@ -403,8 +408,11 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
     start, best, last_metrics = 0, None, {}
     state = _resume_state(last_path, ctx) if settings.resume else None
     if state is None and not settings.overwrite:
-        _refuse_earlier_run(last_path, best_path, ctx, settings.resume, extra.get("config"))
-    elif state is None and main:
+        _refuse_earlier_run(last_path, best_path, ctx, settings.resume, extra.get("config"),
+                            min(settings.save_every or settings.eval_every, settings.iterations))
+    if state is None and main:
+        # --overwrite, or what a run killed before its first checkpoint left (its log.csv, its TensorBoard events
+        # that TensorBoard's purge hides but other readers of the folder would mix with this run's)
         remove_earlier_run(settings.out_dir)
     if state is not None:
         _restore(state, task, optimizer, scheduler, scaler, ctx, last_path, extra.get("config"), extra.get("inputs"),

@@ -182,6 +182,9 @@ def check_robustify_config(cfg: RobustifyConfig) -> None:
     check_choices(cfg, "dart", {"forward": ("split-bn", "separate"), "weighting": ("per-sample", "code"),
                                 "student_init": ("teacher", "backbone"),
                                 "attack_space": ATTACK_SPACES})
+    if cfg.kl_weight == 0 and cfg.feature_weight == 0:
+        raise ValueError("dart: kl_weight and feature_weight are both 0: the loss would be 0 at every step and the "
+                         "student would never move; give one of them a weight > 0")
     if cfg.attack_space == "pixel":
         check_ranges(cfg, "dart", pixel_budget=("attack_eps", "attack_alpha"))
     if cfg.backbone_weights and cfg.student_init != "backbone":

@@ -17,8 +17,20 @@ def test_yaml_then_flags_override_the_defaults(tmp_path):
     assert (cfg.iterations, cfg.batch_size, cfg.vat, cfg.lr) == (50, 8, True, PretrainConfig().lr)
     assert cfg.vat_eps == pytest.approx(8 / 255) == parse_float("8/255")
     for bad in ("1/0", "1/x", "eight"):
-        with pytest.raises(ValueError):  # argparse turns a ValueError into "invalid parse_float value"
+        with pytest.raises(ValueError):
             parse_float(bad)
+
+
+def test_a_bad_number_flag_names_itself_and_what_it_takes(capsys):
+    from urda_fast.cli import main
+
+    for argv, message in ((["dart", "pretrain", "--lr", "1/0"], "argument --lr: '1/0' is not a number or a fraction "
+                                                               "such as 8/255 ('1/0' divides by zero)"),
+                          (["dart", "robustify", "--attack-eps", "x"], "argument --attack-eps: 'x' is not a number"),
+                          (["dart", "demo", "--scale", "1/0"], "argument --scale: must be a positive finite number")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, match", [

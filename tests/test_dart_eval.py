@@ -124,12 +124,43 @@ def test_autoattack_is_one_of_the_attacks(checkpoint, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ dart summary
-def _report(folder, task, rows):
+def _report(folder, task, rows, **fields):
     import json
 
     folder.mkdir()
-    (folder / "report.json").write_text(json.dumps({"data": task, "eps": [8 / 255], "rows": rows}))
+    (folder / "report.json").write_text(json.dumps({"data": task, "eps": [8 / 255], "rows": rows, **fields}))
     return str(folder)
+
+
+def test_summary_refuses_mixed_units_and_flags_partial_evaluations(tmp_path):
+    from urda_fast.dart.summary import summarize, to_markdown
+
+    row = {"method": "dart", "run": "y", "clean": 80.0, "fgsm@0.1": 30.0, "count": 64}
+    pixel = _report(tmp_path / "pixel", "A->W", [row], attack_space="pixel", test_images=795)
+    normalized = _report(tmp_path / "normalized", "D->W", [{**row, "count": 795}], attack_space="normalized",
+                         test_images=795)
+    with pytest.raises(ValueError, match="budgets are in different units .*'A->W': 'pixel', 'D->W': 'normalized'"):
+        summarize([pixel, normalized])
+    full = _report(tmp_path / "full", "D->W", [{**row, "count": 795}], attack_space="pixel", test_images=795)
+    summary = summarize([pixel, full])
+    assert summary["partial"] == ["A->W"] and summary["attack_space"] == "pixel"
+    assert "Scored on part of the test split (dart eval --max-batches): A->W" in to_markdown(summary)
+    assert summarize([full])["partial"] == []
+
+
+def test_eval_records_what_it_scored_and_refuses_repeats(checkpoint, tmp_path):
+    path, _ = checkpoint
+    options = dict(device="cpu", progress=False, batch_size=32, num_workers=0)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "report.png").write_bytes(b"an older evaluation's plot")
+    report = evaluate_runs([path], attacks=("clean",), max_batches=1, out=str(tmp_path / "r"), **options)
+    assert report["rows"][0]["count"] == 32 and report["test_images"] > 32
+    assert (tmp_path / "r" / "report.png").read_bytes().startswith(b"\x89PNG")  # this report's own plot
+    for attacks, eps, match in ((("clean", "fgsm", "fgsm"), (0.1,), "attacks given more than once: fgsm"),
+                                (("fgsm",), (0.1, 0.1), r"budgets \(as the report keys them\) given more than once"),
+                                (("fgsm",), (0.031372, 0.0313725), "given more than once: pgd@0.03137")):
+        with pytest.raises(ValueError, match=match):
+            evaluate_runs([path], attacks=attacks, eps=eps, **options)
 
 
 def test_summary_averages_each_method_over_the_tasks(tmp_path):
@@ -184,7 +215,39 @@ def test_eval_labels_its_rows_and_the_summary_reads_the_cli_report(checkpoint, t
     assert "mean over 1 task" in out and "| dann |" in out and "| again |" in out
     with pytest.raises(SystemExit, match="--label 'elsewhere=x' names 'elsewhere', which is not one of the runs"):
         main(["dart", "eval", path, "--label", "elsewhere=x"] + common)
+    with pytest.raises(SystemExit, match=f"--label names '{path}' twice \\('a', 'b'\\); give one"):
+        main(["dart", "eval", path, "--label", f"{path}=a", "--label", f"{path}=b"] + common)
     with pytest.raises(SystemExit, match=r"the labels given name two runs alike \(\['x'\]\)"):
         main(["dart", "eval", path, folder, "--label", f"{path}=x", "--label", f"{folder}=x"] + common)
     with pytest.warns(UserWarning, match=r"several rows are named \['uda'\].*--label RUN=NAME"):
         main(["dart", "eval", path, folder] + common)
+
+
+def _retagged(path, folder, **config):
+    """A copy of the checkpoint at ``path`` whose saved config says it was trained with ``config``'s data fields."""
+    import torch
+
+    state = torch.load(path, weights_only=False)
+    state["config"] = {**state["config"], **config}
+    folder.mkdir()
+    torch.save(state, folder / "best.pt")
+    return str(folder)
+
+
+def test_runs_of_another_task_do_not_share_a_report(checkpoint, tmp_path):
+    """A run trained for another target would be listed under the first run's task, its figures those of a model
+    scored on a domain it never saw: refused, or a warning when --data / -t ask for that target."""
+    path, _ = checkpoint
+    other = _retagged(path, tmp_path / "other", data="digits-files", root=str(tmp_path), source="MNIST",
+                      target="USPS")
+    options = dict(attacks=("clean",), device="cpu", progress=False, batch_size=32, max_batches=1, num_workers=0)
+    for runs in ([path, other], [other, path]):
+        with pytest.raises(ValueError, match=r"was trained for --data \w+( -t USPS)?, and the report evaluates "
+                                             r"--data \w+( -t USPS)? \(the first run's\): runs of different tasks"):
+            evaluate_runs(runs, **options)
+    with pytest.warns(UserWarning, match=r"other/best.pt' was trained for --data Digits -t USPS.*as --data"):
+        report = evaluate_runs([path, other], data_flags={"data": "digits"}, **options)
+    assert len(report["rows"]) == 2
+    # -s is unused by eval: it does not rename the task in the report
+    plain = evaluate_runs([path], **options)["data"]
+    assert evaluate_runs([path], data_flags={"source": "SVHN"}, **options)["data"] == plain

@@ -166,6 +166,8 @@ def _run_labels(given, runs) -> dict:
         if run not in runs:
             raise ValueError(f"dart eval: --label {item!r} names {run!r}, which is not one of the runs given "
                              f"({', '.join(runs)}); write it as on the command line")
+        if run in labels and labels[run] != name.strip():
+            raise ValueError(f"dart eval: --label names {run!r} twice ({labels[run]!r}, {name.strip()!r}); give one")
         labels[run] = name.strip()
     return labels  # two runs named alike: evaluate_runs refuses them before any evaluation
 
@@ -305,7 +307,12 @@ def _positive_int(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    from urda_fast.config import parse_float
+
+    try:
+        value = parse_float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}") from None
     if not 0 < value < float("inf"):  # NaN too
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value

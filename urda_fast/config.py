@@ -28,6 +28,17 @@ def parse_float(value) -> float:
     return float(value)
 
 
+def _number_flag(text: str) -> float:
+    """``parse_float`` for argparse: its message, not "invalid parse_float value"."""
+    import argparse
+
+    try:
+        return parse_float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction such as 8/255"
+                                         + (f" ({err})" if "divides by zero" in str(err) else "")) from None
+
+
 def _coerce(value, annotation, name):
     """A flag's string or a YAML value as the field's type; anything that would only pass by a silent conversion
     (``true`` as an int, a list as a string, an empty YAML key as a path) is an error naming the option."""
@@ -216,7 +227,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         comment = f"; {comments[field.name]}" if field.name in comments else ""
         text = field.metadata.get("help") or f"(default: {_shown_default(field.name, default)}){comment}"
         kind = str if annotation is bool else (typing.get_args(annotation) or (annotation,))[0]
-        kind = kind if kind in (int, str) else parse_float if kind is float else str
+        kind = kind if kind in (int, str) else _number_flag if kind is float else str
         if annotation is bool:  # `--vat` alone means true; `--vat false` also works
             parser.add_argument(flag, type=str, nargs="?", const="true", default=None, dest=field.name,
                                 help=f"true/false {text}")

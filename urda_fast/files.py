@@ -17,6 +17,15 @@ import re
 import zipfile
 
 
+def remove_files(folder: str, names) -> None:
+    """Removes ``names`` from ``folder`` where present: before a report's files are written one by one, so that a
+    kill between two of them leaves some of the new ones, never a new table beside an old plot."""
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.remove(path)
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path``, creating its folder."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -129,8 +129,9 @@ def run_data(saved: dict, given: dict, run: str, who: str) -> dict:
             **{k: given.get(k, saved.get(k) or "") for k in ("source", "target")}}
 
 
-def _read_data(data: str, target: str) -> tuple:
-    # what a run reads its target from; the embedded digits have one (fixed) target domain
+def target_key(data: str, target: str) -> tuple:
+    """(dataset, target domain) a run reads its target from, aliases resolved; the embedded digits have one (fixed)
+    target domain."""
     return (DATA_NAMES.get(data, data), "" if data == "digits" else target)
 
 
@@ -140,7 +141,7 @@ def with_teacher_data(cfg, saved: dict):
     domain than the teacher's (DART distils the teacher on the target domain it was adapted to)."""
     fields = run_data(saved, {k: getattr(cfg, k) for k in DATA_FIELDS}, cfg.teacher, "dart")
     theirs = saved.get("data") or "digits", saved.get("target") or ""
-    if _read_data(*theirs) != _read_data(fields["data"], fields["target"]):
+    if target_key(*theirs) != target_key(fields["data"], fields["target"]):
         words = [f"--data {data}" + (f" -t {target}" if target and data != "digits" else "")
                  for data, target in (theirs, (fields["data"], fields["target"]))]
         warnings.warn(f"dart: the teacher {run_checkpoint(cfg.teacher)!r} was trained on {words[0]}, and this run "

@@ -11,12 +11,13 @@ from urda_fast.config import check_pixel_budget, repeated
 from urda_fast.distributed import check_device
 from urda_fast.data import eval_loader
 from urda_fast.evaluate import check_loader_settings, robust_accuracy
-from urda_fast.files import atomic_savefig, atomic_write_json, atomic_write_text, check_out_folder, run_checkpoint
+from urda_fast.files import (atomic_savefig, atomic_write_json, atomic_write_text, check_out_folder, remove_files,
+                             run_checkpoint)
 from urda_fast.models import ModelSpec
 
 from .common import NormalizedSpaceAttack, load_checkpoint_model, read_checkpoint
 from .config import ATTACK_SPACES, RunConfig
-from .data import DATA_FIELDS, run_data, task_data
+from .data import DATA_FIELDS, run_data, target_key, task_data
 
 ATTACKS = ("clean", "fgsm", "pgd10", "pgd20", "autoattack")
 
@@ -111,6 +112,10 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
     if not eps or not all(isinstance(e, (int, float)) and 0 < e < float("inf") for e in eps):
         raise ValueError(f"dart eval: budgets must be positive and finite, at least one (e.g. 8/255), got {eps!r}")
     check_attack_space(attack_space, attacks)
+    for what, values in (("attacks", list(attacks)), ("budgets (as the report keys them)",
+                                                       [budget_key("pgd", e) for e in eps])):
+        if repeated(values):
+            raise ValueError(f"dart eval: {what} given more than once: {', '.join(map(str, repeated(values)))}")
     for budget in eps if attack_space == "pixel" else ():  # L-inf in [0, 1] units (normalised ones have no cap)
         check_pixel_budget(budget, "eps", "dart eval")
     check_out_folder(out, "dart eval")
@@ -127,7 +132,9 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
     unknown = sorted(set(given) - set(DATA_FIELDS))
     if unknown:
         raise ValueError(f"dart eval: unknown data setting(s) {unknown}; valid: {', '.join(DATA_FIELDS)}")
+    given.pop("source", None)  # unused (only the target is read): the report names the first run's own task
     data_cfg = RunConfig(**run_data(states[0].get("config") or {}, given, runs[0], "dart eval"))
+    check_one_task(runs, states, data_cfg, asked="data" in given or "target" in given)
     data = task_data(data_cfg, splits=("target_test",))
     for run, state in zip(runs, states):
         classes = ModelSpec.from_dict(state["spec"]).num_classes
@@ -147,7 +154,7 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
         loader = eval_loader(data.target_test, batch_size, num_workers, dev)
         table = robust_accuracy(model, loader, budget_attacks(model, attacks, eps, data.num_classes, attack_space),
                                 device=dev, max_batches=max_batches or None, progress=progress)
-        row = {"method": label, "run": run}
+        row = {"method": label, "run": run, "count": table.rows[0].count}  # images scored (--max-batches: fewer)
         for budget_index, budget in enumerate(eps):
             for name in attacks:
                 value = round(table[budget_key(name, budget)].accuracy, 2)
@@ -159,10 +166,34 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
             row["pgd"] = row[max(pgd_names, key=lambda a: int(a[3:]))]
         rows.append(row)
     report = {"rows": rows, "eps": list(eps), "attacks": list(attacks), "data": data.description,
-              "attack_space": attack_space}
+              "attack_space": attack_space, "test_images": len(data.target_test)}
     if out:
         write_report(report, out)
     return report
+
+
+def check_one_task(runs, states, data_cfg: RunConfig, asked: bool) -> None:
+    """Every run is scored on ``data_cfg``'s target (the first run's, unless --data / -t were given): a run trained
+    for another one is an error (the report would list it under the first run's task), or a warning when the target
+    was asked for; a run adapted from another source domain is a warning (the report's title names the first's)."""
+    ours = target_key(data_cfg.data, data_cfg.target)
+    for run, state in zip(runs, states):
+        saved = state.get("config") or {}
+        theirs = target_key(saved.get("data") or "digits", saved.get("target") or "")
+        if theirs != ours:
+            what = (f"{run_checkpoint(run)!r} was trained for {_task_words(*theirs)}, and the report evaluates "
+                    f"{_task_words(*ours)}")
+            if not asked:
+                raise ValueError(f"dart eval: {what} (the first run's): runs of different tasks cannot share one "
+                                 "report; evaluate them separately, or give --data / -t to score every run there")
+            warnings.warn(f"dart eval: {what}, as --data / -t ask", stacklevel=3)
+        elif (saved.get("source") or "") != (data_cfg.source or "") and theirs[1]:
+            warnings.warn(f"dart eval: {run_checkpoint(run)!r} was adapted from source {saved.get('source')!r}; the "
+                          f"report's title names the first run's, {data_cfg.source!r}", stacklevel=3)
+
+
+def _task_words(data: str, target: str) -> str:
+    return f"--data {data}" + (f" -t {target}" if target else "")
 
 
 def to_markdown(report: dict) -> str:
@@ -178,6 +209,7 @@ def to_markdown(report: dict) -> str:
 
 
 def write_report(report: dict, out: str) -> None:
+    remove_files(out, ("report.md", "report.json", "report.png"))
     atomic_write_text(os.path.join(out, "report.md"), to_markdown(report))
     atomic_write_json(os.path.join(out, "report.json"), report)
     plot_report(report, os.path.join(out, "report.png"))

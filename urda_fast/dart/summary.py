@@ -43,6 +43,14 @@ def summarize(paths, out: str | None = None) -> dict:
     twice = repeated(tasks)
     if twice:
         raise ValueError(f"dart summary: a task is given twice ({twice})")
+    spaces = {report["data"]: report.get("attack_space", "pixel") for report in reports}
+    if len(set(spaces.values())) > 1:
+        raise ValueError(f"dart summary: the reports' budgets are in different units ({spaces}: --attack-space): "
+                         "their figures at one eps are not comparable; evaluate every task in one space")
+    # a task scored on part of its test split (dart eval --max-batches): flagged, its mean is not the full one
+    partial = [report["data"] for report in reports
+               if report.get("test_images") and any(row.get("count", report["test_images"]) < report["test_images"]
+                                                    for row in report["rows"])]
     key_sets = [[k for k in report["rows"][0] if k == "clean" or "@" in k] for report in reports]
     keys = [k for k in key_sets[0] if all(k in ks for ks in key_sets)]
     if not keys:
@@ -56,7 +64,8 @@ def summarize(paths, out: str | None = None) -> dict:
         mean = {k: round(sum(v[k] for v in per_task.values()) / len(tasks), 2) for k in keys} \
             if len(per_task) == len(tasks) else None
         rows.append({"method": method, "per_task": per_task, "mean": mean})
-    summary = {"tasks": tasks, "keys": keys, "dropped": dropped, "rows": rows}
+    summary = {"tasks": tasks, "keys": keys, "dropped": dropped, "rows": rows,
+               "attack_space": next(iter(spaces.values())), "partial": partial}
     if out:
         atomic_write_text(os.path.join(out, "summary.md"), to_markdown(summary))
         atomic_write_json(os.path.join(out, "summary.json"), summary)
@@ -80,4 +89,9 @@ def to_markdown(summary: dict) -> str:
         lines += ["", "-: the method has no run on every task, so no mean."]
     if summary["dropped"]:
         lines += ["", f"Left out (not in every report): {', '.join(summary['dropped'])}."]
+    if summary.get("attack_space", "pixel") != "pixel":
+        lines += ["", f"Budgets in normalised units (--attack-space {summary['attack_space']})."]
+    if summary.get("partial"):
+        lines += ["", f"Scored on part of the test split (dart eval --max-batches): {', '.join(summary['partial'])}; "
+                      "those figures, and the means over them, are estimates."]
     return "\n".join(lines) + "\n"

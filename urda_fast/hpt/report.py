@@ -19,7 +19,7 @@ from urda_fast.config import check_choices, check_ranges, repeated, warn_unused
 from urda_fast.data import eval_loader
 from urda_fast.distributed import pick_device
 from urda_fast.files import (atomic_savefig, atomic_write_json, atomic_write_text, check_out_folder, load_torch_file,
-                             missing_best_hint, run_checkpoint)
+                             missing_best_hint, remove_files, run_checkpoint)
 from urda_fast.train import amp_autocast
 
 from .clip_models import load_clip_arg, parse_model_arg
@@ -244,6 +244,7 @@ def plot_report(report: dict, path: str) -> None:
 
 
 def write_report(report: dict, out: str) -> None:
+    remove_files(out, ("report.md", "report.json", "report.png"))
     atomic_write_json(os.path.join(out, "report.json"), report)
     atomic_write_text(os.path.join(out, "report.md"), to_markdown(report) + "\n")
     plot_report(report, os.path.join(out, "report.png"))

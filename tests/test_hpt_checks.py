@@ -452,6 +452,14 @@ def test_non_finite_weights_are_refused_where_they_load(fake_world, tmp_path):
         load_clip("urda-tiny-rn", str(tmp_path / "nan.pt"))
 
 
+def test_a_dart_checkpoint_given_as_a_clip_is_named(tmp_path):
+    from conftest import digits_uda_checkpoint
+
+    path, _ = digits_uda_checkpoint(tmp_path, bottleneck_dim=8, steps=1)
+    with pytest.raises(ValueError, match="is a `dart pretrain` / `dart robustify` checkpoint .*not a CLIP"):
+        load_clip("urda-tiny-vit", str(path))
+
+
 def test_a_run_folder_without_best_pt_says_what_it_has(fake_world, tmp_path):
     from urda_fast.dart.common import read_checkpoint
     from urda_fast.hpt.report import run_model

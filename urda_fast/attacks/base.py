@@ -21,7 +21,8 @@ from .fold import FoldedModel
 
 LOSSES = ("ce", "cw", "kl")
 SPACES = ("pixel", "normalized")
-INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # converted to int64, which torch's losses take
+# converted to int64, which torch's losses take
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _positive(value, name, allow_zero=False, finite=False):

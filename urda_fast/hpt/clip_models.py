@@ -146,6 +146,9 @@ def _state_dict_of(path: str, arch: str | None = None) -> dict | None:
         return _without_openai_constants(state)
     if isinstance(state.get("modules"), dict) and "target" in state["modules"]:
         return state["modules"]["target"]
+    if isinstance(state.get("modules"), dict) and "spec" in state:
+        raise CheckpointRefused(f"hpt: {path!r} is a `dart pretrain` / `dart robustify` checkpoint (an image "
+                                "classifier), not a CLIP; give an open_clip checkpoint or an `hpt train` run")
     if isinstance(state.get("vision_encoder_state_dict"), dict):
         # Their 'state_dict' is the (empty) visual prompter's: open_clip's loader would read it and fail on nothing.
         raise CheckpointRefused(f"hpt: {path!r} holds an image tower only ('vision_encoder_state_dict', the "

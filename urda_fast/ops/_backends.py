@@ -152,9 +152,9 @@ def functorch_active() -> bool:
 
 
 def _functorch_refusal(name: str) -> str:
-    return (f"urda_fast: backend={name!r} cannot run inside a torch.func transform (grad, vmap, jacrev, ...): the fused "
-            "kernels' autograd rules do not support them (torch's own limit for custom ops); leave backend unset "
-            "there (the reference runs) or pass backend='reference'")
+    return (f"urda_fast: backend={name!r} cannot run inside a torch.func transform (grad, vmap, jacrev, ...): the "
+            "fused kernels' autograd rules do not support them (torch's own limit for custom ops); leave backend "
+            "unset there (the reference runs) or pass backend='reference'")
 
 
 def resolve_backend(requested: str | None, device: torch.device) -> str:

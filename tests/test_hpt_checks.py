@@ -88,6 +88,17 @@ def test_zero_weights_of_a_phase_that_does_not_happen_are_fine():
         check_config(cfg)
 
 
+def test_settings_without_effect_are_warned_about():
+    base = dict(target="urda-tiny-vit:t.pt", proxy="urda-tiny-rn:p.pt")
+    with pytest.warns(UserWarning, match="hpt-gpd with --warmup-steps 0 has no anchored warm-up phase"):
+        check_config(TrainConfig(**base, method="hpt-gpd", warmup_steps=0))
+    with pytest.warns(UserWarning, match="--logit-scale-max 3.0 has no effect .*cosine logits"):
+        check_config(TrainConfig(**base, logits="cosine", logit_scale_max=3.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_config(TrainConfig(**base, logits="clip", logit_scale_max=3.0))
+
+
 # ------------------------------------------------------------------------------------------------ finding 3
 def _fake_run(world, folder, **config):
     """A best.pt as `hpt train` writes it, holding the world's target, trained with ``config``'s head."""

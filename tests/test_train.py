@@ -187,6 +187,12 @@ def test_a_fresh_run_clears_the_logs_of_one_killed_before_its_first_checkpoint(t
     assert "9.0" not in (tmp_path / "log.csv").read_text()
 
 
+def test_a_run_folder_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(FileExistsError, match="the run folder .*out is a file; give another --out"):
+        run(tmp_path / "out", iterations=2)
+
+
 def test_tensorboard_can_be_turned_off(tmp_path):
     fit_task(LinearTask(), tmp_path, iterations=2, tensorboard=False)
     assert (tmp_path / "log.csv").exists() and not (tmp_path / "tb").exists()

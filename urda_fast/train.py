@@ -158,6 +158,8 @@ def _lock_run(lock: RunLock, out_dir: str, ctx) -> None:
     if ctx.enabled:
         holder, error = distributed.broadcast_object((holder, error))
     if error is not None:
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise FileExistsError(f"urda_fast: the run folder {out_dir} is a file; give another --out")
         raise PermissionError(f"urda_fast: cannot write the run folder {out_dir} ({error}); check its permissions, "
                               "or give another --out")
     if holder is not None:

@@ -226,7 +226,14 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.method != "hpt-gpd":
         unused.update(dict.fromkeys(("warmup_proxy_weight", "warmup_anchor_weight"), "only hpt-gpd has a warm-up "
                                     "phase with loss weights of its own"))
+    if cfg.logits == "cosine":
+        unused["logit_scale_max"] = "cosine logits do not read logit_scale (--logits clip does)"
     warn_unused(cfg, "hpt", unused)
+    if cfg.method == "hpt-gpd" and cfg.warmup_steps == 0:
+        import warnings
+
+        warnings.warn("hpt: hpt-gpd with --warmup-steps 0 has no anchored warm-up phase: it trains as --method hpt",
+                      stacklevel=2)
     if cfg.proxy and parse_model_arg(cfg.proxy, "proxy")[0] == parse_model_arg(cfg.target, "target")[0]:
         import warnings
 

@@ -126,7 +126,13 @@ def test_resume_refuses_a_changed_teacher(teacher_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="--teacher .* has changed since the run began"):
         robustify(_robustify_cfg(str(teacher), tmp_path / "run", resume=True))
     shutil.copyfile(teacher_checkpoint, teacher)  # the run's own teacher back: it resumes
-    assert robustify(_robustify_cfg(str(teacher), tmp_path / "run", resume=True))["last"] is not None
+    assert robustify(_robustify_cfg(str(teacher), tmp_path / "run", resume=True, stop_after=3))["last"] is not None
+    # the same file written another way is the same teacher; another file is not
+    spelled = os.path.join(str(tmp_path), ".", "teacher.pt")
+    assert robustify(_robustify_cfg(spelled, tmp_path / "run", resume=True, stop_after=4))["last"] is not None
+    shutil.copyfile(teacher_checkpoint, tmp_path / "copy.pt")
+    with pytest.raises(ValueError, match="written with other settings \\(teacher"):
+        robustify(_robustify_cfg(str(tmp_path / "copy.pt"), tmp_path / "run", resume=True))
 
 
 @pytest.mark.parametrize("options", [dict(forward="separate"), dict(attack_space="normalized", weighting="code"),

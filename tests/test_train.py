@@ -454,3 +454,17 @@ def test_an_unwritable_run_folder_is_said_before_any_step(tmp_path):
     with pytest.raises(PermissionError, match="cannot write the run folder"):
         fit_task(task, tmp_path / "file" / "run")
     assert task.steps == 0
+
+
+def test_an_input_checkpoint_written_another_way_is_the_same_setting(tmp_path):
+    from urda_fast.train import _same_setting
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"")
+    (tmp_path / "other.pt").write_bytes(b"")
+    run, best = str(tmp_path / "run"), str(tmp_path / "run" / "best.pt")
+    assert _same_setting("teacher", run, best) and _same_setting("teacher", run, os.path.join(run, ".", ""))
+    assert not _same_setting("teacher", run, str(tmp_path / "other.pt"))
+    assert _same_setting("target", f"ViT-B-32:{run}", f"ViT-B-32:{best}")
+    assert not _same_setting("target", f"ViT-B-32:{run}", f"ViT-B-16:{best}")  # another architecture
+    assert not _same_setting("lr", 0.1, 0.2) and not _same_setting("root", run, best)  # paths of other kinds

@@ -53,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from urda_fast import distributed
-from urda_fast.files import load_torch_file, state_dict_mismatch
+from urda_fast.files import load_torch_file, run_checkpoint, state_dict_mismatch
 from urda_fast.profiling import nvtx_range
 from urda_fast.run_files import (
     CsvLog,
@@ -244,11 +244,30 @@ RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "progress", "nvtx", "tenso
                                "compile", "root", "world", "cudnn_benchmark"})
 
 
+# Input checkpoints, as a path (DART's teacher) or "ARCH:PATH" (HPT's CLIPs): the same file written another way
+# (`T1`, `./T1`, `T1/best.pt`, its absolute path) is the same setting; their contents are fingerprinted apart.
+CHECKPOINT_PATHS, MODEL_ARGS = frozenset({"teacher"}), frozenset({"target", "proxy", "anchor"})
+
+
+def _same_setting(key: str, old, new) -> bool:
+    if old == new:
+        return True
+    if not (isinstance(old, str) and isinstance(new, str) and old and new):
+        return False
+    if key in MODEL_ARGS:
+        (old_arch, _, old), (new_arch, _, new) = old.partition(":"), new.partition(":")
+        if old_arch != new_arch or not (old and new):
+            return False
+    elif key not in CHECKPOINT_PATHS:
+        return False
+    return os.path.realpath(run_checkpoint(old)) == os.path.realpath(run_checkpoint(new))
+
+
 def _check_same_run(saved: dict | None, now: dict | None, path: str) -> None:
     if not saved or not now:
         return
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(set(saved) & set(now) - RESUMABLE_CHANGES)
-               if saved[k] != now[k]]
+               if not _same_setting(k, saved[k], now[k])]
     if changed:
         raise ValueError(f"urda_fast: --resume from {path}, written with other settings ({', '.join(changed[:6])}"
                          f"{', ...' if len(changed) > 6 else ''}); resume with the run's own settings, or start a "

@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 
 from urda_fast.config import check_ranges, load_config, parse_float, repeated
@@ -220,3 +221,17 @@ def test_flag_help_shows_each_fields_comment_and_budgets_in_levels(capsys):
 def test_repeated_lists_each_name_given_more_than_once_sorted():
     assert repeated(["dann", "cdan", "dann", "mdd", "cdan", "dann"]) == ["cdan", "dann"]
     assert repeated(["a", "b"]) == [] and repeated([]) == []
+
+
+def test_configs_built_in_python_get_their_types_checked():
+    """Flags and YAML values are converted; a config built in Python is not: a string budget or a fractional count
+    is a TypeError naming the field, not one from inside a comparison later."""
+    from urda_fast.dart.config import RobustifyConfig
+
+    for change, match in ((dict(attack_eps="8/255"), r"attack_eps must be float, got '8/255' \(str\) \(in Python"),
+                          (dict(iterations=4.5), r"iterations must be int, got 4.5 \(float\)"),
+                          (dict(progress=1), r"progress must be bool, got 1 \(int\)"),
+                          (dict(batch_size=True), r"batch_size must be int, got True \(bool\)")):
+        with pytest.raises(TypeError, match=match):
+            check_ranges(RobustifyConfig(**change), "dart")
+    check_ranges(RobustifyConfig(lr=1, iterations=np.int64(3), attack_eps=np.float32(0.1)), "dart")  # numbers

@@ -10,6 +10,7 @@ import argparse
 import collections
 import dataclasses
 import math
+import numbers
 import os
 import typing
 
@@ -83,7 +84,8 @@ OVERWRITE_HELP = "(default: False) delete the run in --out (checkpoints, log) an
 def check_ranges(cfg, who: str, *, positive=(), non_negative=(), fraction=(), pixel_budget=()) -> None:
     """A ValueError naming the first field of ``cfg`` out of its range: ``positive`` (> 0), ``non_negative`` (>= 0),
     ``fraction`` (in [0, 1), as SGD's momentum), ``pixel_budget`` (an L-inf budget or step in (0, 1] pixel units).
-    NaN and infinities are out of every range."""
+    NaN and infinities are out of every range. Every field's type is checked first (``check_field_types``)."""
+    check_field_types(cfg, who)
     for names, ok, wanted in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
                               (fraction, lambda v: 0 <= v < 1, "in [0, 1)")):
         for name in names:
@@ -94,6 +96,23 @@ def check_ranges(cfg, who: str, *, positive=(), non_negative=(), fraction=(), pi
                 raise ValueError(f"{who}: {name} must be finite, got {value}")
     for name in pixel_budget:
         check_pixel_budget(getattr(cfg, name), name, who)
+
+
+def check_field_types(cfg, who: str) -> None:
+    """A TypeError naming a field of the dataclass ``cfg`` whose value is not of its annotated bool / int / float /
+    str type (an int is a float; a bool is neither): configs built in Python get no conversion, so
+    ``attack_eps="8/255"`` or ``iterations=4.5`` would fail later inside a comparison or a range()."""
+    if not dataclasses.is_dataclass(cfg):
+        return
+    kinds = {bool: (bool,), int: (numbers.Integral,), float: (numbers.Real,), str: (str,)}
+    for name, annotation in _field_types(type(cfg)).items():
+        value = getattr(cfg, name)
+        if annotation not in kinds or value is None:
+            continue
+        if not isinstance(value, kinds[annotation]) or (annotation is not bool and isinstance(value, bool)):
+            hint = " (in Python give the number, e.g. 8 / 255)" if isinstance(value, str) and annotation is float else ""
+            raise TypeError(f"{who}: {name} must be {annotation.__name__}, got {value!r} "
+                            f"({type(value).__name__}){hint}")
 
 
 def repeated(items) -> list:

@@ -212,3 +212,24 @@ def test_cuda_extension_was_compiled():
     """CI compiles every .cu file with nvcc even without a GPU, so a CUDA compile error fails CI."""
     ext = _backends._load_extension("_C_cuda")
     assert not isinstance(ext, ImportError), f"urda_fast._C_cuda did not build or import: {ext}"
+
+
+def test_the_reference_environment_runs_the_models_for_double_backward_and_forward_ad(monkeypatch):
+    """The models' fused layers have C++ autograd (no second derivative, no forward-mode AD); the README's way out,
+    URDA_FAST_BACKEND=reference, must reach every one of them (the CLIP block had not read it)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from urda_fast.hpt.clip_models import load_clip
+    from urda_fast.models import create_backbone
+
+    monkeypatch.setenv("URDA_FAST_BACKEND", "reference")
+    torch.manual_seed(0)
+    for model, x in ((create_backbone("resnet18").eval(), torch.rand(2, 3, 32, 32)),
+                     (load_clip("urda-tiny-vit", None)[0].visual, torch.rand(2, 3, 32, 32))):
+        x = x.requires_grad_()
+        (grad,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        grad.square().sum().backward()  # an input-gradient penalty
+        assert model.parameters().__next__().grad is not None
+        with fwAD.dual_level():
+            out = model(fwAD.make_dual(x.detach(), torch.ones_like(x)))
+            assert fwAD.unpack_dual(out).tangent is not None

@@ -4,11 +4,13 @@ every other case runs the convolution."""
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from urda_fast.models import FastConv2d, plain_torch, use_fast_conv
 from urda_fast.ops._memo import memo_scope
@@ -142,3 +144,15 @@ def test_autocast_takes_torchs_convolution_for_the_input_gradient(dtype):
             out = net(x)
         grads.append(torch.autograd.grad(out.float().square().sum(), x)[0])
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_a_jit_trace_records_torchs_convolution():
+    """A trace records one branch: the fast paths branch on the input's size (a single output position) and grad
+    mode, so under tracing FastConv2d is torch's convolution and the trace runs at other sizes."""
+    torch.manual_seed(0)
+    conv = FastConv2d(8, 4, 3, padding=1).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(conv, torch.rand(2, 8, 1, 1, dtype=torch.float64))
+    x = torch.rand(2, 8, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(traced(x), F.conv2d(x, conv.weight, conv.bias, padding=1))

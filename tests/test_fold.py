@@ -64,6 +64,17 @@ def test_folded_model_computes_what_the_model_computes(mixed):
     assert all(id(p) in own for p in folded.graph_module.parameters())
 
 
+def test_a_batchnorm_in_training_mode_is_refused(mixed):
+    """Folded with its running statistics, a training-mode BatchNorm would compute another function than the model
+    (the attacks put the model in eval mode first; FoldedModel used directly must be told)."""
+    mixed.bn1.train()
+    with pytest.raises(ValueError, match="needs the model's BatchNorms in eval mode; in training mode: bn1; call"):
+        FoldedModel(mixed)
+    mixed.train()
+    with pytest.raises(ValueError, match="call model.eval\\(\\) first"):
+        FoldedModel(mixed)
+
+
 def test_input_gradient_matches(mixed):
     x = torch.randn(5, 2, 6, 6, dtype=torch.float64, requires_grad=True)
     folded = FoldedModel(mixed)

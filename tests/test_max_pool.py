@@ -103,6 +103,11 @@ def test_second_order_backward_is_refused():
         grad.sum().backward()
 
 
+def test_the_module_pools_integer_tensors_as_torch_does():
+    x = torch.randint(0, 9, (1, 2, 4, 4))
+    assert torch.equal(MaxPool2d(2)(x), nn.MaxPool2d(2)(x))
+
+
 def test_numpy_ints_and_one_element_tuples_are_sizes_as_in_torch():
     x = torch.randn(1, 2, 6, 6)
     torch.testing.assert_close(ops.max_pool2d(x, np.int64(2), stride=(2,)), F.max_pool2d(x, 2, (2,)))

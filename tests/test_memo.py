@@ -103,3 +103,28 @@ def test_eval_after_a_fused_sgd_step_and_a_train_forward_sees_the_new_model():
         optimizer.zero_grad()
         F.cross_entropy(net(x_adv * 3), y).backward()  # a shifted batch: the running statistics move
         optimizer.step()
+
+
+def test_threads_keep_their_own_entries():
+    """Scopes are per thread; a shared dict was changed by one thread while another iterated it ("dictionary
+    changed size during iteration" from attacks run in parallel threads)."""
+    import threading
+
+    memo, errors = VersionedMemo(max_entries=4), []
+
+    def work(seed):
+        try:
+            tensors = [torch.full((2,), float(seed)) for _ in range(50)]
+            with memo_scope():
+                for t in tensors:
+                    memo.put((t,), seed)
+                    assert memo.get((t,)) == seed
+        except Exception as err:  # noqa: BLE001 -- reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors

@@ -153,6 +153,12 @@ class FoldedModel:
         if not any(isinstance(m, _NORMS) and m.running_mean is not None for m in model.modules()):
             self.graph_module = model  # nothing to fold
             return
+        training = [name or type(model).__name__ for name, m in model.named_modules()
+                    if isinstance(m, _NORMS) and m.training]
+        if training:  # folded with running statistics, they would compute another function than the model does
+            raise ValueError(f"urda_fast.attacks: FoldedModel needs the model's BatchNorms in eval mode; in "
+                             f"training mode: {', '.join(training[:3])}{' ...' * (len(training) > 3)}; call "
+                             "model.eval() first (the attacks do)")
         try:
             graph = _Tracer().trace(model, concrete_args=_defaults_after_input(model))
             graph_module = fx.GraphModule(model, graph, type(model).__name__)

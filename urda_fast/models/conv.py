@@ -82,11 +82,12 @@ class FastConv2d(nn.Conv2d):
     """A drop-in ``nn.Conv2d`` (same parameters and state dict) with the fast paths above for CPU tensors. They live in
     ``_conv_forward``, so code that convolves with other weights through it (the attacks' BatchNorm folding) takes
     them too. ``torch.fx``, ``torch.export`` and ``torch.jit.trace`` take it as it is; ``torch.jit.script`` (in
-    maintenance in torch) does not: ``plain_torch(model)`` first."""
+    maintenance in torch) does not: ``plain_torch(model)`` first. Under ``torch.jit.trace`` it is torch's
+    convolution: a trace records one branch, and the fast paths branch on the input's size and grad mode."""
 
     def _conv_forward(self, x, weight, bias):
         # isinstance first: under torch.fx tracing x is a Proxy (traced as torch's convolution, no fast path).
-        if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dim() == 4:
+        if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dim() == 4 and not torch.jit.is_tracing():
             kh, kw = self.kernel_size
             if _is_patch_embedding(self) and x.shape[-2] >= kh and x.shape[-1] >= kw:
                 return self._patch_embedding(x, weight, bias)

@@ -25,8 +25,9 @@ class MaxPool2d(nn.MaxPool2d):
     are left to torch's kernel; everything else goes through :func:`urda_fast.ops.max_pool2d`."""
 
     def forward(self, x):
-        if self.dilation not in (1, (1, 1)) or self.ceil_mode or self.return_indices:
-            return super().forward(x)
+        integer = isinstance(x, torch.Tensor) and not x.is_floating_point()  # (x is a Proxy under torch.fx)
+        if self.dilation not in (1, (1, 1)) or self.ceil_mode or self.return_indices or integer:
+            return super().forward(x)  # integer tensors: torch pools them, the op takes floating point only
         return fast_max_pool2d(x, self.kernel_size, self.stride, self.padding)
 
 

@@ -258,6 +258,8 @@ def forbid_double_backward(qualname: str, loss_name: str) -> None:
 
     def backward(ctx, *grads):
         raise RuntimeError(f"urda_fast: {loss_name} has no second derivative on the fused backends "
-                           f"(create_graph=True reached {qualname}); use backend='reference' for double backward")
+                           f"(create_graph=True reached {qualname}); for double backward use backend='reference', "
+                           f"or for urda_fast's models (whose layers take no backend argument) "
+                           f"{ENV_VAR}=reference or urda_fast.models.plain_torch(model)")
 
     torch.library.register_autograd(qualname, backward, setup_context=lambda ctx, inputs, output: None)

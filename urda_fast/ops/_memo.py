@@ -45,7 +45,15 @@ class VersionedMemo:
 
     def __init__(self, max_entries: int = 64):
         self.max_entries = max_entries
-        self.entries: dict[tuple, tuple] = {}  # ids -> (scope, weak references, versions, value)
+        self._local = threading.local()  # scopes are per thread, so are the entries: two threads' attacks share none
+
+    @property
+    def entries(self) -> dict:
+        """This thread's entries: ids -> (scope, weak references, versions, value)."""
+        entries = getattr(self._local, "entries", None)
+        if entries is None:
+            entries = self._local.entries = {}
+        return entries
 
     def get(self, tensors: tuple):
         """The value stored for ``tensors`` as they are now, in this scope, else None."""

@@ -242,7 +242,9 @@ class Bench:
                 est += _median_seconds(paired, 1)
             rounds = _rounds(est)
         self.benchmark.pedantic(timed, setup=before_round, rounds=rounds, warmup_rounds=1, iterations=1)
-        info = {"device": device_name(), "dtype": str(self.dtype).removeprefix("torch."), "op": op, "variant": variant,
+        # a benchmark's own dtype label ("bfloat16 autocast" for the attacks' AMP path) is kept
+        dtype_label = self.benchmark.extra_info.get("dtype") or str(self.dtype).removeprefix("torch.")
+        info = {"device": device_name(), "dtype": dtype_label, "op": op, "variant": variant,
                 "mode": mode, "shape": shape_id(shape), "provider": provider}
         if copy_numel is not None:
             copy_s = copy_seconds(copy_numel, self.dtype)

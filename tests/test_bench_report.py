@@ -141,6 +141,10 @@ def test_missing_file_names_it(tmp_path):
     ('{"results": []}', "not a pytest-benchmark JSON"),
     ('{"benchmarks": []}', "holds no benchmarks"),
     ('{"benchmarks": [{"fullname": "bench/x.py::test_x", "stats": null}]}', "test_x has no timing stats"),
+    ('{"benchmarks": [{"fullname": "bench/x.py::test_x", "stats": {"median": 0.0, "mean": 0.0}}]}',
+     "test_x has a median or mean time of 0.0 / 0.0 s, not a measured time"),
+    ('{"benchmarks": [{"fullname": "bench/x.py::test_x", "stats": {"median": -1.0, "mean": 1.0}}]}',
+     "not a measured time"),
 ])
 def test_malformed_file_names_it_and_the_problem(tmp_path, content, problem):
     path = tmp_path / "bad.json"
@@ -149,3 +153,17 @@ def test_malformed_file_names_it_and_the_problem(tmp_path, content, problem):
         load(str(path))
     with pytest.raises(SystemExit, match=f"bad.json.*{problem}"):
         main(["report", str(path)])
+
+
+def test_odd_but_valid_json_reports(tmp_path, capsys):
+    """extra_info that is not a dict, a GPU index as the device, a bare CPU name: a report, not a traceback."""
+    doc = {"machine_info": {"cpu": "Intel"}, "benchmarks": [
+        {"fullname": "bench/x.py::test_x[eager]", "name": "test_x[eager]", "param": "eager",
+         "params": {"provider": "eager"}, "stats": {"median": 2e-3, "mean": 2e-3}, "extra_info": [1, 2]},
+        {"fullname": "bench/x.py::test_x[cpu]", "name": "test_x[cpu]", "param": "cpu",
+         "params": {"provider": "cpu"}, "stats": {"median": 1e-3, "mean": 1e-3}, "extra_info": {"device": 0}}]}
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(doc))
+    assert main(["report", str(path), "--out", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "Intel" in text and "| cpu |" in text and "2.00x" in text

@@ -92,10 +92,13 @@ def rows_from_results(doc: dict, source: str = "results") -> list[Row]:
     rows = []
     for index, bench in enumerate(doc["benchmarks"]):
         stats = bench.get("stats") if isinstance(bench, dict) else None
+        name = bench.get("fullname", f"#{index}") if isinstance(bench, dict) else f"#{index}"
         if not isinstance(stats, dict) or not _is_number(stats.get("median")) or not _is_number(stats.get("mean")):
-            name = bench.get("fullname", f"#{index}") if isinstance(bench, dict) else f"#{index}"
             raise ValueError(f"{source}: benchmark {name} has no timing stats (median, mean); was it run with "
                              "--benchmark-disable? Re-run the benchmarks without it")
+        if not stats["median"] > 1e-12 or not stats["mean"] > 1e-12:  # ratios and charts divide by them
+            raise ValueError(f"{source}: benchmark {name} has a median or mean time of {stats['median']} / "
+                             f"{stats['mean']} s, not a measured time; re-run it")
         rows.append(_row(bench, stats))
     if not rows:
         raise ValueError(f"{source}: holds no benchmarks; did pytest select any (check -k / the file paths)?")
@@ -113,8 +116,8 @@ def _number(info: dict, key: str) -> float | None:
 
 
 def _row(bench: dict, stats: dict) -> Row:
-    info = bench.get("extra_info") or {}
-    params = bench.get("params") or {}
+    info = bench.get("extra_info") if isinstance(bench.get("extra_info"), dict) else {}
+    params = bench.get("params") if isinstance(bench.get("params"), dict) else {}
     name = bench.get("fullname") or bench.get("name") or "?"
     test_name = (bench.get("name") or name).split("[", 1)[0]
     param_id = bench.get("param") or ""
@@ -144,7 +147,7 @@ def _row(bench: dict, stats: dict) -> Row:
     return Row(group=group, case=case, provider=str(provider), name=name, median_s=median,
                mean_s=float(stats["mean"]), rounds=int(stats.get("rounds") or 0), throughput=throughput,
                throughput_unit=unit, peak_mib=_number(info, "peak_mem_mb"), gbs=_number(info, "gbs"),
-               copy_gbs=_number(info, "copy_gbs"), device=info.get("device"), dtype=info.get("dtype"),
+               copy_gbs=_number(info, "copy_gbs"), device=_text(info.get("device")), dtype=_text(info.get("dtype")),
                paired_vs_eager=_number(info, "paired_vs_eager"))
 
 
@@ -182,10 +185,15 @@ def groups(rows: list[Row]) -> dict[str, list[Row]]:
     return by_group
 
 
+def _text(value) -> str | None:
+    """A recorded label as text (a GPU index 0 is a device too), None when absent."""
+    return None if value is None or value == "" else str(value)
+
+
 def machine_line(machine_info: dict | None, rows: list[Row]) -> str:
     """Where the numbers come from: the host pytest-benchmark saw, and the device/dtype the benchmarks recorded."""
-    info = machine_info or {}
-    cpu = info.get("cpu") or {}
+    info = machine_info if isinstance(machine_info, dict) else {}
+    cpu = info.get("cpu") if isinstance(info.get("cpu"), dict) else {"brand_raw": info.get("cpu")}
     host = [cpu.get("brand_raw") or info.get("processor") or "unknown CPU"]
     if cpu.get("count"):
         host.append(f"{cpu['count']} logical CPUs")

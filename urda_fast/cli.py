@@ -284,13 +284,13 @@ def cmd_profile(args) -> int:
     if args.loop == "hpt":
         step, device = hpt_step_fn(target_arch=args.target_arch, proxy_arch=args.proxy_arch, target=args.target,
                                    proxy=args.proxy, batch_size=args.batch_size, image_size=args.image_size,
-                                   device=args.device, attack_steps=args.attack_steps or 5, compile=args.compile)
+                                   device=args.device, attack_steps=_or(args.attack_steps, 5), compile=args.compile)
     else:
         if args.compile:
             raise SystemExit("urda-fast profile: --compile is an hpt option (hpt train --compile); the DART step has "
                              "none")
         step, device = dart_step_fn(backbone=args.backbone, batch_size=args.batch_size, image_size=args.image_size,
-                                    teacher=args.teacher, device=args.device, attack_steps=args.attack_steps or 10)
+                                    teacher=args.teacher, device=args.device, attack_steps=_or(args.attack_steps, 10))
     result = profile_steps(step, args.steps, args.out, device, warmup=args.warmup)
     print(result["table"])
     print(f"{result['ms_per_step']:.1f} ms/step on {device}; per phase (ms, all steps): "
@@ -304,6 +304,10 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _positive_float(text: str) -> float:
@@ -345,7 +349,7 @@ def _add_profile(sub) -> None:
     prof.add_argument("--batch-size", type=int, default=64)
     prof.add_argument("--image-size", type=int, default=0,
                       help="default: dart 16 for digits_cnn, 224 for ResNets; hpt the target's input size")
-    prof.add_argument("--attack-steps", type=int, default=0, help="default: dart 10, hpt 5 (the methods' values)")
+    prof.add_argument("--attack-steps", type=int, default=None, help="default: dart 10, hpt 5 (the methods' values)")
     prof.add_argument("--compile", action="store_true",
                       help="hpt: the image towers through torch.compile, as `hpt train --compile` (warm-up steps "
                            "compile; raise --warmup if the first profiled steps still do)")

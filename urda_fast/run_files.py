@@ -107,8 +107,10 @@ class RunLock:
 
 
 def remove_stale_temporaries(out_dir: str) -> None:
-    """Temporary checkpoint files of killed saves (each checkpoint-sized); only called under the run's lock."""
-    for path in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp*")):
+    """Temporary files of killed saves (checkpoints, each checkpoint-sized, and log.csv's); only called under the
+    run's lock."""
+    for path in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp*")) + glob.glob(
+            os.path.join(glob.escape(out_dir), "log.csv.tmp*")):
         try:
             os.remove(path)
         except OSError:

@@ -110,7 +110,8 @@ def check_field_types(cfg, who: str) -> None:
         if annotation not in kinds or value is None:
             continue
         if not isinstance(value, kinds[annotation]) or (annotation is not bool and isinstance(value, bool)):
-            hint = " (in Python give the number, e.g. 8 / 255)" if isinstance(value, str) and annotation is float else ""
+            hint = " (in Python give the number, e.g. 8 / 255)" if isinstance(value, str) and annotation is float \
+                else ""
             raise TypeError(f"{who}: {name} must be {annotation.__name__}, got {value!r} "
                             f"({type(value).__name__}){hint}")
 

@@ -280,17 +280,18 @@ def _add_hpt(sub) -> None:
 def cmd_profile(args) -> int:
     from urda_fast.profile import check_profile_args, dart_step_fn, hpt_step_fn, profile_steps
 
-    check_profile_args(args.steps, args.warmup, args.batch_size, args.image_size, args.attack_steps, args.out)
+    attack_steps = {"hpt": 5, "dart": 10}[args.loop] if args.attack_steps is None else args.attack_steps
+    check_profile_args(args.steps, args.warmup, args.batch_size, args.image_size, attack_steps, args.out)
     if args.loop == "hpt":
         step, device = hpt_step_fn(target_arch=args.target_arch, proxy_arch=args.proxy_arch, target=args.target,
                                    proxy=args.proxy, batch_size=args.batch_size, image_size=args.image_size,
-                                   device=args.device, attack_steps=_or(args.attack_steps, 5), compile=args.compile)
+                                   device=args.device, attack_steps=attack_steps, compile=args.compile)
     else:
         if args.compile:
             raise SystemExit("urda-fast profile: --compile is an hpt option (hpt train --compile); the DART step has "
                              "none")
         step, device = dart_step_fn(backbone=args.backbone, batch_size=args.batch_size, image_size=args.image_size,
-                                    teacher=args.teacher, device=args.device, attack_steps=_or(args.attack_steps, 10))
+                                    teacher=args.teacher, device=args.device, attack_steps=attack_steps)
     result = profile_steps(step, args.steps, args.out, device, warmup=args.warmup)
     print(result["table"])
     print(f"{result['ms_per_step']:.1f} ms/step on {device}; per phase (ms, all steps): "
@@ -304,10 +305,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
-
-
-def _or(value, default):
-    return default if value is None else value
 
 
 def _positive_float(text: str) -> float:

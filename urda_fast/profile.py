@@ -23,15 +23,11 @@ PHASES = ("data", "teacher", "proxy", "anchor", "attack", "student", "target", "
           "proxy forward", "anchor forward", "uda step", "loss", "backward", "optimizer", "evaluate")
 
 
-def _or_one(value):
-    return 1 if value is None else value  # None: the method's default
-
-
 def check_profile_args(steps: int, warmup: int, batch_size: int, image_size: int, attack_steps: int,
                        out_dir: str) -> None:
     """The CLI's numbers and output folder, before any model is built (a ViT-B takes a minute to)."""
     for name, value, least in (("steps", steps, 1), ("warmup", warmup, 0), ("batch_size", batch_size, 1),
-                               ("image_size", image_size, 0), ("attack_steps", _or_one(attack_steps), 1)):
+                               ("image_size", image_size, 0), ("attack_steps", attack_steps, 1)):
         if value < least:
             raise ValueError(f"profile: {name} must be >= {least}, got {value}")
     check_out_folder(out_dir, "profile")

@@ -109,12 +109,12 @@ class RunLock:
 def remove_stale_temporaries(out_dir: str) -> None:
     """Temporary files of killed saves (checkpoints, each checkpoint-sized, and log.csv's); only called under the
     run's lock."""
-    for path in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp*")) + glob.glob(
-            os.path.join(glob.escape(out_dir), "log.csv.tmp*")):
-        try:
-            os.remove(path)
-        except OSError:
-            pass
+    for pattern in ("*.pt.tmp*", "log.csv.tmp*"):
+        for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+            try:
+                os.remove(path)
+            except OSError:
+                pass
 
 
 def remove_earlier_run(out_dir: str) -> list:

@@ -427,10 +427,11 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
     best_path = os.path.join(settings.out_dir, "best.pt")
     scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
     start, best, last_metrics = 0, None, {}
+    save_every = settings.save_every or settings.eval_every  # 0: at every evaluation
     state = _resume_state(last_path, ctx) if settings.resume else None
     if state is None and not settings.overwrite:
         _refuse_earlier_run(last_path, best_path, ctx, settings.resume, extra.get("config"),
-                            min(settings.save_every or settings.eval_every, settings.iterations))
+                            min(save_every, settings.iterations))
     if state is None and main:
         # --overwrite, or what a run killed before its first checkpoint left (its log.csv, its TensorBoard events
         # that TensorBoard's purge hides but other readers of the folder would mix with this run's)
@@ -472,7 +473,6 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
             "world_size": ctx.world_size, **({"rng_ranks": rngs} if rngs is not None else {}),
         }, last_path)
 
-    save_every = settings.save_every or settings.eval_every
     end = settings.iterations if settings.stop_after is None else min(settings.iterations, settings.stop_after)
     bar = tqdm(range(start + 1, end + 1), initial=start, total=settings.iterations,
                disable=not (settings.progress and main), desc=getattr(task, "name", "train"))

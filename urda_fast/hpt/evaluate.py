@@ -36,9 +36,10 @@ def make_attack(head, name: str, eps: float, alpha: float, seed: int = 0, num_cl
         raise ValueError(f"hpt: attack budgets must be > 0, got eps={eps}, alpha={alpha}")
     for prefix, loss in (("pgd", "ce"), ("cw", "cw")):
         if name.startswith(prefix) and name[len(prefix):].isdigit():
-            if int(name[len(prefix):]) < 1:
+            steps = int(name[len(prefix):])
+            if steps < 1:
                 raise ValueError(f"hpt: attack {name!r} takes no step; give at least one, e.g. {prefix}10")
-            return PGD(head, eps=eps, alpha=alpha, steps=int(name[len(prefix):]), loss=loss, seed=seed,
+            return PGD(head, eps=eps, alpha=alpha, steps=steps, loss=loss, seed=seed,
                        kappa=CW_KAPPA if loss == "cw" else 0.0)
     if name == "autoattack":
         return AutoAttack(head, eps=eps, num_classes=num_classes, seed=seed)

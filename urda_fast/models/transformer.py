@@ -17,7 +17,7 @@ import torch.fx
 import torch.nn as nn
 from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock
 
-from ..ops._backends import cpu_only_choice, functorch_active
+from ..ops._backends import cpu_only_choice
 from ._hooks import global_hooks, intercepted
 from ._retype import retype
 from .attention import FastMultiheadAttention
@@ -54,9 +54,8 @@ class FastResidualAttentionBlock(ResidualAttentionBlock):
         """(the op's activation name, its additive mask), or (None, None) for open_clip's forward."""
         if isinstance(q_x, torch.fx.Proxy) or torch.compiler.is_compiling():
             return None, None
-        if functorch_active():  # torch.func transforms take no C++ autograd Function
-            return None, None
-        if cpu_only_choice("transformer_block", None, "") == "reference":  # URDA_FAST_BACKEND=reference
+        # torch.func transforms take no C++ autograd Function; URDA_FAST_BACKEND=reference asks for torch's layers
+        if cpu_only_choice("transformer_block", None, "") == "reference":
             return None, None
         if k_x is not None or v_x is not None or hasattr(self, "ln_1_kv"):
             return None, None

@@ -147,6 +147,33 @@ def test_image_list_paths_with_spaces_and_grey_mode(tmp_path):
     assert y == 7 and x.shape == (1, 8, 8) and torch.allclose(x, torch.ones_like(x))
 
 
+def test_image_list_keeps_runs_of_whitespace_in_paths_and_reads_other_encodings(tmp_path):
+    """A path's inner runs of spaces and tabs are its own (the list was split on whitespace and joined with single
+    spaces); a list saved in latin-1 names its files by their bytes (it raised a bare UnicodeDecodeError)."""
+    _png(str(tmp_path / "two  spaces" / "a\tb.png"), 0)
+    (tmp_path / "list.txt").write_text("two  spaces/a\tb.png 1\n")
+    assert M.ImageList(str(tmp_path), "list.txt").samples == [(str(tmp_path / "two  spaces" / "a\tb.png"), 1)]
+    name = os.path.join(os.fsencode(tmp_path), b"caf\xe9.png")
+    _png(os.fsdecode(name), 0)
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9.png 2\n")
+    ds = M.ImageList(str(tmp_path), "latin.txt", M.val_transform(8, None))
+    assert os.fsencode(ds.samples[0][0]) == name and ds[0][1] == 2
+
+
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    """PIL's convert clips a 16-bit grey image (mode I;16) at 255: a stroke at 0.61 of full scale read as white."""
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
+    for mode in ("L", "RGB"):
+        got = np.asarray(M.pil_loader(str(tmp_path / "deep.png"), mode), dtype=np.float64)
+        want = ramp.astype(np.float64) * 255 / 65535
+        assert np.abs((got if mode == "L" else got[..., 1]) - want).max() <= 0.5
+    Image.fromarray(np.ones((4, 4), np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(M.ImageReadError, match=r"float\.tiff' holds float pixels.*8-bit"):
+        M.pil_loader(str(tmp_path / "float.tiff"))
+
+
 def test_digits_image_folder_tree(tmp_path):
     for digit in range(10):
         _png(str(tmp_path / "MNIST" / "train" / str(digit) / "0.png"), 25 * digit, size=(28, 28), mode="L")
@@ -234,8 +261,10 @@ def test_error_missing_image_names_first(tmp_path):
         M.open_domain("Office31", str(tmp_path), "A")
 
 
-@pytest.mark.parametrize("line, match", [("x.png 31", "out of range"), ("x.png -1", "out of range"),
-                                         ("x.png cat", "int label"), ("x.png", "int label")])
+@pytest.mark.parametrize("line, match", [("x.png 31", "out of range"), ("x.png -1", "label from 0 up"),
+                                         ("x.png cat", "label from 0 up"), ("x.png", "label from 0 up"),
+                                         ("x.png +2", "label from 0 up"), ("x.png 1_0", "label from 0 up"),
+                                         ("x.png 1.0", "label from 0 up")])
 def test_error_bad_labels(tmp_path, line, match):
     _png(str(tmp_path / "x.png"), 0)
     os.makedirs(tmp_path / "image_list")

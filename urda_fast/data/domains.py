@@ -55,12 +55,31 @@ def pil_loader(path: str, mode: str = "RGB", where: str = ""):
 
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert(mode)
+            return _to_8_bit(Image.open(f), path, where).convert(mode)
+    except ImageReadError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # UnidentifiedImageError: OSError
         why = "PIL does not recognise it as an image: corrupt, or another kind of file" if isinstance(
             err, Image.UnidentifiedImageError) else reading_error(err)
         raise ImageReadError(f"urda_fast: cannot read image {path!r}{where} ({why}); replace or remove the file") \
             from err
+
+
+def _to_8_bit(img, path: str, where: str):
+    """``img`` scaled to 8 bits where PIL's ``convert`` would not: it clips a 16-bit grey image (mode I;16, as PIL
+    opens 16-bit PNG and TIFF files) at 255 instead of scaling it, which turns most of the image white. 32-bit integer
+    and float images have no fixed range to scale from: an error."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode.startswith("I;16"):
+        pixels = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8))
+    if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "float"
+        raise ImageReadError(f"urda_fast: image {path!r}{where} holds {kind} pixels, whose range urda_fast cannot "
+                             "know; save it as an 8-bit (or 16-bit) image")
+    return img
 
 
 class ImageList(Dataset):
@@ -85,22 +104,23 @@ class ImageList(Dataset):
             raise FileNotFoundError(f"urda_fast: image list {self.list_file!r} not found")
         self.samples, self.lines = [], []  # lines: each sample's line number in the list (error messages)
         # utf-8-sig: a byte-order mark (lists saved by Windows editors) would otherwise start the first path
-        with open(self.list_file, encoding="utf-8-sig") as f:
+        # surrogateescape: a list in another encoding (latin-1 file names) keeps its bytes, which os.path takes back
+        with open(self.list_file, encoding="utf-8-sig", errors="surrogateescape") as f:
             for lineno, line in enumerate(f, 1):
-                parts = line.split()
+                parts = line.strip().rsplit(None, 1)  # the path keeps its inner runs of spaces and tabs
                 if not parts:
                     continue
                 try:
-                    label = int(parts[-1])
+                    label = int(parts[-1]) if parts[-1].isascii() and parts[-1].isdigit() else None
                 except ValueError:
                     label = None
                 if len(parts) < 2 or label is None:
-                    raise ValueError(f"urda_fast: {self.list_file}:{lineno}: expected 'relative/path.jpg <int label>', "
-                                     f"got {line.strip()!r}")
-                if label < 0 or (num_classes is not None and label >= num_classes):
+                    raise ValueError(f"urda_fast: {self.list_file}:{lineno}: expected 'relative/path.jpg <label>' "
+                                     f"with a label from 0 up, got {line.strip()!r}")
+                if num_classes is not None and label >= num_classes:
                     raise ValueError(f"urda_fast: {self.list_file}:{lineno}: label {label} is out of range "
                                      f"[0, {num_classes})")
-                path = " ".join(parts[:-1])
+                path = parts[0]
                 self.samples.append((path if os.path.isabs(path) else os.path.join(root, path), label))
                 self.lines.append(lineno)
         if not self.samples:

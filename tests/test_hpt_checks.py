@@ -16,7 +16,8 @@ from urda_fast.cli import main
 from urda_fast.hpt import TrainConfig, train
 from urda_fast.hpt.clip_models import load_clip
 from urda_fast.hpt.config import EvalConfig
-from urda_fast.hpt.data import open_dataset, subset
+from urda_fast.data import subset
+from urda_fast.hpt.data import open_dataset
 from urda_fast.hpt.train import build_task, check_config
 from urda_fast.hpt.world import SPLITS, World, WorldRecipe, build_world, classnames
 

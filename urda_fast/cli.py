@@ -206,7 +206,8 @@ def _add_dart(sub) -> None:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--num-workers", type=int, default=4, help="image-decoding processes (none for in-memory data)")
-    ev.add_argument("--max-batches", type=int, default=0, help="evaluate only the first N batches (0 = all)")
+    ev.add_argument("--max-batches", type=int, default=0,
+                    help="score a fixed random sample of N x --batch-size test images (0 = all)")
     ev.add_argument("--attack-space", default="pixel", choices=ATTACK_SPACES,
                     help="pixel: --eps in [0, 1] units; normalized / code: in normalised units, as `dart robustify "
                          "--attack-space` attacks (code: the authors' clip of normalised images to [0, 1]; e.g. "

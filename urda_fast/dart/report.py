@@ -9,7 +9,7 @@ from urda_fast.attacks import FGSM, PGD, AutoAttack
 from urda_fast.attacks.autoattack import INSTALL_HINT, autoattack_backend
 from urda_fast.config import check_pixel_budget, repeated
 from urda_fast.distributed import check_device
-from urda_fast.data import eval_loader
+from urda_fast.data import eval_loader, subset
 from urda_fast.evaluate import check_loader_settings, robust_accuracy
 from urda_fast.files import (atomic_savefig, atomic_write_json, atomic_write_text, check_out_folder, remove_files,
                              run_checkpoint)
@@ -100,7 +100,8 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
     command line's ``{"data", "root", "source", "target"}``, None or "" = not given) or ``data_cfg`` give it: a moved
     root, another target domain. Another --data than the run's takes none of its root and domains. Only the target's
     test split is read, so no source domain is needed. Each run reads it once, in batches of ``batch_size`` decoded
-    by ``num_workers`` loader processes (none for in-memory data), ``max_batches`` of them when given.
+    by ``num_workers`` loader processes (none for in-memory data); ``max_batches``: score a fixed random sample of
+    ``max_batches`` x ``batch_size`` images instead.
     ``attack_space``: "pixel" (eps in [0, 1] units), or "normalized" / "code", eps in normalised units as DART's
     training options of those names attack ("code": the authors' clip of normalised images to [0, 1]).
     """
@@ -148,12 +149,15 @@ def evaluate_runs(runs, *, attacks=("clean", "fgsm", "pgd20"), eps=(8 / 255,), d
         warnings.warn(f"dart eval: several rows are named {shared} (runs of one kind); give each its own with "
                       "--label RUN=NAME, or `dart summary` cannot pair this report's rows with other tasks'",
                       stacklevel=2)
+    # a fixed random sample, the same for every run: tllib's lists are sorted by class, so their first batches
+    # would score the first classes alone
+    scored = subset(data.target_test, (max_batches or 0) * batch_size)
     rows = []
     for run, state, label in zip(runs, states, row_labels):
         model, _, dev = load_checkpoint_model(run, device, state)
-        loader = eval_loader(data.target_test, batch_size, num_workers, dev)
+        loader = eval_loader(scored, batch_size, num_workers, dev)
         table = robust_accuracy(model, loader, budget_attacks(model, attacks, eps, data.num_classes, attack_space),
-                                device=dev, max_batches=max_batches or None, progress=progress)
+                                device=dev, progress=progress)
         row = {"method": label, "run": run, "count": table.rows[0].count}  # images scored (--max-batches: fewer)
         for budget_index, budget in enumerate(eps):
             for name in attacks:

@@ -3,7 +3,8 @@
 - ``load_digits_shift()`` -- printed -> handwritten digits, built offline (digits.py).
 - ``open_domain()``, ``ImageList``, ``image_folder`` -- Office-31, Office-Home, VisDA-2017, Digits from local files;
   ``train_transform`` / ``val_transform`` -- tllib's, ending at ToTensor ([0, 1], no Normalize) (domains.py).
-- ``make_loader``, ``ForeverDataIterator``, ``ResumableSampler`` -- seeded loaders that resume bit-for-bit.
+- ``make_loader``, ``ForeverDataIterator``, ``ResumableSampler`` -- seeded loaders that resume bit-for-bit;
+  ``subset`` -- a fixed random sample (evaluation on part of a class-sorted set).
 """
 
 from .digits import DigitsShift, load_digits_shift
@@ -22,6 +23,7 @@ from .domains import (
     loader_workers,
     make_loader,
     open_domain,
+    subset,
     train_stream,
     train_transform,
     val_transform,
@@ -30,5 +32,5 @@ from .domains import (
 __all__ = [
     "DATASETS", "DatasetSpec", "DigitsShift", "ForeverDataIterator", "ImageList", "ImageReadError", "ResizeImage",
     "ResumableSampler", "SeededItems", "default_transforms", "eval_loader", "image_folder", "load_digits_shift",
-    "loader_workers", "make_loader", "open_domain", "train_stream", "train_transform", "val_transform",
+    "loader_workers", "make_loader", "open_domain", "subset", "train_stream", "train_transform", "val_transform",
 ]

@@ -567,3 +567,12 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device) -> 
     synchronously (``.to(device, non_blocking=True)`` then blocks the host)."""
     return make_loader(dataset, batch_size, train=False, num_workers=loader_workers(dataset, num_workers),
                        pin_memory=torch.device(device).type == "cuda")
+
+
+def subset(dataset: Dataset, count: int, seed: int = 0) -> Dataset:
+    """A fixed random subset of ``count`` samples, in their order (all when count <= 0 or >= len): part of a
+    class-sorted set (image lists, ImageFolders) taken as its first batches would hold its first classes alone."""
+    if count <= 0 or count >= len(dataset):
+        return dataset
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    return torch.utils.data.Subset(dataset, idx.tolist())

@@ -15,7 +15,6 @@ import re
 import warnings
 from dataclasses import dataclass
 
-import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from urda_fast.config import repeated
@@ -342,11 +341,3 @@ def open_dataset(name: str, root: str = "", image_size: int = 224, world=None) -
                                 f"layout torchvision's download creates; nothing is downloaded here){detail}") from err
     return ZeroShotSet(name, dataset, _classnames_of(name, dataset),
                        code_prompts(name, _raw_classnames(dataset) if name != "pcam" else PCAM_CLASSES))
-
-
-def subset(dataset: Dataset, count: int, seed: int = 0) -> Dataset:
-    """A fixed random subset of ``count`` samples (all when count <= 0 or >= len)."""
-    if count <= 0 or count >= len(dataset):
-        return dataset
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
-    return torch.utils.data.Subset(dataset, idx.tolist())

@@ -16,7 +16,7 @@ import os
 import warnings
 
 from urda_fast.config import check_choices, check_ranges, repeated, warn_unused
-from urda_fast.data import eval_loader
+from urda_fast.data import eval_loader, subset
 from urda_fast.distributed import pick_device
 from urda_fast.files import (atomic_savefig, atomic_write_json, atomic_write_text, check_out_folder, load_torch_file,
                              missing_best_hint, remove_files, run_checkpoint)
@@ -24,7 +24,7 @@ from urda_fast.train import amp_autocast
 
 from .clip_models import load_clip_arg, parse_model_arg
 from .config import EvalConfig, ModelsConfig, ProxyCheckConfig
-from .data import PAPER_DATASETS, dataset_names, open_dataset, subset
+from .data import PAPER_DATASETS, dataset_names, open_dataset
 from .evaluate import proxy_robustness, zero_shot_robustness
 from .prompts import PROMPT_MODES
 from .train import AMP_CHOICES, resolve_amp

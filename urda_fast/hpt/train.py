@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 from urda_fast import distributed
 from urda_fast.attacks import PGD
 from urda_fast.config import check_choices, check_ranges, warn_unused
-from urda_fast.data import loader_workers, train_stream
+from urda_fast.data import loader_workers, subset, train_stream
 from urda_fast.distributed import pick_device
 from urda_fast.optim import sgd
 from urda_fast.profiling import nvtx_for, nvtx_range
@@ -32,7 +32,7 @@ from urda_fast.train import AMP_MODES, LoopSettings, fit, require_metric
 from . import losses
 from .clip_models import compile_image_tower, load_clip_arg, parse_model_arg
 from .config import METHODS, TrainConfig, parse_trainable, text_frozen
-from .data import ZeroShotSet, dataset_names, eval_transform, open_dataset, subset, tinyimagenet
+from .data import ZeroShotSet, dataset_names, eval_transform, open_dataset, tinyimagenet
 from .evaluate import zero_shot_robustness
 from .schedule import GPDSchedule
 from .world import World, WorldRecipe, default_world_dir

@@ -3,6 +3,7 @@ model state, errors, and the robust-accuracy table."""
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -488,7 +489,7 @@ def test_non_finite_input_gradient_at_the_last_l2_step_is_a_clear_error(digits):
         PGDL2(NanGradient(), eps=1.0, alpha=0.25, steps=1, random_start=False)(x[:8], y[:8])
 
 
-@pytest.mark.parametrize("classes, targets", [(10, 9), (200, 9), (3, 2)])
+@pytest.mark.parametrize("classes, targets", [(10, 9), (200, 9), (4, 3)])
 def test_autoattack_port_is_the_standard_suite(classes, targets):
     """torchattacks' AutoAttack leaves APGD / APGD-T / FAB-T at 10 steps (the standard suite runs 100) and attacks
     num_classes - 1 targets (the standard suite 9): the adapter builds the suite with the authors' settings."""
@@ -500,6 +501,49 @@ def test_autoattack_port_is_the_standard_suite(classes, targets):
     assert [type(a).__name__ for a in suite] == ["APGD", "APGDT", "FAB", "Square"]
     assert [getattr(a, "steps", None) for a in suite[:3]] == [100, 100, 100] and suite[3].n_queries == 5000
     assert suite[1].n_target_classes == targets and suite[2].n_target_classes == targets
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_autoattack_port_runs_on_two_and_three_classes(classes):
+    """APGD-T's targeted DLR loss ranks four classes (an IndexError after APGD-CE, on the samples it left): below four
+    the suite runs without it, and says so. PCAM, of HPT's evaluation sets, has two."""
+    from urda_fast.attacks import AutoAttack, autoattack
+
+    if autoattack.autoattack_backend() != "torchattacks":
+        pytest.skip("checks torchattacks' port, which the authors' package (installed) takes precedence over")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, classes)).eval()
+    x = torch.rand(8, 3, 2, 2)
+    y = model(x).argmax(1)
+    with pytest.warns(UserWarning, match=f"without APGD-T on a {classes}-class model"):
+        attack = AutoAttack(model, eps=0.02, num_classes=classes)
+    assert [type(a).__name__ for a in attack._attack.attacks] == ["APGD", "FAB", "Square"]
+    adv = attack(x, y)
+    assert adv.shape == x.shape and (adv - x).abs().max() <= 0.02 + 1e-6
+
+
+def test_autoattack_authors_package_is_set_up_for_the_models_device_and_classes(monkeypatch):
+    """The authors' AutoAttack defaults to device='cuda' and its standard version attacks 9 target classes (an
+    IndexError below ten): the adapter passes the model's device and at most num_classes - 1 targets. A stand-in for
+    the package (not installable from PyPI) records what it is given."""
+    import types
+
+    from urda_fast.attacks import AutoAttack, autoattack
+
+    class Official:
+        def __init__(self, model, norm, eps, version, seed, verbose, device):
+            self.device = device
+            self.apgd_targeted, self.fab = types.SimpleNamespace(n_target_classes=9), types.SimpleNamespace()
+            self.attacks_to_run = ["apgd-ce", "apgd-t", "fab-t", "square"]
+
+    monkeypatch.setitem(sys.modules, "autoattack", types.SimpleNamespace(AutoAttack=Official))
+    monkeypatch.setattr(autoattack, "autoattack_backend", lambda: "autoattack")
+    suite = AutoAttack(nn.Linear(4, 6), eps=EPS, num_classes=6)._attack
+    assert suite.device == torch.device("cpu") and suite.attacks_to_run[1] == "apgd-t"
+    assert suite.apgd_targeted.n_target_classes == suite.fab.n_target_classes == 5
+    with pytest.warns(UserWarning, match="without APGD-T"):
+        suite = AutoAttack(nn.Linear(4, 2), eps=EPS, num_classes=2)._attack
+    assert suite.attacks_to_run == ["apgd-ce", "fab-t", "square"] and suite.fab.n_target_classes == 1
 
 
 @pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), True])

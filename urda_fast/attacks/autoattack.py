@@ -8,6 +8,9 @@ github.com/fra31/auto-attack), else torchattacks' port; urda_fast does not reimp
 from __future__ import annotations
 
 import importlib.util
+import warnings
+
+import torch
 
 from urda_fast.ops._memo import memo_scope
 
@@ -45,10 +48,12 @@ class AutoAttack:
             raise ValueError(f"urda_fast.attacks: AutoAttack num_classes must be the model's class count (>= 2), "
                              f"got {num_classes!r}")
         self.model, self.eps, self.norm, self.version, self.backend = model, eps, norm, version, backend
+        if num_classes < 4 and version == "standard":
+            warnings.warn(f"urda_fast.attacks: AutoAttack runs without APGD-T on a {num_classes}-class model (its "
+                          "targeted DLR loss ranks four classes); the other three attacks of the suite run",
+                          stacklevel=2)
         if backend == "autoattack":
-            from autoattack import AutoAttack as _Official
-
-            self._attack = _Official(model, norm=norm, eps=eps, version=version, seed=seed, verbose=False)
+            self._attack = _authors_suite(model, norm, eps, version, num_classes, seed)
         elif version == "standard":
             self._attack = _torchattacks_standard(model, norm, eps, num_classes, seed)
         else:
@@ -69,17 +74,34 @@ class AutoAttack:
         return adversarial.detach()  # like the other attacks (torchattacks' port hands back a tensor requiring grad)
 
 
+def _authors_suite(model, norm, eps, version, num_classes, seed):
+    """The authors' AutoAttack on the model's device (theirs defaults to 'cuda'), attacking at most num_classes - 1
+    target classes (their standard version sets 9: an IndexError for fewer than 10 classes)."""
+    from autoattack import AutoAttack as _Official
+
+    parameter = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    suite = _Official(model, norm=norm, eps=eps, version=version, seed=seed, verbose=False, device=device)
+    if version == "standard":
+        suite.apgd_targeted.n_target_classes = suite.fab.n_target_classes = min(9, num_classes - 1)
+        if num_classes < 4:
+            suite.attacks_to_run = [name for name in suite.attacks_to_run if name != "apgd-t"]
+    return suite
+
+
 def _torchattacks_standard(model, norm, eps, num_classes, seed):
     """The standard suite from torchattacks' attacks with the authors' settings: APGD-CE and APGD-T (9 target
-    classes) and FAB-T at 100 iterations each, then Square at 5000 queries. torchattacks' own AutoAttack leaves its
-    APGD / FAB at their 10-step defaults (a weaker suite that overstates robustness), and takes num_classes - 1
-    targets (all of a 200-class model's). Still a port: the figures can differ a little from the authors'."""
+    classes; left out below four classes, where its DLR loss fails) and FAB-T at 100 iterations each, then Square at
+    5000 queries. torchattacks' own AutoAttack leaves its APGD / FAB at their 10-step defaults (a weaker suite that
+    overstates robustness), and takes num_classes - 1 targets (all of a 200-class model's). Still a port: the figures
+    can differ a little from the authors'."""
     from torchattacks import APGD, APGDT, FAB, MultiAttack, Square
 
     targets = min(9, num_classes - 1) + 1  # torchattacks attacks n_classes - 1 target classes
+    targeted_dlr = [APGDT(model, norm=norm, eps=eps, steps=100, n_restarts=1, seed=seed, n_classes=targets)]
     return MultiAttack([
         APGD(model, norm=norm, eps=eps, steps=100, n_restarts=1, seed=seed, loss="ce"),
-        APGDT(model, norm=norm, eps=eps, steps=100, n_restarts=1, seed=seed, n_classes=targets),
+        *(targeted_dlr if num_classes >= 4 else []),
         FAB(model, norm=norm, eps=eps, steps=100, n_restarts=1, seed=seed, multi_targeted=True, n_classes=targets),
         Square(model, norm=norm, eps=eps, n_queries=5000, n_restarts=1, seed=seed),
     ])

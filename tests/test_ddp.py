@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -62,6 +63,7 @@ def hpt_cfg(world, out, **kw):
 def worker(out):
     import test_train  # tests/ is this script's folder
     import urda_fast.dart.common as common
+    import urda_fast.train as train_module
     from urda_fast import distributed
     from urda_fast.dart import pretrain, robustify
     from urda_fast.train import fit
@@ -84,7 +86,15 @@ def worker(out):
     robustify(robustify_cfg(f"{out}/pretrain/best.pt", f"{out}/dart-code", **code))
     robustify(robustify_cfg(f"{out}/pretrain/best.pt", f"{out}/dart-code-resumed", **code, stop_after=2))
     robustify(robustify_cfg(f"{out}/pretrain/best.pt", f"{out}/dart-code-resumed", **code, resume=True))
+    # Rank 0's saves take a while here: every rank reads last.pt as soon as fit returns or stops, and must find the
+    # step it ended at (the others went on while rank 0 wrote: a stale or missing file; and under a signal torchrun
+    # ended rank 0 mid-save when they exited first).
+    fast_save = train_module.atomic_save
+    if rank == 0:
+        train_module.atomic_save = lambda obj, path: (time.sleep(1.0), fast_save(obj, path))
     test_train.run(f"{out}/linear", iterations=4, batch_size=BATCH // 2, rank=rank, world_size=WORLD)  # no wrap_ddp
+    with open(f"{out}/linear/seen_rank{rank}", "w") as f:
+        f.write(str(torch.load(f"{out}/linear/last.pt", weights_only=False)["iteration"]))
     # A SIGTERM to rank 0 alone in step 2 (no checkpoint due there): both ranks save step 2 and stop together.
     try:
         test_train.run(f"{out}/signalled", iterations=4, batch_size=BATCH // 2, rank=rank, world_size=WORLD,
@@ -92,6 +102,14 @@ def worker(out):
     except SystemExit as stop:
         with open(f"{out}/signalled/stopped_rank{rank}", "w") as f:
             f.write(f"{stop.code} {torch.load(f'{out}/signalled/last.pt', weights_only=False)['iteration']}")
+    if rank == 0:  # a save failing on rank 0 alone stops every rank (the others waited for it until the timeout)
+        train_module.atomic_save = lambda obj, path: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    try:
+        test_train.run(f"{out}/unwritable", iterations=2, batch_size=BATCH // 2, rank=rank, world_size=WORLD)
+    except Exception as err:
+        with open(f"{out}/unwritable_rank{rank}", "w") as f:
+            f.write(f"{type(err).__name__}: {err}")
+    train_module.atomic_save = fast_save
     test_train.run(f"{out}/signalled", iterations=4, batch_size=BATCH // 2, rank=rank, world_size=WORLD, resume=True)
     from urda_fast.hpt import World, train as hpt_train
 
@@ -239,6 +257,17 @@ def test_task_without_ddp_hook_averages_gradients(ddp_runs, tmp_path):
     run_linear(tmp_path / "single", iterations=4, batch_size=BATCH)  # no BatchNorm: nothing to swap
     assert_states_close(checkpoint(ddp_runs / "linear")["modules"]["model"],
                         checkpoint(tmp_path / "single")["modules"]["model"])
+
+
+def test_ddp_ranks_find_the_last_checkpoint_written_when_fit_returns(ddp_runs):
+    assert [(ddp_runs / "linear" / f"seen_rank{rank}").read_text() for rank in range(WORLD)] == ["4"] * WORLD
+
+
+def test_ddp_save_failing_on_rank_0_stops_every_rank(ddp_runs):
+    assert (ddp_runs / "unwritable_rank0").read_text() == "OSError: [Errno 28] No space left on device"
+    assert (ddp_runs / "unwritable_rank1").read_text() == ("RuntimeError: urda_fast: rank 0 could not save a checkpoint "
+                                                          "(OSError: [Errno 28] No space left on device); every rank "
+                                                          "stops with it")
 
 
 def test_ddp_signal_to_rank_0_stops_every_rank_at_one_saved_step(ddp_runs):

@@ -143,6 +143,26 @@ def fit(task, optimizer, scheduler, settings: LoopSettings, *, device: torch.dev
         distributed.teardown(joined)
 
 
+def _saved_by_rank_0(save, ctx) -> None:
+    """Rank 0 runs ``save``; under DDP the other ranks wait until it is done, and raise too if it failed. Ranks that
+    went on would read a checkpoint still being written, or, stopping on a signal, exit first: torchrun then ends the
+    whole run, rank 0 in the middle of the save the signal asked for."""
+    error = failure = None
+    if ctx.is_main:
+        try:
+            save()
+        except Exception as err:
+            if not ctx.enabled:
+                raise
+            error, failure = f"{type(err).__name__}: {err}", err
+    if ctx.enabled:
+        error = distributed.broadcast_object(error)
+    if error is not None:
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"urda_fast: rank 0 could not save a checkpoint ({error}); every rank stops with it")
+
+
 def _lock_run(lock: RunLock, out_dir: str, ctx) -> None:
     """Rank 0 takes the folder's lock (and, holding it, removes killed saves' temporary files); every rank raises
     alike when another run holds it. Creating the folder and the lock file also shows at once that it is writable."""
@@ -458,20 +478,22 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
         # Every rank (their weights are the same): a raise on rank 0 alone would leave the others in the gather
         _check_finite_weights(task, iteration, last_path, saved_at)
         rngs = distributed.gather_objects(rng_state()) if ctx.enabled else None  # a collective: every rank joins
-        if not main:
-            return
-        # The logs first: rows past the checkpoint are dropped at a resume, rows missing from them never come back
-        log.flush()
-        if tb is not None:
-            tb.flush()
-        atomic_save({
-            **extra, "version": CHECKPOINT_VERSION, "iteration": iteration, "best": best, "metrics": last_metrics,
-            "amp": settings.amp,
-            "modules": {name: m.state_dict() for name, m in task.modules().items()},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "streams": {name: s.state_dict() for name, s in task.streams().items()}, "rng": rng_state(),
-            "world_size": ctx.world_size, **({"rng_ranks": rngs} if rngs is not None else {}),
-        }, last_path)
+
+        def save():
+            # The logs first: rows past the checkpoint are dropped at a resume, rows missing from them never come back
+            log.flush()
+            if tb is not None:
+                tb.flush()
+            atomic_save({
+                **extra, "version": CHECKPOINT_VERSION, "iteration": iteration, "best": best, "metrics": last_metrics,
+                "amp": settings.amp,
+                "modules": {name: m.state_dict() for name, m in task.modules().items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "streams": {name: s.state_dict() for name, s in task.streams().items()},
+                "rng": rng_state(), "world_size": ctx.world_size, **({"rng_ranks": rngs} if rngs is not None else {}),
+            }, last_path)
+
+        _saved_by_rank_0(save, ctx)
 
     end = settings.iterations if settings.stop_after is None else min(settings.iterations, settings.stop_after)
     bar = tqdm(range(start + 1, end + 1), initial=start, total=settings.iterations,
@@ -521,11 +543,9 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
                 score = last_metrics[settings.select_metric]
                 if best is None or score > best[settings.select_metric]:
                     best = dict(last_metrics, iteration=iteration)
-                    if main:
-                        atomic_save({**extra, "version": CHECKPOINT_VERSION, "iteration": iteration,
-                                     "metrics": last_metrics,
-                                     "modules": {name: m.state_dict() for name, m in task.modules().items()}},
-                                    best_path)
+                    _saved_by_rank_0(lambda: atomic_save({
+                        **extra, "version": CHECKPOINT_VERSION, "iteration": iteration, "metrics": last_metrics,
+                        "modules": {name: m.state_dict() for name, m in task.modules().items()}}, best_path), ctx)
             saved = iteration % save_every == 0 or iteration == end
             if saved:
                 checkpoint(iteration)

@@ -46,6 +46,24 @@ def robustify_cfg(teacher, out, **kw):
     return RobustifyConfig(**{**options, **kw})
 
 
+# Losses normalised by a batch-wide sum: CDAN+E's weights sum to the batch size, the pseudo-label loss is a mean over
+# the confident target samples (some kept, some not, at this threshold and step count).
+CDAN_E = dict(method="cdan", entropy_conditioning=True)
+VAT_TARGET = dict(vat=True, vat_target=True, vat_steps=1, vat_threshold=0.13, iterations=6)
+
+
+@contextlib.contextmanager
+def no_random_start():
+    """PGD without its random start in pretraining's VAT (the ranks draw other noise than one process would)."""
+    module = sys.modules["urda_fast.dart.pretrain"]  # urda_fast.dart.pretrain is also the function's name
+    pgd = module.PGD
+    module.PGD = lambda *args, **kw: pgd(*args, **kw, random_start=False)
+    try:
+        yield
+    finally:
+        module.PGD = pgd
+
+
 def hpt_cfg(world, out, **kw):
     from urda_fast.hpt import TrainConfig
 
@@ -80,6 +98,9 @@ def worker(out):
     pretrain(pretrain_cfg(f"{out}/pretrain"))
     pretrain(pretrain_cfg(f"{out}/resumed", stop_after=2))  # each fit joins and leaves the process group
     pretrain(pretrain_cfg(f"{out}/resumed", resume=True))
+    pretrain(pretrain_cfg(f"{out}/cdan-e", **CDAN_E))
+    with no_random_start():
+        pretrain(pretrain_cfg(f"{out}/vat-target", **VAT_TARGET))
     for forward in ("split-bn", "separate"):  # one student forward of clean+adversarial, or two before a backward
         robustify(robustify_cfg(f"{out}/pretrain/best.pt", f"{out}/dart-{forward}", forward=forward))
     code = dict(forward="separate", weighting="code", iterations=3)  # the code's loss: batch-mean KL * summed weight
@@ -206,8 +227,22 @@ def test_ddp_pretrain_equals_one_process_with_twice_the_batch(ddp_runs, tmp_path
         reference["modules"]["method"], ddp["modules"]["method"]) + 1e-4
 
 
+@pytest.mark.parametrize("run, options", [("cdan-e", CDAN_E), ("vat-target", VAT_TARGET)])
+def test_ddp_batch_normalised_losses_use_the_global_batch(ddp_runs, tmp_path, run, options):
+    """Weights summing to each rank's batch, or a mean over each rank's kept samples, would train otherwise than one
+    process of the global batch."""
+    from urda_fast.dart import pretrain
+
+    with rankwise_batchnorm(), no_random_start():
+        pretrain(pretrain_cfg(tmp_path / run, batch_size=WORLD * BATCH, **options))
+    assert_states_close(checkpoint(ddp_runs / run)["modules"]["method"], checkpoint(tmp_path / run)["modules"]["method"])
+    if run == "vat-target":
+        kept = float(log_rows(tmp_path / run)[0]["pseudo_kept"])  # the training row (the eval row follows)
+        assert 0 < kept < 1, kept  # the mean over the kept samples is tested only when some, not all, were kept
+
+
 def test_ddp_ranks_hold_the_same_weights(ddp_runs):
-    for run in ("pretrain", "resumed", "dart-split-bn", "dart-separate", "linear"):
+    for run in ("pretrain", "resumed", "cdan-e", "vat-target", "dart-split-bn", "dart-separate", "linear"):
         rank0, rank1 = (torch.load(ddp_runs / run / f"params_rank{r}.pt") for r in range(WORLD))
         for name in rank0:
             assert_states_close(rank0[name], rank1[name], rtol=0, atol=0)

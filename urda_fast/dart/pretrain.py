@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from urda_fast.attacks import PGD
 from urda_fast.data import train_stream
+from urda_fast import distributed
 from urda_fast.distributed import pick_device
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import nvtx_range
@@ -80,7 +81,10 @@ class UdaTask:
             # single confident sample would make a batch of one, which train-mode BatchNorm refuses (run ended).
             keep = extra["keep"].float()
             per_sample = F.cross_entropy(self.method.model(x_t), extra["pseudo"], reduction="none")
-            pseudo_loss = (per_sample * keep).sum() / keep.sum().clamp(min=1.0)  # mean over the kept; 0 if none
+            # the mean over the kept samples (0 if none) of the global batch: under DDP the ranks' gradients are
+            # averaged, so each rank's sum is scaled by the rank count over the kept count of all ranks
+            kept, ranks = distributed.all_reduce_sum(torch.stack([keep.sum(), keep.new_tensor(1.0)])).unbind()
+            pseudo_loss = (per_sample * keep).sum() * ranks / kept.clamp(min=1.0)
             out = dict(out, loss=out["loss"] + pseudo_loss, pseudo_loss=pseudo_loss.detach(),
                        pseudo_kept=keep.mean())
         return out

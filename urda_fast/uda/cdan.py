@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from urda_fast import distributed
+
 from .base import UDAMethod
 from .modules import DomainDiscriminator, WarmStartGradientReverseLayer, binary_accuracy, entropy, probability_bce
 
@@ -52,13 +54,15 @@ class RandomizedMultiLinearMap(nn.Module):
 
 def entropy_weights(probs: torch.Tensor) -> torch.Tensor:
     r"""CDAN+E's per-sample weights :math:`w_i = 1 + e^{-H(p_i)}`, rescaled to sum to :math:`N` over the whole
-    (source + target) batch, as tllib does.
+    (source + target) batch, as tllib does. Under DDP the batch is the global one, every rank's (one all-reduce), so W
+    processes of batch B weigh their samples as one process of W * B.
 
     Shape:
         - probs: :math:`(N, C)`; Output: :math:`(N,)`.
     """
     w = 1.0 + torch.exp(-entropy(probs))
-    return w / w.sum() * probs.shape[0]
+    total, count = distributed.all_reduce_sum(torch.stack([w.sum(), w.new_tensor(float(probs.shape[0]))])).unbind()
+    return w / total * count
 
 
 class ConditionalDomainAdversarialLoss(nn.Module):

@@ -468,3 +468,14 @@ def test_an_input_checkpoint_written_another_way_is_the_same_setting(tmp_path):
     assert _same_setting("target", f"ViT-B-32:{run}", f"ViT-B-32:{best}")
     assert not _same_setting("target", f"ViT-B-32:{run}", f"ViT-B-16:{best}")  # another architecture
     assert not _same_setting("lr", 0.1, 0.2) and not _same_setting("root", run, best)  # paths of other kinds
+
+
+def test_resume_by_another_number_of_processes_says_why_an_epoch_run_changed_length():
+    """A run given in epochs has as many steps as the global batch takes to cover them: resumed by another number of
+    processes its total_steps changes, which the refusal names as the cause."""
+    from urda_fast.train import _check_same_run
+
+    with pytest.raises(ValueError, match=r"total_steps 6 -> 3\) \(written by 1 process, resumed by 2: an epoch is "):
+        _check_same_run({"total_steps": 6}, {"total_steps": 3}, "last.pt", (1, 2))
+    with pytest.raises(ValueError, match=r"total_steps 6 -> 3\); resume with the run's own settings"):
+        _check_same_run({"total_steps": 6}, {"total_steps": 3}, "last.pt", (2, 2))

@@ -283,15 +283,19 @@ def _same_setting(key: str, old, new) -> bool:
     return os.path.realpath(run_checkpoint(old)) == os.path.realpath(run_checkpoint(new))
 
 
-def _check_same_run(saved: dict | None, now: dict | None, path: str) -> None:
+def _check_same_run(saved: dict | None, now: dict | None, path: str, worlds: tuple[int, int] = (1, 1)) -> None:
     if not saved or not now:
         return
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(set(saved) & set(now) - RESUMABLE_CHANGES)
                if not _same_setting(k, saved[k], now[k])]
     if changed:
+        # a run whose length is given in epochs has as many steps as the global batch takes to cover them
+        why = (f" (written by {worlds[0]} process{'es' * (worlds[0] > 1)}, resumed by {worlds[1]}: an epoch is "
+               "another number of steps; resume with as many processes)" if worlds[0] != worlds[1] and any(
+                   c.startswith("total_steps ") for c in changed) else "")
         raise ValueError(f"urda_fast: --resume from {path}, written with other settings ({', '.join(changed[:6])}"
-                         f"{', ...' if len(changed) > 6 else ''}); resume with the run's own settings, or start a "
-                         "new run in another --out folder")
+                         f"{', ...' if len(changed) > 6 else ''}){why}; resume with the run's own settings, or start "
+                         "a new run in another --out folder")
 
 
 def _check_same_inputs(saved: dict | None, now: dict | None, path: str) -> None:
@@ -314,7 +318,7 @@ def _restore(state, task, optimizer, scheduler, scaler, ctx, path, config=None, 
     if state.get("amp", amp) != amp:  # "auto" resolves by device: a resume on another device may change it
         raise ValueError(f"urda_fast: --resume from {path}, trained with amp {state['amp']!r}, now {amp!r} (a "
                          f"resume on another kind of device?); resume with --amp {state['amp']}")
-    _check_same_run(state.get("config"), config, path)
+    _check_same_run(state.get("config"), config, path, (state.get("world_size", 1), ctx.world_size))
     _check_same_inputs(state.get("inputs"), inputs, path)
     for name, module in modules.items():
         try:

@@ -90,7 +90,7 @@ def worker(out):
 
     def fit_saving_each_rank(task, optimizer, scheduler, settings, **kw):  # only rank 0 writes checkpoints
         result = fit(task, optimizer, scheduler, settings, **kw)
-        params = {name: dict(m.named_parameters()) for name, m in task.modules().items()}
+        params = {name: m.state_dict() for name, m in task.modules().items()}  # buffers too (BatchNorm's)
         torch.save(params, os.path.join(settings.out_dir, f"params_rank{rank}.pt"))
         return result
 
@@ -352,3 +352,23 @@ if __name__ == "__main__":
     faulthandler.dump_traceback_later(240, exit=True)  # a hung collective shows where, before the test's timeout
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     worker(sys.argv[1])
+
+
+@pytest.mark.parametrize("name, visible, local_rank, expected", [
+    ("cuda", 4, 2, "cuda:2"), ("auto", 4, 3, "cuda:3"), ("cuda:1", 4, 1, "cuda:1"),
+    ("cuda", 1, 3, "cuda:0"),  # CUDA_VISIBLE_DEVICES set per process: its GPU is cuda:0
+    ("cuda:0", 4, 1, "would put every process on GPU 0; give --device cuda"),
+    ("cuda", 2, 2, "LOCAL_RANK 2 has no GPU of its own"), ("cpu", 4, 1, "cpu")])
+def test_torchrun_processes_take_their_own_gpu(monkeypatch, name, visible, local_rank, expected):
+    """Without a GPU here: torch.cuda's answers are stood in for, the mapping from flag to device is ours."""
+    from urda_fast.distributed import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    for key, value in {"WORLD_SIZE": "4", "RANK": str(local_rank), "LOCAL_RANK": str(local_rank)}.items():
+        monkeypatch.setenv(key, value)
+    if expected.startswith(("cuda:", "cpu")):
+        assert pick_device(name) == torch.device(expected)
+    else:
+        with pytest.raises(ValueError, match=expected):
+            pick_device(name)

@@ -62,6 +62,8 @@ def setup(device: torch.device) -> bool:
     (so the caller tears it down), False when single-process or already set up by the caller."""
     global _joins
     ctx = context()
+    if ctx.enabled and dist.is_initialized() and device.type == "cuda":
+        torch.cuda.set_device(device)  # the caller's group: NCCL's collectives (broadcast_object) use this GPU
     if not ctx.enabled or dist.is_initialized():
         return False
     if not dist.is_available():
@@ -236,12 +238,22 @@ def check_device(name: str, who: str = "urda_fast") -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    """``"auto"`` (a GPU when one is visible, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; under torchrun a
-    bare ``cuda`` means this process's GPU (``LOCAL_RANK``)."""
+    """``"auto"`` (a GPU when one is visible, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; under torchrun
+    ``cuda`` means this process's GPU: ``LOCAL_RANK``'s, or the one GPU it sees."""
     check_device(name)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"urda_fast: device {name!r} asked for, but no CUDA GPU is visible; use --device cpu")
-    if device.type == "cuda" and device.index is None and context().enabled:
-        device = torch.device("cuda", context().local_rank)  # torchrun: one GPU per process
+    ctx = context()
+    if device.type == "cuda" and ctx.enabled:  # torchrun: one GPU per process
+        visible = torch.cuda.device_count()
+        if visible == 1 and device.index in (None, 0):  # each process sees its own GPU alone (set per process)
+            return torch.device("cuda", 0)
+        if device.index is not None and device.index != ctx.local_rank:
+            raise ValueError(f"urda_fast: under torchrun --device {name} would put every process on GPU "
+                             f"{device.index}; give --device cuda (each process takes the GPU of its LOCAL_RANK)")
+        if ctx.local_rank >= visible:
+            raise ValueError(f"urda_fast: process LOCAL_RANK {ctx.local_rank} has no GPU of its own ({visible} "
+                             "visible); start at most as many processes per machine as it has GPUs")
+        device = torch.device("cuda", ctx.local_rank)
     return device

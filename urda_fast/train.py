@@ -561,6 +561,8 @@ def _fit(task, optimizer, scheduler, settings, device, extra, ctx) -> dict:
                 if not saved:
                     checkpoint(iteration)
                 _StopOnSignal.stop(signum, iteration, last_path)
+        if ctx.enabled:  # the last step's BatchNorm statistics were each rank's own: rank 0's, checkpointed, on all
+            distributed.broadcast_buffers(task.modules().values())
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark
         stop_request.restore()

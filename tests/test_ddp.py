@@ -372,3 +372,16 @@ def test_torchrun_processes_take_their_own_gpu(monkeypatch, name, visible, local
     else:
         with pytest.raises(ValueError, match=expected):
             pick_device(name)
+
+
+@pytest.mark.parametrize("argv", [["dart", "eval", "run"], ["dart", "demo"], ["hpt", "demo"], ["info"],
+                                  ["hpt", "eval", "--datasets", "world:digits"]])
+def test_commands_that_do_not_train_refuse_torchrun(monkeypatch, argv):
+    """Under torchrun every process would run the whole evaluation (or demo) and write the same report files."""
+    from urda_fast.cli import main
+
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit, match=r"runs in one process, not under torchrun \(WORLD_SIZE=2\).*`dart pretrain`, "
+                                         r"`dart robustify`, `hpt train`"):
+        main(argv)

@@ -135,10 +135,10 @@ def cmd_dart(args) -> int:
         dart.demo(args.out, scale=args.scale, device=args.device, seed=args.seed)
     elif args.dart_command == "pretrain":
         cfg = _load_config(args, dart.PretrainConfig)
-        print(json.dumps(dart.pretrain(cfg)["best"]))
+        _print_on_rank_0(json.dumps(dart.pretrain(cfg)["best"]))
     elif args.dart_command == "robustify":
         cfg = _load_config(args, dart.RobustifyConfig)
-        print(json.dumps(dart.robustify(cfg)["best"]))
+        _print_on_rank_0(json.dumps(dart.robustify(cfg)["best"]))
     elif args.dart_command == "summary":
         from urda_fast.dart.summary import summarize, to_markdown
 
@@ -238,7 +238,7 @@ def cmd_hpt(args) -> int:
 
             atomic_write_json(os.path.join(cfg.out, "proxy_check.json"), result)
     elif args.hpt_command == "train":
-        print(json.dumps(hpt.train(cfg)["best"]))
+        _print_on_rank_0(json.dumps(hpt.train(cfg)["best"]))
     else:
         models = [hpt.run_model(path) for path in args.runs]
         if cfg.target:
@@ -399,11 +399,34 @@ def _attach_negative_fractions(argv: list) -> list:
     return out
 
 
+# The commands that train data-parallel under torchrun; every other one would do its whole work once per process.
+DATA_PARALLEL = {("dart", "pretrain"), ("dart", "robustify"), ("hpt", "train")}
+
+
+def _refuse_torchrun_unless_training(args) -> None:
+    from urda_fast import distributed
+
+    command = (args.command, getattr(args, "dart_command", None) or getattr(args, "hpt_command", None))
+    world = distributed.context().world_size
+    if world > 1 and command not in DATA_PARALLEL:
+        raise ValueError(f"it runs in one process, not under torchrun (WORLD_SIZE={world}), where each process "
+                         "would do the whole work and write the same files; data-parallel commands: "
+                         + ", ".join(f"`{a} {b}`" for a, b in sorted(DATA_PARALLEL)))
+
+
+def _print_on_rank_0(text: str) -> None:
+    from urda_fast import distributed
+
+    if distributed.context().is_main:
+        print(text)
+
+
 def main(argv=None) -> int:
     argv = _attach_negative_fractions(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     allocator.keep_freed_memory()  # CPU steps stop page-faulting their buffers (urda_fast/allocator.py)
     try:
+        _refuse_torchrun_unless_training(args)
         return args.run(args)
     except KeyboardInterrupt:  # Ctrl-C: the training loop has said where it stopped and saved; no traceback
         if os.environ.get(TRACEBACK_ENV) == "1":

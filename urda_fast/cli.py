@@ -200,7 +200,7 @@ def _add_dart(sub) -> None:
                     help="comma-separated L-inf budgets in [0, 1] pixel units, e.g. 8/255,0.1")
     ev.add_argument("--data", default=None, help="default: the data the first run was trained on")
     ev.add_argument("--root", default="", help="default: the first run's (give it when the dataset moved)")
-    ev.add_argument("--source", default="", help="unused by eval (only the target's test split is read)")
+    ev.add_argument("-s", "--source", default="", help="unused by eval (only the target's test split is read)")
     ev.add_argument("-t", "--target", default="", help="default: the first run's target domain")
     ev.add_argument("--out", default=None, help="folder for report.md/json/png")
     ev.add_argument("--device", default="auto")
@@ -275,7 +275,8 @@ def _add_hpt(sub) -> None:
         if name == "eval":
             cmd.add_argument("runs", nargs="*", help="`hpt train` run folders (their best.pt) or checkpoints")
         cmd.add_argument("--config", help="YAML file of options (flags override it)")
-        add_dataclass_flags(cmd, cls)
+        # models a command does not use are no flags of it (they were taken and silently ignored)
+        add_dataclass_flags(cmd, cls, skip={"proxy-check": ("anchor",), "eval": ("proxy", "anchor")}.get(name, ()))
 
 
 def cmd_profile(args) -> int:

@@ -176,7 +176,7 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
         raise ValueError(f"urda_fast: {source}'cuda' runs CUDA tensors only, but the inputs are on {device}")
     reason = _unavailable_reason(name, device.type)
     if reason is not None:
-        hint = _BUILD_HINT if name in ("cpu", "cuda") else "see the README's Triton section"
+        hint = _BUILD_HINT if name in ("cpu", "cuda") else "see the triton row of the README's Backends table"
         raise RuntimeError(f"urda_fast: backend {name!r} is not available: {reason}. Available here: "
                            f"{', '.join(available_backends())}. To get {name!r}: {hint}.")
     return name

@@ -5,6 +5,8 @@ import importlib
 import json
 import math
 import re
+import sys
+import warnings
 
 import pytest
 import torch
@@ -314,6 +316,30 @@ def test_visual_only_training_keeps_the_text_tower_and_clamps_logit_scale(world,
     changed = {k for k, v in before.state_dict().items() if not torch.equal(v, after[k])}
     assert changed and all(k.startswith("visual.") for k in changed - {"logit_scale"})
     assert float(after["logit_scale"]) <= 1.0  # clamped after every step
+
+
+@pytest.mark.parametrize("method, weights, loaded", [
+    ("hpt", dict(anchor_weight=0.0), ["target", "proxy"]),  # hpt has no warm-up: its warm-up weights do not count
+    ("hpt", dict(proxy_weight=0.0), ["target", "anchor"]),  # the GPD two-run protocol's second run
+    ("hpt-gpd", dict(anchor_weight=0.0), ["target", "proxy", "anchor"]),  # the warm-up's anchor
+    ("hpt-gpd", dict(warmup_steps=0, anchor_weight=0.0), ["target", "proxy"])])  # no warm-up phase
+def test_frozen_clips_of_weight_zero_throughout_are_not_loaded(world, tmp_path, monkeypatch, method, weights, loaded):
+    """A frozen CLIP no phase of the run reads costs its memory for nothing (a ViT-B on a GPU)."""
+    from urda_fast.hpt import train
+
+    module = sys.modules["urda_fast.hpt.train"]
+    real, roles = module.load_clip_arg, []
+
+    def load_clip_arg(arg, role, device):
+        roles.append(role)
+        return real(arg, role, device)
+
+    monkeypatch.setattr(module, "load_clip_arg", load_clip_arg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # hpt-gpd without a warm-up trains as hpt: said, and meant here
+        train(train_cfg(world, tmp_path, method=method, **{**dict(iterations=2, warmup_steps=1, eval_every=2),
+                                                           **weights}))
+    assert roles == loaded
 
 
 def test_last_n_trains_only_the_last_visual_parameter_tensors(tiny_clip):

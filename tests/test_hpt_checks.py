@@ -89,6 +89,14 @@ def test_zero_weights_of_a_phase_that_does_not_happen_are_fine():
         check_config(cfg)
 
 
+@pytest.mark.parametrize("target, proxy", [("ViT-B-32:t.pt", "ViT-B-32:p.pt"),
+                                           ("ViT-B-32-quickgelu:t.pt", "ViT-B-32:p.pt")])
+def test_a_proxy_of_the_targets_architecture_is_warned_about(target, proxy):
+    """The QuickGELU variant is the same tower: no heterogeneous proxy either."""
+    with pytest.warns(UserWarning, match="the proxy has the target's architecture"):
+        check_config(TrainConfig(target=target, proxy=proxy, method="hpt"))
+
+
 def test_settings_without_effect_are_warned_about():
     base = dict(target="urda-tiny-vit:t.pt", proxy="urda-tiny-rn:p.pt")
     with pytest.warns(UserWarning, match="hpt-gpd with --warmup-steps 0 has no anchored warm-up phase"):

@@ -234,7 +234,7 @@ def check_config(cfg: TrainConfig) -> None:
 
         warnings.warn("hpt: hpt-gpd with --warmup-steps 0 has no anchored warm-up phase: it trains as --method hpt",
                       stacklevel=2)
-    if cfg.proxy and parse_model_arg(cfg.proxy, "proxy")[0] == parse_model_arg(cfg.target, "target")[0]:
+    if cfg.proxy and _architecture(cfg.proxy, "proxy") == _architecture(cfg.target, "target"):
         import warnings
 
         warnings.warn("hpt: the proxy has the target's architecture; HPT's proxy robustness needs a heterogeneous "
@@ -283,6 +283,11 @@ def make_optimizer(target, cfg: TrainConfig) -> torch.optim.SGD:
     return sgd(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def _architecture(arg: str, role: str) -> str:
+    """The open_clip architecture of ``ARCH:CHECKPOINT``, QuickGELU variants as their base (the same tower)."""
+    return parse_model_arg(arg, role)[0].lower().removesuffix("-quickgelu")
+
+
 def build_schedule(cfg: TrainConfig, total_steps: int) -> GPDSchedule:
     hpt_weights = (cfg.proxy_weight, cfg.anchor_weight)
     # `hpt`: the code's single run, HPT weights throughout; `hpt-gpd`: the anchored warm-up first.
@@ -315,11 +320,14 @@ def build_task(cfg: TrainConfig):
     val_sets = validation_sets(cfg, world, train_set)
     require_metric(cfg.select_metric, eval_metric_names(val_sets))  # before the models load
     target, tokenizer, _ = load_clip_arg(cfg.target, "target", device)
-    needs_anchor = cfg.method == "pmg-aft" or (cfg.method in ("hpt", "hpt-gpd") and
-                                               (cfg.anchor_weight or cfg.warmup_anchor_weight))
+    # (proxy, anchor) loss weights of each phase the run has: a frozen CLIP of weight 0 throughout is not loaded
+    phases = [(cfg.proxy_weight, cfg.anchor_weight)] if cfg.method in ("hpt", "hpt-gpd") else []
+    if cfg.method == "hpt-gpd" and cfg.warmup_steps:
+        phases.append((cfg.warmup_proxy_weight, cfg.warmup_anchor_weight))
     heads = {}
-    for role, arg, wanted in (("proxy", cfg.proxy, cfg.method in ("hpt", "hpt-gpd")),
-                              ("anchor", cfg.anchor or cfg.target, needs_anchor)):
+    for role, arg, wanted in (("proxy", cfg.proxy, any(proxy for proxy, _ in phases)),
+                              ("anchor", cfg.anchor or cfg.target,
+                               cfg.method == "pmg-aft" or any(anchor for _, anchor in phases))):
         if wanted:
             clip, tok, _ = load_clip_arg(arg, role, device)
             heads[role] = ZeroShotClassifier(clip, tok, train_set.classnames, templates, logits=cfg.logits,

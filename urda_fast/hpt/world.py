@@ -198,6 +198,8 @@ def pretrain_clip(arch: str, pretrain: dict, recipe: WorldRecipe, seed: int, pro
     warmup = max(1, recipe.pretrain_steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(
         math.pi * max(0, s - warmup) / max(1, recipe.pretrain_steps - warmup)))))
+    # CLIP's statistics, as OpenAI pre-trained with; fine-tuning keeps the code's ImageNet ones (--preprocess), as the
+    # code does with OpenAI's weights
     mean, std = torch.tensor(CLIP_MEAN).reshape(1, 3, 1, 1), torch.tensor(CLIP_STD).reshape(1, 3, 1, 1)
     generator = torch.Generator().manual_seed(seed)
     tic, losses = time.perf_counter(), []

@@ -298,6 +298,40 @@ def test_autocast_and_channels_last_inputs(digits):
     assert accuracy(model, adv_bf16, y) < 0.5
 
 
+def test_l2_steps_are_whole_for_a_confidently_classified_sample():
+    """At a logit gap of 40 the input gradient's norm is 4e-16: the L2 step's 1e-12 floor made its steps 4e-4 of the
+    step size, and the sample looked robust (gradient masking). Its direction is what the step takes, whole."""
+    torch.manual_seed(0)
+    direction = torch.ones(12) / 12 ** 0.5
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    with torch.no_grad():  # logits +-100 (u.x - c): a gap of 40 at x = 0.5, flipped 0.5 along -u
+        model[1].weight.copy_(torch.stack([direction, -direction]) * 100)
+        c = 0.5 * 12 ** 0.5 - 0.2
+        model[1].bias.copy_(torch.tensor([-100 * c, 100 * c]))
+    x = torch.full((4, 3, 2, 2), 0.5) + torch.randn(4, 3, 2, 2) * 1e-3
+    y = torch.zeros(4, dtype=torch.long)
+    assert (model(x).argmax(1) == 0).all()
+    adv = PGDL2(model, eps=0.5, alpha=0.1, steps=10, random_start=False)(x, y)
+    assert (model(adv).argmax(1) == 1).all()
+    assert float((adv - x).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("attack, eps", [(PGD, 1 / 255), (PGD, 8 / 255), (PGDL2, 0.1)])
+def test_half_precision_images_stay_inside_the_budget(dtype, attack, eps):
+    """The step rounds the projected point to the images' dtype: bfloat16 images at 1/255 reached 1.49 eps, an
+    L2 budget 1.06 eps, before the rounding went towards the clean image where it crossed the budget."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10)).to(dtype)
+    x, y = torch.rand(64, 3, 16, 16).to(dtype), torch.randint(0, 10, (64,))
+    adv = attack(model, eps=eps, alpha=eps / 2, steps=4, seed=0)(x, y)
+    delta = adv.double() - x.double()
+    size = delta.abs().amax() if attack is PGD else delta.flatten(1).norm(dim=1).max()
+    assert adv.dtype == dtype and 0.95 * eps < float(size) <= eps and 0 <= adv.min() and adv.max() <= 1
+    if attack is PGD:  # (an L2 step of 0.1 over 768 pixels moves many by less than half a bfloat16 unit)
+        assert float((delta != 0).double().mean()) > 0.99  # every pixel still moves
+
+
 @pytest.mark.parametrize(
     "make, call, match",
     [

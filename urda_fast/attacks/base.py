@@ -52,6 +52,14 @@ def frozen_eval(model: torch.nn.Module):
             p.requires_grad_(flag)
 
 
+def _scaled_to_unit_max(grad):
+    """``grad`` divided per sample by its largest magnitude: the L2 step's direction, with a norm the step's floor
+    (1e-12) cannot shorten. A confidently classified sample's input gradient can be far smaller (2e-16 at a logit gap
+    of 40), which the floor turned into a step of 2e-4 of the step size: robustness from gradient masking."""
+    peak = grad.flatten(1).abs().amax(1).clamp_min(torch.finfo(grad.dtype).tiny)
+    return grad / peak.reshape((-1,) + (1,) * (grad.dim() - 1))
+
+
 class Attack:
     """Base of the L-inf / L2 iterative attacks.
 
@@ -228,8 +236,24 @@ class Attack:
         """A random point of the budget around each sample of ``x0`` (``restarts`` stacked copies of one batch). Each
         restart draws its own noise in turn, so the starts are the same however ``max_batch`` groups the restarts."""
         delta = torch.cat([self._random_delta(part, generator) for part in x0.chunk(restarts)])
-        return ops.pgd_step(x0 + delta, torch.zeros_like(x0), x0, step_size=0.0, eps=self.eps, norm=self.norm,
-                            lower=lower, upper=upper)
+        x = ops.pgd_step(x0 + delta, torch.zeros_like(x0), x0, step_size=0.0, eps=self.eps, norm=self.norm,
+                         lower=lower, upper=upper)
+        self._round_into_budget_(x, x0)
+        return x
+
+    def _round_into_budget_(self, x, x0):
+        """Half and bfloat16 images: the projected point is rounded to the images' dtype, which can land up to half a
+        unit in the last place outside the budget (1.5 eps at bfloat16's 8/255 ... 1/255 near 1). Elements past it
+        (L-inf), or every element of a sample past it (L2), move one representable value towards ``x0``: each
+        coordinate then lies no farther from ``x0`` than the exact projection did, so the budget holds."""
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            return
+        delta = x.double() - x0.double()
+        if self.norm == "linf":
+            outside = delta.abs() > self.eps
+        else:
+            outside = (delta.flatten(1).norm(dim=1) > self.eps).reshape((-1,) + (1,) * (x.dim() - 1))
+        x.copy_(torch.where(outside, torch.nextafter(x, x0), x))
 
     def _random_delta(self, x0, generator):
         if self.norm == "linf":
@@ -368,11 +392,14 @@ class Attack:
                     if broken is not None:
                         hit |= broken
                     grad = grad.masked_fill(hit.reshape((-1,) + (1,) * (grad.dim() - 1)), 0)  # autograd's may be a view
+                if self.norm == "l2":
+                    grad = _scaled_to_unit_max(grad)
                 kwargs = dict(step_size=self.alpha, eps=self.eps, norm=self.norm, lower=lower, upper=upper)
                 if idx is None:
                     ops.pgd_step_(x, grad, x0, **kwargs)
                 else:
                     x[idx] = ops.pgd_step(x_in.detach(), grad, x0[idx], **kwargs)
+                self._round_into_budget_(x, x0)
                 if hit is not None and not self.early_stop:
                     broken = hit
                 elif hit is not None:

@@ -203,6 +203,19 @@ def test_hpt_eval_and_proxy_check_name_the_training_options_they_ignore(tmp_path
         main([*argv, *target])
 
 
+def test_flag_help_takes_a_comment_that_goes_on_below_or_stands_above_the_field(capsys):
+    """--cudnn-benchmark's comment ran on to the next line (its help stopped at "(GPU; off: the same"); the comment
+    above --fold-batchnorm is its only one (its help showed the bare default)."""
+    from urda_fast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["dart", "pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the same algorithms in every process, one condition of a bit-for-bit resume on a GPU) --resume" in text
+    assert '(default: auto); Attacks run on the model with each conv/linear -> BatchNorm pair folded' in text
+    assert '"auto": when torch.fx can trace the model | "on" | "off". --nvtx' in text
+
+
 def test_flag_help_shows_each_fields_comment_and_budgets_in_levels(capsys):
     """The comment on a config field's line says what its values mean: `--help` shows it beside the default, and
     a budget that is a whole number of levels reads 2/255, not 0.00784313725490196."""

@@ -275,8 +275,7 @@ def _add_hpt(sub) -> None:
         if name == "eval":
             cmd.add_argument("runs", nargs="*", help="`hpt train` run folders (their best.pt) or checkpoints")
         cmd.add_argument("--config", help="YAML file of options (flags override it)")
-        # models a command does not use are no flags of it (they were taken and silently ignored)
-        add_dataclass_flags(cmd, cls, skip={"proxy-check": ("anchor",), "eval": ("proxy", "anchor")}.get(name, ()))
+        add_dataclass_flags(cmd, cls)
 
 
 def cmd_profile(args) -> int:

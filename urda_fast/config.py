@@ -200,7 +200,8 @@ def load_config(cls, yaml_path: str | None = None, overrides: dict | None = None
 
 def field_comments(cls) -> dict:
     """``{field: comment}``: the ``# comment`` ending each field's line in the sources of dataclass ``cls`` and its
-    bases (a subclass's wins), which says what the values mean; {} where the source cannot be read."""
+    bases (a subclass's wins), with the comment lines that continue it (while a parenthesis is open), or else the
+    comment lines just above the field; it says what the values mean. {} where the source cannot be read."""
     import inspect
     import io
     import tokenize
@@ -216,11 +217,28 @@ def field_comments(cls) -> dict:
         line_tokens = {}
         for token in tokenize.generate_tokens(io.StringIO(source).readline):
             line_tokens.setdefault(token.start[0], []).append(token)
-        for tokens in line_tokens.values():
-            words = [t for t in tokens if t.type not in (tokenize.INDENT, tokenize.DEDENT)]
-            if (len(words) > 3 and words[0].type == tokenize.NAME and words[1].string == ":"
-                    and words[-2].type == tokenize.COMMENT and words[0].string in klass.__dataclass_fields__):
-                comments[words[0].string] = words[-2].string.lstrip("#").strip()
+        above, continued = [], None  # comment lines waiting for a field; the field whose comment goes on
+        for _, tokens in sorted(line_tokens.items()):
+            words = [t for t in tokens if t.type not in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL,
+                                                         tokenize.NEWLINE)]
+            text = words[-1].string.lstrip("#").strip() if words and words[-1].type == tokenize.COMMENT else None
+            if len(words) == 1 and text is not None:  # a comment line
+                if continued is not None:
+                    comments[continued] += " " + text
+                    if comments[continued].count("(") <= comments[continued].count(")"):
+                        continued = None
+                else:
+                    above.append(text)
+                continue
+            continued = None
+            if (len(words) > 2 and words[0].type == tokenize.NAME and words[1].string == ":"
+                    and words[0].string in klass.__dataclass_fields__):
+                if text is not None:  # a comment left with an open parenthesis goes on in the lines below
+                    comments[words[0].string] = text
+                    continued = words[0].string if text.count("(") > text.count(")") else None
+                elif above:
+                    comments[words[0].string] = " ".join(above)
+            above = []
     return comments
 
 

@@ -90,8 +90,8 @@ class TrainConfig(ModelsConfig, DataConfig):
     amp: str = "auto"  # "auto": fp16 on CUDA (code: mixed precision), none on CPU | "none" | "bf16" | "fp16"
     # torch.compile the image towers of target, proxy and anchor (in place: the same modules and state dict). Costs a
     # compilation at the first steps (~35 s for the embedded world's tiny CLIPs on 2 CPU cores, cached on disk by
-    # torch afterwards) and a float rounding different from eager's; the tiny world's step runs 1.05-1.18x faster on
-    # CPU (bench/bench_hpt_step.py's ours_compile against ours).
+    # torch afterwards) and a float rounding different from eager's; the tiny world's CPU step gains 2-5% over the
+    # fused eager one (bench/bench_hpt_step.py's ours_compile against ours, 2026-12-08).
     compile: bool = False
     nvtx: bool = False
     cudnn_benchmark: bool = True  # cuDNN times its convolution algorithms (GPU; off: the same ones in every process)

@@ -256,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> feature_cosine_forward_cuda(const at::Tensor&
   at::Tensor stats = at::empty({rows, 3}, acc_options);
   if (rows == 0) return {at::full({}, std::numeric_limits<double>::quiet_NaN(), acc_options), stats};  // torch's mean
   const int64_t dim = a.numel() / rows;
-  TORCH_INTERNAL_ASSERT(rows <= INT32_MAX, "feature_cosine_forward: too many rows for one grid");
+  TORCH_CHECK(rows <= INT32_MAX, "urda_fast: feature_cosine on CUDA takes at most 2^31 - 1 rows, got ", rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "feature_cosine_forward_cuda", [&] {
     using acc = acc_t<scalar_t>;
     constexpr int V = cuda_utils::max_vec<scalar_t>();

@@ -264,10 +264,12 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_forward_cuda(const at::Tensor& student,
   check_temperature(temperature);
   const at::cuda::OptionalCUDAGuard device_guard(at::device_of(student));
   const int64_t rows = student.size(0);
+  TORCH_CHECK(rows == 0 || student.size(1) > 0, "urda_fast: logits need at least one class, got shape ",
+              student.sizes());  // as the CPU's and the with-grad op's
   const auto acc_options = student.options().dtype(acc_scalar_type(student.scalar_type()));
   at::Tensor stats = at::empty({rows, 4}, acc_options);
-  if (rows == 0 || student.size(1) == 0) {  // no classes: an empty sum, kl = 0 (the contract asks for C >= 1 anyway)
-    return {at::zeros({rows}, acc_options), stats.fill_(0)};
+  if (rows == 0) {
+    return {at::zeros({rows}, acc_options), stats};
   }
   at::Tensor kl = at::empty({rows}, acc_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_kl_forward_cuda", [&] {
@@ -339,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_backward_cuda(const at::Tensor& grad_ro
                                                        const at::Tensor& stats, double temperature,
                                                        bool grad_student, bool grad_teacher) {
   check_pair_2d(student, "student", teacher, "teacher", c10::DeviceType::CUDA);
-  TORCH_CHECK(temperature > 0.0, "urda_fast: temperature must be > 0, got ", temperature);
+  check_temperature(temperature);  // positive and finite (an inf gave zero gradients; the CPU refuses it)
   check_rows(student, grad_rows, "grad_rows", 1);
   check_rows(student, kl, "kl", 1);
   check_rows(student, stats, "stats", 4);

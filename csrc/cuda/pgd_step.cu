@@ -229,7 +229,8 @@ void launch_l2(const at::Tensor& out, const at::Tensor& x, const at::Tensor& g, 
   const bool vectorise = sample % V == 0 && cuda_utils::all_aligned16({x.data_ptr(), g.data_ptr(), x0.data_ptr()});
   const int64_t packs_per_sample = vectorise ? sample / V : sample;
   const auto [chunks, packs_per_chunk] = cuda_utils::plan_row_chunks(batch, packs_per_sample, kReduceThreads);
-  TORCH_INTERNAL_ASSERT(batch <= INT32_MAX && chunks <= 65535, "pgd_step: reduction grid out of range");
+  TORCH_CHECK(batch <= INT32_MAX, "urda_fast: an L2 pgd_step on CUDA takes at most 2^31 - 1 samples, got ", batch);
+  TORCH_INTERNAL_ASSERT(chunks <= 65535, "pgd_step: reduction grid out of range");
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto acc_options = x.options().dtype(acc_scalar_type(x.scalar_type()));
   at::Tensor partial = at::empty({batch, chunks, 3}, acc_options);

@@ -203,6 +203,18 @@ def test_hpt_eval_and_proxy_check_name_the_training_options_they_ignore(tmp_path
         main([*argv, *target])
 
 
+@pytest.mark.parametrize("command", ["dart pretrain", "dart robustify", "dart eval", "dart demo", "dart summary",
+                                     "hpt train", "hpt eval", "hpt proxy-check", "hpt demo", "profile dart",
+                                     "bench report", "demo", "info"])
+def test_every_commands_help_prints(command, capsys):
+    """argparse %-formats help text: a field comment with a bare % ("2-5% over") made `hpt train --help` raise."""
+    from urda_fast.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([*command.split(), "--help"])
+    assert stop.value.code == 0 and "usage: " in capsys.readouterr().out
+
+
 def test_flag_help_takes_a_comment_that_goes_on_below_or_stands_above_the_field(capsys):
     """--cudnn-benchmark's comment ran on to the next line (its help stopped at "(GPU; off: the same"); the comment
     above --fold-batchnorm is its only one (its help showed the bare default)."""

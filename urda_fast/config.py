@@ -264,6 +264,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         default = field.default if field.default is not dataclasses.MISSING else None
         comment = f"; {comments[field.name]}" if field.name in comments else ""
         text = field.metadata.get("help") or f"(default: {_shown_default(field.name, default)}){comment}"
+        text = text.replace("%", "%%")  # argparse %-formats help ("2-5% over" raised a TypeError at --help)
         kind = str if annotation is bool else (typing.get_args(annotation) or (annotation,))[0]
         kind = kind if kind in (int, str) else _number_flag if kind is float else str
         if annotation is bool:  # `--vat` alone means true; `--vat false` also works

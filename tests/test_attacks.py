@@ -330,6 +330,11 @@ def test_half_precision_images_stay_inside_the_budget(dtype, attack, eps):
     assert adv.dtype == dtype and 0.95 * eps < float(size) <= eps and 0 <= adv.min() and adv.max() <= 1
     if attack is PGD:  # (an L2 step of 0.1 over 768 pixels moves many by less than half a bfloat16 unit)
         assert float((delta != 0).double().mean()) > 0.99  # every pixel still moves
+    # clip: clean values outside it are farther than eps from any valid point; the box wins, as in the step (moving
+    # them towards the clean image put them one unit past the clip bound)
+    wide = (torch.rand(64, 3, 16, 16) * 3 - 1).to(dtype)
+    adv = attack(model, eps=eps, alpha=eps / 2, steps=4, seed=0, clip=(0.0, 1.0))(wide, y)
+    assert float(adv.min()) == 0.0 and float(adv.max()) == 1.0
 
 
 @pytest.mark.parametrize(

@@ -90,12 +90,19 @@ def test_cpu_l2_both_paths(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_pgd_step_half_types(backend, dtype, norm, shape):
+    """Within one unit in the last place of the float64 step rounded to the dtype (the kernels compute in float and
+    round once more). Steps far larger than a unit: a bfloat16 unit near 1 is 2/255, the attacks' usual step, so a
+    half-type tolerance at that step size let a missing or reversed step pass."""
     # planes_of_1320: the CPU kernel narrows to half types in 512-element chunks; this takes several and a remainder.
     name, device = backend
     x_adv, grad, x_orig = make_batch(shape, dtype, device)
-    kwargs = dict(step_size=2 / 255, eps=8 / 255 if norm == "linf" else 0.5)
+    kwargs = dict(step_size=0.1, eps=0.3) if norm == "linf" else dict(step_size=1.0, eps=3.0)
     out = ops.pgd_step(x_adv, grad, x_orig, norm=norm, backend=name, **kwargs)
-    assert_close(out, expected(x_adv, grad, x_orig, norm, kwargs), dtype, f"{norm} {dtype}")
+    want = expected(x_adv, grad, x_orig, norm, kwargs)
+    unit = (torch.nextafter(want, torch.full_like(want, 2.0)).double() - want.double()).abs()
+    assert bool(((out.double() - want.double()).abs() <= unit).all()), f"{norm} {dtype}"
+    moved = (want != x_adv).double().mean()
+    assert moved > 0.3  # the comparison sees steps, not points the box or a zero gradient (a whole sample) hold
     inplace = x_adv.clone()
     ops.pgd_step_(inplace, grad, x_orig, norm=norm, backend=name, **kwargs)
     assert torch.equal(inplace, out)
@@ -131,6 +138,21 @@ def test_pgd_step_extremes(backend):
         torch.testing.assert_close(pinned, x_orig, atol=0, rtol=0)
         far = ops.pgd_step(x_adv, grad, x_orig, step_size=1e6, eps=0.1, norm=norm, backend=name)
         assert_close(far, expected(x_adv, grad, x_orig, norm, dict(step_size=1e6, eps=0.1)), torch.float32, norm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pgd_step_l2_half_sums_are_taken_in_float(backend, dtype):
+    """A float16 gradient of unit entries over 3x224x224 has a sum of squares past float16's 65504: every backend
+    sums in float (the reference summed in float16 and made the sample NaN)."""
+    name, device = backend
+    x_orig = torch.rand(2, 3, 224, 224, device=device).to(dtype)
+    grad = torch.ones_like(x_orig)
+    kwargs = dict(step_size=1.0, eps=3.0, norm="l2")
+    want = reference.pgd_step(x_orig, grad, x_orig, upcast=True, **kwargs)
+    for got in (ops.pgd_step(x_orig, grad, x_orig, backend=name, **kwargs),
+                reference.pgd_step(x_orig, grad, x_orig, **kwargs)):
+        assert torch.isfinite(got).all()
+        assert_close(got, want, dtype, "l2")
 
 
 @pytest.mark.parametrize("side", [3, 24], ids=["small_planes", "long_planes"])

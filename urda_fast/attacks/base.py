@@ -238,14 +238,16 @@ class Attack:
         delta = torch.cat([self._random_delta(part, generator) for part in x0.chunk(restarts)])
         x = ops.pgd_step(x0 + delta, torch.zeros_like(x0), x0, step_size=0.0, eps=self.eps, norm=self.norm,
                          lower=lower, upper=upper)
-        self._round_into_budget_(x, x0)
+        self._round_into_budget_(x, x0, lower, upper)
         return x
 
-    def _round_into_budget_(self, x, x0):
+    def _round_into_budget_(self, x, x0, lower, upper):
         """Half and bfloat16 images: the projected point is rounded to the images' dtype, which can land up to half a
         unit in the last place outside the budget (1.5 eps at bfloat16's 8/255 ... 1/255 near 1). Elements past it
         (L-inf), or every element of a sample past it (L2), move one representable value towards ``x0``: each
-        coordinate then lies no farther from ``x0`` than the exact projection did, so the budget holds."""
+        coordinate then lies no farther from ``x0`` than the exact projection did, so the budget holds. Not where
+        that would leave [lower, upper]: with ``clip`` a clean value outside it is farther than eps from any valid
+        point, and the box wins, as in the step."""
         if x.dtype not in (torch.float16, torch.bfloat16):
             return
         delta = x.double() - x0.double()
@@ -253,7 +255,11 @@ class Attack:
             outside = delta.abs() > self.eps
         else:
             outside = (delta.flatten(1).norm(dim=1) > self.eps).reshape((-1,) + (1,) * (x.dim() - 1))
-        x.copy_(torch.where(outside, torch.nextafter(x, x0), x))
+        moved = torch.nextafter(x, x0)
+        channels = (1, -1) + (1,) * (x.dim() - 2)
+        lo, hi = (b.reshape(channels) if isinstance(b, torch.Tensor) else b for b in (lower, upper))
+        inside_box = (moved.double() >= lo) & (moved.double() <= hi)
+        x.copy_(torch.where(outside & inside_box, moved, x))
 
     def _random_delta(self, x0, generator):
         if self.norm == "linf":
@@ -399,7 +405,7 @@ class Attack:
                     ops.pgd_step_(x, grad, x0, **kwargs)
                 else:
                     x[idx] = ops.pgd_step(x_in.detach(), grad, x0[idx], **kwargs)
-                self._round_into_budget_(x, x0)
+                self._round_into_budget_(x, x0, lower, upper)
                 if hit is not None and not self.early_stop:
                     broken = hit
                 elif hit is not None:

@@ -57,7 +57,10 @@ def pgd_step(x_adv, grad, x_orig, *, step_size, eps, norm="linf", lower=0.0, upp
         factor = torch.clamp(budget / delta_norm.clamp_min(L2_NORM_FLOOR), max=1.0)
         projected = x_orig + delta * factor
         # A sample with a non-finite value (or sums overflowing) is all NaN: no finite point outside the budget.
-        sums = flat_per_sample(grad).square().sum(1) + flat_per_sample(x_adv - x_orig).square().sum(1)
+        # in the kernels' accumulation dtype: float16 sums of squares pass 65504 for a gradient of unit entries
+        acc = torch.float32 if x_adv.dtype in (torch.float16, torch.bfloat16) else x_adv.dtype
+        sums = (flat_per_sample(grad).to(acc).square().sum(1) +
+                flat_per_sample(x_adv - x_orig).to(acc).square().sum(1))
         projected = torch.where(torch.isfinite(sums).reshape(shape), projected, float("nan"))
     else:
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")

@@ -169,6 +169,12 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
         got = np.asarray(M.pil_loader(str(tmp_path / "deep.png"), mode), dtype=np.float64)
         want = ramp.astype(np.float64) * 255 / 65535
         assert np.abs((got if mode == "L" else got[..., 1]) - want).max() <= 0.5
+    Image.fromarray(ramp).save(tmp_path / "deep.pgm")  # opens as mode I, its rawmode I;16B
+    got = np.asarray(M.pil_loader(str(tmp_path / "deep.pgm"), "L"), dtype=np.float64)
+    assert np.abs(got - ramp.astype(np.float64) * 255 / 65535).max() <= 0.5
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "wide.tiff")
+    with pytest.raises(M.ImageReadError, match=r"wide\.tiff' holds 32-bit integer pixels"):
+        M.pil_loader(str(tmp_path / "wide.tiff"))
     Image.fromarray(np.ones((4, 4), np.float32)).save(tmp_path / "float.tiff")
     with pytest.raises(M.ImageReadError, match=r"float\.tiff' holds float pixels.*8-bit"):
         M.pil_loader(str(tmp_path / "float.tiff"))

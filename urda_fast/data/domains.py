@@ -67,12 +67,16 @@ def pil_loader(path: str, mode: str = "RGB", where: str = ""):
 
 def _to_8_bit(img, path: str, where: str):
     """``img`` scaled to 8 bits where PIL's ``convert`` would not: it clips a 16-bit grey image (mode I;16, as PIL
-    opens 16-bit PNG and TIFF files) at 255 instead of scaling it, which turns most of the image white. 32-bit integer
-    and float images have no fixed range to scale from: an error."""
+    opens 16-bit PNG and TIFF files) at 255 instead of scaling it, which turns most of the image white. The scale is
+    the full 16-bit range (a 12-bit image stored in 16 bits comes out 16x darker). 32-bit integer and float images
+    have no fixed range to scale from: an error."""
     import numpy as np
     from PIL import Image
 
-    if img.mode.startswith("I;16"):
+    tile = getattr(img, "tile", None) or [(None, None, None, "")]  # read before the pixels load (it empties then)
+    rawmode = tile[0][3] if isinstance(tile[0][3], str) else (tile[0][3] or ("",))[0]
+    # 16-bit PGMs (and PNGs before Pillow 10.3) open as mode I, their file's rawmode I;16
+    if img.mode.startswith("I;16") or (img.mode == "I" and str(rawmode).startswith("I;16")):
         pixels = np.asarray(img).astype(np.uint32)
         return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8))
     if img.mode in ("I", "F"):
@@ -110,10 +114,7 @@ class ImageList(Dataset):
                 parts = line.strip().rsplit(None, 1)  # the path keeps its inner runs of spaces and tabs
                 if not parts:
                     continue
-                try:
-                    label = int(parts[-1]) if parts[-1].isascii() and parts[-1].isdigit() else None
-                except ValueError:
-                    label = None
+                label = int(parts[-1]) if parts[-1].isascii() and parts[-1].isdigit() else None
                 if len(parts) < 2 or label is None:
                     raise ValueError(f"urda_fast: {self.list_file}:{lineno}: expected 'relative/path.jpg <label>' "
                                      f"with a label from 0 up, got {line.strip()!r}")

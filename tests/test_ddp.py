@@ -385,3 +385,13 @@ def test_commands_that_do_not_train_refuse_torchrun(monkeypatch, argv):
     with pytest.raises(SystemExit, match=r"runs in one process, not under torchrun \(WORLD_SIZE=2\).*`dart pretrain`, "
                                          r"`dart robustify`, `hpt train`"):
         main(argv)
+
+
+def test_a_world_size_without_rank_does_not_stop_commands_that_do_not_train(monkeypatch, capsys):
+    """Some schedulers export WORLD_SIZE alone: only torchrun's pair (with RANK) means every process runs the
+    command."""
+    from urda_fast.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(["info"]) == 0

@@ -407,7 +407,10 @@ def _refuse_torchrun_unless_training(args) -> None:
     from urda_fast import distributed
 
     command = (args.command, getattr(args, "dart_command", None) or getattr(args, "hpt_command", None))
-    world = distributed.context().world_size
+    try:
+        world = distributed.context().world_size
+    except RuntimeError:  # WORLD_SIZE without RANK: a scheduler's variable, not torchrun (training names it)
+        return
     if world > 1 and command not in DATA_PARALLEL:
         raise ValueError(f"it runs in one process, not under torchrun (WORLD_SIZE={world}), where each process "
                          "would do the whole work and write the same files; data-parallel commands: "

@@ -62,7 +62,7 @@ def setup(device: torch.device) -> bool:
     (so the caller tears it down), False when single-process or already set up by the caller."""
     global _joins
     ctx = context()
-    if ctx.enabled and dist.is_initialized() and device.type == "cuda":
+    if ctx.enabled and dist.is_initialized() and device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # the caller's group: NCCL's collectives (broadcast_object) use this GPU
     if not ctx.enabled or dist.is_initialized():
         return False

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from urda_fast import distributed
 from urda_fast.attacks import PGD
 from urda_fast.data import train_stream
-from urda_fast import distributed
 from urda_fast.distributed import pick_device
 from urda_fast.models import ModelSpec
 from urda_fast.profiling import nvtx_range

@@ -54,8 +54,9 @@ class RandomizedMultiLinearMap(nn.Module):
 
 def entropy_weights(probs: torch.Tensor) -> torch.Tensor:
     r"""CDAN+E's per-sample weights :math:`w_i = 1 + e^{-H(p_i)}`, rescaled to sum to :math:`N` over the whole
-    (source + target) batch, as tllib does. Under DDP the batch is the global one, every rank's (one all-reduce), so W
-    processes of batch B weigh their samples as one process of W * B.
+    (source + target) batch, as tllib does. Under DDP the batch is the global one, every rank's (one all-reduce, so
+    every rank must call it), and W processes of batch B weigh their samples as one process of W * B. The weights
+    carry no gradient to the normaliser there: CDAN detaches the predictions it weighs by.
 
     Shape:
         - probs: :math:`(N, C)`; Output: :math:`(N,)`.

@@ -1,6 +1,9 @@
 """Our DART step (fused attack steps, split-BN joint forward, fused KL / MSE) gives the loss and the gradients of the
-eager twin written like the authors' code (urda_fast/dart/reference_step.py)."""
+eager twin written like the authors' code (urda_fast/dart/reference_step.py), which runs plain-PyTorch copies of the
+models (``plain_torch``: torch's convolution, pooling and BatchNorm modules), so a wrong fused layer cannot hide in
+the reference too."""
 
+import copy
 import itertools
 
 import pytest
@@ -9,7 +12,8 @@ import torch
 from urda_fast.dart.config import RobustifyConfig
 from urda_fast.dart.reference_step import eager_dart_loss
 from urda_fast.dart.robustify import DartTask
-from urda_fast.models import ModelSpec
+from urda_fast.models import ImageClassifier, ModelSpec, Normalize, plain_torch
+from urda_fast.models.backbones import DigitsCNN
 
 
 def _models(dtype):
@@ -23,6 +27,15 @@ def _models(dtype):
     return teacher.eval(), student
 
 
+def _plain_twin(model):
+    """A copy of ``model`` (same weights and buffers) with torch's own layers: the only urda_fast modules left are the
+    containers, whose forwards call torch."""
+    twin = plain_torch(copy.deepcopy(model))
+    ours = [type(m) for m in twin.modules() if type(m).__module__.startswith("urda_fast.")]
+    assert set(ours) <= {ImageClassifier, DigitsCNN, Normalize}, ours
+    return twin
+
+
 @pytest.mark.parametrize("fold", ["on", "off"])
 @pytest.mark.parametrize("style", ["code", "lean"])
 @pytest.mark.parametrize("forward", ["split-bn", "separate"])
@@ -30,14 +43,14 @@ def test_fused_step_matches_the_eager_twin(forward, style, fold):
     cfg = RobustifyConfig(attack_eps=0.1, attack_alpha=0.025, attack_steps=5, kl_weight=1.0, forward=forward,
                           fold_batchnorm=fold)
     teacher, student = _models(torch.float64)
-    twin = _models(torch.float64)[1]
+    twin_teacher, twin = (_plain_twin(m) for m in (teacher, student))
     x = torch.rand(12, 1, 16, 16, dtype=torch.float64)
     task = DartTask(cfg, teacher, student, itertools.repeat((x,)), None)
     ours = task.training_step()["loss"]
     ours.backward()
     # The attack ran on the student with its 4 conv/linear -> BatchNorm pairs folded (or not, as asked).
     assert len(task.attack._folded.layers) == 4 if fold == "on" else task.attack._folded is None
-    reference = eager_dart_loss(teacher, twin, x, cfg, style=style)
+    reference = eager_dart_loss(twin_teacher, twin, x, cfg, style=style)
     reference.backward()
     # The authors' entropy is log(p + 1e-12), ours the exact log-softmax: they differ by ~1e-10 in float64.
     torch.testing.assert_close(ours, reference, rtol=1e-8, atol=1e-12)

@@ -1,7 +1,7 @@
 """packed_self_attention: the CPU kernel against the float64 reference (values and gradients; odd head sizes, token
 counts across the padding blocks, one token, empty inputs, masks, fully masked rows, NaN), through opcheck and
 torch.compile; its errors; FastMultiheadAttention against nn.MultiheadAttention, its fallbacks, and the CLIP models
-that use it."""
+(fused blocks, or this attention inside hooked blocks)."""
 
 import contextlib
 import copy
@@ -279,25 +279,51 @@ def test_module_swap_keeps_state_and_reverts():
     assert type(use_torch_attention(fast)) is nn.MultiheadAttention
 
 
+def op_calls(fn, *names):
+    with torch.profiler.profile() as prof:
+        fn()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    return [counts.get(f"urda_fast::{name}", 0) for name in names]
+
+
+@pytest.mark.parametrize("path", ["fused-blocks", "hooked-blocks"])
 @pytest.mark.parametrize("arch", ["urda-tiny-vit", "urda-tiny-rn"])
-def test_clip_models_use_it_and_compute_the_same(arch):
+def test_clip_models_run_fused_blocks_or_this_attention_and_compute_the_same(arch, path):
+    """load_clip's models run each transformer block (ViT image tower, text tower) as one transformer_block op that
+    computes the attention itself, so this module's fused op runs in none of them (the ResNet's attention pool is
+    open_clip's F.multi_head_attention_forward, not an nn.MultiheadAttention). A block with a hook on a submodule
+    runs open_clip's forward, whose attention is this module's fused op: one call per block (the text tower's causal
+    mask included). Either way the values and input gradients are the plain-PyTorch twin's."""
     pytest.importorskip("open_clip")
     from urda_fast.hpt.clip_models import load_clip
     from urda_fast.models import plain_torch
+    from urda_fast.models.transformer import FastResidualAttentionBlock
 
     clip, tokenizer = load_clip(arch, None, torch.device("cpu"))
     clip = clip.double()
     twin = plain_torch(copy.deepcopy(clip))
-    assert any(isinstance(m, FastMultiheadAttention) for m in clip.modules())
+    blocks = [m for m in clip.modules() if isinstance(m, FastResidualAttentionBlock)]
+    assert len(blocks) == {"urda-tiny-vit": 5, "urda-tiny-rn": 2}[arch]  # (3 image +) 2 text blocks
+    assert sum(isinstance(m, FastMultiheadAttention) for m in clip.modules()) == len(blocks)
+    assert all(isinstance(b.attn, FastMultiheadAttention) for b in blocks)
     assert not any(isinstance(m, FastMultiheadAttention) for m in twin.modules())
+    if path == "hooked-blocks":  # a feature extractor's hook, say: the block's op would skip it
+        for block in blocks:
+            block.mlp.register_forward_hook(lambda module, args, out: None)
     images = torch.rand(3, 3, 32, 32, dtype=torch.float64)
     tokens = tokenizer(["a photo of the number seven", "two"])
     results = []
-    for model in (clip, twin):
+
+    def forward_and_grad(model):
         x = images.clone().requires_grad_(True)
         features = model.encode_image(x)
         text = model.encode_text(tokens)
         results.append((features, text, *torch.autograd.grad(features.square().sum(), x)))
+
+    blocks_run, attention_run = op_calls(lambda: forward_and_grad(clip), "transformer_block_forward",
+                                         "packed_attention_forward")
+    assert (blocks_run, attention_run) == ((len(blocks), 0) if path == "fused-blocks" else (0, len(blocks)))
+    assert op_calls(lambda: forward_and_grad(twin), "transformer_block_forward", "packed_attention_forward") == [0, 0]
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 

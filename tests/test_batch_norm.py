@@ -5,6 +5,7 @@ function, state dict, hooks, training mode and torch.fx tracing; the attack is u
 
 import copy
 import functools
+import math
 
 import pytest
 import torch
@@ -301,12 +302,34 @@ def resnet_pair(arch):
     return model, plain_torch(copy.deepcopy(model))
 
 
+def expected_fused_norms(twin, x):
+    """(relu, input shape) of each BatchNorm the fast ResNet runs as the op on ``x``, in forward order, from its
+    plain twin: every BatchNorm2d but the downsample paths' whose input reaches MIN_NUMEL; the ReLU fused but for a
+    block's last BatchNorm (BasicBlock's bn2, Bottleneck's bn3), which precedes the residual sum."""
+    from torchvision.models import resnet
+
+    residual = {f"{name}.{'bn2' if type(m) is resnet.BasicBlock else 'bn3'}" for name, m in twin.named_modules()
+                if type(m) in (resnet.BasicBlock, resnet.Bottleneck)}
+    seen, handles = [], []
+    for name, m in twin.named_modules():
+        if isinstance(m, nn.BatchNorm2d) and "downsample" not in name:
+            handles.append(m.register_forward_pre_hook(
+                lambda module, args, name=name: seen.append((name not in residual, tuple(args[0].shape)))))
+    try:
+        with torch.no_grad():
+            twin(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(relu, shape) for relu, shape in seen if math.prod(shape) >= fast_bn.MIN_NUMEL]
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_resnets_fuse_and_match_their_torch_twins(arch):
-    """Every BatchNorm of a ResNet on a large CPU input runs the op (with its ReLU where one follows): stem, blocks
-    (residual BatchNorms alone), downsample paths aside (torch's Sequential of conv + BatchNorm, no ReLU). Values and
-    input gradients match torchvision's modules; train mode, small inputs and the twin run torch's; the state dict is
-    untouched and plain_torch gives torchvision's classes back."""
+    """Every BatchNorm of a ResNet whose input reaches MIN_NUMEL runs the op (with its ReLU where one follows): stem,
+    blocks (residual BatchNorms alone), downsample paths aside (torch's Sequential of conv + BatchNorm, no ReLU).
+    Values and input gradients match torchvision's modules; train mode, small inputs and the twin run torch's; the
+    state dict is untouched and plain_torch gives torchvision's classes back."""
     from torchvision.models import resnet
 
     model, twin = resnet_pair(arch)
@@ -315,18 +338,22 @@ def test_resnets_fuse_and_match_their_torch_twins(arch):
     assert type(model.layer1[0]) is block and type(twin.layer1[0]) is block.__bases__[0]
     assert model.state_dict().keys() == twin.state_dict().keys()
     x, calls = torch.rand(2, 3, 224, 224), []
+    expected = expected_fused_norms(twin, x)
+    # At 2 x 3 x 224 x 224 (MIN_NUMEL 131072) the stem (2x64x112x112), layer1 and layer2 (2x128x28x28 = 200704) run
+    # the op in full; a 2x256x14x14 input (100352) does not reach it, so ResNet-18's layer3 and layer4 run torch's.
+    # ResNet-50's first block of layer3 and of layer4 has bn1 at the stride-1 size (2x256x28x28, 2x512x14x14), and
+    # its bn3 are 1024 and 2048 wide: those reach it. ResNet-18: 1 + 4 + 4 of its 17 non-downsample BatchNorms;
+    # ResNet-50: 1 + 9 + 12 + (1 + 6) + (1 + 3) of its 49.
+    assert len(expected) == {"resnet18": 9, "resnet50": 33}[arch]
     original = fast_bn.ops.batch_norm_eval
-    fast_bn.ops.batch_norm_eval = lambda *a, **k: calls.append(k["relu"]) or original(*a, **k)
+    fast_bn.ops.batch_norm_eval = lambda *a, **k: calls.append((k["relu"], tuple(a[0].shape))) or original(*a, **k)
     try:
         got = value_and_grad(model, x, torch.ones(2, model.out_features))
-        norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-        downsample = sum(isinstance(m, nn.BatchNorm2d) for n, m in model.named_modules() if "downsample" in n)
-        # at 2 x 3 x 224 x 224 every layer's input but layer4's (2 x 512 x 7 x 7 and narrower) reaches MIN_NUMEL
-        assert len(calls) > 0 and len(calls) <= norms - downsample
-        assert calls.count(False) > 0 and calls.count(True) > 0
+        assert calls == expected
         calls.clear()
-        model(x[:, :, :32, :32])
-        assert len(calls) <= 2  # small inputs: torch's modules, but for the stem at most
+        small = x[:, :, :32, :32]
+        model(small)
+        assert calls == expected_fused_norms(twin, small) == []  # small inputs: torch's modules (stem 2x64x16x16)
         calls.clear()
         model.train()(x)
         assert not calls

@@ -40,6 +40,61 @@ def test_every_method_trains_and_saves_a_loadable_classifier(tmp_path, method, o
         assert any(v.shape == (32, 64) for v in weights["method"].values())
 
 
+def test_vat_trains_the_uda_step_on_the_attacked_batches():
+    """UDA+VAT: the UDA method's training step gets PGD's adversarial source batch (with the source labels) and,
+    with vat_target, its adversarial target batch (attacked with the eval-mode pseudo-labels): not the clean batches,
+    inside the eps ball and [0, 1], and exactly what the attack gives from the same random start; the pseudo-label
+    term is the cross-entropy of the attacked target batch, not of the clean one."""
+    import copy
+    import itertools
+
+    import torch.nn.functional as F
+
+    from urda_fast.attacks import PGD
+    from urda_fast.dart.common import attack_folding
+    from urda_fast.dart.pretrain import UdaTask
+    from urda_fast.models import ModelSpec
+    from urda_fast.uda import create_method
+
+    torch.manual_seed(0)
+    x_s, y_s, x_t = torch.rand(8, 1, 16, 16), torch.randint(0, 10, (8,)), torch.rand(8, 1, 16, 16)
+    eps = 0.1
+    cfg = PretrainConfig(method="dann", vat=True, vat_target=True, vat_threshold=0.0, vat_steps=3, vat_eps=eps,
+                         vat_alpha=0.05)
+    method = create_method("dann", ModelSpec(backbone="digits_cnn", num_classes=10, bottleneck_dim=16).build())
+    task = UdaTask(cfg, method, itertools.repeat((x_s.clone(), y_s.clone())),
+                   itertools.repeat((x_t.clone(), torch.zeros(8, dtype=torch.long))), None)
+    before = copy.deepcopy(method.model)  # the weights the attacks ran against (the step changes no weight)
+    seen, step = [], task.step
+    task.step = lambda *batches: seen.append([b.detach().clone() for b in batches]) or step(*batches)
+    torch.manual_seed(1)
+    out = task.training_step()
+    assert len(seen) == 1
+    got_s, got_y, got_t = seen[0]
+    # the same attack from the same random start (the global RNG, consumed source first, then target)
+    torch.manual_seed(1)
+    attack = PGD(before, eps=eps, alpha=0.05, steps=3, fold_batchnorm=attack_folding(cfg))
+    want_s = attack(x_s, y_s)
+    with torch.no_grad():
+        pseudo = before.eval()(x_t).argmax(1)
+    before.train()
+    want_t = attack(x_t, pseudo)
+    assert torch.equal(got_y, y_s)
+    for got, clean, want in ((got_s, x_s, want_s), (got_t, x_t, want_t)):
+        assert (got - clean).abs().amax() > eps / 2  # attacked, not the clean batch
+        assert (got - clean).abs().amax() <= eps + 1e-6 and got.min() >= 0 and got.max() <= 1
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # the pseudo-label loss (every sample kept at threshold 0): on the attacked target batch, train mode
+    with torch.no_grad():
+        on_attacked = F.cross_entropy(before(want_t), pseudo)
+        on_clean = F.cross_entropy(before(x_t), pseudo)
+    assert float(out["pseudo_kept"]) == 1.0
+    torch.testing.assert_close(out["pseudo_loss"], on_attacked, rtol=1e-5, atol=1e-6)
+    # the check tells the two batches apart: 1.6e-3 apart here, 70x the tolerance above
+    assert abs(float(on_attacked) - float(on_clean)) > 3e-4
+    out["loss"].backward()
+
+
 def test_a_backbone_trained_from_scratch_gets_the_full_learning_rate(tmp_path):
     """tllib's --scratch: the 0.1x backbone rate is for pretrained weights, and the digits CNN has none."""
     cfg = _cfg(tmp_path, method="dann", iterations=1, eval_every=1)

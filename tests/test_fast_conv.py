@@ -23,22 +23,25 @@ def outputs_and_grads(module, x):
     return (out, *torch.autograd.grad(out, [xi] + list(module.parameters()), weights))
 
 
-@pytest.mark.parametrize("conv_args, size", [
-    (dict(kernel_size=8, stride=8, bias=False), (32, 32)),           # the tiny ViT's patch embedding
-    (dict(kernel_size=4, stride=4), (30, 33)),                       # floor mode crops
-    (dict(kernel_size=(2, 3), stride=(2, 3)), (9, 12)),
-    (dict(kernel_size=3, padding=1), (1, 1)),                        # ResNet's last stage at 32x32: centre tap
-    (dict(kernel_size=3, padding=1, stride=2), (1, 1)),
-    (dict(kernel_size=(3, 5), padding=(1, 2), bias=False), (1, 1)),
-    (dict(kernel_size=3, padding=1, stride=2), (2, 2)),              # its first, 2x2 -> 1x1: a 2x2 block of taps
-    (dict(kernel_size=1, stride=2), (2, 2)),                         # its downsampling: reads the corner only
-    (dict(kernel_size=3, padding=2, stride=3), (1, 1)),              # one corner tap
-    (dict(kernel_size=(5, 3), padding=(2, 0), stride=(4, 2)), (3, 4)),  # a 3x3 window of a 5x3 kernel
-    (dict(kernel_size=3, padding=1), (2, 2)),                        # no fast path: the convolution
-    (dict(kernel_size=(3, 5), padding=(1, 2), stride=2), (2, 3)),    # 1x2 outputs: the convolution
-    (dict(kernel_size=3, padding=0, stride=3), (1, 1)),              # too small for its kernel: the convolution's error
+@pytest.mark.parametrize("conv_args, size, path", [
+    (dict(kernel_size=8, stride=8, bias=False), (32, 32), "patch"),  # the tiny ViT's patch embedding
+    (dict(kernel_size=4, stride=4), (30, 33), "patch"),  # floor mode crops
+    (dict(kernel_size=(2, 3), stride=(2, 3)), (9, 12), "patch"),
+    (dict(kernel_size=3, padding=1), (1, 1), "window"),  # ResNet's last stage at 32x32: centre tap
+    (dict(kernel_size=3, padding=1, stride=2), (1, 1), "window"),
+    (dict(kernel_size=(3, 5), padding=(1, 2), bias=False), (1, 1), "window"),
+    (dict(kernel_size=3, padding=1, stride=2), (2, 2), "window"),  # its first, 2x2 -> 1x1: a 2x2 block of taps
+    (dict(kernel_size=1, stride=2), (2, 2), "window"),  # its downsampling: reads the corner only
+    (dict(kernel_size=3, padding=2, stride=3), (1, 1), "window"),  # one corner tap
+    (dict(kernel_size=(5, 3), padding=(2, 0), stride=(4, 2)), (3, 4), "window"),  # a 3x3 window of a 5x3 kernel
+    (dict(kernel_size=3, padding=1), (2, 2), "conv"),  # no fast path: the convolution
+    (dict(kernel_size=(3, 5), padding=(1, 2), stride=2), (2, 3), "conv"),  # 1x2 outputs: the convolution
+    (dict(kernel_size=3, padding=0, stride=3), (1, 1), "conv"),  # too small for its kernel: the convolution's error
 ])
-def test_matches_the_convolution(conv_args, size):
+def test_matches_the_convolution(conv_args, size, path, monkeypatch):
+    """Each case takes the path named (the fallback gives the same numbers, so the path is checked itself): the patch
+    embedding runs FastConv2d._patch_embedding and no convolution, a single output position the linear layer (no
+    convolution either), anything else torch's convolution once."""
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 5, **conv_args).double()
     fast = FastConv2d(3, 5, **conv_args).double()
@@ -50,7 +53,13 @@ def test_matches_the_convolution(conv_args, size):
         with pytest.raises(RuntimeError, match=re.escape(str(err).split("\n")[0][:40])):
             outputs_and_grads(fast, x)
         return
-    got = outputs_and_grads(fast, x)
+    patch_calls, patch_embedding = [], FastConv2d._patch_embedding
+    monkeypatch.setattr(FastConv2d, "_patch_embedding",
+                        lambda self, *a: patch_calls.append(1) or patch_embedding(self, *a))
+    with torch.profiler.profile() as prof:
+        got = outputs_and_grads(fast, x)
+    convolutions = sum(e.count for e in prof.key_averages() if e.key == "aten::convolution")
+    assert (len(patch_calls), convolutions) == {"patch": (1, 0), "window": (0, 0), "conv": (0, 1)}[path]
     for a, b in zip(got, want):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

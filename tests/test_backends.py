@@ -100,9 +100,18 @@ def test_environment_variable_forces_a_backend(monkeypatch):
     assert _backends.resolve_backend(None, torch.device("cpu")) == "reference"
     x0 = torch.rand(2, 3)
     g = torch.randn(2, 3)
-    forced = ops.pgd_step(x0, g, x0, step_size=0.1, eps=0.05)
+
+    def step_and_kernel_calls():  # the values agree either way: which code ran is what the variable decides
+        with torch.profiler.profile() as prof:
+            out = ops.pgd_step(x0, g, x0, step_size=0.1, eps=0.05)
+        return out, sum(e.count for e in prof.key_averages() if e.key == "urda_fast::pgd_step")
+
+    forced, kernel_calls = step_and_kernel_calls()
+    assert kernel_calls == 0
     monkeypatch.delenv("URDA_FAST_BACKEND")
-    torch.testing.assert_close(forced, ops.pgd_step(x0, g, x0, step_size=0.1, eps=0.05))
+    default, kernel_calls = step_and_kernel_calls()
+    assert kernel_calls == 1
+    torch.testing.assert_close(forced, default)
     monkeypatch.setenv("URDA_FAST_BACKEND", "tpu")
     with pytest.raises(ValueError, match="unknown backend URDA_FAST_BACKEND='tpu'"):
         ops.kd_kl_loss(torch.randn(2, 3), torch.randn(2, 3))

@@ -83,7 +83,9 @@ class FastConv2d(nn.Conv2d):
     ``_conv_forward``, so code that convolves with other weights through it (the attacks' BatchNorm folding) takes
     them too. ``torch.fx``, ``torch.export`` and ``torch.jit.trace`` take it as it is; ``torch.jit.script`` (in
     maintenance in torch) does not: ``plain_torch(model)`` first. Under ``torch.jit.trace`` it is torch's
-    convolution: a trace records one branch, and the fast paths branch on the input's size and grad mode."""
+    convolution: a trace records one branch, and the fast paths branch on the input's size and grad mode. The patch
+    embedding's output is laid out channels-last, as its matmul writes it (a copy to NCHW cost 20% of that path):
+    ``.reshape`` and ``.flatten`` take it as torch's output, ``.view(B, -1)`` does not."""
 
     def _conv_forward(self, x, weight, bias):
         # isinstance first: under torch.fx tracing x is a Proxy (traced as torch's convolution, no fast path).

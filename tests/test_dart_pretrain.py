@@ -95,6 +95,23 @@ def test_vat_trains_the_uda_step_on_the_attacked_batches():
     out["loss"].backward()
 
 
+def test_no_bottleneck_is_tllibs_erm_classifier_and_robustifies(tmp_path):
+    """--bottleneck-dim 0: the head on the backbone's features, as tllib's ERM (source-only) Classifier; DART's feature
+    term then distils the backbone's features. The MDD layout needs its bottleneck."""
+    from urda_fast.dart import robustify
+    from urda_fast.dart.config import RobustifyConfig
+
+    pretrain(_cfg(tmp_path / "erm", method="source-only", bottleneck_dim=0, iterations=2, eval_every=2))
+    state = torch.load(tmp_path / "erm" / "best.pt", weights_only=False)
+    assert state["spec"]["bottleneck_dim"] == 0
+    assert not any("bottleneck" in k and v.dim() > 1 for k, v in state["modules"]["method"].items())
+    robustify(RobustifyConfig(teacher=str(tmp_path / "erm" / "best.pt"), out=str(tmp_path / "dart"), iterations=2,
+                              batch_size=8, eval_every=2, attack_steps=1, progress=False, device="cpu"))
+    assert (tmp_path / "dart" / "best.pt").exists()
+    with pytest.raises(ValueError, match="mdd classifier layout needs a bottleneck"):
+        pretrain(_cfg(tmp_path / "mdd", method="mdd", bottleneck_dim=0))
+
+
 def test_a_backbone_trained_from_scratch_gets_the_full_learning_rate(tmp_path):
     """tllib's --scratch: the 0.1x backbone rate is for pretrained weights, and the digits CNN has none."""
     cfg = _cfg(tmp_path, method="dann", iterations=1, eval_every=1)

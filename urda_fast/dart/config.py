@@ -138,15 +138,19 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
     from urda_fast.uda import METHODS
 
     _check_run_config(cfg)
-    check_ranges(cfg, "dart", positive=("lr", "margin", "bottleneck_dim", "vat_alpha", "vat_steps", "randomized_dim"),
+    check_ranges(cfg, "dart", positive=("lr", "margin", "vat_alpha", "vat_steps", "randomized_dim"),
                  fraction=("momentum",),
-                 non_negative=("weight_decay", "lr_gamma", "lr_decay", "trade_off"),
+                 # bottleneck_dim 0: no bottleneck, the head on the backbone's features (tllib's ERM classifier)
+                 non_negative=("weight_decay", "lr_gamma", "lr_decay", "trade_off", "bottleneck_dim"),
                  pixel_budget=("vat_eps", "vat_alpha"))
     if not 0 <= cfg.vat_threshold <= 1:  # a softmax confidence: above 1 no pseudo-label would ever pass
         raise ValueError(f"dart: vat_threshold must be in [0, 1] (a confidence), got {cfg.vat_threshold}")
     if cfg.method not in METHODS:
         raise ValueError(f"dart: unknown UDA method {cfg.method!r}; choose one of {', '.join(sorted(METHODS))}")
     check_choices(cfg, "dart", {"classifier": LAYOUTS})
+    if cfg.classifier == "mdd" and cfg.bottleneck_dim == 0:
+        raise ValueError("dart: the mdd classifier layout needs a bottleneck (--bottleneck-dim > 0); 0 (no "
+                         "bottleneck) is for the standard layout")
     if cfg.vat_target and not cfg.vat:
         raise ValueError("dart: vat_target adds adversarial pseudo-labelled target batches to the UDA+VAT baseline: "
                          "it needs --vat too")

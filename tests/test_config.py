@@ -105,7 +105,7 @@ class Values:
     (["dart", "robustify", "--teacher", "{missing}", "--attack-eps", "8"], "did you mean 8/255"),
     (["dart", "pretrain", "--vat", "--vat-eps", "inf"], "vat_eps is an L-inf budget in"),
     (["dart", "pretrain", "--batch-size", "1"], "batch_size must be >= 2 .*BatchNorm"),
-    (["dart", "pretrain", "--bottleneck-dim", "0"], "bottleneck_dim must be > 0"),
+    (["dart", "pretrain", "--bottleneck-dim", "-1"], "bottleneck_dim must be >= 0"),  # 0: no bottleneck (ERM)
     (["dart", "pretrain", "--trade-off", "inf"], "trade_off must be finite, got inf"),
     (["dart", "pretrain", "--stop-after", "-1"], "stop_after must be >= 0"),
     (["dart", "eval", "{missing}", "--eps", "8"], "eps is an L-inf budget .*did you mean 8/255"),

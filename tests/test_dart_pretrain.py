@@ -164,7 +164,7 @@ def test_dann_resumes_bit_for_bit(tmp_path):
     (dict(entropy_conditioning=True), ValueError, "entropy_conditioning is CDAN's option .* not 'dann'"),
     (dict(randomized=True), ValueError, "randomized is CDAN's option .*randomized multilinear map.* not 'dann'"),
     (dict(method="cdan", randomized=True, randomized_dim=0), ValueError, "randomized_dim must be > 0"),
-    (dict(bottleneck_dim=0), ValueError, "bottleneck_dim must be > 0, got 0"),
+    (dict(bottleneck_dim=-3), ValueError, "bottleneck_dim must be >= 0, got -3"),
     (dict(device="gpu"), ValueError, "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     (dict(device="mps"), ValueError, r"got 'mps' \(urda_fast runs on CPUs and CUDA GPUs\)"),
     (dict(fold_batchnorm="yes"), ValueError, "fold_batchnorm must be one of"),

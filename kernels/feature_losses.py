@@ -140,17 +140,27 @@ def _feature_cosine_finish_kernel(part_ptr, stats_ptr, cos_ptr, B, S, eps: tl.fl
 
 
 @triton.jit
-def _feature_cosine_bwd_kernel(grad_ptr, a_ptr, b_ptr, stats_ptr, da_ptr, db_ptr, N, D, eps: tl.float64,
-                               row_scale: tl.float64, GRAD_A: tl.constexpr, GRAD_B: tl.constexpr,
-                               WIDE: tl.constexpr, BLOCK: tl.constexpr):
+def _divide_rn(x, y):
+    # correctly rounded, as torch's division (float32's `/` compiles to an approximate division on NVIDIA GPUs)
+    if x.dtype == tl.float32:
+        return tl.math.div_rn(x, y)
+    else:
+        return x / y
+
+
+@triton.jit
+def _feature_cosine_bwd_kernel(grad_ptr, a_ptr, b_ptr, stats_ptr, da_ptr, db_ptr, N, D, eps: tl.float64, ROWS,
+                               GRAD_A: tl.constexpr, GRAD_B: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
     acc_t = stats_ptr.dtype.element_ty
     eps_c = tl.full([], eps, acc_t)
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     mask = offs < N
     row = _row_of(start, D, BLOCK, WIDE)
-    # d loss / d cos_i, the same for every row: grad * row_scale, row_scale = d mean_i (1 - cos_i) / d cos_i.
-    g = tl.load(grad_ptr) * tl.full([], row_scale, acc_t)
+    # d loss / d cos_i, the same for every row: -grad / ROWS (d mean_i (1 - cos_i) / d cos_i). The row count comes as
+    # an int, not as the float -1 / rows: under a compile with a dynamic batch that float is symbolic, which
+    # Inductor's launcher would type as an int.
+    g = _divide_rn(-tl.load(grad_ptr).to(acc_t), tl.full([], ROWS, acc_t))
     # Per-row scalars: every element of a row gathers the same few addresses (cache hits).
     cos = tl.load(stats_ptr + row * 3, mask=mask, other=0.0)
     na = tl.load(stats_ptr + row * 3 + 1, mask=mask, other=1.0)
@@ -234,6 +244,6 @@ def feature_cosine_backward_triton(grad: torch.Tensor, a: torch.Tensor, b: torch
         rows, dim = a.shape
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
         launch(_feature_cosine_bwd_kernel)[grid](
-            grad, a, b, stats, d_a, d_b, n, dim, float(eps), -1.0 / rows, GRAD_A=grad_a, GRAD_B=grad_b,
+            grad, a, b, stats, d_a, d_b, n, dim, float(eps), rows, GRAD_A=grad_a, GRAD_B=grad_b,
             WIDE=dim + _BLOCK > _MAX_I32, BLOCK=_BLOCK, num_warps=4)
     return d_a, d_b

@@ -153,17 +153,22 @@ def test_feature_losses_opcheck(backend):
                                                                                  stats, 1e-8, *flags))
 
 
-def test_feature_losses_compile_fullgraph(backend):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_feature_losses_compile_fullgraph(backend, dynamic):
+    """dynamic: a symbolic batch size (the cosine backward's 1 / rows was a symbolic float, which Inductor's Triton
+    launcher types as an int: GPU only; here it checks the other backends' graphs with a symbolic batch)."""
     name, device = backend
-    a, b = torch.randn(4, 3, 6, device=device), torch.randn(4, 3, 6, device=device)
 
     def loss_fn(x, y):
         return ops.feature_mse_loss(x, y, backend=name) + 0.5 * ops.feature_cosine_loss(x, y, backend=name)
 
-    eager = loss_and_grads(loss_fn, a, b)
-    compiled = loss_and_grads(torch.compile(loss_fn, fullgraph=True), a, b)
-    for x, y in zip(compiled, eager):
-        torch.testing.assert_close(x, y)
+    compiled_fn = torch.compile(loss_fn, fullgraph=True, dynamic=dynamic)
+    for rows in (4, 5) if dynamic else (4,):
+        a, b = torch.randn(rows, 3, 6, device=device), torch.randn(rows, 3, 6, device=device)
+        eager = loss_and_grads(loss_fn, a, b)
+        compiled = loss_and_grads(compiled_fn, a, b)
+        for x, y in zip(compiled, eager):
+            torch.testing.assert_close(x, y)
 
 
 @pytest.mark.parametrize("loss_name", list(LOSSES))

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 from urda_fast.kernels._registry import define_op, launch
+from urda_fast.kernels._rounding import div_rn
 
 _BLOCK = 1024  # elementwise and reduction block: 8 elements per thread with 4 warps
 _BLOCK_B = 128  # rows per program when finishing per-row partial sums
@@ -140,15 +141,6 @@ def _feature_cosine_finish_kernel(part_ptr, stats_ptr, cos_ptr, B, S, eps: tl.fl
 
 
 @triton.jit
-def _divide_rn(x, y):
-    # correctly rounded, as torch's division (float32's `/` compiles to an approximate division on NVIDIA GPUs)
-    if x.dtype == tl.float32:
-        return tl.math.div_rn(x, y)
-    else:
-        return x / y
-
-
-@triton.jit
 def _feature_cosine_bwd_kernel(grad_ptr, a_ptr, b_ptr, stats_ptr, da_ptr, db_ptr, N, D, eps: tl.float64, ROWS,
                                GRAD_A: tl.constexpr, GRAD_B: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
     acc_t = stats_ptr.dtype.element_ty
@@ -160,7 +152,7 @@ def _feature_cosine_bwd_kernel(grad_ptr, a_ptr, b_ptr, stats_ptr, da_ptr, db_ptr
     # d loss / d cos_i, the same for every row: -grad / ROWS (d mean_i (1 - cos_i) / d cos_i). The row count comes as
     # an int, not as the float -1 / rows: under a compile with a dynamic batch that float is symbolic, which
     # Inductor's launcher would type as an int.
-    g = _divide_rn(-tl.load(grad_ptr).to(acc_t), tl.full([], ROWS, acc_t))
+    g = div_rn(-tl.load(grad_ptr).to(acc_t), tl.full([], ROWS, acc_t))
     # Per-row scalars: every element of a row gathers the same few addresses (cache hits).
     cos = tl.load(stats_ptr + row * 3, mask=mask, other=0.0)
     na = tl.load(stats_ptr + row * 3 + 1, mask=mask, other=1.0)

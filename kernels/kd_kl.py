@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 from urda_fast.kernels._registry import define_op, launch
+from urda_fast.kernels._rounding import div_rn
 
 _MAX_BLOCK = 4096
 
@@ -25,12 +26,7 @@ def _load(row_ptr, cols, mask, acc_t: tl.constexpr):
 def _inv_temperature(temperature, acc_t: tl.constexpr):
     # T is passed as fp64 (a plain float argument is rounded to fp32 even for fp64 inputs); tl.full rounds it to acc
     # once, and also accepts the raw Python float that the interpreter passes. 1/T correctly rounded, as torch does.
-    T = tl.full([], temperature, acc_t)
-    one = tl.full([], 1.0, acc_t)
-    if acc_t == tl.float32:
-        return tl.math.div_rn(one, T)
-    else:
-        return one / T
+    return div_rn(tl.full([], 1.0, acc_t), tl.full([], temperature, acc_t))
 
 
 @triton.jit

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 from urda_fast.kernels._registry import define_op, launch
+from urda_fast.kernels._rounding import div_rn, sqrt_rn
 
 L2_NORM_FLOOR = 1e-12  # same floor as urda_fast.ops.reference
 
@@ -39,31 +40,13 @@ def _batch_channel(start, C, inner, BLOCK: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _sqrt_rn(x):
-    # correctly rounded, as the CPU's and torch's: float32's tl.sqrt / `/` compile to approximations on NVIDIA GPUs
-    # (sqrt.approx, div.full: a few units off), which let the projection pass eps by as much
-    if x.dtype == tl.float32:
-        return tl.sqrt_rn(x)
-    else:
-        return tl.sqrt(x)
-
-
-@triton.jit
-def _div_rn(x, y):
-    if x.dtype == tl.float32:
-        return tl.math.div_rn(x, y)
-    else:
-        return x / y
-
-
-@triton.jit
 def _l2_coef(sgg, sdg, sdd, step, eps, FLOOR: tl.constexpr):
     # One-pass |d|^2 with d = (x - x0) + s g: |x-x0|^2 + 2 s <x-x0, g> + (s |g|)^2 (s |g| <= step, no overflow).
-    gn = _sqrt_rn(sgg)
-    s = _div_rn(step, tl.maximum(gn, FLOOR))
+    gn = sqrt_rn(sgg)
+    s = div_rn(step, tl.maximum(gn, FLOOR))
     sg = s * gn
-    dn = _sqrt_rn(tl.maximum(sdd + 2.0 * s * sdg + sg * sg, 0.0))
-    f = tl.minimum(_div_rn(eps, tl.maximum(dn, FLOOR)), 1.0)
+    dn = sqrt_rn(tl.maximum(sdd + 2.0 * s * sdg + sg * sg, 0.0))
+    f = tl.minimum(div_rn(eps, tl.maximum(dn, FLOOR)), 1.0)
     # A NaN/inf in the sample makes it all NaN, as the reference (min/max above may drop NaN: hardware semantics).
     # Not the cross term: |sdg| <= sqrt(sgg sdd), finite when they are, yet adding it could overflow a finite sum.
     total = sgg + sdd

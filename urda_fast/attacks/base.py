@@ -52,12 +52,24 @@ def frozen_eval(model: torch.nn.Module):
             p.requires_grad_(flag)
 
 
+def _per_sample(values, like):
+    """(B,) ``values`` shaped to broadcast over ``like``'s samples."""
+    return values.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _per_channel(bound, like):
+    """A bound (a float, or (C,) per channel) shaped to broadcast over ``like``'s (B, C, ...) channels."""
+    if not isinstance(bound, torch.Tensor):
+        return bound
+    return bound.to(like.device).reshape((1, -1) + (1,) * (like.dim() - 2))
+
+
 def _scaled_to_unit_max(grad):
     """``grad`` divided per sample by its largest magnitude: the L2 step's direction, with a norm the step's floor
     (1e-12) cannot shorten. A confidently classified sample's input gradient can be far smaller (2e-16 at a logit gap
     of 40), which the floor turned into a step of 2e-4 of the step size: robustness from gradient masking."""
     peak = grad.flatten(1).abs().amax(1).clamp_min(torch.finfo(grad.dtype).tiny)
-    return grad / peak.reshape((-1,) + (1,) * (grad.dim() - 1))
+    return grad / _per_sample(peak, grad)
 
 
 class Attack:
@@ -196,9 +208,7 @@ class Attack:
                                  "in a normalisation, a corrupt file)")
             return
         lower, upper = self.bounds(images)
-        shape = (1, -1) + (1,) * (images.dim() - 2)
-        lo = torch.as_tensor(lower, device=images.device).reshape(shape) if self.space != "pixel" else lower
-        hi = torch.as_tensor(upper, device=images.device).reshape(shape) if self.space != "pixel" else upper
+        lo, hi = _per_channel(lower, images), _per_channel(upper, images)
         tol = 1e-5
         # One reduction (one host sync on a GPU) for valid images; NaN fails both comparisons, so it lands here too.
         if not bool(((images >= lo - tol) & (images <= hi + tol)).all()):
@@ -254,11 +264,9 @@ class Attack:
         if self.norm == "linf":
             outside = delta.abs() > self.eps
         else:
-            outside = (delta.flatten(1).norm(dim=1) > self.eps).reshape((-1,) + (1,) * (x.dim() - 1))
+            outside = _per_sample(delta.flatten(1).norm(dim=1) > self.eps, x)
         moved = torch.nextafter(x, x0)
-        channels = (1, -1) + (1,) * (x.dim() - 2)
-        lo, hi = (b.reshape(channels) if isinstance(b, torch.Tensor) else b for b in (lower, upper))
-        inside_box = (moved.double() >= lo) & (moved.double() <= hi)
+        inside_box = (moved.double() >= _per_channel(lower, x)) & (moved.double() <= _per_channel(upper, x))
         x.copy_(torch.where(outside & inside_box, moved, x))
 
     def _random_delta(self, x0, generator):
@@ -268,7 +276,7 @@ class Attack:
         direction = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         norms = direction.flatten(1).norm(dim=1).clamp_min(1e-12)
         radius = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype) * self.eps
-        return direction * (radius / norms).reshape((-1,) + (1,) * (x0.dim() - 1))
+        return direction * _per_sample(radius / norms, x0)
 
     def _generator(self, device):
         if self.seed is None:
@@ -397,7 +405,7 @@ class Attack:
                     hit = self._hit(logits.detach(), y, soft, targeted)
                     if broken is not None:
                         hit |= broken
-                    grad = grad.masked_fill(hit.reshape((-1,) + (1,) * (grad.dim() - 1)), 0)  # autograd's may be a view
+                    grad = grad.masked_fill(_per_sample(hit, grad), 0)  # autograd's may be a view
                 if self.norm == "l2":
                     grad = _scaled_to_unit_max(grad)
                 kwargs = dict(step_size=self.alpha, eps=self.eps, norm=self.norm, lower=lower, upper=upper)
